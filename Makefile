@@ -1,0 +1,41 @@
+# Set-up and test entry points. `make test` builds .venv on first use and reuses it while
+# pyproject.toml and this file are unchanged.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+
+# A CPU build of torch where there is no GPU; on a GPU machine any torch >= 2.6 that is present
+# or installable. Override with `make test TORCH_SPEC=...` (and TORCH_INDEX_URL=... to take the
+# wheel from another index, e.g. a CPU-only one).
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+ifeq ($(HAS_GPU),1)
+TORCH_SPEC ?= torch>=2.6
+else
+TORCH_SPEC ?= torch==2.13.0
+endif
+TORCH_INDEX_URL ?=
+PIP_TORCH_OPTS := $(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL),)
+
+PYTEST_ARGS ?=
+
+.PHONY: test install clean-venv bench
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -c "import torch, sys; sys.exit(0 if tuple(int(v) for v in torch.__version__.split('+')[0].split('.')[:2]) >= (2, 6) else 1)" 2>/dev/null \
+		|| $(PIP) install -q $(PIP_TORCH_OPTS) "$(TORCH_SPEC)"
+	$(PIP) install -q -e '.[test]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+bench: $(STAMP)
+	$(PY) bench/fp8_ops.py
+
+clean-venv:
+	rm -rf $(VENV)
