@@ -1,0 +1,173 @@
+"""FP8 matrix multiply: the native kernels where they apply, an exact emulation everywhere else.
+
+This is the only module that knows about devices and torch versions. `select_path` decides, from
+the operands and a `DeviceInfo`, whether a call can go to
+
+- ``scaled_mm``: ``torch._scaled_mm`` with per-tensor scales (CUDA sm89+, and CPU) or row-wise
+  scales (CUDA sm90, BF16 output);
+- ``blockwise``: ``torch.nn.functional.scaled_mm`` with DeepSeek-style 1x128 / 128x128 scales
+  (CUDA sm90, torch with blockwise recipes);
+- ``emulate``: dequantize both operands (payload times reciprocal scale, exactly what the kernels
+  do) and multiply in fp32. On CPU this matches ``torch._scaled_mm`` bit for bit.
+
+cuBLAS wants the first operand row-major and the second column-major; operands in another layout
+are copied into shape rather than sent to the emulation.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from fp8.scaling import BLOCK_SIZE
+from fp8.tensor import ScalingTensor
+
+PATHS = ("scaled_mm", "blockwise", "emulate")
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    type: str
+    capability: tuple[int, int] | None = None
+    torch_version: tuple[int, int] = (0, 0)
+    has_scaled_mm: bool = False
+    has_blockwise: bool = False
+
+
+def _torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
+
+
+@functools.lru_cache(maxsize=None)
+def device_info(device: torch.device) -> DeviceInfo:
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    scaling_type = getattr(F, "ScalingType", None)
+    return DeviceInfo(
+        type=device.type,
+        capability=capability,
+        torch_version=_torch_version(),
+        has_scaled_mm=hasattr(torch, "_scaled_mm"),
+        has_blockwise=hasattr(F, "scaled_mm") and hasattr(scaling_type, "BlockWise1x128"),
+    )
+
+
+def _scaling_kind(x: ScalingTensor, contraction_dim: int) -> str:
+    """'tensor', 'outer' (one scale per row of a / column of b), 'block1x128', 'block128x128',
+    or 'other', for operand `x` of a matmul contracting over `contraction_dim`."""
+    if x.tile is None:
+        return "tensor"
+    rows, cols = x.shape
+    tile_outer, tile_inner = (x.tile[1], x.tile[0]) if contraction_dim == 0 else x.tile
+    inner = cols if contraction_dim == 1 else rows
+    if tile_outer == 1 and tile_inner >= inner:
+        return "outer"
+    if tile_inner == BLOCK_SIZE and tile_outer in (1, BLOCK_SIZE):
+        return "block1x128" if tile_outer == 1 else "block128x128"
+    return "other"
+
+
+def select_path(a: ScalingTensor, b: ScalingTensor, out_dtype: torch.dtype, info: DeviceInfo) -> tuple[str, str]:
+    """(path, reason) for ``a @ b``; see the module docstring."""
+    if not (a.spec.is_fp8 and b.spec.is_fp8):
+        return "emulate", "an operand is not FP8"
+    if not info.has_scaled_mm:
+        return "emulate", "this torch has no _scaled_mm"
+    kind_a, kind_b = _scaling_kind(a, 1), _scaling_kind(b, 0)
+    if info.type == "cpu":
+        if kind_a == kind_b == "tensor":
+            return "scaled_mm", "per-tensor scales on CPU"
+        return "emulate", "CPU kernels take per-tensor scales only"
+    if info.type != "cuda":
+        return "emulate", f"no FP8 kernels on {info.type}"
+    return _select_cuda(a, b, kind_a, kind_b, out_dtype, info)
+
+
+def _select_cuda(a, b, kind_a, kind_b, out_dtype, info) -> tuple[str, str]:
+    if info.capability < (8, 9):
+        return "emulate", f"FP8 tensor cores need sm89+, this GPU is sm{info.capability[0]}{info.capability[1]}"
+    (dim_m, dim_k), dim_n = a.shape, b.shape[1]
+    if dim_k % 16 or dim_n % 16:
+        return "emulate", f"cuBLAS FP8 needs K and N multiples of 16 (K={dim_k}, N={dim_n})"
+    if a.spec.name == b.spec.name == "e5m2":
+        return "emulate", "cuBLAS has no E5M2 x E5M2 GEMM"
+    if kind_a == kind_b == "tensor":
+        return "scaled_mm", "per-tensor scales"
+    if kind_a == kind_b == "outer":
+        if info.capability < (9, 0) or out_dtype != torch.bfloat16:
+            return "emulate", "row-wise scaled GEMMs need sm90 and a BF16 output"
+        return "scaled_mm", "row-wise scales"
+    if kind_a == "block1x128" and kind_b in ("block1x128", "block128x128"):
+        if not info.has_blockwise or info.capability[0] != 9:
+            return "emulate", "block-scaled GEMMs need sm90 and torch with blockwise scaled_mm"
+        if dim_k % BLOCK_SIZE or dim_n % BLOCK_SIZE or out_dtype != torch.bfloat16:
+            return "emulate", "block-scaled GEMMs need K, N multiples of 128 and a BF16 output"
+        return "blockwise", f"{kind_a} x {kind_b} scales"
+    return "emulate", f"no kernel for {kind_a} x {kind_b} scaling"
+
+
+def _row_major(x: torch.Tensor) -> torch.Tensor:
+    return x if x.is_contiguous() else x.contiguous()
+
+
+def _col_major(x: torch.Tensor) -> torch.Tensor:
+    return x if x.t().is_contiguous() else x.t().contiguous().t()
+
+
+def _native_scaled_mm(a: ScalingTensor, b: ScalingTensor, out_dtype, bias) -> torch.Tensor:
+    # _scaled_mm takes dequantization multipliers: per-tensor (0-dim), or (M, 1) and (1, N).
+    out = torch._scaled_mm(
+        _row_major(a.data), _col_major(b.data),
+        scale_a=a.scale_inv().contiguous(), scale_b=b.scale_inv().contiguous(),
+        out_dtype=out_dtype,
+    )
+    return out if bias is None else out + bias.to(out_dtype)
+
+
+def _native_blockwise(a: ScalingTensor, b: ScalingTensor, out_dtype, bias) -> torch.Tensor:
+    st = F.ScalingType
+    recipe_b = st.BlockWise1x128 if _scaling_kind(b, 0) == "block1x128" else st.BlockWise128x128
+    # The kernels read the 1x128 scales of `a` outer-dimension-major (column-major).
+    scale_a = _col_major(a.scale_inv())
+    scale_b = b.scale_inv()
+    scale_b = _col_major(scale_b) if recipe_b == st.BlockWise1x128 else scale_b.contiguous()
+    out = F.scaled_mm(
+        _row_major(a.data), _col_major(b.data), scale_a, st.BlockWise1x128, scale_b, recipe_b,
+        output_dtype=out_dtype,
+    )
+    return out if bias is None else out + bias.to(out_dtype)
+
+
+def emulated_matmul(a: ScalingTensor, b: ScalingTensor, out_dtype=torch.float32, bias=None) -> torch.Tensor:
+    out = (a.dequantize(torch.float32) @ b.dequantize(torch.float32)).to(out_dtype)
+    return out if bias is None else out + bias.to(out_dtype)
+
+
+_NATIVE = {"scaled_mm": _native_scaled_mm, "blockwise": _native_blockwise}
+
+
+def fp8_matmul(
+    a: ScalingTensor,
+    b: ScalingTensor,
+    out_dtype: torch.dtype = torch.float32,
+    bias: torch.Tensor | None = None,
+    *,
+    path: str = "auto",
+) -> torch.Tensor:
+    """``a @ b + bias`` for 2-D ScalingTensors ``a`` (M, K) and ``b`` (K, N), in `out_dtype`.
+
+    `path` forces "emulate" (or a native path, which must then be possible); "auto" lets
+    `select_path` decide.
+    """
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
+        raise ValueError(f"fp8_matmul needs (M, K) @ (K, N) operands, got {tuple(a.shape)} @ {tuple(b.shape)}")
+    if path == "auto":
+        path, _ = select_path(a, b, out_dtype, device_info(a.device))
+    elif path not in PATHS:
+        raise ValueError(f"unknown GEMM path {path!r}; use one of {PATHS} or 'auto'")
+    if path == "emulate":
+        return emulated_matmul(a, b, out_dtype, bias)
+    return _NATIVE[path](a, b, out_dtype, bias)

@@ -1,0 +1,142 @@
+"""FP8 linear layer: ``y = x W^T + b`` with all three GEMMs (fprop, dgrad, wgrad) in FP8.
+
+Forward casts x and W to the forward format (E4M3); backward casts the output gradient to the
+backward format (E5M2 for `hybrid`, E4M3 for `e4m3`). Only the FP8 copies of x and W are saved for
+backward. Bias, output and input gradient stay in the input's dtype.
+
+Row- and block-scaled operands must have constant scales along the contraction dimension of each
+GEMM (that is what the kernels implement). Backward contracts over other dimensions than forward,
+so those operands are re-quantized from their FP8 copies along the new axis - the same on every
+device, so CPU and GPU runs round alike. Per-tensor scales need none of that.
+
+With ``fp8_wgrad=True`` the weight gradient is not handed to autograd: it is accumulated, in FP8
+E4M3 with a per-tensor scale, on ``weight.grad_fp8`` (a `ScalingTensor`) across backward calls,
+for the FP8 gradient reduction of level O1 and above. Set it to None to start a new step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fp8.gemm import fp8_matmul
+from fp8.scaling import BLOCK_SIZE, Recipe, resolve_tile, tile_amax
+from fp8.tensor import ScalingTensor, accumulate, quantize, requantize
+
+WGRAD_FORMAT = "e4m3"
+
+
+class _FP8LinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, module):
+        x2d = x.reshape(-1, x.shape[-1])
+        x_fp8 = module.cast(x2d, "input")
+        w_fp8 = module.fp8_weight()
+        y = fp8_matmul(x_fp8, w_fp8.t(), out_dtype=x.dtype, bias=bias)
+        ctx.save_for_backward(x_fp8.data, x_fp8.scale, w_fp8.data, w_fp8.scale)
+        ctx.tiles = (x_fp8.tile, w_fp8.tile)
+        ctx.module, ctx.x_shape, ctx.has_bias = module, x.shape, bias is not None
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        module = ctx.module
+        x_data, x_scale, w_data, w_scale = ctx.saved_tensors
+        fwd = module.recipe.fmt.forward
+        x_fp8 = ScalingTensor(x_data, x_scale, fwd, ctx.tiles[0])
+        w_fp8 = ScalingTensor(w_data, w_scale, fwd, ctx.tiles[1])
+        dy2d = dy.reshape(-1, dy.shape[-1])
+        dy_fp8 = module.cast(dy2d, "grad_output")
+        dx = dw = dbias = None
+        if ctx.needs_input_grad[0]:
+            dx = fp8_matmul(dy_fp8, module.orient(w_fp8, 0), out_dtype=dy.dtype).reshape(ctx.x_shape)
+        if ctx.needs_input_grad[1]:
+            dw = fp8_matmul(module.orient(dy_fp8, 0).t(), module.orient(x_fp8, 0), out_dtype=torch.float32)
+            dw = module.deliver_wgrad(dw)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            dbias = dy2d.float().sum(0).to(dy.dtype)
+        return dx, dw, dbias, None
+
+
+class FP8Linear(nn.Module):
+    """Drop-in for `nn.Linear` whose GEMMs run in FP8 according to a `Recipe`.
+
+    Linears that the recipe's size filter rejects run as an ordinary linear in the input's dtype
+    (BF16 in a BF16 model). The FP8 weight copy is cached until the weight changes (its version
+    counter moves, as an optimizer step does), so micro-batches of one step share it.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 recipe: Recipe | None = None, fp8_wgrad: bool = False, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        self.reset_parameters()
+        self.recipe = recipe or Recipe()
+        self.fp8_wgrad = fp8_wgrad
+        self.use_fp8 = self.recipe.uses_fp8(in_features, out_features)
+        fmt = self.recipe.fmt
+        self.scalers = {"input": self.recipe.make_scaler(fmt.forward),
+                        "weight": self.recipe.make_scaler(fmt.forward),
+                        "grad_output": self.recipe.make_scaler(fmt.backward)}
+        self._weight_cache: tuple[tuple, ScalingTensor] | None = None
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, recipe: Recipe | None = None, fp8_wgrad: bool = False) -> FP8Linear:
+        """An FP8Linear sharing `linear`'s parameters (so optimizers and state dicts carry over)."""
+        module = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                     recipe=recipe, fp8_wgrad=fp8_wgrad, device="meta")
+        module.weight, module.bias = linear.weight, linear.bias
+        return module
+
+    def extra_repr(self) -> str:
+        mode = f"fp8 {self.recipe.recipe}/{self.recipe.fmt.value}" if self.use_fp8 else "high precision (size filter)"
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, {mode}"
+
+    # ----- casts used by the autograd function ------------------------------------------------
+    def cast(self, x2d: torch.Tensor, role: str) -> ScalingTensor:
+        spec = self.recipe.fmt.backward if role == "grad_output" else self.recipe.fmt.forward
+        tile = resolve_tile(self.recipe.granularity, tuple(x2d.shape), "weight" if role == "weight" else "activation")
+        scale = self.scalers[role].scale_for(tile_amax(x2d, tile))
+        return quantize(x2d, spec, scale=scale, tile=tile)
+
+    def fp8_weight(self) -> ScalingTensor:
+        w = self.weight
+        key = (w._version, w.data_ptr(), w.device, w.dtype)
+        if self._weight_cache is None or self._weight_cache[0] != key:
+            with torch.no_grad():
+                self._weight_cache = (key, self.cast(w.detach(), "weight"))
+        return self._weight_cache[1]
+
+    def orient(self, x: ScalingTensor, contraction_dim: int) -> ScalingTensor:
+        """`x` with scales constant along `contraction_dim` (whole for row, 128 for block)."""
+        if x.tile is None:
+            return x
+        full = x.shape[contraction_dim]
+        want = full if self.recipe.granularity == "row" else BLOCK_SIZE
+        if x.tile[contraction_dim] == want or x.tile[contraction_dim] >= full:
+            return x
+        tile = (want, 1) if contraction_dim == 0 else (1, want)
+        return requantize(x, tile=tile, margin=self.recipe.margin, power_of_two=self.recipe.power_of_two)
+
+    def deliver_wgrad(self, dw: torch.Tensor) -> torch.Tensor | None:
+        if not self.fp8_wgrad:
+            return dw.to(self.weight.dtype)
+        self.weight.grad_fp8 = accumulate(getattr(self.weight, "grad_fp8", None), dw, WGRAD_FORMAT)
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.use_fp8:
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return F.linear(x, self.weight.to(x.dtype), bias)
+        return _FP8LinearFunction.apply(x, self.weight, self.bias, self)

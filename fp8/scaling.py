@@ -1,0 +1,214 @@
+"""From amax to scale, and the scaling recipes.
+
+Convention (as Transformer Engine): ``x_fp8 = cast(x * scale)`` and ``x ~= x_fp8 / scale``, with
+``scale = fmt_max / amax / 2**margin``, optionally rounded down to a power of two so that scaling
+itself adds no rounding error.
+
+Granularity is described by a *tile* over the 2-D view of a tensor (leading dimensions flattened
+into rows, the last dimension as columns): one scale per tile.
+
+- ``tensor``: one scale (``tile=None``, the scale is a 0-dim tensor);
+- ``row``: tile ``(1, K)``: one scale per row of an activation, per output channel of a weight;
+- ``block``: tile ``(1, 128)`` for activations and gradients, ``(128, 128)`` for weights
+  (DeepSeek-V3's fine-grained scaling).
+
+The scale of a tiled tensor has shape ``(ceil(M / tile_rows), ceil(K / tile_cols))``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from fp8.formats import Format, FormatSpec, get_spec
+
+Tile = tuple[int, int] | None
+GRANULARITIES = ("tensor", "row", "block")
+RECIPES = ("delayed", "current", "rowwise", "blockwise")
+BLOCK_SIZE = 128
+
+
+def compute_scale(
+    amax: torch.Tensor,
+    fmt_max: float,
+    margin: int = 0,
+    power_of_two: bool = False,
+    prev_scale: torch.Tensor | float | None = None,
+) -> torch.Tensor:
+    """Scale that maps ``amax`` to ``fmt_max / 2**margin``; elementwise over tiled amaxes.
+
+    Where amax is zero or non-finite (or the scale would overflow fp32) the previous scale is
+    kept (1.0 when there is none): such a tensor carries no information about its range.
+    """
+    amax = amax.float()
+    scale = (fmt_max / 2.0**margin) / amax
+    if power_of_two:
+        scale = torch.exp2(torch.floor(torch.log2(scale)))
+    valid = torch.isfinite(amax) & (amax > 0) & torch.isfinite(scale)
+    if prev_scale is None:
+        prev_scale = 1.0
+    prev = torch.as_tensor(prev_scale, dtype=torch.float32, device=scale.device)
+    return torch.where(valid, scale, prev)
+
+
+def resolve_tile(granularity: str, shape2d: tuple[int, int], role: str = "activation") -> Tile:
+    """The tile of `granularity` for a 2-D view of `shape2d`; `role` picks the block shape."""
+    if granularity == "tensor":
+        return None
+    if granularity == "row":
+        return (1, shape2d[1])
+    if granularity == "block":
+        return (BLOCK_SIZE, BLOCK_SIZE) if role == "weight" else (1, BLOCK_SIZE)
+    raise ValueError(f"unknown scaling granularity {granularity!r}; use one of {GRANULARITIES}")
+
+
+def num_tiles(shape2d: tuple[int, int], tile: Tile) -> tuple[int, int]:
+    if tile is None:
+        return (1, 1)
+    return (math.ceil(shape2d[0] / tile[0]), math.ceil(shape2d[1] / tile[1]))
+
+
+def tile_amax(x2d: torch.Tensor, tile: Tile) -> torch.Tensor:
+    """amax of |x| per tile: 0-dim for `tile=None`, else shape `num_tiles(x2d.shape, tile)`."""
+    if tile is None:
+        return x2d.abs().amax().float() if x2d.numel() else torch.zeros((), device=x2d.device)
+    rows, cols = x2d.shape
+    tr, tc = tile
+    nr, nc = num_tiles((rows, cols), tile)
+    pad_r, pad_c = nr * tr - rows, nc * tc - cols
+    x = x2d.abs().float()
+    if pad_r or pad_c:
+        x = torch.nn.functional.pad(x, (0, pad_c, 0, pad_r))
+    return x.reshape(nr, tr, nc, tc).amax(dim=(1, 3))
+
+
+def expand_tiles(scale: torch.Tensor, shape2d: tuple[int, int], tile: Tile) -> torch.Tensor:
+    """Broadcast per-tile values to one value per element of a `shape2d` matrix."""
+    if tile is None:
+        return scale
+    rows, cols = shape2d
+    out = scale
+    if tile[0] != 1:
+        out = out.repeat_interleave(tile[0], dim=0)[:rows]
+    if tile[1] != 1:
+        out = out.repeat_interleave(tile[1], dim=1)[:, :cols]
+    return out
+
+
+class CurrentScaling:
+    """Just-in-time scaling: the scale comes from the tensor being cast."""
+
+    def __init__(self, spec: FormatSpec, margin: int = 0, power_of_two: bool = False):
+        self.spec, self.margin, self.power_of_two = spec, margin, power_of_two
+
+    def scale_for(self, amax: torch.Tensor) -> torch.Tensor:
+        return compute_scale(amax, self.spec.max, self.margin, self.power_of_two)
+
+
+class DelayedScaling:
+    """Transformer Engine's delayed scaling for one tensor role (per-tensor granularity only).
+
+    A cast uses the scale derived from the amaxes of earlier casts (the history window, reduced
+    by ``max`` or ``most_recent``), then records its own amax. The first cast, with an empty
+    history, is scaled from its own amax rather than from a guess.
+    """
+
+    def __init__(
+        self,
+        spec: FormatSpec,
+        history_len: int = 1024,
+        algo: Literal["max", "most_recent"] = "max",
+        margin: int = 0,
+        power_of_two: bool = False,
+    ):
+        if history_len < 1:
+            raise ValueError(f"amax history length must be >= 1, got {history_len}")
+        if algo not in ("max", "most_recent"):
+            raise ValueError(f"unknown amax compute algorithm {algo!r}; use 'max' or 'most_recent'")
+        self.spec, self.history_len, self.algo = spec, history_len, algo
+        self.margin, self.power_of_two = margin, power_of_two
+        self.amax_history = torch.zeros(history_len)
+        self.scale = torch.ones(())
+        self.num_recorded = 0
+
+    def scale_for(self, amax: torch.Tensor) -> torch.Tensor:
+        """The scale to cast the current tensor with; records its `amax` for later casts."""
+        if self.amax_history.device != amax.device:
+            self.amax_history = self.amax_history.to(amax.device)
+            self.scale = self.scale.to(amax.device)
+        if self.num_recorded == 0:
+            self.scale = compute_scale(amax, self.spec.max, self.margin, self.power_of_two)
+        scale = self.scale
+        self.record(amax)
+        return scale
+
+    def record(self, amax: torch.Tensor) -> None:
+        # Non-finite amaxes stay out of the window; compute_scale then keeps the previous scale.
+        amax = torch.where(torch.isfinite(amax), amax.float(), torch.zeros_like(amax, dtype=torch.float32))
+        self.amax_history = torch.roll(self.amax_history, 1)
+        self.amax_history[0] = amax
+        self.num_recorded += 1
+        window = self.amax_history[: min(self.num_recorded, self.history_len)]
+        reduced = window[0] if self.algo == "most_recent" else window.max()
+        self.scale = compute_scale(reduced, self.spec.max, self.margin, self.power_of_two, self.scale)
+
+    def state_dict(self) -> dict:
+        return {"amax_history": self.amax_history.clone(), "scale": self.scale.clone(),
+                "num_recorded": self.num_recorded}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.amax_history = state["amax_history"].clone()
+        self.scale = state["scale"].clone()
+        self.num_recorded = int(state["num_recorded"])
+
+
+Scaler = CurrentScaling | DelayedScaling
+
+
+@dataclass(kw_only=True)
+class Recipe:
+    """What `--fp8-format`, `--fp8-recipe`, `--fp8-margin`, ... ask of every FP8 cast.
+
+    `min_features`: linears whose input or output width is below this stay in high precision,
+    since the cost of casting outweighs the faster GEMM there.
+    """
+
+    fmt: Format | str = Format.HYBRID
+    recipe: str = "delayed"
+    amax_history_len: int = 1024
+    amax_compute_algo: str = "max"
+    margin: int = 0
+    power_of_two: bool | None = None
+    min_features: int = 128
+
+    def __post_init__(self):
+        self.fmt = Format.parse(self.fmt)
+        if self.recipe not in RECIPES:
+            raise ValueError(f"unknown FP8 recipe {self.recipe!r}; use --fp8-recipe one of {RECIPES}")
+        if self.margin < 0:
+            raise ValueError(f"--fp8-margin must be >= 0, got {self.margin}")
+        if self.min_features < 0:
+            raise ValueError(f"FP8 min_features must be >= 0, got {self.min_features}")
+        if self.power_of_two is None:
+            # torchao's rowwise and DeepSeek/TE's block scaling use power-of-two scales.
+            self.power_of_two = self.recipe in ("rowwise", "blockwise")
+        DelayedScaling(get_spec("e4m3"), self.amax_history_len, self.amax_compute_algo)  # validates
+
+    @property
+    def granularity(self) -> str:
+        return {"rowwise": "row", "blockwise": "block"}.get(self.recipe, "tensor")
+
+    def make_scaler(self, spec: FormatSpec | str) -> Scaler:
+        spec = get_spec(spec)
+        if self.recipe == "delayed":
+            return DelayedScaling(spec, self.amax_history_len, self.amax_compute_algo,
+                                  self.margin, self.power_of_two)
+        return CurrentScaling(spec, self.margin, self.power_of_two)
+
+    def uses_fp8(self, in_features: int, out_features: int) -> bool:
+        """Size filter: FP8 only for GEMMs wide enough to gain, with widths the kernels accept."""
+        dims = (in_features, out_features)
+        return all(d % 16 == 0 and d >= self.min_features for d in dims)

@@ -1,0 +1,176 @@
+"""ScalingTensor: a low-precision payload with its fp32 scale(s), and the casts in and out."""
+
+from __future__ import annotations
+
+import torch
+
+from fp8.formats import FormatSpec, get_spec
+from fp8.scaling import Tile, compute_scale, expand_tiles, num_tiles, resolve_tile, tile_amax
+
+
+class ScalingTensor:
+    """``data`` (float8 or float16) with ``scale`` so that ``data / scale`` approximates the value.
+
+    ``tile`` says which elements of the 2-D view (leading dimensions flattened) share a scale:
+    None for one scale, otherwise ``(tile_rows, tile_cols)``; see `fp8.scaling`.
+    """
+
+    __slots__ = ("data", "scale", "spec", "tile")
+
+    def __init__(self, data: torch.Tensor, scale: torch.Tensor, fmt: str | FormatSpec, tile: Tile = None):
+        self.spec = get_spec(fmt)
+        assert data.dtype == self.spec.dtype, (data.dtype, self.spec)
+        assert scale.dtype == torch.float32, scale.dtype
+        if tile is not None:
+            assert data.dim() >= 1 and scale.shape == num_tiles(_shape2d(data.shape), tile), (
+                data.shape, scale.shape, tile)
+        self.data, self.scale, self.tile = data, scale, tile
+
+    # ----- description -------------------------------------------------------------------------
+    @property
+    def fmt(self) -> str:
+        return self.spec.name
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.data.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: payload plus scales."""
+        return self.data.numel() * self.data.element_size() + self.scale.numel() * 4
+
+    def numel(self) -> int:
+        return self.data.numel()
+
+    def dim(self) -> int:
+        return self.data.dim()
+
+    def __repr__(self) -> str:
+        tile = "tensor" if self.tile is None else f"tile={self.tile}"
+        return f"ScalingTensor(shape={tuple(self.shape)}, fmt={self.fmt}, {tile}, device={self.device})"
+
+    # ----- conversions -------------------------------------------------------------------------
+    def scale_inv(self) -> torch.Tensor:
+        return self.scale.reciprocal()
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        # Multiplying by the reciprocal (not dividing by the scale) is what the GEMM kernels do.
+        if self.tile is None:
+            return (self.data.float() * self.scale_inv()).to(dtype)
+        shape2d = _shape2d(self.shape)
+        inv = expand_tiles(self.scale_inv(), shape2d, self.tile)
+        return (self.data.reshape(shape2d).float() * inv).reshape(self.shape).to(dtype)
+
+    def t(self) -> ScalingTensor:
+        """Transpose of a 2-D tensor; exact: the scales are transposed with the payload."""
+        assert self.dim() == 2, "ScalingTensor.t() needs a 2-D tensor"
+        tile = None if self.tile is None else (self.tile[1], self.tile[0])
+        scale = self.scale if self.tile is None else self.scale.t()
+        return ScalingTensor(self.data.t(), scale, self.spec, tile)
+
+    def reshape(self, *shape) -> ScalingTensor:
+        """Reshape; tiled tensors must keep their last dimension (tiles are over the 2-D view)."""
+        data = self.data.reshape(*shape)
+        if self.tile is not None and data.shape[-1] != self.shape[-1]:
+            raise ValueError("a row- or block-scaled ScalingTensor can only reshape its leading dimensions")
+        return ScalingTensor(data, self.scale, self.spec, self.tile)
+
+    def contiguous(self) -> ScalingTensor:
+        return ScalingTensor(self.data.contiguous(), self.scale.contiguous(), self.spec, self.tile)
+
+    def to(self, device: torch.device | str) -> ScalingTensor:
+        return ScalingTensor(self.data.to(device), self.scale.to(device), self.spec, self.tile)
+
+    def clone(self) -> ScalingTensor:
+        return ScalingTensor(self.data.clone(), self.scale.clone(), self.spec, self.tile)
+
+    def state_dict(self) -> dict:
+        """Plain tensors and strings only, so checkpoints load with ``weights_only=True``."""
+        tile = torch.tensor(self.tile if self.tile is not None else (0, 0), dtype=torch.int64)
+        return {"data": self.data, "scale": self.scale, "fmt": self.fmt, "tile": tile}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> ScalingTensor:
+        tile = tuple(int(v) for v in state["tile"].tolist())
+        return cls(state["data"], state["scale"], state["fmt"], None if tile == (0, 0) else tile)
+
+
+def _shape2d(shape: torch.Size | tuple[int, ...]) -> tuple[int, int]:
+    if len(shape) == 0:
+        return (1, 1)
+    cols = shape[-1]
+    rows = 1
+    for d in shape[:-1]:
+        rows *= d
+    return (rows, cols)
+
+
+def cast_saturate(x: torch.Tensor, spec: FormatSpec, inf_to_nan: bool = False) -> torch.Tensor:
+    """Round to nearest even, clamping to the format's range: out-of-range finite values become
+    +-max rather than NaN or inf, whatever the torch version. NaN stays NaN. Infinities saturate
+    too, unless `inf_to_nan`: gradients use that so that an overflow stays visible downstream."""
+    x = x.float()
+    if inf_to_nan:
+        x = torch.where(torch.isinf(x), torch.full_like(x, float("nan")), x)
+    return x.clamp(-spec.max, spec.max).to(spec.dtype)
+
+
+def quantize(
+    x: torch.Tensor,
+    fmt: str | FormatSpec = "e4m3",
+    scale: torch.Tensor | float | None = None,
+    granularity: str = "tensor",
+    *,
+    tile: Tile | str = "auto",
+    role: str = "activation",
+    margin: int = 0,
+    power_of_two: bool = False,
+    inf_to_nan: bool = False,
+) -> ScalingTensor:
+    """Cast `x` to `fmt` with one scale per tile of `granularity` ("tensor", "row", "block").
+
+    With `scale=None` the scale comes from the tensor itself (current scaling). `role="weight"`
+    picks 128x128 blocks for the block granularity; `tile` overrides the tile outright.
+    `inf_to_nan` turns infinities into NaN instead of saturating them (see `cast_saturate`).
+    """
+    spec = get_spec(fmt)
+    shape2d = _shape2d(x.shape)
+    if tile == "auto":
+        tile = resolve_tile(granularity, shape2d, role)
+    x2d = x.reshape(shape2d)
+    if scale is None:
+        scale = compute_scale(tile_amax(x2d, tile), spec.max, margin, power_of_two)
+    else:
+        scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
+        expected = torch.Size(()) if tile is None else torch.Size(num_tiles(shape2d, tile))
+        if scale.shape != expected:
+            raise ValueError(f"scale of shape {tuple(scale.shape)} does not fit tile {tile} of a "
+                             f"{tuple(x.shape)} tensor; expected {tuple(expected)}")
+    data = cast_saturate(x2d.float() * expand_tiles(scale, shape2d, tile), spec, inf_to_nan)
+    return ScalingTensor(data.reshape(x.shape), scale, spec, tile)
+
+
+def requantize(x: ScalingTensor, *, fmt: str | FormatSpec | None = None, tile: Tile | str = "same",
+               margin: int = 0, power_of_two: bool = False) -> ScalingTensor:
+    """Re-cast a ScalingTensor with other tiles or another format, from its dequantized value."""
+    tile = x.tile if tile == "same" else tile
+    return quantize(x.dequantize(), fmt or x.spec, tile=tile, margin=margin, power_of_two=power_of_two)
+
+
+def accumulate(acc: ScalingTensor | None, x: torch.Tensor, fmt: str | FormatSpec = "e4m3") -> ScalingTensor:
+    """``acc + x`` kept in `fmt`: dequantize, add in fp32, re-quantize with a fresh scale.
+
+    Used for FP8 weight gradients across micro-batches. The scale is per tensor. An overflow
+    (inf or NaN anywhere) leaves NaN in the result, so the optimizer sees it and skips the step.
+    """
+    total = x.float() if acc is None else acc.dequantize() + x.float()
+    return quantize(total, fmt, inf_to_nan=True)
+
+
+def dequantize(x: ScalingTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return x.dequantize(dtype)
