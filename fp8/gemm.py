@@ -4,9 +4,10 @@ This is the only module that knows about devices and torch versions. `select_pat
 the operands and a `DeviceInfo`, whether a call can go to
 
 - ``scaled_mm``: ``torch._scaled_mm`` with per-tensor scales (CUDA sm89+, and CPU) or row-wise
-  scales (CUDA sm90, BF16 output);
-- ``blockwise``: ``torch.nn.functional.scaled_mm`` with DeepSeek-style 1x128 / 128x128 scales
-  (CUDA sm90, torch with blockwise recipes);
+  scales (CUDA sm90, or sm89 from torch 2.7; BF16 output, the E5M2 operand first);
+- ``blockwise``: ``torch.nn.functional.scaled_mm`` (torch 2.10+) with DeepSeek-style 1x128 /
+  128x128 scales (CUDA sm90 with cuBLAS 12.9+, E4M3 operands, K a multiple of 512 so that the
+  scale tensors need no padding);
 - ``emulate``: dequantize both operands (payload times reciprocal scale, exactly what the kernels
   do) and multiply in fp32. On CPU this matches ``torch._scaled_mm`` bit for bit.
 
@@ -35,6 +36,7 @@ class DeviceInfo:
     torch_version: tuple[int, int] = (0, 0)
     has_scaled_mm: bool = False
     has_blockwise: bool = False
+    cuda_version: tuple[int, int] | None = None
 
 
 def _torch_version() -> tuple[int, int]:
@@ -46,7 +48,9 @@ def _torch_version() -> tuple[int, int]:
 def device_info(device: torch.device) -> DeviceInfo:
     capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
     scaling_type = getattr(F, "ScalingType", None)
+    cuda = torch.version.cuda
     return DeviceInfo(
+        cuda_version=tuple(int(v) for v in cuda.split(".")[:2]) if cuda else None,
         type=device.type,
         capability=capability,
         torch_version=_torch_version(),
@@ -97,14 +101,19 @@ def _select_cuda(a, b, kind_a, kind_b, out_dtype, info) -> tuple[str, str]:
     if kind_a == kind_b == "tensor":
         return "scaled_mm", "per-tensor scales"
     if kind_a == kind_b == "outer":
-        if info.capability < (9, 0) or out_dtype != torch.bfloat16:
-            return "emulate", "row-wise scaled GEMMs need sm90 and a BF16 output"
+        rowwise_arch = info.capability >= (9, 0) or info.torch_version >= (2, 7)
+        if not rowwise_arch or out_dtype != torch.bfloat16:
+            return "emulate", "row-wise scaled GEMMs need sm90 (sm89 from torch 2.7) and a BF16 output"
+        if b.spec.name != "e4m3":
+            return "emulate", "row-wise scaled GEMMs take E5M2 in the first operand only"
         return "scaled_mm", "row-wise scales"
     if kind_a == "block1x128" and kind_b in ("block1x128", "block128x128"):
-        if not info.has_blockwise or info.capability[0] != 9:
-            return "emulate", "block-scaled GEMMs need sm90 and torch with blockwise scaled_mm"
-        if dim_k % BLOCK_SIZE or dim_n % BLOCK_SIZE or out_dtype != torch.bfloat16:
-            return "emulate", "block-scaled GEMMs need K, N multiples of 128 and a BF16 output"
+        if not info.has_blockwise or info.capability[0] != 9 or (info.cuda_version or (0, 0)) < (12, 9):
+            return "emulate", "block-scaled GEMMs need sm90, cuBLAS 12.9+ and torch 2.10+"
+        if dim_k % (4 * BLOCK_SIZE) or dim_n % BLOCK_SIZE or out_dtype != torch.bfloat16:
+            return "emulate", "block-scaled GEMMs need K a multiple of 512, N of 128, and a BF16 output"
+        if a.spec.name != "e4m3" or b.spec.name != "e4m3":
+            return "emulate", "block-scaled GEMMs take E4M3 operands (use --fp8-format e4m3)"
         return "blockwise", f"{kind_a} x {kind_b} scales"
     return "emulate", f"no kernel for {kind_a} x {kind_b} scaling"
 
@@ -117,26 +126,30 @@ def _col_major(x: torch.Tensor) -> torch.Tensor:
     return x if x.t().is_contiguous() else x.t().contiguous().t()
 
 
-def _native_scaled_mm(a: ScalingTensor, b: ScalingTensor, out_dtype, bias) -> torch.Tensor:
-    # _scaled_mm takes dequantization multipliers: per-tensor (0-dim), or (M, 1) and (1, N).
+def _native_scaled_mm(a: ScalingTensor, b: ScalingTensor, out_dtype, bias, fast_accum) -> torch.Tensor:
+    # _scaled_mm takes dequantization multipliers: per-tensor (0-dim), or (M, 1) and (1, N),
+    # contiguous fp32. Fast accumulation exists on Hopper only.
     out = torch._scaled_mm(
         _row_major(a.data), _col_major(b.data),
         scale_a=a.scale_inv().contiguous(), scale_b=b.scale_inv().contiguous(),
-        out_dtype=out_dtype,
+        out_dtype=out_dtype, use_fast_accum=fast_accum and a.device.type == "cuda",
     )
     return out if bias is None else out + bias.to(out_dtype)
 
 
-def _native_blockwise(a: ScalingTensor, b: ScalingTensor, out_dtype, bias) -> torch.Tensor:
+def _native_blockwise(a: ScalingTensor, b: ScalingTensor, out_dtype, bias, fast_accum) -> torch.Tensor:
+    """torch.nn.functional.scaled_mm (the v2 API) with the scale layouts cuBLAS reads:
+    a's (M, K/128) scales column-major; b's 1x128 scales as (N, K/128) column-major and its
+    128x128 scales as (K/128, N/128) column-major. K % 512 == 0 keeps K/128 a multiple of 4."""
     st = F.ScalingType
-    recipe_b = st.BlockWise1x128 if _scaling_kind(b, 0) == "block1x128" else st.BlockWise128x128
-    # The kernels read the 1x128 scales of `a` outer-dimension-major (column-major).
-    scale_a = _col_major(a.scale_inv())
-    scale_b = b.scale_inv()
-    scale_b = _col_major(scale_b) if recipe_b == st.BlockWise1x128 else scale_b.contiguous()
+    scale_a = _col_major(a.scale_inv())            # (M, K/128)
+    if _scaling_kind(b, 0) == "block1x128":
+        recipe_b, scale_b = st.BlockWise1x128, b.scale_inv().contiguous().t()  # (N, K/128)
+    else:
+        recipe_b, scale_b = st.BlockWise128x128, _col_major(b.scale_inv())    # (K/128, N/128)
     out = F.scaled_mm(
         _row_major(a.data), _col_major(b.data), scale_a, st.BlockWise1x128, scale_b, recipe_b,
-        output_dtype=out_dtype,
+        output_dtype=out_dtype, use_fast_accum=fast_accum,
     )
     return out if bias is None else out + bias.to(out_dtype)
 
@@ -156,11 +169,13 @@ def fp8_matmul(
     bias: torch.Tensor | None = None,
     *,
     path: str = "auto",
+    fast_accum: bool = False,
 ) -> torch.Tensor:
     """``a @ b + bias`` for 2-D ScalingTensors ``a`` (M, K) and ``b`` (K, N), in `out_dtype`.
 
     `path` forces "emulate" (or a native path, which must then be possible); "auto" lets
-    `select_path` decide.
+    `select_path` decide. `fast_accum` allows Hopper's faster, less precise accumulation (for
+    forward GEMMs; gradients keep the precise one).
     """
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
         raise ValueError(f"fp8_matmul needs (M, K) @ (K, N) operands, got {tuple(a.shape)} @ {tuple(b.shape)}")
@@ -170,4 +185,4 @@ def fp8_matmul(
         raise ValueError(f"unknown GEMM path {path!r}; use one of {PATHS} or 'auto'")
     if path == "emulate":
         return emulated_matmul(a, b, out_dtype, bias)
-    return _NATIVE[path](a, b, out_dtype, bias)
+    return _NATIVE[path](a, b, out_dtype, bias, fast_accum)

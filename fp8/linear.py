@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fp8.gemm import fp8_matmul
-from fp8.scaling import BLOCK_SIZE, Recipe, resolve_tile, tile_amax
+from fp8.scaling import BLOCK_SIZE, CurrentScaling, DelayedScaling, Recipe, resolve_tile, tile_amax
 from fp8.tensor import ScalingTensor, accumulate, quantize, requantize
 
 WGRAD_FORMAT = "e4m3"
@@ -35,7 +35,7 @@ class _FP8LinearFunction(torch.autograd.Function):
         x2d = x.reshape(-1, x.shape[-1])
         x_fp8 = module.cast(x2d, "input")
         w_fp8 = module.fp8_weight()
-        y = fp8_matmul(x_fp8, w_fp8.t(), out_dtype=x.dtype, bias=bias)
+        y = fp8_matmul(x_fp8, w_fp8.t(), out_dtype=x.dtype, bias=bias, fast_accum=True)
         ctx.save_for_backward(x_fp8.data, x_fp8.scale, w_fp8.data, w_fp8.scale)
         ctx.tiles = (x_fp8.tile, w_fp8.tile)
         ctx.module, ctx.x_shape, ctx.has_bias = module, x.shape, bias is not None
@@ -80,8 +80,11 @@ class FP8Linear(nn.Module):
         self.fp8_wgrad = fp8_wgrad
         self.use_fp8 = self.recipe.uses_fp8(in_features, out_features)
         fmt = self.recipe.fmt
+        # Weights are scaled from their current value under every recipe: the whole tensor is
+        # at hand when it is cast (once per step, thanks to the cache), and a delayed scale
+        # would clip a weight that grew since the last step.
         self.scalers = {"input": self.recipe.make_scaler(fmt.forward),
-                        "weight": self.recipe.make_scaler(fmt.forward),
+                        "weight": CurrentScaling(fmt.forward, self.recipe.margin, self.recipe.power_of_two),
                         "grad_output": self.recipe.make_scaler(fmt.backward)}
         self._weight_cache: tuple[tuple, ScalingTensor] | None = None
 
@@ -102,6 +105,15 @@ class FP8Linear(nn.Module):
     def extra_repr(self) -> str:
         mode = f"fp8 {self.recipe.recipe}/{self.recipe.fmt.value}" if self.use_fp8 else "high precision (size filter)"
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, {mode}"
+
+    def get_extra_state(self) -> dict:
+        """Delayed-scaling histories, so that a resumed run casts exactly as the original."""
+        return {role: scaler.state_dict() for role, scaler in self.scalers.items()
+                if isinstance(scaler, DelayedScaling)}
+
+    def set_extra_state(self, state: dict) -> None:
+        for role, scaler_state in state.items():
+            self.scalers[role].load_state_dict(scaler_state)
 
     # ----- casts used by the autograd function ------------------------------------------------
     def cast(self, x2d: torch.Tensor, role: str) -> ScalingTensor:
