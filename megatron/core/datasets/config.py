@@ -1,0 +1,109 @@
+"""The dataset config (`GPTDatasetConfig`) and the Megatron data flags that fill it.
+
+`--data-path` follows Megatron: either prefixes alone (`A B`, blended in proportion to their token
+counts) or weight / prefix pairs (`0.7 A 0.3 B`, weights normalised). `--split` gives the
+train / valid / test shares of each dataset's documents ("969,30,1", or "98/2/0").
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from dataclasses import MISSING, dataclass, field, fields
+
+SPLIT_NAMES = ("train", "valid", "test")
+
+
+@dataclass(kw_only=True)
+class GPTDatasetConfig:
+    data_path: list[str]
+    seq_length: int
+    split: str = "969,30,1"
+    seed: int = 1234
+    data_cache_path: str | None = None  # None: a cache/ folder beside each dataset
+    eod_mask_loss: bool = False
+    # Derived in __post_init__, not set by callers.
+    blend: list[tuple[str, float | None]] = field(init=False)
+    split_weights: tuple[float, float, float] = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.seq_length < 1:
+            raise ValueError(f"--seq-length must be >= 1, got {self.seq_length}")
+        if self.seed < 0:
+            raise ValueError(f"--seed must be >= 0, got {self.seed}")
+        self.data_path = [str(item) for item in self.data_path]
+        self.blend = parse_data_path(self.data_path)
+        self.split_weights = parse_split(self.split)
+
+
+def parse_data_path(data_path: list[str]) -> list[tuple[str, float | None]]:
+    """[(prefix, weight)] from Megatron's `--data-path`; weights None when only prefixes are given."""
+    if not data_path:
+        raise ValueError("--data-path is empty; give a prefix (data/corpus_text_document) or weight/prefix pairs")
+    weights = [_as_float(item) for item in data_path]
+    if all(w is None for w in weights):
+        return [(prefix, None) for prefix in data_path]
+    if len(data_path) % 2 or any(w is None for w in weights[::2]) or any(w is not None for w in weights[1::2]):
+        raise ValueError(
+            "--data-path mixes weights and prefixes; give either prefixes only (A B) or pairs (0.7 A 0.3 B)"
+        )
+    blend = [(prefix, weight) for weight, prefix in zip(weights[::2], data_path[1::2])]
+    if any(weight <= 0 for _, weight in blend):
+        raise ValueError("--data-path weights must be positive; drop a dataset instead of giving it weight 0")
+    total = sum(weight for _, weight in blend)
+    return [(prefix, weight / total) for prefix, weight in blend]
+
+
+def parse_split(split: str) -> tuple[float, float, float]:
+    """Normalised train / valid / test shares; missing trailing shares are 0, as in Megatron."""
+    parts = [part for part in re.split(r"[,/]", split.strip()) if part.strip()]
+    values = [_as_float(part) for part in parts]
+    if not 1 <= len(values) <= 3 or any(v is None or v < 0 for v in values):
+        raise ValueError(f"--split {split!r}: give up to three non-negative numbers, e.g. 969,30,1")
+    values += [0.0] * (3 - len(values))
+    total = sum(values)
+    if total <= 0:
+        raise ValueError(f"--split {split!r}: the shares sum to 0; give the training split a positive share")
+    return tuple(v / total for v in values)
+
+
+def _as_float(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add Megatron's data flags; defaults come from GPTDatasetConfig so the two cannot drift.
+
+    A flag that the parser already has (e.g. --seq-length from the model group) is left alone.
+    """
+    defaults = {f.name: f.default for f in fields(GPTDatasetConfig) if f.default is not MISSING}
+    group = parser.add_argument_group("data")
+    _add_once(parser, group, "--data-path", nargs="*", default=None,
+              help="dataset prefixes (A B) or weight/prefix pairs (0.7 A 0.3 B)")
+    _add_once(parser, group, "--split", default=defaults["split"],
+              help="train,valid,test shares of each dataset's documents, e.g. 969,30,1")
+    _add_once(parser, group, "--seq-length", type=int, default=None, help="tokens per training sample")
+    _add_once(parser, group, "--seed", type=int, default=defaults["seed"], help="random seed")
+    _add_once(parser, group, "--data-cache-path", default=None,
+              help="folder for the cached sample indices (default: cache/ beside each dataset)")
+    _add_once(parser, group, "--eod-mask-loss", action="store_true", help="no loss where the input token is EOD")
+    _add_once(parser, group, "--num-workers", type=int, default=2, help="data loader worker processes")
+    return parser
+
+
+def gpt_dataset_config_from_args(args: argparse.Namespace) -> GPTDatasetConfig:
+    if not getattr(args, "data_path", None):
+        raise ValueError("no training data; pass --data-path PREFIX (tools/builtin_corpus.py --print-args gives one)")
+    if getattr(args, "seq_length", None) is None:
+        raise ValueError("--seq-length is required")
+    names = [f.name for f in fields(GPTDatasetConfig) if f.init]
+    return GPTDatasetConfig(**{name: getattr(args, name) for name in names if hasattr(args, name)})
+
+
+def _add_once(parser: argparse.ArgumentParser, group, flag: str, **kwargs) -> None:
+    # Shared flags (--seq-length, --seed) may come from another group first; argparse would refuse a duplicate.
+    if flag not in parser._option_string_actions:
+        group.add_argument(flag, **kwargs)
