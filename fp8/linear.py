@@ -12,6 +12,10 @@ device, so CPU and GPU runs round alike. Per-tensor scales need none of that.
 With ``fp8_wgrad=True`` the weight gradient is not handed to autograd: it is accumulated, in FP8
 E4M3 with a per-tensor scale, on ``weight.grad_fp8`` (a `ScalingTensor`) across backward calls,
 for the FP8 gradient reduction of level O1 and above. Set it to None to start a new step.
+
+`fp8_linear(x, weight, bias, state)` is the functional core, with its casting state (scalers,
+the cached FP8 weight) in an `FP8LinearState`; `FP8Linear` is the module around it, and the
+tensor-parallel layers hold a state of their own.
 """
 
 from __future__ import annotations
@@ -31,42 +35,108 @@ WGRAD_FORMAT = "e4m3"
 
 class _FP8LinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, module):
+    def forward(ctx, x, weight, bias, state):
         x2d = x.reshape(-1, x.shape[-1])
-        x_fp8 = module.cast(x2d, "input")
-        w_fp8 = module.fp8_weight()
+        x_fp8 = state.cast(x2d, "input")
+        w_fp8 = state.fp8_weight(weight)
         y = fp8_matmul(x_fp8, w_fp8.t(), out_dtype=x.dtype, bias=bias, fast_accum=True)
         ctx.save_for_backward(x_fp8.data, x_fp8.scale, w_fp8.data, w_fp8.scale)
         ctx.tiles = (x_fp8.tile, w_fp8.tile)
-        ctx.module, ctx.x_shape, ctx.has_bias = module, x.shape, bias is not None
+        ctx.state, ctx.weight, ctx.x_shape, ctx.has_bias = state, weight, x.shape, bias is not None
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        module = ctx.module
+        state = ctx.state
         x_data, x_scale, w_data, w_scale = ctx.saved_tensors
-        fwd = module.recipe.fmt.forward
+        fwd = state.recipe.fmt.forward
         x_fp8 = ScalingTensor(x_data, x_scale, fwd, ctx.tiles[0])
         w_fp8 = ScalingTensor(w_data, w_scale, fwd, ctx.tiles[1])
         dy2d = dy.reshape(-1, dy.shape[-1])
-        dy_fp8 = module.cast(dy2d, "grad_output")
+        dy_fp8 = state.cast(dy2d, "grad_output")
         dx = dw = dbias = None
         if ctx.needs_input_grad[0]:
-            dx = fp8_matmul(dy_fp8, module.orient(w_fp8, 0), out_dtype=dy.dtype).reshape(ctx.x_shape)
+            dx = fp8_matmul(dy_fp8, state.orient(w_fp8, 0), out_dtype=dy.dtype).reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            dw = fp8_matmul(module.orient(dy_fp8, 0).t(), module.orient(x_fp8, 0), out_dtype=torch.float32)
-            dw = module.deliver_wgrad(dw)
+            dw = fp8_matmul(state.orient(dy_fp8, 0).t(), state.orient(x_fp8, 0), out_dtype=torch.float32)
+            dw = state.deliver_wgrad(ctx.weight, dw)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             dbias = dy2d.float().sum(0).to(dy.dtype)
         return dx, dw, dbias, None
+
+
+class FP8LinearState:
+    """What one FP8 linear keeps between calls: its recipe, scalers and cached FP8 weight.
+
+    Weights are scaled from their current value under every recipe: the whole tensor is at hand
+    when it is cast (once per step, thanks to the cache), and a delayed scale would clip a weight
+    that grew since the last step. The cache is keyed on the weight's version counter, which
+    every in-place update (an optimizer step) moves, so micro-batches of one step share it.
+    """
+
+    def __init__(self, recipe: Recipe | None = None, fp8_wgrad: bool = False):
+        self.recipe = recipe or Recipe()
+        self.fp8_wgrad = fp8_wgrad
+        fmt = self.recipe.fmt
+        self.scalers = {"input": self.recipe.make_scaler(fmt.forward),
+                        "weight": CurrentScaling(fmt.forward, self.recipe.margin, self.recipe.power_of_two),
+                        "grad_output": self.recipe.make_scaler(fmt.backward)}
+        self._weight_cache: tuple[tuple, ScalingTensor] | None = None
+
+    def describe(self) -> str:
+        return f"fp8 {self.recipe.recipe}/{self.recipe.fmt.value}" + (", fp8 wgrad" if self.fp8_wgrad else "")
+
+    def state_dict(self) -> dict:
+        """Delayed-scaling histories, so that a resumed run casts exactly as the original."""
+        return {role: scaler.state_dict() for role, scaler in self.scalers.items()
+                if isinstance(scaler, DelayedScaling)}
+
+    def load_state_dict(self, state: dict) -> None:
+        for role, scaler_state in state.items():
+            self.scalers[role].load_state_dict(scaler_state)
+
+    def cast(self, x2d: torch.Tensor, role: str) -> ScalingTensor:
+        spec = self.recipe.fmt.backward if role == "grad_output" else self.recipe.fmt.forward
+        tile = resolve_tile(self.recipe.granularity, tuple(x2d.shape), "weight" if role == "weight" else "activation")
+        scale = self.scalers[role].scale_for(tile_amax(x2d, tile))
+        return quantize(x2d, spec, scale=scale, tile=tile)
+
+    def fp8_weight(self, weight: torch.Tensor) -> ScalingTensor:
+        key = (weight._version, weight.data_ptr(), weight.device, weight.dtype)
+        if self._weight_cache is None or self._weight_cache[0] != key:
+            with torch.no_grad():
+                self._weight_cache = (key, self.cast(weight.detach(), "weight"))
+        return self._weight_cache[1]
+
+    def orient(self, x: ScalingTensor, contraction_dim: int) -> ScalingTensor:
+        """`x` with scales constant along `contraction_dim` (whole for row, 128 for block)."""
+        if x.tile is None:
+            return x
+        full = x.shape[contraction_dim]
+        want = full if self.recipe.granularity == "row" else BLOCK_SIZE
+        if x.tile[contraction_dim] == want or x.tile[contraction_dim] >= full:
+            return x
+        tile = (want, 1) if contraction_dim == 0 else (1, want)
+        return requantize(x, tile=tile, margin=self.recipe.margin, power_of_two=self.recipe.power_of_two)
+
+    def deliver_wgrad(self, weight: torch.Tensor, dw: torch.Tensor) -> torch.Tensor | None:
+        if not self.fp8_wgrad:
+            return dw.to(weight.dtype)
+        weight.grad_fp8 = accumulate(getattr(weight, "grad_fp8", None), dw, WGRAD_FORMAT)
+        return None
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               state: FP8LinearState) -> torch.Tensor:
+    """``x @ weight.T + bias`` with FP8 GEMMs in forward and backward (see the module docstring)."""
+    return _FP8LinearFunction.apply(x, weight, bias, state)
 
 
 class FP8Linear(nn.Module):
     """Drop-in for `nn.Linear` whose GEMMs run in FP8 according to a `Recipe`.
 
     Linears that the recipe's size filter rejects run as an ordinary linear in the input's dtype
-    (BF16 in a BF16 model). The FP8 weight copy is cached until the weight changes (its version
-    counter moves, as an optimizer step does), so micro-batches of one step share it.
+    (BF16 in a BF16 model).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
@@ -76,17 +146,12 @@ class FP8Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
         self.reset_parameters()
-        self.recipe = recipe or Recipe()
-        self.fp8_wgrad = fp8_wgrad
-        self.use_fp8 = self.recipe.uses_fp8(in_features, out_features)
-        fmt = self.recipe.fmt
-        # Weights are scaled from their current value under every recipe: the whole tensor is
-        # at hand when it is cast (once per step, thanks to the cache), and a delayed scale
-        # would clip a weight that grew since the last step.
-        self.scalers = {"input": self.recipe.make_scaler(fmt.forward),
-                        "weight": CurrentScaling(fmt.forward, self.recipe.margin, self.recipe.power_of_two),
-                        "grad_output": self.recipe.make_scaler(fmt.backward)}
-        self._weight_cache: tuple[tuple, ScalingTensor] | None = None
+        self.fp8 = FP8LinearState(recipe, fp8_wgrad)
+        self.use_fp8 = self.fp8.recipe.uses_fp8(in_features, out_features)
+
+    @property
+    def recipe(self) -> Recipe:
+        return self.fp8.recipe
 
     def reset_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
@@ -103,52 +168,20 @@ class FP8Linear(nn.Module):
         return module
 
     def extra_repr(self) -> str:
-        mode = f"fp8 {self.recipe.recipe}/{self.recipe.fmt.value}" if self.use_fp8 else "high precision (size filter)"
+        mode = self.fp8.describe() if self.use_fp8 else "high precision (size filter)"
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, {mode}"
 
     def get_extra_state(self) -> dict:
-        """Delayed-scaling histories, so that a resumed run casts exactly as the original."""
-        return {role: scaler.state_dict() for role, scaler in self.scalers.items()
-                if isinstance(scaler, DelayedScaling)}
+        return self.fp8.state_dict()
 
     def set_extra_state(self, state: dict) -> None:
-        for role, scaler_state in state.items():
-            self.scalers[role].load_state_dict(scaler_state)
-
-    # ----- casts used by the autograd function ------------------------------------------------
-    def cast(self, x2d: torch.Tensor, role: str) -> ScalingTensor:
-        spec = self.recipe.fmt.backward if role == "grad_output" else self.recipe.fmt.forward
-        tile = resolve_tile(self.recipe.granularity, tuple(x2d.shape), "weight" if role == "weight" else "activation")
-        scale = self.scalers[role].scale_for(tile_amax(x2d, tile))
-        return quantize(x2d, spec, scale=scale, tile=tile)
+        self.fp8.load_state_dict(state)
 
     def fp8_weight(self) -> ScalingTensor:
-        w = self.weight
-        key = (w._version, w.data_ptr(), w.device, w.dtype)
-        if self._weight_cache is None or self._weight_cache[0] != key:
-            with torch.no_grad():
-                self._weight_cache = (key, self.cast(w.detach(), "weight"))
-        return self._weight_cache[1]
-
-    def orient(self, x: ScalingTensor, contraction_dim: int) -> ScalingTensor:
-        """`x` with scales constant along `contraction_dim` (whole for row, 128 for block)."""
-        if x.tile is None:
-            return x
-        full = x.shape[contraction_dim]
-        want = full if self.recipe.granularity == "row" else BLOCK_SIZE
-        if x.tile[contraction_dim] == want or x.tile[contraction_dim] >= full:
-            return x
-        tile = (want, 1) if contraction_dim == 0 else (1, want)
-        return requantize(x, tile=tile, margin=self.recipe.margin, power_of_two=self.recipe.power_of_two)
-
-    def deliver_wgrad(self, dw: torch.Tensor) -> torch.Tensor | None:
-        if not self.fp8_wgrad:
-            return dw.to(self.weight.dtype)
-        self.weight.grad_fp8 = accumulate(getattr(self.weight, "grad_fp8", None), dw, WGRAD_FORMAT)
-        return None
+        return self.fp8.fp8_weight(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.use_fp8:
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return F.linear(x, self.weight.to(x.dtype), bias)
-        return _FP8LinearFunction.apply(x, self.weight, self.bias, self)
+        return fp8_linear(x, self.weight, self.bias, self.fp8)
