@@ -1,0 +1,242 @@
+"""Learning-rate schedule: linear warm-up, then decay to `--min-lr`, as Megatron-LM does it.
+
+The learning rate is a pure function of the iteration (`LRScheduler.lr_at`), so resuming from a
+checkpoint needs nothing but the iteration, and a test can check any point without stepping.
+
+    lr_at(i) = lr * i / warmup_iters                       for i <= warmup_iters
+             = min_lr + (lr - min_lr) * coeff(i)           for warmup_iters < i <= decay_iters
+             = min_lr                                      for i > decay_iters
+
+with `coeff` falling from 1 to 0 over the decay window according to `--lr-decay-style`:
+linear `1 - r`, cosine `(1 + cos(pi r)) / 2` with `r = (i - warmup) / (decay - warmup)`;
+`constant` keeps `lr` for ever; `inverse-square-root` is `lr * sqrt(max(warmup, 1) / i)`, floored at
+`min_lr`; `WSD` (warm-up, stable, decay) holds `lr` until the last `--lr-wsd-decay-iters`
+iterations of the decay window and anneals in them with `--lr-wsd-decay-style`.
+Megatron starts the warm-up at 0, so with warm-up the first update (iteration 0) has lr 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
+WSD_DECAY_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")
+MISMATCH_POLICIES = ("error", "override", "use_checkpoint")
+
+# Config fields that define the curve; a checkpoint records them so a resume can notice a change.
+_SCHEDULE_FIELDS = ("lr", "min_lr", "warmup_iters", "decay_iters", "decay_style", "wsd_decay_iters",
+                    "wsd_decay_style")
+_FLAG_OF_FIELD = {"lr": "--lr", "min_lr": "--min-lr", "warmup_iters": "--lr-warmup-iters",
+                  "decay_iters": "--lr-decay-iters", "decay_style": "--lr-decay-style",
+                  "wsd_decay_iters": "--lr-wsd-decay-iters", "wsd_decay_style": "--lr-wsd-decay-style"}
+
+
+@dataclass(kw_only=True)
+class LRScheduleConfig:
+    """The schedule's flags. `decay_iters` None means `train_iters` (Megatron's default)."""
+
+    lr: float
+    min_lr: float = 0.0
+    warmup_iters: int = 0
+    warmup_fraction: float | None = None  # of the decay iterations; instead of warmup_iters
+    decay_iters: int | None = None
+    decay_style: str = "linear"
+    wsd_decay_iters: int | None = None
+    wsd_decay_style: str = "exponential"
+    train_iters: int | None = None
+
+    def __post_init__(self) -> None:
+        self._check_rates()
+        self._check_iteration_counts()
+        self._check_styles()
+        if self.warmup_fraction is not None:
+            self._resolve_warmup_fraction()
+        total = self._known_total_decay_iters()
+        if total is not None and self.decay_style != "constant" and self.warmup_iters > total:
+            raise ValueError(f"--lr-warmup-iters ({self.warmup_iters}) must not exceed --lr-decay-iters ({total}); "
+                             "shorten the warm-up or decay over more iterations")
+        if self.decay_style == "WSD" and total is not None and self.wsd_decay_iters > total - self.warmup_iters:
+            raise ValueError(f"--lr-wsd-decay-iters ({self.wsd_decay_iters}) must fit in the decay window after "
+                             f"warm-up ({total - self.warmup_iters} iterations)")
+
+    def _check_rates(self) -> None:
+        if not math.isfinite(self.lr) or self.lr < 0:
+            raise ValueError(f"--lr must be a finite number >= 0, got {self.lr}")
+        if not math.isfinite(self.min_lr) or self.min_lr < 0:
+            raise ValueError(f"--min-lr must be a finite number >= 0, got {self.min_lr}")
+        if self.min_lr > self.lr:
+            raise ValueError(f"--min-lr ({self.min_lr}) must not exceed --lr ({self.lr})")
+
+    def _check_iteration_counts(self) -> None:
+        if self.warmup_iters < 0:
+            raise ValueError(f"--lr-warmup-iters must be >= 0, got {self.warmup_iters}")
+        if self.decay_iters is not None and self.decay_iters < 1:
+            raise ValueError(f"--lr-decay-iters must be >= 1, got {self.decay_iters}; omit it to decay over --train-iters")
+        if self.train_iters is not None and self.train_iters < 1:
+            raise ValueError(f"--train-iters must be >= 1, got {self.train_iters}")
+        if self.warmup_fraction is not None and not 0.0 <= self.warmup_fraction <= 1.0:
+            raise ValueError(f"--lr-warmup-fraction must be in [0, 1], got {self.warmup_fraction}")
+        if self.warmup_fraction is not None and self.warmup_iters:
+            raise ValueError("--lr-warmup-fraction and --lr-warmup-iters both given; pass only one")
+
+    def _check_styles(self) -> None:
+        if self.decay_style not in DECAY_STYLES:
+            raise ValueError(f"--lr-decay-style {self.decay_style!r}: choose one of {', '.join(DECAY_STYLES)}")
+        if self.wsd_decay_style not in WSD_DECAY_STYLES:
+            raise ValueError(f"--lr-wsd-decay-style {self.wsd_decay_style!r}: choose one of "
+                             f"{', '.join(WSD_DECAY_STYLES)}")
+        if self.decay_style == "WSD" and self.wsd_decay_iters is None:
+            raise ValueError("--lr-decay-style WSD needs --lr-wsd-decay-iters (the length of the final anneal)")
+        if self.wsd_decay_iters is not None and self.wsd_decay_iters < 1:
+            raise ValueError(f"--lr-wsd-decay-iters must be >= 1, got {self.wsd_decay_iters}")
+
+    def _resolve_warmup_fraction(self) -> None:
+        # Megatron turns the fraction into iterations once; keeping only warmup_iters afterwards
+        # means a checkpoint compares like with like.
+        total = self._known_total_decay_iters()
+        if total is None:
+            return  # resolved when the scheduler learns train_iters
+        self.warmup_iters = int(self.warmup_fraction * total)
+        self.warmup_fraction = None
+
+    def _known_total_decay_iters(self) -> int | None:
+        return self.decay_iters if self.decay_iters is not None else self.train_iters
+
+    @property
+    def total_decay_iters(self) -> int:
+        """The iteration at which the learning rate reaches `min_lr`."""
+        if self.decay_iters is not None:
+            return self.decay_iters
+        if self.train_iters is None:
+            raise ValueError("the learning-rate schedule needs --lr-decay-iters or --train-iters")
+        return self.train_iters
+
+
+class LRScheduler:
+    """Sets the optimizer's learning rate from `LRScheduleConfig`; see the module docstring.
+
+    `train_iters` fills in `config.train_iters` where the config was built without it.
+    A param group with an `lr_mult` key gets `lr_at(iteration) * lr_mult` (Megatron's convention,
+    e.g. a smaller rate for embeddings).
+    """
+
+    def __init__(self, config: LRScheduleConfig, *, train_iters: int | None = None):
+        if train_iters is not None and config.train_iters != train_iters:
+            config = dataclasses.replace(config, train_iters=train_iters)
+        config.total_decay_iters  # noqa: B018 -- fail now, not at the first step, when neither is known
+        self.config = config
+        self.last_iteration: int | None = None
+        self.last_lr: float | None = None
+
+    def lr_at(self, iteration: int) -> float:
+        """The base learning rate (before any `lr_mult`) for the update at `iteration`."""
+        if iteration < 0:
+            raise ValueError(f"iteration must be >= 0, got {iteration}")
+        cfg = self.config
+        if cfg.warmup_iters > 0 and iteration <= cfg.warmup_iters:
+            return cfg.lr * iteration / cfg.warmup_iters
+        if cfg.decay_style == "constant":
+            return cfg.lr
+        if iteration > cfg.total_decay_iters:
+            return cfg.min_lr
+        if cfg.decay_style == "inverse-square-root":
+            return max(cfg.min_lr, cfg.lr * math.sqrt(max(cfg.warmup_iters, 1) / max(iteration, 1)))
+        return cfg.min_lr + (cfg.lr - cfg.min_lr) * self._decay_coefficient(iteration)
+
+    def _decay_coefficient(self, iteration: int) -> float:
+        cfg = self.config
+        window = cfg.total_decay_iters - cfg.warmup_iters
+        progress = (iteration - cfg.warmup_iters) / window if window > 0 else 1.0
+        if cfg.decay_style == "linear":
+            return 1.0 - progress
+        if cfg.decay_style == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        assert cfg.decay_style == "WSD", cfg.decay_style
+        anneal_start = cfg.total_decay_iters - cfg.wsd_decay_iters
+        if iteration <= anneal_start:
+            return 1.0
+        return _anneal_coefficient(cfg.wsd_decay_style, (iteration - anneal_start) / cfg.wsd_decay_iters)
+
+    def step(self, optimizer, iteration: int) -> float:
+        """Set every param group's lr for the update at `iteration`; returns the base lr."""
+        base_lr = self.lr_at(iteration)
+        for group in optimizer.param_groups:
+            group["lr"] = base_lr * group.get("lr_mult", 1.0)
+        self.last_iteration, self.last_lr = iteration, base_lr
+        return base_lr
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain Python values only, so `torch.load(weights_only=True)` reads it back."""
+        state = {name: getattr(self.config, name) for name in _SCHEDULE_FIELDS}
+        state["decay_iters"] = self.config.total_decay_iters
+        state["last_iteration"] = self.last_iteration
+        return state
+
+    def load_state_dict(self, state: dict[str, Any], *, on_mismatch: str = "error") -> None:
+        """Restore from a checkpoint. Where the checkpoint's schedule differs from this run's:
+
+        `"error"` raises ValueError naming the flags (Megatron's default), `"override"` keeps this
+        run's values (Megatron's --override-opt-param-scheduler), `"use_checkpoint"` adopts the
+        checkpoint's (--use-checkpoint-opt-param-scheduler).
+        """
+        if on_mismatch not in MISMATCH_POLICIES:
+            raise ValueError(f"on_mismatch {on_mismatch!r}: choose one of {', '.join(MISMATCH_POLICIES)}")
+        current = self.state_dict()
+        changed = [name for name in _SCHEDULE_FIELDS if name in state and state[name] != current[name]]
+        if changed and on_mismatch == "error":
+            details = ", ".join(f"{_FLAG_OF_FIELD[n]} {state[n]} -> {current[n]}" for n in changed)
+            raise ValueError(f"the checkpoint's learning-rate schedule differs from this run ({details}); "
+                             "pass the checkpoint's values, or allow the change with --override-opt-param-scheduler")
+        if changed and on_mismatch == "use_checkpoint":
+            self.config = dataclasses.replace(self.config, **{name: state[name] for name in changed})
+        self.last_iteration = state.get("last_iteration")
+        self.last_lr = None if self.last_iteration is None else self.lr_at(self.last_iteration)
+
+
+def _anneal_coefficient(style: str, progress: float) -> float:
+    """WSD's final anneal, from 1 at progress 0 to 0 at progress 1."""
+    if style == "linear":
+        return 1.0 - progress
+    if style == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if style == "exponential":
+        return 2.0 * 0.5 ** progress - 1.0
+    assert style == "minus_sqrt", style
+    return 1.0 - math.sqrt(progress)
+
+
+def add_lr_schedule_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Megatron's learning-rate flags; a flag the parser already has is left alone."""
+    group = parser.add_argument_group("learning-rate schedule")
+    _add_once(parser, group, "--lr", type=float, default=None, help="peak learning rate (after warm-up)")
+    _add_once(parser, group, "--min-lr", type=float, default=0.0, help="learning rate at and after --lr-decay-iters")
+    _add_once(parser, group, "--lr-decay-style", choices=DECAY_STYLES, default="linear", help="shape of the decay")
+    _add_once(parser, group, "--lr-decay-iters", type=int, default=None,
+              help="iteration at which the decay reaches --min-lr (default: --train-iters)")
+    _add_once(parser, group, "--lr-warmup-iters", type=int, default=0, help="linear warm-up from 0 over this many iterations")
+    _add_once(parser, group, "--lr-warmup-fraction", type=float, default=None,
+              help="warm-up as a fraction of --lr-decay-iters (instead of --lr-warmup-iters)")
+    _add_once(parser, group, "--lr-wsd-decay-iters", type=int, default=None, help="WSD: length of the final anneal")
+    _add_once(parser, group, "--lr-wsd-decay-style", choices=WSD_DECAY_STYLES, default="exponential",
+              help="WSD: shape of the final anneal")
+    return parser
+
+
+def lr_schedule_config_from_args(args: argparse.Namespace) -> LRScheduleConfig:
+    if getattr(args, "lr", None) is None:
+        raise ValueError("--lr is required (the peak learning rate, e.g. --lr 3e-4)")
+    return LRScheduleConfig(
+        lr=args.lr, min_lr=args.min_lr, warmup_iters=args.lr_warmup_iters, warmup_fraction=args.lr_warmup_fraction,
+        decay_iters=args.lr_decay_iters, decay_style=args.lr_decay_style, wsd_decay_iters=args.lr_wsd_decay_iters,
+        wsd_decay_style=args.lr_wsd_decay_style, train_iters=getattr(args, "train_iters", None),
+    )
+
+
+def _add_once(parser: argparse.ArgumentParser, group, flag: str, **kwargs) -> None:
+    # --lr or --train-iters may already come from the training group; argparse refuses duplicates.
+    if flag not in parser._option_string_actions:
+        group.add_argument(flag, **kwargs)
