@@ -16,7 +16,6 @@ import io
 import json
 import os
 import re
-import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields
@@ -358,11 +357,9 @@ def _explain_training_error(exc: RuntimeError, config: SentencePieceTrainingConf
 
 
 def _write_atomically(path: Path, payload: bytes) -> None:
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp_path = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with os.fdopen(handle, "wb") as tmp_file:
-            tmp_file.write(payload)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+        tmp_path.write_bytes(payload)
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)

@@ -137,10 +137,9 @@ def preprocess(config: PreprocessConfig) -> PreprocessResult:
     check_keys_for_sources(sources, config.json_keys)
     encoder = _Encoder(config)  # loads the tokenizer here first, so a bad model fails before workers start
     prefixes = {key: output_prefix_for_key(config.output_prefix, key) for key in config.json_keys}
-    Path(config.output_prefix).parent.mkdir(parents=True, exist_ok=True)
     result = PreprocessResult(prefixes, dtype=np.dtype(encoder.dtype).name)
     with contextlib.ExitStack() as cleanup:  # unfinished writers delete their temporary files
-        writers = [cleanup.enter_context(IndexedDatasetWriter(prefixes[key], encoder.dtype)) for key in config.json_keys]
+        writers = _open_writers(config, prefixes, encoder.dtype, cleanup)
         batches = read_record_batches(sources, config.json_keys, config.txt_mode)
         with _progress_bar(config, sources) as progress:
             for encoded in _encode_all(config, encoder, batches):
@@ -154,6 +153,15 @@ def preprocess(config: PreprocessConfig) -> PreprocessResult:
             writer.finalize()
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _open_writers(config: PreprocessConfig, prefixes: dict[str, str], dtype, cleanup) -> list[IndexedDatasetWriter]:
+    try:
+        Path(config.output_prefix).parent.mkdir(parents=True, exist_ok=True)
+        return [cleanup.enter_context(IndexedDatasetWriter(prefixes[key], dtype)) for key in config.json_keys]
+    except OSError as exc:
+        raise ValueError(f"--output-prefix {config.output_prefix}: cannot write there ({exc.strerror}); "
+                         "choose a writable folder") from None
 
 
 def _encode_all(config: PreprocessConfig, encoder: _Encoder, batches: Iterable[RecordBatch]) -> Iterator[EncodedBatch]:

@@ -1,0 +1,57 @@
+"""Shared test fixtures. Add new fixtures in their own section below.
+
+Data fixtures: the small variant of the built-in corpus (pydoc topics plus part of the standard
+library, a 1024-piece SentencePiece tokenizer, an indexed dataset), built once per test session in
+a temporary folder through the real command line tool; and `run_tool`, which runs a script from
+tools/ the way a user would and returns the completed process.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+# ------------------------------------------------------------------------------------ data
+
+@dataclass(frozen=True)
+class BuiltinCorpusPaths:
+    data_dir: Path
+    data_prefix: Path
+    tokenizer_model: Path
+    corpus_jsonl: Path
+    manifest: dict
+
+    def documents(self) -> list[str]:
+        with open(self.corpus_jsonl, encoding="utf-8") as jsonl:
+            return [json.loads(line)["text"] for line in jsonl]
+
+
+def run_python_tool(script: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run tools/<script> with this interpreter from the repository root; output captured as text."""
+    command = [sys.executable, str(REPO_ROOT / "tools" / script), *map(str, args)]
+    return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def run_tool():
+    return run_python_tool
+
+
+@pytest.fixture(scope="session")
+def builtin_corpus_small(tmp_path_factory) -> BuiltinCorpusPaths:
+    data_dir = tmp_path_factory.mktemp("builtin-small") / "corpus"
+    completed = run_python_tool("builtin_corpus.py", "--variant", "small", "--data-dir", data_dir, "--quiet")
+    assert completed.returncode == 0, completed.stderr
+    return BuiltinCorpusPaths(
+        data_dir=data_dir, data_prefix=data_dir / "builtin_text_document",
+        tokenizer_model=data_dir / "tokenizer.model", corpus_jsonl=data_dir / "corpus.jsonl",
+        manifest=json.loads((data_dir / "manifest.json").read_text()),
+    )
