@@ -116,8 +116,9 @@ def plot_metrics(paths: Sequence[str], out: str, labels: Sequence[str] | None = 
     labels = _labels_for(paths, labels)
     curves = [read_series(path, key) for path in paths]
     lr_curves = [_optional_series(path, "lr") for path in paths] if key != "lr" else []
+    image_format = _image_format(out)  # after the input checks: they need no matplotlib import
     figure = _draw(curves, lr_curves, labels, key, log_scale)
-    _save_atomically(figure, out)
+    _save_atomically(figure, out, image_format)
     return out
 
 
@@ -173,11 +174,17 @@ def _draw_lr(axis, lr_curves: list[Series | None], labels: list[str]) -> None:
     axis.grid(True, alpha=0.3)
 
 
-def _save_atomically(figure, out: str) -> None:
-    out_path = Path(out)
-    image_format = out_path.suffix.lstrip(".").lower() or "png"
-    if image_format not in figure.canvas.get_supported_filetypes():
+def _image_format(out: str) -> str:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    image_format = Path(out).suffix.lstrip(".").lower() or "png"
+    if image_format not in FigureCanvasAgg.get_supported_filetypes():
         raise ValueError(f"--out {out}: cannot write .{image_format}; use .png, .pdf or .svg")
+    return image_format
+
+
+def _save_atomically(figure, out: str, image_format: str) -> None:
+    out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
     try:
