@@ -109,13 +109,27 @@ def test_resume_drops_the_iterations_about_to_be_redone(tmp_path):
             writer.write(make_record(iteration))
     with open(path, "a") as handle:
         handle.write('{"iteration": 11, "lo')  # torn by a crash
+    path.chmod(0o640)
     with MetricsWriter(path, enabled=True, resume_from_iteration=5) as writer:
         assert [r["iteration"] for r in read_lines(path)] == [1, 2, 3, 4, 5]
         writer.write(make_record(6))
     assert [r["iteration"] for r in read_lines(path)] == [1, 2, 3, 4, 5, 6]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # no temporary file left
+    assert path.stat().st_mode & 0o777 == 0o640
     MetricsWriter(tmp_path / "fresh.jsonl", enabled=True, resume_from_iteration=3).close()  # no file yet: fine
     assert (tmp_path / "fresh.jsonl").read_text() == ""
+
+
+def test_a_fresh_run_starts_the_file_afresh_and_appending_survives_a_torn_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(json.dumps(make_record(1)) + "\n" + '{"iteration": 2, "lo')
+    with MetricsWriter(path, enabled=True) as writer:  # appending: the earlier lines stay
+        writer.write(make_record(3))
+    lines = path.read_text().splitlines()
+    assert len(lines) == 3 and json.loads(lines[2])["iteration"] == 3
+    with MetricsWriter(path, enabled=True, resume_from_iteration=0) as writer:
+        writer.write(make_record(1, loss=9.0))
+    assert read_lines(path) == [json.loads(json.dumps(make_record(1, loss=9.0)))]
 
 
 def test_log_line_shows_megatron_fields():
@@ -194,7 +208,8 @@ def test_flatten_makes_one_series_per_leaf():
 def test_tensorboard_scalars_are_readable(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    with Loggers(tensorboard_dir=str(tmp_path / "tb"), run_config={"lr": 3e-4, "num_layers": 2}) as loggers:
+    run_config = {"lr": 3e-4, "num_layers": 2, "params_dtype": torch.bfloat16, "data_path": [tmp_path / "corpus"]}
+    with Loggers(tensorboard_dir=str(tmp_path / "tb"), run_config=run_config) as loggers:
         assert loggers.active
         for iteration in (1, 2, 3):
             loggers.log(make_record(iteration, loss=3.0 - iteration), iteration)
@@ -202,6 +217,7 @@ def test_tensorboard_scalars_are_readable(tmp_path):
     events.Reload()
     assert {"loss", "lr", "memory/weight_bytes", "comm/dp_bytes"} <= set(events.Tags()["scalars"])
     assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 2.0), (2, 1.0), (3, 0.0)]
+    assert "config" in str(events.Tags()["tensors"])  # the run's flags, as a text summary
 
 
 def test_loggers_without_backends_or_off_rank_do_nothing(tmp_path):

@@ -10,9 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from tools.plot_metrics import plot_metrics, read_series
-
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # tools/ is not an installed package; plain `pytest` does not add the root
+    sys.path.insert(0, str(REPO))
+
+from tools.plot_metrics import plot_metrics, read_series  # noqa: E402
+
 SCRIPT = REPO / "tools" / "plot_metrics.py"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

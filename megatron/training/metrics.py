@@ -84,7 +84,8 @@ class MetricsWriter:
 
     `resume_from_iteration=N` drops the lines of iterations after N, which a resumed run is about
     to log again; the file is rewritten through a temporary file and `os.replace`, so a crash during
-    the rewrite leaves the old file whole.
+    the rewrite leaves the old file whole. Pass the iteration the run starts from (0 for a fresh
+    run) so that an earlier run's lines at the same path are never mixed with this run's.
     """
 
     def __init__(self, path: str | os.PathLike | None, enabled: bool, *, resume_from_iteration: int | None = None):
@@ -97,7 +98,10 @@ class MetricsWriter:
         os.makedirs(parent, exist_ok=True)
         if resume_from_iteration is not None:
             truncate_metrics_file(self.path, resume_from_iteration)
+        torn = _ends_mid_line(self.path)
         self._file = open(self.path, "a", encoding="utf-8")
+        if torn:  # a crash cut the last line short; start ours on a fresh line so they still parse
+            self._file.write("\n")
 
     def write(self, record: Mapping[str, Any]) -> None:
         if not self.enabled:
@@ -130,23 +134,37 @@ def truncate_metrics_file(path: str, last_iteration: int) -> int:
         return 0
     with open(path, encoding="utf-8") as handle:
         lines = [line for line in handle if line.strip()]
-    kept = [line for line in lines if _iteration_of_line(line) is not None and _iteration_of_line(line) <= last_iteration]
+    kept = [line for line in lines if _iteration_of_line(line, default=last_iteration + 1) <= last_iteration]
     if len(kept) == len(lines):
         return 0
     directory = os.path.dirname(os.path.abspath(path))
-    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=directory, prefix=".metrics-", delete=False) as tmp:
-        tmp.writelines(line if line.endswith("\n") else line + "\n" for line in kept)
-    os.replace(tmp.name, path)
+    fd, tmp_name = tempfile.mkstemp(prefix=".metrics-", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as tmp:
+            tmp.writelines(line if line.endswith("\n") else line + "\n" for line in kept)
+        os.chmod(tmp_name, os.stat(path).st_mode & 0o777)  # mkstemp's file is private; keep the original's mode
+        os.replace(tmp_name, path)
+    except BaseException:
+        os.unlink(tmp_name)
+        raise
     return len(lines) - len(kept)
 
 
-def _iteration_of_line(line: str) -> int | None:
+def _iteration_of_line(line: str, default: int) -> int:
     try:
         record = json.loads(line)
     except json.JSONDecodeError:
-        return None
+        return default
     iteration = record.get("iteration") if isinstance(record, dict) else None
-    return iteration if isinstance(iteration, int) else None
+    return iteration if isinstance(iteration, int) else default
+
+
+def _ends_mid_line(path: str) -> bool:
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        return False
+    with open(path, "rb") as handle:
+        handle.seek(-1, os.SEEK_END)
+        return handle.read(1) != b"\n"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,16 +177,16 @@ def format_log_line(record: Mapping[str, Any]) -> str:
     Optional keys shown when present: `train_iters`, `consumed_samples`, `global_batch_size`,
     `loss_scale`, `tflops_per_device`, `mfu_percent`, `fp8.mu`, `fp8.overflow_frac`.
     """
-    iteration = record["iteration"]
+    iteration = int(record["iteration"])
     train_iters = record.get("train_iters")
-    parts = [f" iteration {iteration:8d}" + (f"/{train_iters:8d}" if train_iters is not None else "")]
+    parts = [f" iteration {iteration:8d}" + (f"/{int(train_iters):8d}" if train_iters is not None else "")]
     if "consumed_samples" in record:
-        parts.append(f"consumed samples: {record['consumed_samples']:12d}")
+        parts.append(f"consumed samples: {int(record['consumed_samples']):12d}")
     if "step_time_s" in record:
         parts.append(f"elapsed time per iteration (ms): {_number(record['step_time_s'], '.1f', scale=1e3)}")
     parts.append(f"learning rate: {_number(record.get('lr'), '.6E')}")
     if "global_batch_size" in record:
-        parts.append(f"global batch size: {record['global_batch_size']:5d}")
+        parts.append(f"global batch size: {int(record['global_batch_size']):5d}")
     parts.append(f"lm loss: {_number(record.get('loss'), '.6E')}")
     if "loss_scale" in record:
         parts.append(f"loss scale: {_number(record['loss_scale'], '.1f')}")
@@ -351,7 +369,7 @@ class Loggers:
             _require_package("wandb", "--wandb-project", "wandb")
         if not enabled:
             return
-        run_config = to_json_value(dict(run_config or {}), "run_config")
+        run_config = _plain_config(run_config or {})
         if tensorboard_dir:
             self.tensorboard = _start_tensorboard(tensorboard_dir, run_config)
         if wandb_project:
@@ -386,6 +404,21 @@ class Loggers:
         self.close()
 
 
+def _plain_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The run's flags as JSON data; values JSON cannot hold (a torch.dtype, a Path) become text,
+    since a config summary must never stop a run."""
+    plain = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            plain[str(key)] = _plain_config(value)
+            continue
+        try:
+            plain[str(key)] = to_json_value(value, str(key))
+        except ValueError:
+            plain[str(key)] = str(value)
+    return plain
+
+
 def _require_package(module: str, flag: str, pip_name: str) -> None:
     if importlib.util.find_spec(module) is None:
         raise ValueError(f"{flag} needs the {pip_name} package: pip install {pip_name} "
@@ -407,7 +440,10 @@ def _start_tensorboard(log_dir: str, run_config: dict[str, Any]):
 
 def _start_wandb(project: str, name: str | None, save_dir: str | None, mode: str | None,
                  run_config: dict[str, Any]):
-    wandb = importlib.import_module("wandb")
+    try:
+        wandb = importlib.import_module("wandb")
+    except ImportError as exc:  # installed but broken, e.g. a protobuf version clash
+        raise ValueError(f"--wandb-project: wandb cannot be imported ({exc}); reinstall it: pip install -U wandb") from exc
     if save_dir:
         os.makedirs(save_dir, exist_ok=True)
     try:
