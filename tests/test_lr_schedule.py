@@ -13,6 +13,7 @@ from megatron.training.lr_schedule import (
     LRScheduler,
     add_lr_schedule_args,
     lr_schedule_config_from_args,
+    schedule_mismatch_policy,
 )
 
 
@@ -170,3 +171,13 @@ def test_flags_fill_the_config_and_respect_existing_ones():
         3e-4, 3e-5, "cosine", 5, 50)
     with pytest.raises(ValueError, match="--lr is required"):
         lr_schedule_config_from_args(parser.parse_args([]))
+
+
+def test_resume_flags_choose_the_mismatch_policy():
+    parser = add_lr_schedule_args(argparse.ArgumentParser())
+    assert schedule_mismatch_policy(parser.parse_args([])) == "error"
+    assert schedule_mismatch_policy(parser.parse_args(["--override-opt-param-scheduler"])) == "override"
+    assert schedule_mismatch_policy(parser.parse_args(["--use-checkpoint-opt-param-scheduler"])) == "use_checkpoint"
+    with pytest.raises(ValueError, match="contradict each other"):
+        schedule_mismatch_policy(parser.parse_args(["--override-opt-param-scheduler",
+                                                    "--use-checkpoint-opt-param-scheduler"]))

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import math
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -237,6 +240,18 @@ def test_missing_backend_package_is_named(monkeypatch, tmp_path, package, flag):
     for enabled in (True, False):  # every rank fails alike, not only the one that logs
         with pytest.raises(ValueError, match=f"needs the {package} package: pip install {package}"):
             Loggers(**{flag: str(tmp_path / "x")}, enabled=enabled)
+
+
+def test_wandb_login_trouble_is_one_clear_line(monkeypatch, tmp_path):
+    def refuse(**kwargs):
+        raise RuntimeError("api_key not configured (no-tty)\ncall wandb.login(key=...)")
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=refuse))
+    monkeypatch.setattr(metrics, "_require_package", lambda *args: None)
+    with pytest.raises(ValueError, match=r"^W&B could not start a run \(api_key not configured \(no-tty\)\); "
+                                         r"run `wandb login`, or log offline with --wandb-mode offline$"):
+        Loggers(tensorboard_dir=str(tmp_path / "tb"), wandb_project="p", run_config=argparse.Namespace(lr=0.1))
+    assert list((tmp_path / "tb").iterdir())  # TensorBoard's event file was closed, not lost
 
 
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed")

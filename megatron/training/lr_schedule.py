@@ -190,7 +190,8 @@ class LRScheduler:
         if changed and on_mismatch == "error":
             details = ", ".join(f"{_FLAG_OF_FIELD[n]} {state[n]} -> {current[n]}" for n in changed)
             raise ValueError(f"the checkpoint's learning-rate schedule differs from this run ({details}); "
-                             "pass the checkpoint's values, or allow the change with --override-opt-param-scheduler")
+                             "pass the checkpoint's values, or allow the change with --override-opt-param-scheduler "
+                             "(or take the checkpoint's with --use-checkpoint-opt-param-scheduler)")
         if changed and on_mismatch == "use_checkpoint":
             self.config = dataclasses.replace(self.config, **{name: state[name] for name in changed})
         self.last_iteration = state.get("last_iteration")
@@ -223,7 +224,21 @@ def add_lr_schedule_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     _add_once(parser, group, "--lr-wsd-decay-iters", type=int, default=None, help="WSD: length of the final anneal")
     _add_once(parser, group, "--lr-wsd-decay-style", choices=WSD_DECAY_STYLES, default="exponential",
               help="WSD: shape of the final anneal")
+    _add_once(parser, group, "--override-opt-param-scheduler", action="store_true",
+              help="on resume, use this run's schedule flags where they differ from the checkpoint's")
+    _add_once(parser, group, "--use-checkpoint-opt-param-scheduler", action="store_true",
+              help="on resume, use the checkpoint's schedule where it differs from this run's flags")
     return parser
+
+
+def schedule_mismatch_policy(args: argparse.Namespace) -> str:
+    """`on_mismatch` for `LRScheduler.load_state_dict` from Megatron's two resume flags."""
+    override = getattr(args, "override_opt_param_scheduler", False)
+    use_checkpoint = getattr(args, "use_checkpoint_opt_param_scheduler", False)
+    if override and use_checkpoint:
+        raise ValueError("--override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler "
+                         "contradict each other; pass at most one")
+    return "override" if override else "use_checkpoint" if use_checkpoint else "error"
 
 
 def lr_schedule_config_from_args(args: argparse.Namespace) -> LRScheduleConfig:

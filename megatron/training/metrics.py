@@ -339,7 +339,7 @@ def flatten_scalars(record: Mapping[str, Any], prefix: str = "") -> dict[str, fl
             if value.numel() != 1:
                 continue
             value = value.item()
-        elif hasattr(value, "item"):  # NumPy scalars
+        elif hasattr(value, "item") and getattr(value, "size", 1) == 1:  # NumPy scalars
             value = value.item()
         if isinstance(value, numbers.Real):  # bool included: skipped counts as 0 / 1
             scalars[name] = float(value)
@@ -352,13 +352,14 @@ class Loggers:
     Neither backend is imported unless asked for. Every rank checks that the packages are
     installed, so a missing one stops all ranks alike; only where `enabled` (global rank 0, as
     for the metrics file) are files written and runs started. `wandb_mode` None follows the
-    WANDB_MODE environment variable (wandb's default: online). `run_config` (the run's flags)
-    goes to W&B as its config and to TensorBoard as a text summary.
+    WANDB_MODE environment variable (wandb's default: online). `run_config` (the run's flags, a
+    dict or an argparse Namespace) goes to W&B as its config and to TensorBoard as a text summary.
     """
 
     def __init__(self, *, tensorboard_dir: str | None = None, wandb_project: str | None = None,
                  wandb_exp_name: str | None = None, wandb_save_dir: str | None = None,
-                 wandb_mode: str | None = None, enabled: bool = True, run_config: Mapping[str, Any] | None = None):
+                 wandb_mode: str | None = None, enabled: bool = True,
+                 run_config: Mapping[str, Any] | argparse.Namespace | None = None):
         if wandb_mode not in (None, *WANDB_MODES):
             raise ValueError(f"--wandb-mode {wandb_mode!r}: choose one of {', '.join(WANDB_MODES)}")
         self.tensorboard = None
@@ -369,11 +370,17 @@ class Loggers:
             _require_package("wandb", "--wandb-project", "wandb")
         if not enabled:
             return
+        if isinstance(run_config, argparse.Namespace):
+            run_config = vars(run_config)
         run_config = _plain_config(run_config or {})
         if tensorboard_dir:
             self.tensorboard = _start_tensorboard(tensorboard_dir, run_config)
         if wandb_project:
-            self.wandb_run = _start_wandb(wandb_project, wandb_exp_name, wandb_save_dir, wandb_mode, run_config)
+            try:
+                self.wandb_run = _start_wandb(wandb_project, wandb_exp_name, wandb_save_dir, wandb_mode, run_config)
+            except ValueError:
+                self.close()  # the event file so far stays readable
+                raise
 
     @property
     def active(self) -> bool:
@@ -467,7 +474,8 @@ def add_logging_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     return parser
 
 
-def loggers_from_args(args: argparse.Namespace, *, enabled: bool, run_config: Mapping[str, Any] | None = None) -> Loggers:
+def loggers_from_args(args: argparse.Namespace, *, enabled: bool,
+                      run_config: Mapping[str, Any] | argparse.Namespace | None = None) -> Loggers:
     return Loggers(tensorboard_dir=getattr(args, "tensorboard_dir", None),
                    wandb_project=getattr(args, "wandb_project", None),
                    wandb_exp_name=getattr(args, "wandb_exp_name", None),
