@@ -2,8 +2,9 @@
 
 Data fixtures: the small variant of the built-in corpus (pydoc topics plus part of the standard
 library, a 1024-piece SentencePiece tokenizer, an indexed dataset), built once per test session in
-a temporary folder through the real command line tool; and `run_tool`, which runs a script from
-tools/ the way a user would and returns the completed process.
+a temporary folder through the real command line tool; `write_hf_tokenizer`, which trains a tiny
+byte-level BPE tokenizer.json; and `run_tool`, which runs a script from tools/ the way a user would
+and returns the completed process.
 """
 
 from __future__ import annotations
@@ -55,3 +56,24 @@ def builtin_corpus_small(tmp_path_factory) -> BuiltinCorpusPaths:
         tokenizer_model=data_dir / "tokenizer.model", corpus_jsonl=data_dir / "corpus.jsonl",
         manifest=json.loads((data_dir / "manifest.json").read_text()),
     )
+
+
+def _write_hf_tokenizer(folder: Path, special_tokens=("<|endoftext|>", "<pad>")):
+    """Train a 400-token byte-level BPE tokenizer.json in `folder`; returns (path, tokenizers.Tokenizer)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=list(special_tokens),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    lines = ["def tokenize(text): return text.split()", "The quick brown fox jumps over the lazy dog."] * 20
+    tokenizer.train_from_iterator(lines, trainer)
+    path = Path(folder) / "tokenizer.json"
+    tokenizer.save(str(path))
+    return path, tokenizer
+
+
+@pytest.fixture(scope="session")
+def write_hf_tokenizer():
+    return _write_hf_tokenizer

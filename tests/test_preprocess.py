@@ -134,6 +134,19 @@ def test_plain_text_modes(tmp_path, builtin_corpus_small, mode, expected):
     assert _documents_of(tmp_path / "out_text_document") == _expected(tokenizer, expected, eod=False)
 
 
+def test_huggingface_tokenizer_with_two_workers(tmp_path, write_hf_tokenizer):
+    path, _ = write_hf_tokenizer(tmp_path)
+    config = TokenizerConfig(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=str(path))
+    source = _write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in DOCUMENTS * 300])
+    for workers in (1, 2):
+        preprocess(PreprocessConfig(input=str(source), output_prefix=str(tmp_path / f"w{workers}"), append_eod=True,
+                                    tokenizer=config, workers=workers))
+    tokenizer = build_tokenizer(config)
+    assert _documents_of(tmp_path / "w2_text_document") == _expected(tokenizer, DOCUMENTS * 300)
+    assert (tmp_path / "w1_text_document.bin").read_bytes() == (tmp_path / "w2_text_document.bin").read_bytes()
+    assert tokenizer.detokenize(IndexedDataset(tmp_path / "w2_text_document")[2][:-1]) == DOCUMENTS[2]
+
+
 def test_vocabulary_of_65500_or_more_is_stored_as_int32(tmp_path):
     source = _write_jsonl(tmp_path / "in.jsonl", [{"text": "1 65500 70000"}, {"text": "3"}])
     result = preprocess(PreprocessConfig(input=str(source), output_prefix=str(tmp_path / "out"), append_eod=True,

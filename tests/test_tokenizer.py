@@ -32,23 +32,8 @@ def test_sentencepiece_round_trips_every_corpus_document(builtin_corpus_small):
     assert tokenizer.eod not in tokenizer.tokenize("a</s>b")  # special pieces are not produced from text
 
 
-def _write_hf_tokenizer(folder, special_tokens=("<|endoftext|>", "<pad>")):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=list(special_tokens),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    lines = ["def tokenize(text): return text.split()", "The quick brown fox jumps over the lazy dog."] * 20
-    tokenizer.train_from_iterator(lines, trainer)
-    path = folder / "tokenizer.json"
-    tokenizer.save(str(path))
-    return path, tokenizer
-
-
-def test_huggingface_tokenizer_round_trip_and_special_ids(tmp_path):
-    path, raw = _write_hf_tokenizer(tmp_path)
+def test_huggingface_tokenizer_round_trip_and_special_ids(tmp_path, write_hf_tokenizer):
+    path, raw = write_hf_tokenizer(tmp_path)
     tokenizer = build_tokenizer(TokenizerConfig(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=str(path)))
     assert isinstance(tokenizer, HuggingFaceTokenizer)
     assert tokenizer.eod == raw.token_to_id("<|endoftext|>")
@@ -61,16 +46,16 @@ def test_huggingface_tokenizer_round_trip_and_special_ids(tmp_path):
     assert HuggingFaceTokenizer(tmp_path).tokenize("fox") == tokenizer.tokenize("fox")
 
 
-def test_huggingface_tokenizer_config_names_the_eos(tmp_path):
-    path, raw = _write_hf_tokenizer(tmp_path, special_tokens=("<|endoftext|>", "<|im_end|>"))
+def test_huggingface_tokenizer_config_names_the_eos(tmp_path, write_hf_tokenizer):
+    path, raw = write_hf_tokenizer(tmp_path, special_tokens=("<|endoftext|>", "<|im_end|>"))
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<|im_end|>"}}))
     tokenizer = HuggingFaceTokenizer(path)
     assert tokenizer.eod == raw.token_to_id("<|im_end|>")
     assert tokenizer.pad == tokenizer.eod  # no pad token: falls back to EOD
 
 
-def test_huggingface_tokenizer_without_eod_is_refused(tmp_path):
-    path, _ = _write_hf_tokenizer(tmp_path, special_tokens=("<unk>",))
+def test_huggingface_tokenizer_without_eod_is_refused(tmp_path, write_hf_tokenizer):
+    path, _ = write_hf_tokenizer(tmp_path, special_tokens=("<unk>",))
     with pytest.raises(ValueError, match="no end-of-document token"):
         HuggingFaceTokenizer(path)
 

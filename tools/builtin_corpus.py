@@ -86,7 +86,7 @@ def ensure_builtin_corpus(data_dir: str | os.PathLike | None = None, *, variant:
     """Build the corpus in `data_dir` unless it is already up to date there; return its paths."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown corpus variant {variant!r}; use one of {', '.join(VARIANTS)}")
-    log = log or (lambda message: None)
+    log = log or _silent
     target = Path(data_dir) if data_dir else REPO_ROOT / VARIANTS[variant].default_dir
     sources = collect_sources(VARIANTS[variant])
     fingerprint = _fingerprint(variant, sources)
@@ -97,6 +97,10 @@ def ensure_builtin_corpus(data_dir: str | os.PathLike | None = None, *, variant:
         else:
             _build(target, variant, sources, fingerprint, workers or min(2, os.cpu_count() or 1), log)
     return _load(target)
+
+
+def _silent(message: str) -> None:
+    pass
 
 
 # ------------------------------------------------------------------------------------ sources
@@ -180,6 +184,7 @@ def _build(target: Path, variant: str, sources: list[SourceFile], fingerprint: s
 
 
 def _build_into(folder: Path, variant: str, sources: list[SourceFile], workers: int, log) -> dict:
+    show_progress = None if log is not _silent else False  # a bar only for callers that want messages
     files = corpus_files(folder)
     log(f"writing {files['corpus_jsonl'].name} from {len(sources)} sources")
     num_bytes = 0
@@ -196,7 +201,7 @@ def _build_into(folder: Path, variant: str, sources: list[SourceFile], workers: 
     result = preprocess(PreprocessConfig(
         input=str(files["corpus_jsonl"]), output_prefix=str(folder / "builtin"), append_eod=True, workers=workers,
         tokenizer=TokenizerConfig(tokenizer_type="SentencePieceTokenizer", tokenizer_model=str(files["tokenizer_model"])),
-        show_progress=False))
+        show_progress=show_progress))
     return {"format": BUILD_FORMAT, "variant": variant, "python": sys.version.split()[0], "vocab_size": vocab_size,
             "num_documents": result.num_documents, "num_tokens": result.num_tokens, "text_bytes": num_bytes,
             "tokenize_seconds": round(result.seconds, 2)}

@@ -37,6 +37,8 @@ def build_parser() -> OneLineErrorParser:
     group.add_argument("--append-eod", action="store_true", help="end every document with the EOD token")
     group = parser.add_argument_group("runtime")
     group.add_argument("--workers", type=int, default=1, help="tokenizer processes (output is identical for any number)")
+    group.add_argument("--dataset-impl", choices=["mmap"], default="mmap",
+                       help="accepted for old Megatron scripts; the memory-mapped format is the only one")
     group.add_argument("--no-progress", action="store_true", help="no progress bar (it is off anyway when not a terminal)")
     return parser
 

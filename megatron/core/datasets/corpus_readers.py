@@ -18,7 +18,9 @@ from pathlib import Path
 TEXT_SUFFIXES = (".jsonl", ".json", ".txt")
 FILE_SUFFIXES = TEXT_SUFFIXES + tuple(s + ".gz" for s in TEXT_SUFFIXES) + (".parquet",)
 TXT_MODES = ("line", "paragraph", "file")
-_BATCH_BYTES = 1 << 20
+# Small enough to spread a corpus of a few MB evenly over workers, large enough that the
+# inter-process traffic per batch does not matter.
+_BATCH_BYTES = 1 << 18
 _BATCH_ROWS = 512
 
 

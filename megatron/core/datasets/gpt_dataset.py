@@ -49,8 +49,9 @@ def build_sample_indices(document_lengths: np.ndarray, document_ids: np.ndarray,
     if tokens_per_epoch == 0:
         raise ValueError("the documents of this split hold no tokens; use more data or another --split")
     num_epochs = -(-(num_samples * seq_length + 1) // tokens_per_epoch)
-    if num_epochs * len(document_ids) >= 2**40:
-        raise ValueError(f"{num_samples} samples would need {num_epochs} epochs of this split; use more data")
+    if num_epochs * len(document_ids) >= 2**33:  # tens of GB of index: surely a mistake in the sizes
+        raise ValueError(f"{num_samples} samples of {seq_length} tokens would need {num_epochs} epochs of this "
+                         "split; use more data, fewer samples or another --split")
     # RandomState, not Generator: its streams are frozen across numpy versions, so indices built on
     # one machine match those built on another.
     rng = np.random.RandomState(seed)

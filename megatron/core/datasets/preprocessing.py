@@ -8,6 +8,7 @@ are in flight, which keeps memory flat on corpora of any size.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import multiprocessing
 import os
 import time
@@ -109,9 +110,10 @@ class _Encoder:
                     ids.append(self.tokenizer.eod)
                 key_ids.append(ids)
         for documents in per_key_ids:
-            encoded.lengths.append(np.fromiter(map(len, documents), dtype=np.int64, count=len(documents)))
-            flat = [token for ids in documents for token in ids]
-            encoded.tokens.append(np.asarray(flat, dtype=np.int64))
+            lengths = np.fromiter(map(len, documents), dtype=np.int64, count=len(documents))
+            encoded.lengths.append(lengths)
+            encoded.tokens.append(np.fromiter(itertools.chain.from_iterable(documents), dtype=np.int64,
+                                              count=int(lengths.sum())))
         return encoded
 
 
