@@ -39,3 +39,22 @@ bench: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# The built-in demo: a tiny GPT trained on CPU with 2 processes (tensor parallel 2 + sequence
+# parallel) at the highest FP8 level implemented so far; ends with a loss-curve PNG.
+PRETRAIN_LEVEL ?= O0
+PRETRAIN_DIR ?= runs/pretrain-demo
+PRETRAIN_ARGS ?=
+
+.PHONY: pretrain corpus
+corpus: $(STAMP)
+	$(PY) tools/builtin_corpus.py
+
+pretrain: $(STAMP)
+	$(PY) tools/builtin_corpus.py
+	@mkdir -p $(PRETRAIN_DIR)
+	rm -f $(PRETRAIN_DIR)/metrics.jsonl
+	$(VENV)/bin/torchrun --standalone --nproc-per-node 2 pretrain_gpt.py --config configs/gpt-tiny.yaml \
+		$$($(PY) tools/builtin_corpus.py --print-args --quiet) \
+		--tensor-model-parallel-size 2 --sequence-parallel --fp8-level $(PRETRAIN_LEVEL) --device cpu \
+		--metrics-file $(PRETRAIN_DIR)/metrics.jsonl --loss-plot $(PRETRAIN_DIR)/loss.png $(PRETRAIN_ARGS)

@@ -1,0 +1,92 @@
+"""GPT: embeddings, a pre-norm transformer block, the output head and the loss.
+
+Single-device code. Layout and precision are applied from outside: `megatron.core.parallelize`
+swaps the linears and embeddings for tensor-parallel ones and `megatron.core.precision` gives
+their GEMMs FP8 state. This file has no parallel or FP8 branches.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megatron.core.transformer.config import TransformerConfig
+from megatron.core.transformer.layer import TransformerBlock
+
+
+class CrossEntropy(nn.Module):
+    """Per-token loss from [s, b, V] logits and [s, b] labels; the tensor-parallel plan swaps
+    this for the vocab-parallel version."""
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        loss = F.cross_entropy(wide.flatten(0, 1), labels.flatten(), reduction="none")
+        return loss.view_as(labels)
+
+
+class LanguageModelEmbedding(nn.Module):
+    def __init__(self, config: TransformerConfig, device=None):
+        super().__init__()
+        kw = dict(device=device, dtype=config.params_dtype)
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, **kw)
+        self.position_embeddings = None
+        if config.position_embedding_type == "learned_absolute":
+            self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size, **kw)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
+        """[b, s] token ids -> [s, b, h]."""
+        embeddings = self.word_embeddings(input_ids)
+        if self.position_embeddings is not None:
+            if position_ids is None:
+                position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
+            embeddings = embeddings + self.position_embeddings(position_ids)
+        return self.dropout(embeddings.transpose(0, 1).contiguous())
+
+
+class GPTModel(nn.Module):
+    """A GPT, or the part of one that a pipeline stage holds.
+
+    `pre_process` / `post_process`: whether this part holds the embedding / the final norm, head
+    and loss. `first_layer`, `num_layers`: which transformer layers (global numbering).
+    With labels, `forward` returns the per-token loss [b, s]; without, the logits [b, s, V].
+    """
+
+    def __init__(self, config: TransformerConfig, *, pre_process: bool = True, post_process: bool = True,
+                 first_layer: int = 0, num_layers: int | None = None, device=None):
+        super().__init__()
+        self.config = config
+        self.pre_process, self.post_process = pre_process, post_process
+        self.embedding = LanguageModelEmbedding(config, device) if pre_process else None
+        self.decoder = TransformerBlock(config, first_layer, num_layers, post_process, device)
+        self.output_layer = None
+        if post_process:
+            self.output_layer = nn.Linear(config.hidden_size, config.vocab_size, bias=False,
+                                          device=device, dtype=config.params_dtype)
+            self.cross_entropy = CrossEntropy()
+        self.tie_output_weight()
+
+    @property
+    def shares_embeddings_and_output_weights(self) -> bool:
+        return not self.config.untie_embeddings_and_output_weights
+
+    def tie_output_weight(self) -> None:
+        """Point the head at the word embeddings when they are tied and both live here (call
+        again after anything replaces either module or its parameters)."""
+        if self.shares_embeddings_and_output_weights and self.embedding is not None and self.output_layer is not None:
+            self.output_layer.weight = self.embedding.word_embeddings.weight
+
+    def forward(self, input_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None, *,
+                hidden_states: torch.Tensor | None = None, position_ids: torch.Tensor | None = None):
+        """`input_ids` [b, s] on the first stage; `hidden_states` [s, b, h] from the previous
+        stage otherwise. Returns hidden states when this part has no head."""
+        if self.pre_process:
+            hidden_states = self.embedding(input_ids, position_ids)
+        hidden_states = self.decoder(hidden_states)
+        if not self.post_process:
+            return hidden_states
+        logits = self.output_layer(hidden_states)
+        if labels is None:
+            return logits.transpose(0, 1)
+        return self.cross_entropy(logits, labels.t().contiguous()).t()

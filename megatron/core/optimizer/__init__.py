@@ -1,0 +1,125 @@
+"""AdamW over FP32 master weights, with global-norm clipping and skip-on-overflow.
+
+Model parameters may be BF16 (`--bf16`) or FP32. BF16 parameters get FP32 master copies that the
+optimizer updates and copies back; FP32 parameters are their own masters (Megatron's
+Float16OptimizerWithFloat16Params / FP32Optimizer). Gradients are read from ``param.main_grad``
+(the FP32 buffers of `DistributedDataParallel`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from megatron.core.distributed import comm
+from megatron.core.parallel_state import ParallelState
+
+
+@dataclass(kw_only=True)
+class OptimizerConfig:
+    lr: float
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+
+    def __post_init__(self):
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
+        if self.adam_eps <= 0:
+            raise ValueError(f"--adam-eps must be positive, got {self.adam_eps}")
+        if self.weight_decay < 0 or self.clip_grad < 0:
+            raise ValueError("--weight-decay and --clip-grad must be >= 0 (0 turns clipping off)")
+
+
+@dataclass
+class StepResult:
+    skipped: bool
+    grad_norm: float
+
+
+def _no_weight_decay(name: str, param: nn.Parameter) -> bool:
+    # Megatron's default: biases and norm weights (every 1-D parameter) are not decayed.
+    return param.ndim < 2 or name.endswith(".bias")
+
+
+def global_grad_norm(params: list[nn.Parameter], grads: list[torch.Tensor], ps: ParallelState) -> float:
+    """L2 norm of the whole model's gradient: each tensor-parallel shard counts once, replicated
+    parameters once per model (on tensor-parallel rank 0), summed over the tp and pp groups."""
+    counted = [g for p, g in zip(params, grads) if getattr(p, "tensor_model_parallel", False) or ps.tp_rank == 0]
+    device = grads[0].device if grads else ps.device
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    if counted:
+        norms = torch._foreach_norm([g.float() for g in counted])
+        total = torch.stack(norms).square().sum()
+    for group in ("tp", "pp"):
+        if ps.group_size(group) > 1:
+            comm.all_reduce(total, ps, group)
+    return math.sqrt(total.item()) if math.isfinite(total.item()) else math.inf
+
+
+class MixedPrecisionOptimizer:
+    def __init__(self, named_params: list[tuple[str, nn.Parameter]], config: OptimizerConfig, ps: ParallelState):
+        self.config, self.ps = config, ps
+        self.params = [p for _, p in named_params]
+        self.masters = [p if p.dtype == torch.float32 else p.detach().float().clone() for p in self.params]
+        decay, no_decay = [], []
+        for (name, param), master in zip(named_params, self.masters):
+            (no_decay if _no_weight_decay(name, param) else decay).append(master)
+        groups = [{"params": decay, "weight_decay": config.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr,
+                                           betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps)
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    def step(self) -> StepResult:
+        grads = [p.main_grad for p in self.params]
+        norm = global_grad_norm(self.params, grads, self.ps)
+        if not math.isfinite(norm):
+            return StepResult(skipped=True, grad_norm=norm)
+        clip = self.config.clip_grad
+        if clip > 0 and norm > clip:
+            torch._foreach_mul_(grads, clip / (norm + 1e-6))
+        for master, grad in zip(self.masters, grads):
+            master.grad = grad if grad.dtype == master.dtype else grad.float()
+        self.optimizer.step()
+        with torch.no_grad():
+            for param, master in zip(self.params, self.masters):
+                master.grad = None
+                if param is not master:
+                    param.copy_(master)
+        return StepResult(skipped=False, grad_norm=norm)
+
+    # ----- memory accounting (bytes this rank holds) -------------------------------------------
+    def master_bytes(self) -> int:
+        return sum(m.numel() * m.element_size() for p, m in zip(self.params, self.masters) if m is not p)
+
+    def optim_bytes(self) -> int:
+        total = 0
+        for state in self.optimizer.state.values():
+            total += sum(v.numel() * v.element_size() for k, v in state.items()
+                         if torch.is_tensor(v) and k != "step")
+        return total
+
+    def state_dict(self) -> dict:
+        state = {"optimizer": self.optimizer.state_dict()}
+        separate = [m for p, m in zip(self.params, self.masters) if m is not p]
+        if separate:
+            state["masters"] = [m.detach().clone() for m in separate]
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        separate = [(p, m) for p, m in zip(self.params, self.masters) if m is not p]
+        with torch.no_grad():
+            for (param, master), saved in zip(separate, state.get("masters", [])):
+                master.copy_(saved)
+                param.copy_(saved)

@@ -1,0 +1,100 @@
+"""`--fp8-level` -> a plan of what is FP8 where. The only module that branches on level names.
+
+| level | GEMMs | weight copy              | master      | weight grad       | Adam m / v      |
+|-------|-------|--------------------------|-------------|-------------------|-----------------|
+| none  | BF16  | BF16 (FP32 without bf16) | FP32        | FP32              | FP32 / FP32     |
+| O0    | FP8   | as none, cast per step   | FP32        | FP32              | FP32 / FP32     |
+| O1    | FP8   | FP16 + scale (master)    | -           | FP8 E4M3 + scale  | FP32 / FP32     |
+| O2    | FP8   | FP16 + scale (master)    | -           | FP8               | FP8 / FP16      |
+| O3    | FP8   | FP8 + scale              | FP16, ZeRO  | FP8               | FP8 / FP16 ZeRO |
+
+Levels above O0 are refused until their implementation lands (see README, "Not done yet").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from fp8.linear import FP8LinearState
+from fp8.scaling import RECIPES, Recipe
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+LEVELS = ("none", "O0", "O1", "O2", "O3")
+AVAILABLE_LEVELS = ("none", "O0")
+FP8_LAYER_SUFFIXES = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+
+
+@dataclass(kw_only=True)
+class FP8Config:
+    """The `--fp8-*` flags."""
+
+    level: str = "none"
+    format: str = "hybrid"
+    recipe: str = "delayed"
+    amax_history_len: int = 1024
+    amax_compute_algo: str = "max"
+    margin: int = 0
+    min_features: int = 128
+    output_layer: bool = False
+
+    def __post_init__(self):
+        if self.level not in LEVELS:
+            raise ValueError(f"unknown --fp8-level {self.level!r}; use one of {', '.join(LEVELS)}")
+        if self.level not in AVAILABLE_LEVELS:
+            raise ValueError(f"--fp8-level {self.level} is not implemented yet; use one of "
+                             f"{', '.join(AVAILABLE_LEVELS)} (see README, 'Not done yet')")
+        if self.recipe not in RECIPES:
+            raise ValueError(f"unknown --fp8-recipe {self.recipe!r}; use one of {', '.join(RECIPES)}")
+        self.to_recipe()  # validates format, margin, history
+
+    def to_recipe(self) -> Recipe:
+        return Recipe(fmt=self.format, recipe=self.recipe, amax_history_len=self.amax_history_len,
+                      amax_compute_algo=self.amax_compute_algo, margin=self.margin, min_features=self.min_features)
+
+
+@dataclass(frozen=True)
+class PrecisionPlan:
+    level: str
+    fp8_gemms: bool
+    fp8_wgrad: bool
+    fp8_optimizer_states: bool
+    fp8_zero: bool
+    fp8_tp_comm: bool
+
+
+def plan_for(config: FP8Config) -> PrecisionPlan:
+    level = LEVELS.index(config.level)
+    return PrecisionPlan(
+        level=config.level,
+        fp8_gemms=level >= 1,
+        fp8_wgrad=level >= 2,
+        fp8_optimizer_states=level >= 3,
+        fp8_zero=level >= 4,
+        fp8_tp_comm=level >= 4,
+    )
+
+
+def _wants_fp8(name: str, config: FP8Config) -> bool:
+    leaf = name.rsplit(".", 1)[-1]
+    return leaf in FP8_LAYER_SUFFIXES or (config.output_layer and leaf == "output_layer")
+
+
+def apply_precision(model: nn.Module, config: FP8Config) -> list[str]:
+    """Give the transformer linears of a parallelized model FP8 state as the level asks.
+    Returns the names of the layers now running FP8 GEMMs. The size filter looks at each
+    rank's local shard, which is what the GEMM kernels see."""
+    plan = plan_for(config)
+    if not plan.fp8_gemms:
+        return []
+    recipe = config.to_recipe()
+    switched = []
+    for name, module in model.named_modules():
+        if not isinstance(module, (ColumnParallelLinear, RowParallelLinear)) or not _wants_fp8(name, config):
+            continue
+        out_local, in_local = module.weight.shape
+        if recipe.uses_fp8(in_local, out_local):
+            module.fp8 = FP8LinearState(recipe, fp8_wgrad=plan.fp8_wgrad)
+            switched.append(name)
+    return switched

@@ -1,0 +1,176 @@
+"""Tensor-parallel layers: column- and row-parallel linears and the vocab-parallel embedding.
+
+Each holds only its shard. Sharded parameters carry attributes that the rest of the framework
+reads instead of guessing:
+
+- ``tensor_model_parallel`` (bool), ``partition_dim``, ``partition_parts``: how the full
+  parameter was split (see `shard_of`);
+- ``sequence_parallel`` (bool): replicated parameter used on sequence-parallel activations,
+  whose gradient is partial on each rank and must be summed across the tensor-parallel group.
+
+The GEMM is `F.linear`, or `fp8.fp8_linear` once a precision plan has given the layer an
+`fp8` state.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fp8.linear import FP8LinearState, fp8_linear
+from megatron.core.parallel_state import ParallelState
+from megatron.core.tensor_parallel import mappings
+
+
+def shard_of(full: torch.Tensor, dim: int, rank: int, size: int, parts: int = 1) -> torch.Tensor:
+    """Rank `rank`'s shard of `full` along `dim`. With `parts` > 1 the dimension is `parts`
+    stacked blocks (SwiGLU's [gate; up]) and each block is split separately, so every rank
+    holds matching pieces of each."""
+    if full.shape[dim] % (parts * size):
+        raise ValueError(f"dimension {full.shape[dim]} cannot be split into {parts} x {size} tensor-parallel "
+                         f"pieces; choose sizes divisible by --tensor-model-parallel-size")
+    blocks = full.chunk(parts, dim=dim)
+    return torch.cat([b.chunk(size, dim=dim)[rank] for b in blocks], dim=dim)
+
+
+def _mark(param: nn.Parameter, *, dim: int | None, parts: int = 1, sequence_parallel: bool = False) -> None:
+    param.tensor_model_parallel = dim is not None
+    param.partition_dim = dim
+    param.partition_parts = parts
+    param.sequence_parallel = sequence_parallel
+
+
+def _copy_shard(param: nn.Parameter, full: torch.Tensor, ps: ParallelState) -> None:
+    dim = param.partition_dim
+    shard = full if dim is None else shard_of(full, dim, ps.tp_rank, ps.tp_size, param.partition_parts)
+    with torch.no_grad():
+        param.copy_(shard)
+
+
+def _linear(x, weight, bias, fp8_state: FP8LinearState | None):
+    if fp8_state is not None:
+        return fp8_linear(x, weight, bias, fp8_state)
+    return F.linear(x, weight, bias)
+
+
+class _ParallelLinear(nn.Module):
+    fp8: FP8LinearState | None
+
+    def _init(self, ps: ParallelState, weight_shape, bias_size, dtype, device, bias: bool) -> None:
+        self.ps = ps
+        self.weight = nn.Parameter(torch.empty(weight_shape, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(bias_size, device=device, dtype=dtype)) if bias else None
+        self.fp8 = None
+
+    @property
+    def local_shape(self) -> tuple[int, int]:
+        return tuple(self.weight.shape)
+
+    def get_extra_state(self) -> dict:
+        return self.fp8.state_dict() if self.fp8 is not None else {}
+
+    def set_extra_state(self, state: dict) -> None:
+        if self.fp8 is not None:
+            self.fp8.load_state_dict(state)
+
+    def extra_repr(self) -> str:
+        mode = self.fp8.describe() if self.fp8 is not None else "high precision"
+        return (f"in_features={self.input_size}, out_features={self.output_size}, local={self.local_shape}, "
+                f"bias={self.bias is not None}, sequence_parallel={self.sequence_parallel}, {mode}")
+
+
+class ColumnParallelLinear(_ParallelLinear):
+    """Y = X A^T + b with A split by output rows: each rank computes its slice of Y.
+
+    The input is replicated (copy to the region: identity forward, all-reduce backward), or
+    sequence-sharded under sequence parallelism (all-gather forward, reduce-scatter backward).
+    """
+
+    def __init__(self, input_size: int, output_size: int, *, ps: ParallelState, bias: bool = True,
+                 gather_output: bool = False, sequence_parallel: bool = False, partition_parts: int = 1,
+                 device=None, dtype=torch.float32):
+        super().__init__()
+        if output_size % (ps.tp_size * partition_parts):
+            raise ValueError(f"output size {output_size} of a column-parallel linear is not divisible by "
+                             f"--tensor-model-parallel-size {ps.tp_size}" + (" x 2 (SwiGLU)" if partition_parts > 1 else ""))
+        self.input_size, self.output_size = input_size, output_size
+        self.gather_output, self.sequence_parallel = gather_output, sequence_parallel
+        self._init(ps, (output_size // ps.tp_size, input_size), output_size // ps.tp_size, dtype, device, bias)
+        _mark(self.weight, dim=0, parts=partition_parts)
+        if self.bias is not None:
+            _mark(self.bias, dim=0, parts=partition_parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sequence_parallel:
+            x = mappings.gather_from_sequence_parallel_region(x, self.ps)
+        else:
+            x = mappings.copy_to_tensor_model_parallel_region(x, self.ps)
+        y = _linear(x, self.weight, self.bias, self.fp8)
+        return mappings.gather_from_tensor_model_parallel_region(y, self.ps) if self.gather_output else y
+
+
+class RowParallelLinear(_ParallelLinear):
+    """Y = X A^T + b with A split by input columns: each rank holds a slice of X (the output of
+    a column-parallel layer) and the partial products are summed (all-reduce), or summed and
+    scattered along the sequence (reduce-scatter) under sequence parallelism. The bias is
+    replicated and added once, after the sum."""
+
+    def __init__(self, input_size: int, output_size: int, *, ps: ParallelState, bias: bool = True,
+                 sequence_parallel: bool = False, device=None, dtype=torch.float32):
+        super().__init__()
+        if input_size % ps.tp_size:
+            raise ValueError(f"input size {input_size} of a row-parallel linear is not divisible by "
+                             f"--tensor-model-parallel-size {ps.tp_size}")
+        self.input_size, self.output_size = input_size, output_size
+        self.sequence_parallel = sequence_parallel
+        self._init(ps, (output_size, input_size // ps.tp_size), output_size, dtype, device, bias)
+        _mark(self.weight, dim=1)
+        if self.bias is not None:
+            _mark(self.bias, dim=None, sequence_parallel=sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _linear(x, self.weight, None, self.fp8)
+        if self.sequence_parallel:
+            y = mappings.reduce_scatter_to_sequence_parallel_region(y, self.ps)
+        else:
+            y = mappings.reduce_from_tensor_model_parallel_region(y, self.ps)
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding table split by vocabulary rows; each rank looks up the ids it holds, zeros the
+    rest, and the partial results are summed across the tensor-parallel group."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, ps: ParallelState, device=None,
+                 dtype=torch.float32):
+        super().__init__()
+        if num_embeddings % ps.tp_size:
+            raise ValueError(f"vocabulary size {num_embeddings} is not divisible by --tensor-model-parallel-size "
+                             f"{ps.tp_size}; pad it with --make-vocab-size-divisible-by")
+        self.ps = ps
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        per_rank = num_embeddings // ps.tp_size
+        self.vocab_start, self.vocab_end = ps.tp_rank * per_rank, (ps.tp_rank + 1) * per_rank
+        self.weight = nn.Parameter(torch.empty(per_rank, embedding_dim, device=device, dtype=dtype))
+        _mark(self.weight, dim=0)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.ps.tp_size == 1:
+            return F.embedding(input_ids, self.weight)
+        outside = (input_ids < self.vocab_start) | (input_ids >= self.vocab_end)
+        local_ids = (input_ids - self.vocab_start).masked_fill(outside, 0)
+        out = F.embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        return mappings.reduce_from_tensor_model_parallel_region(out, self.ps)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, local rows [{self.vocab_start}, {self.vocab_end})"
+
+
+def load_full_weights(module: nn.Module, full: nn.Module | dict, ps: ParallelState) -> None:
+    """Copy this rank's shards of a full (unsharded) module's or state dict's tensors into the
+    matching parameters of `module` (parameters the full one lacks are left alone)."""
+    full_state = full if isinstance(full, dict) else full.state_dict()
+    for name, param in module.named_parameters():
+        if name in full_state:
+            _copy_shard(param, full_state[name], ps)

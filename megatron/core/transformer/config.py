@@ -1,0 +1,85 @@
+"""TransformerConfig: the shape of a GPT model, independent of how it is laid out or cast."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+NORMALIZATIONS = ("LayerNorm", "RMSNorm")
+POSITION_EMBEDDINGS = ("learned_absolute", "rope")
+
+
+@dataclass(kw_only=True)
+class TransformerConfig:
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    vocab_size: int
+    max_position_embeddings: int
+    ffn_hidden_size: int | None = None
+    num_query_groups: int | None = None
+    kv_channels: int | None = None
+    normalization: str = "LayerNorm"
+    layernorm_epsilon: float = 1e-5
+    swiglu: bool = False
+    position_embedding_type: str = "learned_absolute"
+    rotary_base: float = 10000.0
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    init_method_std: float = 0.02
+    add_bias_linear: bool = True
+    untie_embeddings_and_output_weights: bool = False
+    params_dtype: torch.dtype = torch.float32
+
+    def __post_init__(self):
+        positive = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_position_embeddings")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.ffn_hidden_size is None:
+            self.ffn_hidden_size = 4 * self.hidden_size
+        if self.num_query_groups is None:
+            self.num_query_groups = self.num_attention_heads
+        if self.kv_channels is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(f"--hidden-size ({self.hidden_size}) must be divisible by "
+                                 f"--num-attention-heads ({self.num_attention_heads}), or set --kv-channels")
+            self.kv_channels = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_query_groups:
+            raise ValueError(f"--num-attention-heads ({self.num_attention_heads}) must be divisible by "
+                             f"--num-query-groups ({self.num_query_groups})")
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"unknown --normalization {self.normalization!r}; use one of {NORMALIZATIONS}")
+        if self.position_embedding_type not in POSITION_EMBEDDINGS:
+            raise ValueError(f"unknown --position-embedding-type {self.position_embedding_type!r}; "
+                             f"use one of {POSITION_EMBEDDINGS}")
+        if self.position_embedding_type == "rope" and self.kv_channels % 2:
+            raise ValueError(f"RoPE needs an even head dimension, got --kv-channels {self.kv_channels}")
+        for name in ("hidden_dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
+
+    @property
+    def heads_per_group(self) -> int:
+        return self.num_attention_heads // self.num_query_groups
+
+    @property
+    def qkv_width(self) -> int:
+        return (self.num_attention_heads + 2 * self.num_query_groups) * self.kv_channels
+
+    def num_parameters(self) -> int:
+        """Parameters of the full (unsharded) model."""
+        h, f, layers = self.hidden_size, self.ffn_hidden_size, self.num_layers
+        bias = self.add_bias_linear
+        qkv = h * self.qkv_width + (self.qkv_width if bias else 0)
+        proj = self.num_attention_heads * self.kv_channels * h + (h if bias else 0)
+        fc1_width = 2 * f if self.swiglu else f
+        mlp = h * fc1_width + f * h + ((fc1_width + h) if bias else 0)
+        norm = h if self.normalization == "RMSNorm" else 2 * h
+        per_layer = qkv + proj + mlp + 2 * norm
+        embed = self.vocab_size * h
+        if self.position_embedding_type == "learned_absolute":
+            embed += self.max_position_embeddings * h
+        output = self.vocab_size * h if self.untie_embeddings_and_output_weights else 0
+        return layers * per_layer + norm + embed + output

@@ -1,0 +1,139 @@
+"""Pre-norm GPT transformer layer and block. Single-device code: activations are
+[sequence, batch, hidden] as in Megatron; tensor and sequence parallelism are applied from
+outside by swapping the linears (see megatron.core.parallelize), so nothing here branches on
+the layout. Shapes of heads are read from the linears' actual output widths, which is what makes
+the same code run on a tensor-parallel shard."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megatron.core.transformer.config import TransformerConfig
+from megatron.core.transformer.rope import apply_rotary, rotary_tables
+
+
+def make_norm(config: TransformerConfig, device=None) -> nn.Module:
+    kwargs = dict(eps=config.layernorm_epsilon, device=device, dtype=config.params_dtype)
+    if config.normalization == "RMSNorm":
+        return nn.RMSNorm(config.hidden_size, **kwargs)
+    return nn.LayerNorm(config.hidden_size, **kwargs)
+
+
+class SelfAttention(nn.Module):
+    """Causal multi-head or grouped-query attention through scaled_dot_product_attention.
+
+    The fused QKV projection is laid out group by group: for each query group its query heads,
+    then its key head, then its value head. A contiguous split of the output rows therefore
+    hands each tensor-parallel rank whole groups.
+    """
+
+    def __init__(self, config: TransformerConfig, device=None):
+        super().__init__()
+        self.config = config
+        kw = dict(bias=config.add_bias_linear, device=device, dtype=config.params_dtype)
+        self.linear_qkv = nn.Linear(config.hidden_size, config.qkv_width, **kw)
+        self.linear_proj = nn.Linear(config.num_attention_heads * config.kv_channels, config.hidden_size, **kw)
+        self.linear_proj.scaled_init = True
+        # Set by the parallelize step to fork the tensor-parallel RNG (heads differ per rank).
+        self.rng_context = contextlib.nullcontext
+        self._rotary_cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def rotary(self, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """RoPE tables for the full sequence (the QKV projection has gathered it by now)."""
+        cfg = self.config
+        if cfg.position_embedding_type != "rope":
+            return None
+        key = (seq_len, device)
+        if self._rotary_cache is None or self._rotary_cache[0] != key:
+            self._rotary_cache = (key, rotary_tables(seq_len, cfg.kv_channels, cfg.rotary_base, device))
+        return self._rotary_cache[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        qkv = self.linear_qkv(x)
+        seq, batch, width = qkv.shape
+        per_group = cfg.heads_per_group + 2
+        groups = width // (per_group * cfg.kv_channels)
+        qkv = qkv.view(seq, batch, groups, per_group, cfg.kv_channels)
+        query = qkv[:, :, :, : cfg.heads_per_group].reshape(seq, batch, groups * cfg.heads_per_group, cfg.kv_channels)
+        key, value = qkv[:, :, :, -2], qkv[:, :, :, -1]
+        rotary = self.rotary(seq, qkv.device)
+        if rotary is not None:
+            query, key = apply_rotary(query, *rotary), apply_rotary(key, *rotary)
+        # [s, b, n, d] -> [b, n, s, d]; each key/value head serves heads_per_group query heads.
+        query = query.permute(1, 2, 0, 3)
+        key = key.permute(1, 2, 0, 3).repeat_interleave(cfg.heads_per_group, dim=1)
+        value = value.permute(1, 2, 0, 3).repeat_interleave(cfg.heads_per_group, dim=1)
+        dropout = cfg.attention_dropout if self.training else 0.0
+        with self.rng_context():
+            context = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, is_causal=True)
+        context = context.permute(2, 0, 1, 3).reshape(seq, batch, -1)
+        return self.linear_proj(context)
+
+
+class MLP(nn.Module):
+    """GeLU MLP, or SwiGLU when config.swiglu (fc1 then produces [gate; up])."""
+
+    def __init__(self, config: TransformerConfig, device=None):
+        super().__init__()
+        self.swiglu = config.swiglu
+        kw = dict(bias=config.add_bias_linear, device=device, dtype=config.params_dtype)
+        fc1_width = 2 * config.ffn_hidden_size if config.swiglu else config.ffn_hidden_size
+        self.linear_fc1 = nn.Linear(config.hidden_size, fc1_width, **kw)
+        # Tells the tensor-parallel split that the output rows are two stacked halves.
+        self.linear_fc1.partition_parts = 2 if config.swiglu else 1
+        self.linear_fc2 = nn.Linear(config.ffn_hidden_size, config.hidden_size, **kw)
+        self.linear_fc2.scaled_init = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.linear_fc1(x)
+        if self.swiglu:
+            gate, up = hidden.chunk(2, dim=-1)
+            hidden = F.silu(gate) * up
+        else:
+            hidden = F.gelu(hidden)
+        return self.linear_fc2(hidden)
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, config: TransformerConfig, layer_number: int, device=None):
+        super().__init__()
+        self.layer_number = layer_number
+        self.hidden_dropout = config.hidden_dropout
+        self.input_layernorm = make_norm(config, device)
+        self.self_attention = SelfAttention(config, device)
+        self.pre_mlp_layernorm = make_norm(config, device)
+        self.mlp = MLP(config, device)
+        # Set by the parallelize step: under sequence parallelism each rank drops different tokens.
+        self.rng_context = contextlib.nullcontext
+
+    def _dropout_add(self, residual: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+        with self.rng_context():
+            return residual + F.dropout(update, p=self.hidden_dropout, training=self.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._dropout_add(x, self.self_attention(self.input_layernorm(x)))
+        return self._dropout_add(x, self.mlp(self.pre_mlp_layernorm(x)))
+
+
+class TransformerBlock(nn.Module):
+    """Layers `first_layer .. first_layer + num_layers - 1` of the model (global numbering, so
+    a pipeline stage holding a slice names and seeds its layers as the whole model would), and
+    the final norm when `post_process`."""
+
+    def __init__(self, config: TransformerConfig, first_layer: int = 0, num_layers: int | None = None,
+                 post_process: bool = True, device=None):
+        super().__init__()
+        count = config.num_layers - first_layer if num_layers is None else num_layers
+        self.first_layer = first_layer
+        self.layers = nn.ModuleList(TransformerLayer(config, first_layer + i, device) for i in range(count))
+        self.final_layernorm = make_norm(config, device) if post_process else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return self.final_layernorm(x) if self.final_layernorm is not None else x

@@ -1,0 +1,207 @@
+"""Command line and YAML config: Megatron's flag names, loaded into typed configs.
+
+`--config FILE.yaml` supplies defaults (keys are flag names with `_` or `-`); flags on the
+command line override it. Unknown flags and unknown YAML keys are errors. All errors here are
+`ValueError`s with the fix in the message; `megatron.training.cli` turns them into one line on
+stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import yaml
+
+from fp8.scaling import RECIPES
+from megatron.core.datasets.config import add_data_args
+from megatron.core.precision import LEVELS
+from megatron.training.lr_schedule import add_lr_schedule_args
+from megatron.training.tokenizer import add_tokenizer_args
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises instead of printing usage and exiting, so errors stay one line."""
+
+    def error(self, message: str):
+        raise ValueError(f"{message} (see --help)")
+
+
+def _model_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model")
+    g.add_argument("--num-layers", type=int, default=None)
+    g.add_argument("--hidden-size", type=int, default=None)
+    g.add_argument("--ffn-hidden-size", type=int, default=None, help="default 4 x hidden size")
+    g.add_argument("--num-attention-heads", type=int, default=None)
+    g.add_argument("--group-query-attention", action="store_true")
+    g.add_argument("--num-query-groups", type=int, default=None)
+    g.add_argument("--kv-channels", type=int, default=None, help="head dimension; default hidden / heads")
+    g.add_argument("--max-position-embeddings", type=int, default=None, help="default --seq-length")
+    g.add_argument("--normalization", default="LayerNorm", choices=["LayerNorm", "RMSNorm"])
+    g.add_argument("--norm-epsilon", type=float, default=1e-5)
+    g.add_argument("--swiglu", action="store_true")
+    g.add_argument("--position-embedding-type", default="learned_absolute", choices=["learned_absolute", "rope"])
+    g.add_argument("--rotary-base", type=float, default=10000.0)
+    g.add_argument("--hidden-dropout", type=float, default=0.1)
+    g.add_argument("--attention-dropout", type=float, default=0.1)
+    g.add_argument("--init-method-std", type=float, default=0.02)
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    g.add_argument("--disable-bias-linear", action="store_true")
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+
+
+def _training_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, default=1)
+    g.add_argument("--global-batch-size", type=int, default=None, help="default micro batch x data-parallel size")
+    g.add_argument("--train-iters", type=int, default=None)
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--bf16", action="store_true", help="BF16 parameters and activations (FP32 masters)")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--log-interval", type=int, default=100)
+    g.add_argument("--eval-interval", type=int, default=1000)
+    g.add_argument("--eval-iters", type=int, default=100)
+
+
+def _parallel_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+
+
+def _fp8_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("fp8")
+    g.add_argument("--fp8-level", default="none", choices=list(LEVELS))
+    g.add_argument("--fp8-format", default="hybrid", choices=["hybrid", "e4m3"])
+    g.add_argument("--fp8-recipe", default="delayed", choices=list(RECIPES))
+    g.add_argument("--fp8-amax-history-len", type=int, default=1024)
+    g.add_argument("--fp8-amax-compute-algo", default="max", choices=["max", "most_recent"])
+    g.add_argument("--fp8-margin", type=int, default=0)
+    g.add_argument("--fp8-min-features", type=int, default=128,
+                   help="linears narrower than this (per rank) stay in high precision")
+    g.add_argument("--fp8-output-layer", action="store_true", help="FP8 GEMMs in the output head too")
+
+
+def _logging_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("logging")
+    g.add_argument("--metrics-file", default=None, help="JSON lines, one per logged iteration (rank 0)")
+    g.add_argument("--loss-plot", default=None, help="write a loss-curve PNG here at the end of training")
+    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--wandb-project", default=None)
+    g.add_argument("--wandb-exp-name", default=None)
+    g.add_argument("--wandb-save-dir", default=None)
+    g.add_argument("--wandb-mode", default=None, choices=["online", "offline", "disabled"])
+
+
+def build_parser(description: str = "FP8-LM training", extra_args_provider=None) -> ArgumentParser:
+    parser = ArgumentParser(description=description, allow_abbrev=False)
+    parser.add_argument("--config", default=None, help="YAML file of flag values; flags override it")
+    _model_args(parser)
+    _training_args(parser)
+    _parallel_args(parser)
+    _fp8_args(parser)
+    _logging_args(parser)
+    add_lr_schedule_args(parser)
+    add_data_args(parser)
+    add_tokenizer_args(parser)
+    if extra_args_provider is not None:
+        extra_args_provider(parser)
+    return parser
+
+
+def load_yaml_defaults(path: str, parser: argparse.ArgumentParser) -> dict:
+    """The YAML file's values keyed by argparse dest; unknown keys are an error."""
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"--config {path}: no such file")
+    try:
+        values = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path}: expected a mapping of flag names to values")
+    dests = {a.dest for a in parser._actions}
+    defaults = {}
+    for key, value in values.items():
+        dest = str(key).replace("-", "_")
+        if dest not in dests or dest == "config":
+            raise ValueError(f"--config {path}: unknown key {key!r}; keys are flag names such as num_layers")
+        defaults[dest] = value
+    return defaults
+
+
+def parse_args(argv: list[str] | None = None, extra_args_provider=None) -> argparse.Namespace:
+    parser = build_parser(extra_args_provider=extra_args_provider)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        parser.set_defaults(**load_yaml_defaults(known.config, parser))
+    args = parser.parse_args(argv)
+    _fill_defaults(args)
+    return args
+
+
+def _fill_defaults(args: argparse.Namespace) -> None:
+    required = ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "train_iters", "lr")
+    missing = [name for name in required if getattr(args, name) is None]
+    if missing:
+        flags = ", ".join("--" + m.replace("_", "-") for m in missing)
+        raise ValueError(f"missing {flags}: give them on the command line or in --config")
+    if args.max_position_embeddings is None:
+        args.max_position_embeddings = args.seq_length
+    if args.num_query_groups is None:
+        args.num_query_groups = args.num_attention_heads
+
+
+def validate_args(args: argparse.Namespace, world_size: int) -> None:
+    """Everything that must hold before any work starts; one ValueError naming the fix."""
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    if tp < 1 or pp < 1:
+        raise ValueError("--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
+    if world_size % (tp * pp):
+        raise ValueError(f"world size {world_size} is not divisible by tensor-parallel size {tp} x pipeline-parallel "
+                         f"size {pp}; launch a multiple of {tp * pp} processes or change the parallel sizes")
+    dp = world_size // (tp * pp)
+    if args.num_attention_heads % tp:
+        raise ValueError(f"--num-attention-heads ({args.num_attention_heads}) must be divisible by "
+                         f"--tensor-model-parallel-size ({tp})")
+    if args.num_query_groups % tp:
+        raise ValueError(f"--num-query-groups ({args.num_query_groups}) must be divisible by "
+                         f"--tensor-model-parallel-size ({tp})")
+    if args.sequence_parallel and args.seq_length % tp:
+        raise ValueError(f"--seq-length ({args.seq_length}) must be divisible by --tensor-model-parallel-size "
+                         f"({tp}) with --sequence-parallel")
+    if args.global_batch_size is None:
+        args.global_batch_size = args.micro_batch_size * dp
+    if args.micro_batch_size < 1 or args.global_batch_size % (args.micro_batch_size * dp):
+        raise ValueError(f"--global-batch-size ({args.global_batch_size}) must be a multiple of --micro-batch-size "
+                         f"({args.micro_batch_size}) x data-parallel size ({dp})")
+    if args.seq_length > args.max_position_embeddings:
+        raise ValueError(f"--seq-length ({args.seq_length}) exceeds --max-position-embeddings "
+                         f"({args.max_position_embeddings})")
+    for name in ("train_iters", "log_interval", "eval_interval"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    if pp > 1:
+        raise ValueError("--pipeline-model-parallel-size > 1 is not implemented yet; use 1 (see README, 'Not done yet')")
+    if args.use_distributed_optimizer:
+        raise ValueError("--use-distributed-optimizer is not implemented yet; drop it (see README, 'Not done yet')")
+    if args.sequence_parallel and tp == 1:
+        args.sequence_parallel = False  # as Megatron: nothing to split
+
+
+def padded_vocab_size(vocab_size: int, args: argparse.Namespace) -> int:
+    """Pad so that every tensor-parallel shard of the vocabulary has a multiple of
+    --make-vocab-size-divisible-by rows (Megatron's rule)."""
+    multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size
+    if multiple < 1:
+        raise ValueError("--make-vocab-size-divisible-by must be >= 1")
+    return int(math.ceil(vocab_size / multiple) * multiple)

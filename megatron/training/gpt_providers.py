@@ -1,0 +1,62 @@
+"""The GPT pieces that `pretrain_gpt.py` hands the training loop: model, data and the step."""
+
+from __future__ import annotations
+
+import argparse
+from functools import partial
+
+import torch
+
+from megatron.core.datasets.builder import build_gpt_datasets
+from megatron.core.datasets.config import gpt_dataset_config_from_args
+from megatron.core.models.gpt import GPTModel
+from megatron.core.parallel_state import ParallelState
+from megatron.core.parallelize import initialize_parameters, parallelize_gpt
+from megatron.core.precision import FP8Config, apply_precision
+from megatron.core.transformer.config import TransformerConfig
+
+
+def transformer_config_from_args(args: argparse.Namespace, vocab_size: int) -> TransformerConfig:
+    return TransformerConfig(
+        num_layers=args.num_layers, hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
+        vocab_size=vocab_size, max_position_embeddings=args.max_position_embeddings,
+        ffn_hidden_size=args.ffn_hidden_size, num_query_groups=args.num_query_groups, kv_channels=args.kv_channels,
+        normalization=args.normalization, layernorm_epsilon=args.norm_epsilon, swiglu=args.swiglu,
+        position_embedding_type=args.position_embedding_type, rotary_base=args.rotary_base,
+        hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
+        init_method_std=args.init_method_std, add_bias_linear=not args.disable_bias_linear,
+        untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
+        params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+    )
+
+
+def fp8_config_from_args(args: argparse.Namespace) -> FP8Config:
+    return FP8Config(level=args.fp8_level, format=args.fp8_format, recipe=args.fp8_recipe,
+                     amax_history_len=args.fp8_amax_history_len, amax_compute_algo=args.fp8_amax_compute_algo,
+                     margin=args.fp8_margin, min_features=args.fp8_min_features, output_layer=args.fp8_output_layer)
+
+
+def model_provider(args: argparse.Namespace, ps: ParallelState, rng) -> GPTModel:
+    """The GPT for this rank: built on the meta device, laid out, initialised, given its precision."""
+    config = transformer_config_from_args(args, args.padded_vocab_size)
+    model = GPTModel(config, device="meta")
+    parallelize_gpt(model, ps, sequence_parallel=args.sequence_parallel, rng=rng)
+    initialize_parameters(model, ps, seed=args.seed, device=ps.device)
+    apply_precision(model, fp8_config_from_args(args))
+    return model
+
+
+def datasets_provider(args: argparse.Namespace, num_samples, *, eod_id: int | None = None):
+    return build_gpt_datasets(gpt_dataset_config_from_args(args), num_samples, eod_id=eod_id)
+
+
+def loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
+    """Mean loss over the tokens the mask keeps."""
+    loss = (output.float() * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
+    return loss, {"lm loss": loss.detach()}
+
+
+def forward_step(data_iterator, model, device: torch.device):
+    batch = {k: v.to(device, non_blocking=True) for k, v in next(data_iterator).items()}
+    output = model(batch["tokens"], batch["labels"], position_ids=batch["position_ids"])
+    return output, partial(loss_func, batch["loss_mask"])

@@ -1,0 +1,188 @@
+"""The training loop, shared by pretraining, SFT and RLHF through providers.
+
+    pretrain(args, model_provider, forward_step, datasets_provider)
+
+- ``model_provider(args, ps, rng) -> nn.Module``: the model laid out for `ps` and initialised;
+- ``forward_step(data_iterator, model) -> (output, loss_fn)``: see `pipeline_parallel.schedules`;
+- ``datasets_provider(args, num_samples) -> (train, valid, test)``: datasets of dict samples.
+
+Library code below takes values (ParallelState, configs); `args` is only read here, at the top.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from megatron.core.datasets.builder import train_valid_test_num_samples
+from megatron.core.datasets.samplers import build_pretraining_data_loader, cyclic_iterator
+from megatron.core.distributed import comm
+from megatron.core.distributed.data_parallel import DistributedDataParallel
+from megatron.core.optimizer import MixedPrecisionOptimizer, OptimizerConfig
+from megatron.core.parallel_state import ParallelState, init_distributed
+from megatron.core.pipeline_parallel.schedules import get_forward_backward_func
+from megatron.core.tensor_parallel.random import model_parallel_seed
+from megatron.training.arguments import validate_args
+from megatron.training.lr_schedule import LRScheduler, lr_schedule_config_from_args
+from megatron.training.metrics import (
+    Loggers, MetricsWriter, format_eval_line, format_log_line, peak_flops, throughput_metrics,
+)
+
+
+@dataclass
+class TrainState:
+    iteration: int = 0
+    consumed_samples: int = 0
+    skipped_iterations: int = 0
+    losses: list[float] = field(default_factory=list)
+    val_losses: list[tuple[int, float]] = field(default_factory=list)
+
+
+def print_rank0(ps: ParallelState, *values) -> None:
+    if ps.rank == 0:
+        print(*values, flush=True)
+
+
+def setup_parallel(args: argparse.Namespace) -> ParallelState:
+    """Validate against the launch's world size first (no process group yet, so a bad config
+    ends every rank at once), then start torch.distributed and build the groups."""
+    validate_args(args, int(os.environ.get("WORLD_SIZE", "1") or 1))
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but no GPU is visible; use --device cpu or auto")
+    init_distributed(backend="gloo" if args.device == "cpu" else None)
+    device = None if args.device == "auto" else args.device
+    return ParallelState.build(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, device=device)
+
+
+def build_optimizer(model: torch.nn.Module, args: argparse.Namespace, ps: ParallelState) -> MixedPrecisionOptimizer:
+    config = OptimizerConfig(lr=args.lr, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
+                             adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return MixedPrecisionOptimizer(named, config, ps)
+
+
+def memory_record(model: torch.nn.Module, ddp: DistributedDataParallel, optimizer: MixedPrecisionOptimizer,
+                  num_params: int) -> dict:
+    """Bytes this rank holds persistently (scales included), per DESIGN.md's metrics contract."""
+    weight = sum(p.numel() * p.element_size() for p in model.parameters())
+    grad, master, optim = ddp.grad_buffer.nbytes, optimizer.master_bytes(), optimizer.optim_bytes()
+    return {"num_params": num_params, "weight_bytes": weight, "grad_bytes": grad, "master_bytes": master,
+            "optim_bytes": optim, "state_bytes_per_param": (weight + grad + master + optim) / num_params}
+
+
+def build_data_iterators(args, ps: ParallelState, datasets_provider, consumed_samples: int):
+    num_samples = train_valid_test_num_samples(train_iters=args.train_iters, global_batch_size=args.global_batch_size,
+                                               eval_interval=args.eval_interval, eval_iters=args.eval_iters)
+    train_ds, valid_ds, _ = datasets_provider(args, num_samples)
+    loader_kw = dict(micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
+                     data_parallel_rank=ps.dp_rank, data_parallel_size=ps.dp_size, num_workers=args.num_workers)
+    train_iter = iter(build_pretraining_data_loader(train_ds, consumed_samples=consumed_samples, **loader_kw))
+    valid_iter = None
+    if valid_ds is not None and args.eval_iters > 0:
+        valid_iter = cyclic_iterator(build_pretraining_data_loader(valid_ds, consumed_samples=0, **loader_kw))
+    return train_iter, valid_iter
+
+
+def _mean_across_dp(values: list[dict], key: str, ps: ParallelState) -> float:
+    local = torch.stack([torch.as_tensor(v[key], dtype=torch.float32) for v in values]).mean().to(ps.device)
+    return comm.all_reduce(local, ps, "dp").item() / ps.dp_size if ps.dp_size > 1 else local.item()
+
+
+class Trainer:
+    """One training run: model, optimizer, schedule, data and logging, wired together."""
+
+    def __init__(self, args, ps: ParallelState, model_provider, forward_step, datasets_provider,
+                 flops_per_token: float | None = None, num_params: int | None = None):
+        self.args, self.ps, self.forward_step = args, ps, forward_step
+        self.rng = model_parallel_seed(ps, args.seed)
+        self.model = model_provider(args, ps, self.rng)
+        self.ddp = DistributedDataParallel(self.model, ps)
+        self.optimizer = build_optimizer(self.model, args, ps)
+        self.scheduler = LRScheduler(lr_schedule_config_from_args(args), train_iters=args.train_iters)
+        self.state = TrainState()
+        self.num_params = num_params or sum(p.numel() for p in self.model.parameters())
+        self.flops_per_token = flops_per_token
+        self.num_microbatches = args.global_batch_size // (args.micro_batch_size * ps.dp_size)
+        self.forward_backward = get_forward_backward_func(ps)
+        self.train_iter, self.valid_iter = build_data_iterators(args, ps, datasets_provider, 0)
+        enabled = ps.rank == 0
+        self.metrics = MetricsWriter(args.metrics_file, enabled)
+        self.loggers = Loggers(tensorboard_dir=args.tensorboard_dir, wandb_project=args.wandb_project,
+                               wandb_exp_name=args.wandb_exp_name, wandb_save_dir=args.wandb_save_dir,
+                               wandb_mode=args.wandb_mode, enabled=enabled, run_config=vars(args))
+
+    def train_step(self) -> tuple[float, bool, float]:
+        """One global batch: returns (loss averaged over data-parallel ranks, skipped, grad norm)."""
+        self.ddp.module.train()
+        self.ddp.zero_grad_buffer()
+        reported = self.forward_backward(forward_step=self.forward_step, data_iterator=self.train_iter,
+                                         model=self.ddp, num_microbatches=self.num_microbatches)
+        self.ddp.finish_grad_sync()
+        result = self.optimizer.step()
+        return _mean_across_dp(reported, "lm loss", self.ps), result.skipped, result.grad_norm
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.ddp.module.eval()
+        reported = []
+        for _ in range(self.args.eval_iters):
+            reported += self.forward_backward(forward_step=self.forward_step, data_iterator=self.valid_iter,
+                                              model=self.ddp, num_microbatches=self.num_microbatches,
+                                              forward_only=True)
+        return _mean_across_dp(reported, "lm loss", self.ps)
+
+    def record(self, loss: float, skipped: bool, grad_norm: float, step_time: float, lr: float,
+               comm_bytes: dict) -> dict:
+        tokens_per_s = self.args.global_batch_size * self.args.seq_length / step_time
+        record = {
+            "iteration": self.state.iteration, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+            "skipped": skipped, "step_time_s": step_time, "tokens_per_s": tokens_per_s,
+            "memory": memory_record(self.model, self.ddp, self.optimizer, self.num_params),
+            "comm": comm_bytes, "consumed_samples": self.state.consumed_samples,
+            "train_iters": self.args.train_iters, "global_batch_size": self.args.global_batch_size,
+        }
+        if self.flops_per_token:
+            dtype = "fp8" if self.args.fp8_level != "none" else "bf16"
+            record.update(throughput_metrics(tokens_per_s, self.flops_per_token, self.ps.world_size,
+                                             peak_flops(self.ps.device, dtype)))
+        return record
+
+    def train(self) -> TrainState:
+        args, ps, state = self.args, self.ps, self.state
+        counter = comm.counter()
+        while state.iteration < args.train_iters:
+            lr = self.scheduler.step(self.optimizer, state.iteration)
+            counter.reset()
+            start = time.perf_counter()
+            loss, skipped, grad_norm = self.train_step()
+            if ps.device.type == "cuda":
+                torch.cuda.synchronize()
+            step_time = time.perf_counter() - start
+            comm_bytes = counter.snapshot()
+            state.iteration += 1
+            state.consumed_samples += args.global_batch_size
+            state.skipped_iterations += int(skipped)
+            state.losses.append(loss)
+            if state.iteration % args.log_interval == 0 or state.iteration == args.train_iters:
+                self.log(self.record(loss, skipped, grad_norm, step_time, lr, comm_bytes))
+            if self.valid_iter is not None and state.iteration % args.eval_interval == 0:
+                self.log_eval(self.evaluate())
+        return state
+
+    def log(self, record: dict) -> None:
+        self.metrics.write(record)
+        self.loggers.log(record, record["iteration"])
+        print_rank0(self.ps, format_log_line(record))
+
+    def log_eval(self, val_loss: float) -> None:
+        self.state.val_losses.append((self.state.iteration, val_loss))
+        self.loggers.log({"val_loss": val_loss}, self.state.iteration)
+        print_rank0(self.ps, format_eval_line(self.state.iteration, val_loss))
+
+    def close(self) -> None:
+        self.metrics.close()
+        self.loggers.close()
