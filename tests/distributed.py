@@ -15,8 +15,8 @@ concurrent test runs on one machine cannot race for a port.
 from __future__ import annotations
 
 import datetime
+import io
 import os
-import pickle
 import queue
 import time
 import traceback
@@ -78,13 +78,25 @@ def _worker_main(rank: int, world_size: int, fn, args: tuple, launch: dict, resu
             os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(launch["port"]))
         result = fn(rank, world_size, *args)
-        payload = ("ok", pickle.dumps(result))
+        payload = ("ok", _dumps(result))
     except BaseException:  # noqa: BLE001 - everything must reach the parent, even SystemExit
         payload = ("error", traceback.format_exc())
     results_queue.put((rank, *payload))
     if payload[0] == "ok" and dist.is_available() and dist.is_initialized():
         dist.barrier()  # no rank leaves while a peer may still be talking to it
         dist.destroy_process_group()
+
+
+def _dumps(result) -> bytes:
+    # torch.save rather than pickle: plain pickling of float8 tensors fails in some torch versions,
+    # and bytes keep tensors out of torch.multiprocessing's shared-memory handoff.
+    buffer = io.BytesIO()
+    torch.save(result, buffer)
+    return buffer.getvalue()
+
+
+def _loads(payload: bytes):
+    return torch.load(io.BytesIO(payload), weights_only=False)
 
 
 def _init_process_group(rank: int, world_size: int, launch: dict) -> None:
@@ -116,7 +128,7 @@ def _collect(processes, results_queue, timeout: float) -> list:
                     deadline = min(deadline, time.monotonic() + 1.0)
             continue
         if status == "ok":
-            results[rank] = pickle.loads(payload)
+            results[rank] = _loads(payload)
         else:
             errors[rank] = payload
             deadline = min(deadline, time.monotonic() + 2.0)  # a short grace for peers' errors

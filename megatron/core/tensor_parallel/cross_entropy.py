@@ -2,7 +2,7 @@
 
 Rank r holds vocabulary entries [r * V_local, (r + 1) * V_local). The loss needs only three
 per-token numbers summed across tensor-parallel ranks (after a max all-reduce for stability): the
-target's logit, the sum of exponentials and, with label smoothing, the sum of logits. They travel
+sum of exponentials, the target's logit and, with label smoothing, the sum of logits. They travel
 in one all-reduce. The result equals ``F.cross_entropy(full_logits, target, reduction="none",
 label_smoothing=...)``.
 """
@@ -34,18 +34,18 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         rows = torch.arange(shifted.shape[0], device=shifted.device)
         target_logit = torch.where(on_this_rank, shifted[rows, local_index], torch.zeros_like(row_max))
 
-        sum_logits = shifted.sum(dim=-1) if label_smoothing > 0 else torch.zeros_like(row_max)
-        exp = shifted.exp_()  # in place: the shifted logits are not needed again
-        sums = torch.stack([target_logit, exp.sum(dim=-1), sum_logits])
-        comm.all_reduce(sums, ps, "tp")
-        target_logit, sum_exp, sum_logits = sums
-        log_sum_exp = sum_exp.log()
-        loss = log_sum_exp - target_logit
+        per_token = [target_logit]
         if label_smoothing > 0:
-            smooth_loss = log_sum_exp - sum_logits / vocab_size
+            per_token.append(shifted.sum(dim=-1))
+        exp = shifted.exp_()  # in place: the shifted logits are not needed again
+        sums = comm.all_reduce(torch.stack([exp.sum(dim=-1), *per_token]), ps, "tp")
+        log_sum_exp = sums[0].log()
+        loss = log_sum_exp - sums[1]
+        if label_smoothing > 0:
+            smooth_loss = log_sum_exp - sums[2] / vocab_size
             loss = (1.0 - label_smoothing) * loss + label_smoothing * smooth_loss
 
-        softmax = exp.div_(sum_exp.unsqueeze(-1))
+        softmax = exp.div_(sums[0].unsqueeze(-1))
         ctx.save_for_backward(softmax, on_this_rank, local_index)
         ctx.label_smoothing, ctx.vocab_size, ctx.logits_dtype = label_smoothing, vocab_size, logits_local.dtype
         ctx.logits_shape = logits_local.shape
