@@ -153,6 +153,8 @@ def test_config_from_command_line_and_its_checks():
     assert (config.seq_length, config.seed, config.eod_mask_loss) == (64, 1234, False)
     with pytest.raises(ValueError, match="no training data; pass --data-path"):
         gpt_dataset_config_from_args(parser.parse_args(["--seq-length", "64"]))
+    from_yaml = GPTDatasetConfig(data_path="0.5 A 0.5 B", seq_length=8, split=1)  # YAML gives strings and numbers
+    assert from_yaml.blend == [("A", 0.5), ("B", 0.5)] and from_yaml.split_weights == (1.0, 0.0, 0.0)
     with pytest.raises(ValueError, match="--seq-length must be >= 1"):
         GPTDatasetConfig(data_path=["A"], seq_length=0)
     assert train_valid_test_num_samples(train_iters=100, global_batch_size=8, eval_interval=50, eval_iters=2) == (

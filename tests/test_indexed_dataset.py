@@ -49,6 +49,10 @@ def test_round_trip(tmp_path, dtype, high):
     np.testing.assert_array_equal(dataset.document_lengths, [len(d) for d in documents])
     with pytest.raises(IndexError):
         dataset[len(documents)]
+    held = dataset[1]
+    dataset.close()  # arrays already handed out stay valid
+    np.testing.assert_array_equal(held, documents[1])
+    dataset = IndexedDataset(tmp_path / "ds")
     restored = pickle.loads(pickle.dumps(dataset))  # what a spawned DataLoader worker receives
     np.testing.assert_array_equal(restored[7], documents[7])
 

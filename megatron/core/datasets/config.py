@@ -31,7 +31,10 @@ class GPTDatasetConfig:
             raise ValueError(f"--seq-length must be >= 1, got {self.seq_length}")
         if self.seed < 0:
             raise ValueError(f"--seed must be >= 0, got {self.seed}")
-        self.data_path = [str(item) for item in self.data_path]
+        # A YAML file may give either form: "0.7 A 0.3 B" or [0.7, A, 0.3, B].
+        items = self.data_path.split() if isinstance(self.data_path, str) else self.data_path
+        self.data_path = [str(item) for item in items]
+        self.split = str(self.split)
         self.blend = parse_data_path(self.data_path)
         self.split_weights = parse_split(self.split)
 

@@ -37,6 +37,7 @@ _CODE_OF_DTYPE = {np.dtype(dtype): code for code, dtype in DTYPE_CODES.items()}
 
 # Megatron's threshold: a little headroom below 2**16 for ids that tokenizers add later.
 _UINT16_VOCAB_LIMIT = 65500
+_CHECK_CHUNK = 1 << 22
 
 
 class IndexedDatasetError(ValueError):
@@ -76,6 +77,7 @@ class IndexedDataset:
         index = _read_index(idx_path(self.path_prefix))
         self.dtype, self.sequence_lengths, self.sequence_pointers, self.document_indices = index
         self._token_bytes = np.dtype(self.dtype).itemsize
+        self.num_tokens = int(self.sequence_lengths.sum(dtype=np.int64))
         self._check_bin_size()
         self._bin_file = open(bin_path(self.path_prefix), "rb")
         # mmap refuses empty files; a dataset of empty documents simply has no bytes to map.
@@ -91,10 +93,6 @@ class IndexedDataset:
                 f"{bin_path(self.path_prefix)}: {actual} bytes but its .idx describes {expected}; "
                 "the pair is truncated or mismatched, rebuild it with tools/preprocess_data.py"
             )
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.sequence_lengths.sum(dtype=np.int64))
 
     @property
     def num_documents(self) -> int:
@@ -131,7 +129,10 @@ class IndexedDataset:
 
     def close(self) -> None:
         if isinstance(self._bin_buffer, mmap.mmap):
-            self._bin_buffer.close()
+            try:
+                self._bin_buffer.close()
+            except BufferError:  # arrays handed out still view the map; it closes when they are gone
+                pass
         self._bin_file.close()
 
     # DataLoader workers started with "spawn" receive a pickled copy; maps cannot be pickled.
@@ -144,10 +145,12 @@ class IndexedDataset:
 
 
 def _read_index(path: Path) -> tuple[type, np.ndarray, np.ndarray, np.ndarray]:
+    # Mapped, not read: every rank and DataLoader worker on a node then shares one copy in the page cache.
+    size = path.stat().st_size
+    if size < HEADER_BYTES:
+        raise _corrupt(path, f"{size} bytes, shorter than the {HEADER_BYTES}-byte header")
     with open(path, "rb") as index_file:
-        content = index_file.read()
-    if len(content) < HEADER_BYTES:
-        raise _corrupt(path, f"{len(content)} bytes, shorter than the {HEADER_BYTES}-byte header")
+        content = mmap.mmap(index_file.fileno(), 0, access=mmap.ACCESS_READ)
     magic, version, dtype_code, num_sequences, num_document_entries = _HEADER.unpack_from(content)
     if magic != MAGIC:
         raise _corrupt(path, "not a Megatron indexed dataset index (bad magic bytes)")
@@ -156,8 +159,8 @@ def _read_index(path: Path) -> tuple[type, np.ndarray, np.ndarray, np.ndarray]:
     if dtype_code not in DTYPE_CODES:
         raise _corrupt(path, f"unknown token dtype code {dtype_code}")
     expected_size = HEADER_BYTES + 12 * num_sequences + 8 * num_document_entries
-    if len(content) != expected_size:
-        raise _corrupt(path, f"{len(content)} bytes but its header describes {expected_size} (truncated?)")
+    if size != expected_size:
+        raise _corrupt(path, f"{size} bytes but its header describes {expected_size} (truncated?)")
     lengths = np.frombuffer(content, np.int32, num_sequences, HEADER_BYTES)
     pointers = np.frombuffer(content, np.int64, num_sequences, HEADER_BYTES + 4 * num_sequences)
     documents = np.frombuffer(content, np.int64, num_document_entries, HEADER_BYTES + 12 * num_sequences)
@@ -169,9 +172,14 @@ def _read_index(path: Path) -> tuple[type, np.ndarray, np.ndarray, np.ndarray]:
 def _check_index_arrays(path: Path, lengths, pointers, documents, token_bytes: int) -> None:
     if (lengths < 0).any():
         raise _corrupt(path, "negative sequence length")
-    expected_pointers = np.concatenate([[0], np.cumsum(lengths[:-1], dtype=np.int64)]) * token_bytes
-    if len(lengths) and not np.array_equal(pointers, expected_pointers):
+    if len(lengths) and pointers[0] != 0:
         raise _corrupt(path, "sequence pointers do not match the sequence lengths")
+    # In chunks: a corpus of 10^8 documents would otherwise need several GB of temporaries here.
+    for start in range(0, max(len(lengths) - 1, 0), _CHECK_CHUNK):
+        end = min(start + _CHECK_CHUNK, len(lengths) - 1)
+        steps = np.diff(pointers[start:end + 1])
+        if not np.array_equal(steps, lengths[start:end].astype(np.int64) * token_bytes):
+            raise _corrupt(path, "sequence pointers do not match the sequence lengths")
     if len(documents) == 0 or documents[0] != 0 or documents[-1] != len(lengths):
         raise _corrupt(path, "document indices must start at 0 and end at the sequence count")
     if (np.diff(documents) < 0).any():
