@@ -18,6 +18,7 @@ so `dataset[i]` is document i.
 
 from __future__ import annotations
 
+import array
 import mmap
 import os
 import struct
@@ -207,8 +208,9 @@ class IndexedDatasetWriter:
         self._tmp_bin = Path(f"{bin_path(self.path_prefix)}{suffix}")
         self._tmp_idx = Path(f"{idx_path(self.path_prefix)}{suffix}")
         self._bin_file = open(self._tmp_bin, "wb")
-        self._sequence_lengths: list[int] = []
-        self._document_indices: list[int] = [0]
+        # Typed arrays, not lists: 10^8 documents cost 1.2 GB here instead of several GB of Python ints.
+        self._sequence_lengths = array.array("i")
+        self._document_indices = array.array("q", [0])
         self._finished = False
 
     def add_document(self, tokens: np.ndarray | list[int], sequence_lengths: list[int] | None = None) -> None:
@@ -228,8 +230,9 @@ class IndexedDatasetWriter:
         assert int(np.sum(document_lengths)) == len(array), "document lengths must cover the tokens exactly"
         self._bin_file.write(array.astype(self.dtype, copy=False).tobytes(order="C"))
         first = len(self._sequence_lengths)
-        self._sequence_lengths.extend(int(n) for n in document_lengths)
-        self._document_indices.extend(range(first + 1, len(self._sequence_lengths) + 1))
+        self._sequence_lengths.frombytes(np.asarray(document_lengths, dtype=np.int32).tobytes())
+        new_documents = np.arange(first + 1, len(self._sequence_lengths) + 1, dtype=np.int64)
+        self._document_indices.frombytes(new_documents.tobytes())
 
     def _check_range(self, array: np.ndarray) -> None:
         if self._dtype_info is None or array.size == 0:
@@ -246,14 +249,14 @@ class IndexedDatasetWriter:
 
     def finalize(self) -> None:
         self._bin_file.close()
-        lengths = np.asarray(self._sequence_lengths, dtype=np.int32)
+        lengths = np.frombuffer(self._sequence_lengths, dtype=np.int32)
         pointers = np.concatenate([[0], np.cumsum(lengths[:-1], dtype=np.int64)]) * self.dtype.itemsize
         with open(self._tmp_idx, "wb") as index_file:
             index_file.write(_HEADER.pack(MAGIC, VERSION, _CODE_OF_DTYPE[self.dtype], len(lengths),
                                           len(self._document_indices)))
             index_file.write(lengths.tobytes())
             index_file.write(pointers[: len(lengths)].astype(np.int64).tobytes())
-            index_file.write(np.asarray(self._document_indices, dtype=np.int64).tobytes())
+            index_file.write(np.frombuffer(self._document_indices, dtype=np.int64).tobytes())
         # .bin first: a reader that finds the new .idx always finds its .bin.
         os.replace(self._tmp_bin, bin_path(self.path_prefix))
         os.replace(self._tmp_idx, idx_path(self.path_prefix))
