@@ -110,7 +110,8 @@ class Trainer:
         self.forward_backward = get_forward_backward_func(ps)
         self.train_iter, self.valid_iter = build_data_iterators(args, ps, datasets_provider, 0)
         enabled = ps.rank == 0
-        self.metrics = MetricsWriter(args.metrics_file, enabled)
+        # Lines past the starting iteration belong to a run this one replaces (or redoes).
+        self.metrics = MetricsWriter(args.metrics_file, enabled, resume_from_iteration=self.state.iteration)
         self.loggers = Loggers(tensorboard_dir=args.tensorboard_dir, wandb_project=args.wandb_project,
                                wandb_exp_name=args.wandb_exp_name, wandb_save_dir=args.wandb_save_dir,
                                wandb_mode=args.wandb_mode, enabled=enabled, run_config=vars(args))
@@ -135,8 +136,10 @@ class Trainer:
                                               forward_only=True)
         return _mean_across_dp(reported, "lm loss", self.ps)
 
-    def record(self, loss: float, skipped: bool, grad_norm: float, step_time: float, lr: float,
+    def record(self, loss: float, skipped: int, grad_norm: float, step_time: float, lr: float,
                comm_bytes: dict) -> dict:
+        """The metrics record (docs/metrics.md): `skipped` counts the interval's skipped steps and
+        `step_time_s` is the interval's mean; the rest describe the logged iteration."""
         tokens_per_s = self.args.global_batch_size * self.args.seq_length / step_time
         record = {
             "iteration": self.state.iteration, "loss": loss, "lr": lr, "grad_norm": grad_norm,
@@ -154,6 +157,7 @@ class Trainer:
     def train(self) -> TrainState:
         args, ps, state = self.args, self.ps, self.state
         counter = comm.counter()
+        interval_time, interval_steps, interval_skipped = 0.0, 0, 0
         while state.iteration < args.train_iters:
             lr = self.scheduler.step(self.optimizer, state.iteration)
             counter.reset()
@@ -167,8 +171,11 @@ class Trainer:
             state.consumed_samples += args.global_batch_size
             state.skipped_iterations += int(skipped)
             state.losses.append(loss)
+            interval_time, interval_steps = interval_time + step_time, interval_steps + 1
+            interval_skipped += int(skipped)
             if state.iteration % args.log_interval == 0 or state.iteration == args.train_iters:
-                self.log(self.record(loss, skipped, grad_norm, step_time, lr, comm_bytes))
+                self.log(self.record(loss, interval_skipped, grad_norm, interval_time / interval_steps, lr, comm_bytes))
+                interval_time, interval_steps, interval_skipped = 0.0, 0, 0
             if self.valid_iter is not None and state.iteration % args.eval_interval == 0:
                 self.log_eval(self.evaluate())
         return state
