@@ -18,6 +18,7 @@ import datetime
 import io
 import os
 import queue
+import sys
 import time
 import traceback
 
@@ -45,9 +46,11 @@ def run_distributed(fn, world_size: int, *args, backend: str = "gloo", timeout: 
     results_queue = context.Queue()
     store = dist.TCPStore("127.0.0.1", 0, None, True, timeout=datetime.timedelta(seconds=timeout),
                           wait_for_workers=False)
+    # The forkserver's environment and sys.path date from its start; workers get the caller's now.
     launch = {"port": store.port if init_process_group else _free_port(), "backend": backend,
-              "timeout": timeout, "init": init_process_group}
-    processes = [context.Process(target=_worker_main, args=(rank, world_size, fn, args, launch, results_queue),
+              "timeout": timeout, "init": init_process_group, "environ": dict(os.environ),
+              "sys_path": list(sys.path), "job": _pickle_job(fn, args)}
+    processes = [context.Process(target=_worker_main, args=(rank, world_size, launch, results_queue),
                                  daemon=True, name=f"dist-rank-{rank}") for rank in range(world_size)]
     try:
         for process in processes:
@@ -69,9 +72,21 @@ def _context():
     return context
 
 
-def _worker_main(rank: int, world_size: int, fn, args: tuple, launch: dict, results_queue) -> None:
-    torch.set_num_threads(1)  # the machine is shared; N workers must not each take every core
+def _pickle_job(fn, args: tuple) -> bytes:
     try:
+        return _dumps((fn, args))
+    except Exception as error:  # noqa: BLE001 - pickling raises several unrelated types
+        raise ValueError(f"run_distributed needs a module-level function and picklable arguments "
+                         f"(workers import them by name): {error}") from error
+
+
+def _worker_main(rank: int, world_size: int, launch: dict, results_queue) -> None:
+    torch.set_num_threads(1)  # the machine is shared; N workers must not each take every core
+    os.environ.clear()
+    os.environ.update(launch["environ"])
+    sys.path[:] = launch["sys_path"]
+    try:
+        fn, args = _loads(launch["job"])
         if launch["init"]:
             _init_process_group(rank, world_size, launch)
         else:

@@ -69,7 +69,10 @@ def _measure(results: dict, name: str, op):
     results[name + ":bytes"] = comm.counter().since(before)
 
 
-def _collectives_worker(rank, world_size):
+def _collectives_worker(rank, world_size, fused):
+    if fused:
+        # The CUDA (NCCL) code path, exercised on CPU where this torch's gloo has the fused ops.
+        comm._use_fused = lambda t: True
     grid = ParallelState.build(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)
     flat = ParallelState.build()  # dp = 4
     out = {}
@@ -128,9 +131,17 @@ def _error_checks(rank, grid, flat, out):
     out["errors"] = errors
 
 
-@pytest.fixture(scope="module")
-def four_ranks():
-    return run_distributed(_collectives_worker, 4)
+def _gloo_has_fused_collectives() -> bool:
+    version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+    return version >= (2, 13)  # gloo's all_gather_single / reduce_scatter_single and coalesced p2p
+
+
+@pytest.fixture(scope="module", params=["list-collectives", "fused-collectives"])
+def four_ranks(request):
+    fused = request.param == "fused-collectives"
+    if fused and not _gloo_has_fused_collectives():
+        pytest.skip("this torch's gloo lacks the fused collectives the CUDA path uses")
+    return run_distributed(_collectives_worker, 4, fused)
 
 
 def _tp_peers(rank):

@@ -52,3 +52,20 @@ def test_worker_exception_fails_with_its_traceback():
 def test_a_hang_times_out():
     with pytest.raises(TimeoutError, match=r"ranks \[0\] did not finish"):
         run_distributed(_hangs, 2, timeout=3)
+
+
+def _reads_environment(rank, world_size):
+    import os
+
+    return os.environ.get("FP8LM_HELPER_PROBE")
+
+
+@pytest.mark.distributed
+def test_workers_see_the_callers_environment(monkeypatch):
+    monkeypatch.setenv("FP8LM_HELPER_PROBE", "set-after-the-forkserver-started")
+    assert run_distributed(_reads_environment, 2) == ["set-after-the-forkserver-started"] * 2
+
+
+def test_local_functions_are_refused_with_the_fix():
+    with pytest.raises(ValueError, match="module-level function"):
+        run_distributed(lambda rank, world_size: rank, 2)

@@ -238,11 +238,13 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> Di
         raise ValueError(f"WORLD_SIZE={world_size} but {', '.join(missing or ['RANK'])} is not set; "
                          f"launch with torchrun (or set RANK, MASTER_ADDR and MASTER_PORT)")
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    device_id = None
     if "nccl" in backend:
         # Before the first collective, so NCCL binds each process to its own GPU.
         torch.cuda.set_device(local_rank)
+        device_id = torch.device("cuda", local_rank)
     dist.init_process_group(backend=backend, init_method="env://", world_size=world_size, rank=rank,
-                            timeout=datetime.timedelta(seconds=timeout_s))
+                            timeout=datetime.timedelta(seconds=timeout_s), device_id=device_id)
     return _current_env(local_rank)
 
 

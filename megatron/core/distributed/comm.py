@@ -112,6 +112,11 @@ def _positive_dim(t: torch.Tensor, dim: int) -> int:
     return dim % t.dim()
 
 
+def _use_fused(t: torch.Tensor) -> bool:
+    """The fused tensor collectives for CUDA (NCCL); the list forms older gloo also has for CPU."""
+    return t.is_cuda
+
+
 def _gather_single(out: torch.Tensor, inp: torch.Tensor, process_group) -> None:
     # all_gather_single replaces all_gather_into_tensor in torch 2.12+; older torch lacks it.
     fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -157,7 +162,7 @@ def all_gather(t: torch.Tensor, ps: ParallelState, group: str, dim: int = 0) -> 
         return t
     dim = _positive_dim(t, dim)
     local = _to_wire(t.contiguous())
-    if local.is_cuda:
+    if _use_fused(local):
         stacked = local.new_empty((size * local.shape[0], *local.shape[1:]))
         _gather_single(stacked, local, process_group)
         parts = stacked.chunk(size)
@@ -180,7 +185,7 @@ def reduce_scatter(t: torch.Tensor, ps: ParallelState, group: str, dim: int = 0)
     if t.shape[dim] % size != 0:
         raise ValueError(f"reduce_scatter over {group} needs dimension {dim} of shape {tuple(t.shape)} "
                          f"to be divisible by the group size {size}; pad it to a multiple of {size}")
-    if t.is_cuda:
+    if _use_fused(t):
         full = t.movedim(dim, 0).contiguous()
         chunk = full.new_empty((full.shape[0] // size, *full.shape[1:]))
         _reduce_scatter_single(chunk, full, process_group)
@@ -266,7 +271,7 @@ def send_recv(ps: ParallelState, sends: Sequence[tuple[torch.Tensor, int]] = (),
     ops += [(dist.irecv, _to_wire(t), peer) for t, peer in recvs]
     if not ops:
         return
-    if any(t.is_cuda for _, t, _ in ops):
+    if any(_use_fused(t) for _, t, _ in ops):
         # NCCL needs the whole exchange in one group call to avoid ordering deadlocks.
         works = dist.batch_isend_irecv([dist.P2POp(op, t, peer, ps.pp_group) for op, t, peer in ops])
     else:
