@@ -10,7 +10,6 @@ from __future__ import annotations
 import glob
 import gzip
 import json
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -284,6 +283,3 @@ def _hf_batches(path: str, keys: Sequence[str]) -> Iterator[RecordBatch]:
         yield RecordBatch(path, "row", list(range(next_row, next_row + count)), rows)
         next_row += count
 
-
-def input_size_bytes(sources: Sequence[Source]) -> int:
-    return sum(os.path.getsize(s.path) for s in sources if os.path.isfile(s.path))
