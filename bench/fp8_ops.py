@@ -1,0 +1,142 @@
+"""Time the FP8 building blocks: quantize / dequantize, fp8_matmul (native and emulated), and
+FP8Linear forward+backward against nn.Linear in BF16, at a few square sizes.
+
+    python bench/fp8_ops.py [--device cuda] [--sizes 1024 4096] [--iters 20] [--out FILE.json]
+
+Prints a table and writes JSON (default bench/results/fp8_ops-<device>.json). On CUDA the GEMM
+rows also give TFLOP/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import fp8  # noqa: E402
+from fp8.gemm import device_info, select_path  # noqa: E402
+
+
+def timed(fn, device: torch.device, iters: int, warmup: int = 3) -> float:
+    """Median seconds per call."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        samples.append(time.perf_counter() - start)
+    samples.sort()
+    return samples[len(samples) // 2]
+
+
+def bench_casts(n: int, device, iters: int) -> list[dict]:
+    x = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    rows = []
+    for granularity in ("tensor", "row", "block"):
+        q = fp8.quantize(x, "e4m3", granularity=granularity)
+        rows.append({"op": f"quantize[{granularity}]", "size": n,
+                     "seconds": timed(lambda: fp8.quantize(x, "e4m3", granularity=granularity), device, iters)})
+        rows.append({"op": f"dequantize[{granularity}]", "size": n,
+                     "seconds": timed(lambda: q.dequantize(torch.bfloat16), device, iters)})
+    return rows
+
+
+def bench_gemms(n: int, device, iters: int) -> list[dict]:
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    w = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    rows = [{"op": "matmul bf16", "size": n, "seconds": timed(lambda: a @ w.t(), device, iters)}]
+    for granularity in ("tensor", "row", "block"):
+        a_fp8 = fp8.quantize(a, "e4m3", granularity=granularity)
+        w_fp8 = fp8.quantize(w, "e4m3", granularity=granularity, role="weight")
+        path, reason = select_path(a_fp8, w_fp8.t(), torch.bfloat16, device_info(a_fp8.device))
+        paths = [path] + (["emulate"] if path != "emulate" else [])
+        for p in paths:
+            seconds = timed(lambda: fp8.fp8_matmul(a_fp8, w_fp8.t(), torch.bfloat16, path=p), device, iters)
+            rows.append({"op": f"fp8_matmul[{granularity}] {p}", "size": n, "seconds": seconds,
+                         "note": reason if p == path else "forced emulation"})
+    for row in rows:
+        row["tflops"] = 2 * n**3 / row["seconds"] / 1e12
+    return rows
+
+
+def bench_linear(n: int, tokens: int, device, iters: int) -> list[dict]:
+    x = torch.randn(tokens, n, device=device, dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(tokens, n, device=device, dtype=torch.bfloat16)
+    layers = {"nn.Linear bf16": nn.Linear(n, n, device=device, dtype=torch.bfloat16)}
+    for recipe in fp8.scaling.RECIPES:
+        layers[f"FP8Linear {recipe}"] = fp8.FP8Linear(n, n, device=device, recipe=fp8.Recipe(recipe=recipe))
+    rows = []
+    for name, layer in layers.items():
+        def step():
+            x.grad = None
+            layer(x).backward(dy)
+        seconds = timed(step, device, iters)
+        rows.append({"op": f"{name} fwd+bwd", "size": n, "tokens": tokens, "seconds": seconds,
+                     "tflops": 6 * tokens * n * n / seconds / 1e12})
+    return rows
+
+
+def print_table(rows: list[dict], device) -> None:
+    show_tflops = device.type == "cuda"
+    header = f"{'op':<36} {'size':>6} {'ms':>10}" + (f" {'TFLOP/s':>9}" if show_tflops else "")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        line = f"{r['op']:<36} {r['size']:>6} {r['seconds'] * 1e3:>10.3f}"
+        if show_tflops and "tflops" in r:
+            line += f" {r['tflops']:>9.1f}"
+        print(line)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--sizes", type=int, nargs="+", default=None,
+                        help="square GEMM sizes (default: 512 1024 2048 on CPU, 1024 4096 8192 on CUDA)")
+    parser.add_argument("--tokens", type=int, default=None, help="tokens per FP8Linear call (default: the size)")
+    parser.add_argument("--iters", type=int, default=None)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but no GPU is visible; use --device cpu", file=sys.stderr)
+        return 2
+    sizes = args.sizes or ([1024, 4096, 8192] if device.type == "cuda" else [512, 1024, 2048])
+    iters = args.iters or (50 if device.type == "cuda" else 5)
+    torch.manual_seed(0)
+    rows = []
+    for n in sizes:
+        rows += bench_casts(n, device, iters) + bench_gemms(n, device, iters)
+        rows += bench_linear(n, args.tokens or n, device, iters)
+    print_table(rows, device)
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "host": platform.node(),
+        "command": " ".join(["python", "bench/fp8_ops.py"] + (argv if argv is not None else sys.argv[1:])),
+    }
+    out = Path(args.out or f"bench/results/fp8_ops-{device.type}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    os.replace(tmp, out)
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Training step time and tokens/s of the real training loop (pretrain_gpt.py), for each
+precision level at a few model sizes and tensor-parallel sizes, on the built-in corpus.
+
+    python bench/train_step.py [--levels none O0] [--sizes tiny small] [--tp 1 2] [--iters 15]
+
+Each combination is one `torchrun` launch (`--nproc-per-node` = TP); the figures are the means
+of the logged intervals after the first (which holds start-up). Prints a table and writes JSON
+(default bench/results/train_step-<device>.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SIZES = {
+    "tiny": [],  # configs/gpt-tiny.yaml as it is: 2 layers, hidden 128, seq 128
+    "small": ["--num-layers", "4", "--hidden-size", "256", "--ffn-hidden-size", "1024",
+              "--num-attention-heads", "8", "--seq-length", "256", "--max-position-embeddings", "256"],
+}
+
+
+def corpus_args() -> list[str]:
+    out = subprocess.run([sys.executable, "tools/builtin_corpus.py", "--print-args", "--quiet"], cwd=REPO,
+                         check=True, capture_output=True, text=True)
+    return out.stdout.split()
+
+
+def run_one(size: str, level: str, tp: int, iters: int, device: str, data: list[str]) -> dict:
+    interval = max(1, iters // 3)
+    with tempfile.TemporaryDirectory() as tmp:
+        metrics = Path(tmp) / "metrics.jsonl"
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(tp),
+                   "pretrain_gpt.py", "--config", "configs/gpt-tiny.yaml", *SIZES[size], *data,
+                   "--fp8-level", level, "--tensor-model-parallel-size", str(tp), "--device", device,
+                   "--train-iters", str(iters), "--log-interval", str(interval), "--eval-iters", "0",
+                   "--metrics-file", str(metrics)] + (["--sequence-parallel"] if tp > 1 else [])
+        proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{size}/{level}/tp{tp} failed:\n{proc.stderr[-2000:]}")
+        records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    steady = records[1:] or records
+    step = sum(r["step_time_s"] for r in steady) / len(steady)
+    last = records[-1]
+    return {"size": size, "level": level, "tp": tp, "step_time_s": step,
+            "tokens_per_s": last["tokens_per_s"] * last["step_time_s"] / step,
+            "final_loss": last["loss"], "state_bytes_per_param": last["memory"]["state_bytes_per_param"],
+            "tp_bytes_per_step": last["comm"]["tp_bytes"], "num_params": last["memory"]["num_params"]}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--levels", nargs="+", default=["none", "O0"])
+    parser.add_argument("--sizes", nargs="+", default=["tiny", "small"], choices=list(SIZES))
+    parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--iters", type=int, default=15)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    data = corpus_args()
+    rows = []
+    print(f"{'size':<6} {'level':<5} {'tp':>2} {'step ms':>9} {'tokens/s':>9} {'bytes/param':>11} {'loss':>7}")
+    for size in args.sizes:
+        for tp in args.tp:
+            for level in args.levels:
+                row = run_one(size, level, tp, args.iters, args.device, data)
+                rows.append(row)
+                print(f"{size:<6} {level:<5} {tp:>2} {row['step_time_s'] * 1e3:>9.1f} {row['tokens_per_s']:>9.0f} "
+                      f"{row['state_bytes_per_param']:>11.2f} {row['final_loss']:>7.3f}", flush=True)
+    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": f"{platform.machine()} {os.cpu_count()} cores", "host": platform.node(),
+            "command": " ".join(["python", "bench/train_step.py"] + (argv if argv is not None else sys.argv[1:]))}
+    out = Path(args.out or REPO / f"bench/results/train_step-{args.device}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    os.replace(tmp, out)
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
