@@ -104,7 +104,8 @@ def test_torchrun_tensor_and_sequence_parallel(builtin_corpus_small, tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                "pretrain_gpt.py", *TINY, *FAST, *data_args(builtin_corpus_small),
                "--train-iters", "20", "--tensor-model-parallel-size", "2", "--sequence-parallel",
-               "--fp8-level", "O0", "--metrics-file", str(metrics), "--loss-plot", str(plot)]
+               "--fp8-level", "O0", "--metrics-file", str(metrics), "--loss-plot", str(plot),
+               "--tensorboard-dir", str(tmp_path / "tb")]
     proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = read_metrics(metrics)
@@ -121,3 +122,4 @@ def test_torchrun_tensor_and_sequence_parallel(builtin_corpus_small, tmp_path):
     assert last["comm"]["tp_bytes"] > 0 and last["comm"]["dp_bytes"] == 0 and last["comm"]["pp_bytes"] == 0
     assert records[-1]["loss"] < records[0]["loss"]
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))  # TensorBoard, on rank 0
