@@ -8,6 +8,8 @@ return something picklable; tensors are fine. The helper initialises the default
 a hang is killed after `timeout` seconds. Starting processes costs seconds on a small machine, so a
 test should run several checks per start.
 
+Workers are forked from a forkserver that imported torch once (a fresh interpreter per worker
+costs seconds), and results come back through torch.save, which carries float8 tensors.
 Rendezvous goes through a TCPStore that this (parent) process hosts on a port the OS picks, so
 concurrent test runs on one machine cannot race for a port.
 """
@@ -116,6 +118,8 @@ def _loads(payload: bytes):
 
 def _init_process_group(rank: int, world_size: int, launch: dict) -> None:
     timeout = datetime.timedelta(seconds=launch["timeout"])
+    if "nccl" in launch["backend"]:
+        torch.cuda.set_device(rank % torch.cuda.device_count())
     store = dist.TCPStore("127.0.0.1", launch["port"], None, False, timeout=timeout)
     dist.init_process_group(launch["backend"], store=store, rank=rank, world_size=world_size,
                             timeout=timeout)

@@ -2,8 +2,9 @@
 
 Bytes follow the ring cost model of NCCL's tests (DESIGN.md, "Contracts"), with S the full
 unsharded size in bytes and n the group size: all-reduce 2(n-1)/n*S; reduce-scatter, all-gather
-and all-to-all (n-1)/n*S; broadcast and send S. Nothing is counted (or sent) when n == 1. The
-model is what is counted, not what a fallback really moves, so CPU and GPU runs report the same.
+and all-to-all (n-1)/n*S; broadcast S on every rank (a pipelined ring forwards it); send S on the
+sender only. Nothing is counted (or sent) when n == 1; fractions round down. The model is what is
+counted, not what a fallback really moves, so CPU and GPU runs report the same.
 
 Groups are named ("tp", "dp", "pp", "embedding") and resolved through a `ParallelState`; the
 "embedding" group (first + last pipeline stage) is counted under "pp".
@@ -69,6 +70,8 @@ def counter() -> CommCounter:
 
 def ring_bytes(op: str, full_nbytes: int, group_size: int) -> int:
     """Bytes one rank sends for `op` on a full payload of `full_nbytes` in a group of `group_size`."""
+    if op not in _RING_FACTOR:
+        raise ValueError(f"unknown collective {op!r}; use one of {', '.join(_RING_FACTOR)}")
     factor, scales_with_group = _RING_FACTOR[op]
     if group_size <= 1:
         return 0
