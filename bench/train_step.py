@@ -41,7 +41,7 @@ def run_one(size: str, level: str, tp: int, iters: int, device: str, data: list[
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(tp),
                    "pretrain_gpt.py", "--config", "configs/gpt-tiny.yaml", *SIZES[size], *data,
                    "--fp8-level", level, "--tensor-model-parallel-size", str(tp), "--device", device,
-                   "--train-iters", str(iters), "--log-interval", str(interval), "--eval-iters", "0",
+                   "--train-iters", str(iters), "--lr-warmup-iters", "2", "--log-interval", str(interval), "--eval-iters", "0",
                    "--metrics-file", str(metrics)] + (["--sequence-parallel"] if tp > 1 else [])
         proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
         if proc.returncode != 0:

@@ -17,7 +17,7 @@ import yaml
 from fp8.scaling import RECIPES
 from megatron.core.datasets.config import add_data_args
 from megatron.core.precision import LEVELS
-from megatron.training.lr_schedule import add_lr_schedule_args
+from megatron.training.lr_schedule import add_lr_schedule_args, lr_schedule_config_from_args
 from megatron.training.tokenizer import add_tokenizer_args
 
 
@@ -196,6 +196,12 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         raise ValueError("--use-distributed-optimizer is not implemented yet; drop it (see README, 'Not done yet')")
     if args.sequence_parallel and tp == 1:
         args.sequence_parallel = False  # as Megatron: nothing to split
+    # The typed configs check themselves; build them now so that their errors, too, come before
+    # any process group exists.
+    lr_schedule_config_from_args(args)
+    from megatron.training.gpt_providers import fp8_config_from_args, transformer_config_from_args
+    fp8_config_from_args(args)
+    transformer_config_from_args(args, vocab_size=1)
 
 
 def padded_vocab_size(vocab_size: int, args: argparse.Namespace) -> int:
