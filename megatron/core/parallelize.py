@@ -83,7 +83,22 @@ def parallelize_gpt(model: GPTModel, ps: ParallelState, *, sequence_parallel: bo
             model.cross_entropy = VocabParallelCrossEntropy(ps)
     model.tie_output_weight()
     _mark_replicated(model, sp)
+    _mark_split_tied_embedding(model)
     return model
+
+
+def _mark_split_tied_embedding(model: GPTModel) -> None:
+    """A pipeline puts tied word embeddings on the first stage and the output weight on the last,
+    as two parameters that must stay one: both get ``shared_embedding`` (their gradients are summed
+    over the embedding group), the last stage's also ``shared_embedding_duplicate`` (norms and
+    parameter counts skip it)."""
+    if not model.shares_embeddings_and_output_weights or (model.embedding is None) == (model.output_layer is None):
+        return
+    if model.embedding is not None:
+        model.embedding.word_embeddings.weight.shared_embedding = True
+    else:
+        model.output_layer.weight.shared_embedding = True
+        model.output_layer.weight.shared_embedding_duplicate = True
 
 
 def _mark_replicated(model: nn.Module, sp: bool) -> None:
@@ -96,7 +111,10 @@ def _mark_replicated(model: nn.Module, sp: bool) -> None:
 
 
 def global_name(model: GPTModel, name: str) -> str:
-    """The parameter's name in the whole model (layer numbers are global under pipelining)."""
+    """The parameter's name in the whole model (layer numbers are global under pipelining; a last
+    stage's tied output weight is the word embedding's copy and takes its name, hence its init)."""
+    if name == "output_layer.weight" and model.embedding is None and model.shares_embeddings_and_output_weights:
+        return "embedding.word_embeddings.weight"
     prefix = "decoder.layers."
     if not name.startswith(prefix):
         return name

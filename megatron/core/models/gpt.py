@@ -66,6 +66,7 @@ class GPTModel(nn.Module):
                                           device=device, dtype=config.params_dtype)
             self.cross_entropy = CrossEntropy()
         self.tie_output_weight()
+        self.input_tensor: torch.Tensor | None = None
 
     @property
     def shares_embeddings_and_output_weights(self) -> bool:
@@ -77,12 +78,20 @@ class GPTModel(nn.Module):
         if self.shares_embeddings_and_output_weights and self.embedding is not None and self.output_layer is not None:
             self.output_layer.weight = self.embedding.word_embeddings.weight
 
+    def set_input_tensor(self, input_tensor: torch.Tensor | None) -> None:
+        """The previous stage's output for the next `forward` of a part without the embedding.
+        A pipeline schedule sets it, so the caller's `forward(input_ids, labels)` is the same on
+        every stage."""
+        self.input_tensor = input_tensor
+
     def forward(self, input_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None, *,
                 hidden_states: torch.Tensor | None = None, position_ids: torch.Tensor | None = None):
-        """`input_ids` [b, s] on the first stage; `hidden_states` [s, b, h] from the previous
-        stage otherwise. Returns hidden states when this part has no head."""
+        """`input_ids` [b, s] on the first stage; `hidden_states` [s, b, h] (or the tensor given to
+        `set_input_tensor`) otherwise. Returns hidden states when this part has no head."""
         if self.pre_process:
             hidden_states = self.embedding(input_ids, position_ids)
+        elif hidden_states is None:
+            hidden_states = self.input_tensor
         hidden_states = self.decoder(hidden_states)
         if not self.post_process:
             return hidden_states
