@@ -41,8 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         state = trainer.train()
     finally:
         trainer.close()
-    print_rank0(ps, f"> done: {state.iteration} iterations, final loss {state.losses[-1]:.4f}, "
-                    f"{state.skipped_iterations} skipped")
+    final = f"final loss {state.losses[-1]:.4f}, " if state.losses else ""
+    print_rank0(ps, f"> done: {state.iteration} iterations, {final}{state.skipped_iterations} skipped")
     if args.loss_plot and ps.rank == 0:
         from tools.plot_metrics import plot_metrics
         plot_metrics([args.metrics_file], args.loss_plot)

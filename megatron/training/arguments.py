@@ -76,6 +76,25 @@ def _parallel_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--use-distributed-optimizer", action="store_true")
 
 
+def _checkpoint_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("checkpointing")
+    g.add_argument("--save", default=None, help="folder to write checkpoints to")
+    g.add_argument("--save-interval", type=int, default=None, help="save every N iterations (and at the end)")
+    g.add_argument("--load", default=None, help="folder to resume from (its latest checkpoint)")
+    g.add_argument("--finetune", action="store_true", help="load weights only: fresh optimizer, iteration 0")
+    g.add_argument("--no-load-optim", action="store_true", help="do not load the optimizer state")
+    g.add_argument("--no-load-rng", action="store_true", help="do not load the random-number states")
+    g.add_argument("--exit-interval", type=int, default=None, help="stop after an iteration divisible by N")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None, help="stop (saving first) after this long")
+
+
+def _recompute_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("activation recomputation")
+    g.add_argument("--recompute-granularity", default=None, choices=["full", "selective"])
+    g.add_argument("--recompute-method", default=None, choices=["uniform", "block"])
+    g.add_argument("--recompute-num-layers", type=int, default=None)
+
+
 def _fp8_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("fp8")
     g.add_argument("--fp8-level", default="none", choices=list(LEVELS))
@@ -108,6 +127,8 @@ def build_parser(description: str = "FP8-LM training", extra_args_provider=None)
     _parallel_args(parser)
     _fp8_args(parser)
     _logging_args(parser)
+    _checkpoint_args(parser)
+    _recompute_args(parser)
     add_lr_schedule_args(parser)
     add_data_args(parser)
     add_tokenizer_args(parser)
@@ -187,9 +208,11 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     if args.seq_length > args.max_position_embeddings:
         raise ValueError(f"--seq-length ({args.seq_length}) exceeds --max-position-embeddings "
                          f"({args.max_position_embeddings})")
-    for name in ("train_iters", "log_interval", "eval_interval"):
-        if getattr(args, name) < 1:
+    for name in ("train_iters", "log_interval", "eval_interval", "save_interval", "exit_interval"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.save_interval and not args.save:
+        raise ValueError("--save-interval needs --save DIR")
     if pp > 1:
         raise ValueError("--pipeline-model-parallel-size > 1 is not implemented yet; use 1 (see README, 'Not done yet')")
     if args.use_distributed_optimizer:

@@ -26,6 +26,7 @@ from megatron.core.optimizer import MixedPrecisionOptimizer, OptimizerConfig
 from megatron.core.parallel_state import ParallelState, init_distributed
 from megatron.core.pipeline_parallel.schedules import get_forward_backward_func
 from megatron.core.tensor_parallel.random import model_parallel_seed
+from megatron.training import resume
 from megatron.training.arguments import validate_args
 from megatron.training.lr_schedule import LRScheduler, lr_schedule_config_from_args
 from megatron.training.metrics import (
@@ -40,6 +41,7 @@ class TrainState:
     skipped_iterations: int = 0
     losses: list[float] = field(default_factory=list)
     val_losses: list[tuple[int, float]] = field(default_factory=list)
+    stopped_early: bool = False
 
 
 def print_rank0(ps: ParallelState, *values) -> None:
@@ -74,7 +76,10 @@ def memory_record(model: torch.nn.Module, ddp: DistributedDataParallel, optimize
             "optim_bytes": optim, "state_bytes_per_param": (weight + grad + master + optim) / num_params}
 
 
-def build_data_iterators(args, ps: ParallelState, datasets_provider, consumed_samples: int):
+def build_data_iterators(args, ps: ParallelState, datasets_provider, consumed_samples: int, iteration: int):
+    """Train and validation iterators positioned where a run at `iteration` stands: validation
+    continues after the evaluations already done (as Megatron), so a resumed run sees the same
+    validation batches as an uninterrupted one."""
     num_samples = train_valid_test_num_samples(train_iters=args.train_iters, global_batch_size=args.global_batch_size,
                                                eval_interval=args.eval_interval, eval_iters=args.eval_iters)
     train_ds, valid_ds, _ = datasets_provider(args, num_samples)
@@ -83,7 +88,10 @@ def build_data_iterators(args, ps: ParallelState, datasets_provider, consumed_sa
     train_iter = iter(build_pretraining_data_loader(train_ds, consumed_samples=consumed_samples, **loader_kw))
     valid_iter = None
     if valid_ds is not None and args.eval_iters > 0:
-        valid_iter = cyclic_iterator(build_pretraining_data_loader(valid_ds, consumed_samples=0, **loader_kw))
+        consumed_valid = (iteration // args.eval_interval) * args.eval_iters * args.global_batch_size
+        valid_iter = cyclic_iterator(build_pretraining_data_loader(
+            valid_ds, consumed_samples=consumed_valid % max(len(valid_ds), 1) // args.global_batch_size
+            * args.global_batch_size, **loader_kw))
     return train_iter, valid_iter
 
 
@@ -104,11 +112,15 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, args, ps)
         self.scheduler = LRScheduler(lr_schedule_config_from_args(args), train_iters=args.train_iters)
         self.state = TrainState()
+        self.last_saved_iteration: int | None = None
+        if args.load:
+            resume.load(self)
         self.num_params = num_params or sum(p.numel() for p in self.model.parameters())
         self.flops_per_token = flops_per_token
         self.num_microbatches = args.global_batch_size // (args.micro_batch_size * ps.dp_size)
         self.forward_backward = get_forward_backward_func(ps)
-        self.train_iter, self.valid_iter = build_data_iterators(args, ps, datasets_provider, 0)
+        self.train_iter, self.valid_iter = build_data_iterators(args, ps, datasets_provider,
+                                                                self.state.consumed_samples, self.state.iteration)
         enabled = ps.rank == 0
         # Lines past the starting iteration belong to a run this one replaces (or redoes).
         self.metrics = MetricsWriter(args.metrics_file, enabled, resume_from_iteration=self.state.iteration)
@@ -155,6 +167,16 @@ class Trainer:
         return record
 
     def train(self) -> TrainState:
+        stop = resume.StopConditions(self.args, self.ps)
+        try:
+            self._train_loop(stop)
+        finally:
+            stop.close()
+        if self.args.save and self.last_saved_iteration != self.state.iteration:
+            resume.save(self)
+        return self.state
+
+    def _train_loop(self, stop: resume.StopConditions) -> None:
         args, ps, state = self.args, self.ps, self.state
         counter = comm.counter()
         interval_time, interval_steps, interval_skipped = 0.0, 0, 0
@@ -178,7 +200,13 @@ class Trainer:
                 interval_time, interval_steps, interval_skipped = 0.0, 0, 0
             if self.valid_iter is not None and state.iteration % args.eval_interval == 0:
                 self.log_eval(self.evaluate())
-        return state
+            if args.save_interval and state.iteration % args.save_interval == 0:
+                resume.save(self)
+            reason = stop.reason(state.iteration)
+            if reason is not None:
+                print_rank0(ps, f"> stopping after iteration {state.iteration}: {reason}")
+                state.stopped_early = True
+                break
 
     def log(self, record: dict) -> None:
         self.metrics.write(record)

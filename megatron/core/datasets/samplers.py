@@ -64,9 +64,11 @@ def build_pretraining_data_loader(dataset: torch.utils.data.Dataset, *, consumed
         total_samples=len(dataset), consumed_samples=consumed_samples, micro_batch_size=micro_batch_size,
         global_batch_size=global_batch_size, data_parallel_rank=data_parallel_rank,
         data_parallel_size=data_parallel_size)
+    # A private generator: otherwise every new iterator draws its worker seed from the global RNG,
+    # and a resumed run (which creates its iterators at another point) would drop out differently.
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-        persistent_workers=num_workers > 0)
+        persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(0))
 
 
 def cyclic_iterator(iterable: Iterable) -> Iterator:

@@ -109,17 +109,38 @@ class MixedPrecisionOptimizer:
                          if torch.is_tensor(v) and k != "step")
         return total
 
-    def state_dict(self) -> dict:
-        state = {"optimizer": self.optimizer.state_dict()}
-        separate = [m for p, m in zip(self.params, self.masters) if m is not p]
-        if separate:
-            state["masters"] = [m.detach().clone() for m in separate]
-        return state
+    # ----- checkpoints: per-parameter state, independent of how the optimizer stores it --------
+    def step_count(self) -> int:
+        steps = [int(s["step"]) for s in self.optimizer.state.values() if "step" in s]
+        return max(steps, default=0)
 
-    def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        separate = [(p, m) for p, m in zip(self.params, self.masters) if m is not p]
+    def local_state(self) -> dict[nn.Parameter, dict]:
+        """Per parameter: the range of its flattened (tensor-parallel) shard this rank updates
+        (all of it here), its FP32 master and Adam moments over that range."""
+        out = {}
+        for param, master in zip(self.params, self.masters):
+            entry = {"range": (0, param.numel()), "master": master.detach().reshape(-1).float()}
+            state = self.optimizer.state.get(master, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    entry[key] = state[key].reshape(-1)
+            out[param] = entry
+        return out
+
+    def load_local_state(self, full_states: dict[nn.Parameter, dict[str, torch.Tensor]], step: int) -> None:
+        """Install masters and moments given as whole shards shaped like each parameter."""
         with torch.no_grad():
-            for (param, master), saved in zip(separate, state.get("masters", [])):
-                master.copy_(saved)
-                param.copy_(saved)
+            for param, master in zip(self.params, self.masters):
+                given = full_states.get(param)
+                if given is None:
+                    continue
+                if "master" in given:
+                    master.copy_(given["master"].view_as(master))
+                    if param is not master:
+                        param.copy_(master)
+                if "exp_avg" in given and "exp_avg_sq" in given:
+                    self.optimizer.state[master] = {
+                        "step": torch.tensor(float(step)),
+                        "exp_avg": given["exp_avg"].to(master.dtype).view_as(master).clone(),
+                        "exp_avg_sq": given["exp_avg_sq"].to(master.dtype).view_as(master).clone(),
+                    }

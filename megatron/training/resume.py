@@ -1,0 +1,123 @@
+"""Saving, resuming and stopping a run: the training loop's side of `megatron.core.checkpointing`.
+
+A job split across SLURM allocations uses `--save`/`--load` with `--exit-duration-in-mins` or
+`--exit-interval`; SIGTERM (what SLURM sends before the time limit) also saves and exits cleanly.
+Every rank must take the same decision at the same iteration, so the stop flags are combined
+across all ranks before anyone acts on them.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import torch
+
+from megatron.core import checkpointing
+from megatron.core.distributed import comm
+from megatron.core.parallel_state import ParallelState
+from megatron.core.parallelize import global_name
+
+MODEL_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+              "kv_channels", "vocab_size", "normalization", "swiglu", "position_embedding_type",
+              "untie_embeddings_and_output_weights", "add_bias_linear")
+
+
+def model_signature(model: torch.nn.Module) -> dict:
+    """What a checkpoint must agree on to load into this model."""
+    config = model.config
+    return {key: getattr(config, key) for key in MODEL_KEYS if hasattr(config, key)}
+
+
+def layout_of(args, ps: ParallelState) -> dict:
+    return {"world_size": ps.world_size, "tp": ps.tp_size, "pp": ps.pp_size, "dp": ps.dp_size,
+            "distributed_optimizer": bool(args.use_distributed_optimizer)}
+
+
+def _plain(value):
+    """Run flags as JSON-safe values for the checkpoint's common file."""
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return str(value)
+
+
+def save(trainer) -> None:
+    args, ps, state = trainer.args, trainer.ps, trainer.state
+    payload = checkpointing.rank_payload(trainer.model, trainer.optimizer, ps, global_name, trainer.rng)
+    common = {"iteration": state.iteration, "consumed_samples": state.consumed_samples,
+              "skipped_iterations": state.skipped_iterations, "scheduler": trainer.scheduler.state_dict(),
+              "args": {k: _plain(v) for k, v in vars(args).items()}}
+    metadata = {"format": checkpointing.FORMAT_VERSION, "iteration": state.iteration,
+                "model": model_signature(trainer.model), "layout": layout_of(args, ps),
+                "fp8_level": args.fp8_level}
+    start = time.perf_counter()
+    folder = checkpointing.save_checkpoint(args.save, state.iteration, ps=ps, payload=payload, common=common,
+                                           metadata=metadata)
+    trainer.last_saved_iteration = state.iteration
+    if ps.rank == 0:
+        print(f"> saved checkpoint {folder} in {time.perf_counter() - start:.1f} s", flush=True)
+
+
+def load(trainer) -> None:
+    """Resume (or, with --finetune, take the weights) from `--load`; nothing there: start fresh."""
+    args, ps = trainer.args, trainer.ps
+    finetune = args.finetune
+    result = checkpointing.load_checkpoint(
+        args.load, ps=ps, model=trainer.model, optimizer=trainer.optimizer, global_name=global_name,
+        model_config=model_signature(trainer.model), layout=layout_of(args, ps),
+        load_optim=not (finetune or args.no_load_optim), load_rng=not (finetune or args.no_load_rng),
+        tracker=trainer.rng)
+    if result is None:
+        if ps.rank == 0:
+            print(f"> no checkpoint in {args.load}; training from scratch", flush=True)
+        return
+    info, common = result
+    if ps.rank == 0:
+        how = "weights for fine-tuning" if finetune else "resuming"
+        print(f"> loaded iteration {info.iteration} from {args.load} ({how})", flush=True)
+    if finetune:
+        return
+    trainer.state.iteration = info.iteration
+    trainer.state.consumed_samples = info.consumed_samples
+    trainer.state.skipped_iterations = int(common.get("skipped_iterations", 0))
+    trainer.last_saved_iteration = info.iteration
+    if not args.no_load_optim:
+        trainer.scheduler.load_state_dict(common["scheduler"], on_mismatch="override")
+
+
+class StopConditions:
+    """--exit-interval, --exit-duration-in-mins and SIGTERM, agreed by all ranks."""
+
+    def __init__(self, args, ps: ParallelState):
+        self.args, self.ps = args, ps
+        self.started = time.monotonic()
+        self.signalled = False
+        self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.signalled = True
+
+    def close(self) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+    def reason(self, iteration: int) -> str | None:
+        """Why to stop after `iteration`, the same on every rank, or None."""
+        args = self.args
+        local = 0
+        if self.signalled:
+            local = 1
+        elif args.exit_duration_in_mins and time.monotonic() - self.started > args.exit_duration_in_mins * 60:
+            local = 2
+        flag = torch.tensor([local], dtype=torch.int32, device=self.ps.device)
+        for group in ("tp", "dp", "pp"):
+            if self.ps.group_size(group) > 1:
+                comm.all_reduce_max(flag, self.ps, group)
+        if int(flag.item()) == 1:
+            return "SIGTERM received"
+        if int(flag.item()) == 2:
+            return f"--exit-duration-in-mins {args.exit_duration_in_mins} reached"
+        if args.exit_interval and iteration % args.exit_interval == 0:
+            return f"--exit-interval {args.exit_interval} reached"
+        return None
