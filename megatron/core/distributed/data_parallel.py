@@ -12,10 +12,21 @@ does. `finish_grad_sync` then
 
 Buckets follow reverse parameter order (the order backward produces gradients) and hold about
 `bucket_size_mb` each; they bound the size of a single collective.
+
+With ``use_distributed_optimizer=True`` (ZeRO-1, `DistributedOptimizer`), step 2 reduce-scatters
+instead: every bucket is padded to a multiple of ``dp_size * SHARD_ALIGN_NUMEL`` and data-parallel
+rank r receives the averaged gradient of chunk r of every bucket (`Bucket.shard`); the rest of the
+buffer keeps this rank's unreduced gradient and must not be read. The whole buffer is still
+allocated, as in Megatron: backward writes every gradient before the reduce-scatter. In this mode
+a bucket never mixes parameter dtypes (the updated parameters are all-gathered per bucket in their
+own dtype), and a parameter marked ``shared_embedding`` (a tied embedding that also lives on another
+pipeline stage) gets a bucket of its own, so both stages shard it identically and the embedding
+all-reduce between them can run on the owned chunk after the reduce-scatter.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -25,30 +36,71 @@ from megatron.core.distributed import comm
 from megatron.core.parallel_state import ParallelState
 
 
+# Each rank's chunk of a bucket is a multiple of this many elements, so chunks start on 512-byte
+# (FP32) / 256-byte (BF16) boundaries, which NCCL's collectives run fastest on.
+SHARD_ALIGN_NUMEL = 128
+
+
 @dataclass
 class Bucket:
     params: list[nn.Parameter]
-    buffer: torch.Tensor  # a view of the grad buffer covering `params`
+    buffer: torch.Tensor  # a view of the grad buffer covering `params` (and any padding)
+    offset: int = 0       # where `buffer` starts in the grad buffer
+
+    def shard(self, dp_rank: int, dp_size: int) -> torch.Tensor:
+        """The view of `buffer` that data-parallel rank `dp_rank` owns under the distributed optimizer."""
+        assert self.buffer.numel() % dp_size == 0, (self.buffer.numel(), dp_size)
+        chunk = self.buffer.numel() // dp_size
+        return self.buffer[dp_rank * chunk:(dp_rank + 1) * chunk]
+
+
+def _needs_own_bucket(param: nn.Parameter) -> bool:
+    return getattr(param, "shared_embedding", False)
+
+
+def _group_into_buckets(params: list[nn.Parameter], bucket_numel: int, split_by_kind: bool) -> list[list]:
+    """Consecutive runs of `params`, each closed once it reaches `bucket_numel`; with `split_by_kind`
+    also before a change of dtype and around a parameter that needs its own bucket."""
+    groups, current, size = [], [], 0
+    for param in params:
+        if current and split_by_kind and (param.dtype != current[-1].dtype or _needs_own_bucket(param)
+                                          or _needs_own_bucket(current[-1])):
+            groups.append(current)
+            current, size = [], 0
+        current.append(param)
+        size += param.numel()
+        if size >= bucket_numel:
+            groups.append(current)
+            current, size = [], 0
+    if current:
+        groups.append(current)
+    return groups
 
 
 class GradBuffer:
-    """One contiguous buffer of `dtype` holding the main gradients of `params`."""
+    """One contiguous buffer of `dtype` holding the main gradients of `params`.
 
-    def __init__(self, params: list[nn.Parameter], dtype: torch.dtype, device, bucket_numel: int):
+    `pad_to` > 1 pads every bucket's end to a multiple of it (and splits buckets by dtype and around
+    shared embeddings): the layout the distributed optimizer shards."""
+
+    def __init__(self, params: list[nn.Parameter], dtype: torch.dtype, device, bucket_numel: int,
+                 pad_to: int = 1):
         self.dtype = dtype
-        total = sum(p.numel() for p in params)
-        self.data = torch.zeros(total, dtype=dtype, device=device)
+        groups = _group_into_buckets(list(reversed(params)), bucket_numel, split_by_kind=pad_to > 1)
+        sizes = [math.ceil(sum(p.numel() for p in group) / pad_to) * pad_to for group in groups]
+        self.data = torch.zeros(sum(sizes), dtype=dtype, device=device)
         self.buckets: list[Bucket] = []
-        offset, start, current = 0, 0, []
-        for param in reversed(params):
-            param.main_grad = self.data[offset:offset + param.numel()].view_as(param)
-            offset += param.numel()
-            current.append(param)
-            if offset - start >= bucket_numel:
-                self.buckets.append(Bucket(current, self.data[start:offset]))
-                start, current = offset, []
-        if current:
-            self.buckets.append(Bucket(current, self.data[start:offset]))
+        # Where each parameter's gradient lies in `data`: the distributed optimizer's map.
+        self.param_ranges: dict[nn.Parameter, tuple[int, int]] = {}
+        start = 0
+        for group, size in zip(groups, sizes):
+            offset = start
+            for param in group:
+                param.main_grad = self.data[offset:offset + param.numel()].view_as(param)
+                self.param_ranges[param] = (offset, offset + param.numel())
+                offset += param.numel()
+            self.buckets.append(Bucket(group, self.data[start:start + size], start))
+            start += size
 
     @property
     def nbytes(self) -> int:
@@ -62,16 +114,21 @@ def _accumulate_into_main_grad(param: torch.Tensor) -> None:
 
 class DistributedDataParallel(nn.Module):
     """Wraps a model; `forward` is the model's. Call `zero_grad_buffer()` before a step's first
-    micro-batch and `finish_grad_sync()` after its last backward."""
+    micro-batch and `finish_grad_sync()` after its last backward.
+
+    ``use_distributed_optimizer=True`` pads the buckets for sharding and makes `finish_grad_sync`
+    reduce-scatter them; pair it with `megatron.core.optimizer.distrib_optimizer.DistributedOptimizer`."""
 
     def __init__(self, module: nn.Module, ps: ParallelState, *, grad_dtype: torch.dtype = torch.float32,
-                 bucket_size_mb: float = 40.0):
+                 bucket_size_mb: float = 40.0, use_distributed_optimizer: bool = False):
         super().__init__()
         self.module, self.ps = module, ps
+        self.use_distributed_optimizer = use_distributed_optimizer
         params = self.dense_grad_params(module)
         bucket_numel = max(1, int(bucket_size_mb * 2**20 / torch.tensor([], dtype=grad_dtype).element_size()))
         device = params[0].device if params else ps.device
-        self.grad_buffer = GradBuffer(params, grad_dtype, device, bucket_numel)
+        pad_to = ps.dp_size * SHARD_ALIGN_NUMEL if use_distributed_optimizer else 1
+        self.grad_buffer = GradBuffer(params, grad_dtype, device, bucket_numel, pad_to=pad_to)
         self._hooks = [p.register_post_accumulate_grad_hook(_accumulate_into_main_grad) for p in params]
         self.sequence_parallel_params = [p for p in params if getattr(p, "sequence_parallel", False)]
 
@@ -87,14 +144,22 @@ class DistributedDataParallel(nn.Module):
         self.grad_buffer.data.zero_()
 
     def finish_grad_sync(self) -> None:
+        """Sequence-parallel sums over tp, then the data-parallel mean: all-reduced into the whole
+        buffer, or (distributed optimizer) reduce-scattered into this rank's chunk of each bucket."""
         if self.ps.tp_size > 1 and self.sequence_parallel_params:
             # One collective for all of them: they are many and small.
             grads = [p.main_grad for p in self.sequence_parallel_params]
             flat = comm.all_reduce(torch.cat([g.reshape(-1) for g in grads]), self.ps, "tp")
             for grad, summed in zip(grads, flat.split([g.numel() for g in grads])):
                 grad.copy_(summed.view_as(grad))
-        if self.ps.dp_size > 1:
-            for bucket in self.grad_buffer.buckets:
+        if self.ps.dp_size == 1:
+            return
+        for bucket in self.grad_buffer.buckets:
+            if self.use_distributed_optimizer:
+                owned = bucket.shard(self.ps.dp_rank, self.ps.dp_size)
+                owned.copy_(comm.reduce_scatter(bucket.buffer, self.ps, "dp"))
+                owned.div_(self.ps.dp_size)
+            else:
                 comm.all_reduce(bucket.buffer, self.ps, "dp")
                 bucket.buffer.div_(self.ps.dp_size)
 
