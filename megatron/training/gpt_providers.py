@@ -14,6 +14,7 @@ from megatron.core.parallel_state import ParallelState
 from megatron.core.parallelize import initialize_parameters, parallelize_gpt
 from megatron.core.precision import FP8Config, apply_precision
 from megatron.core.transformer.config import TransformerConfig
+from megatron.core.transformer.layer import attach_rng_tracker
 
 
 def transformer_config_from_args(args: argparse.Namespace, vocab_size: int) -> TransformerConfig:
@@ -27,6 +28,8 @@ def transformer_config_from_args(args: argparse.Namespace, vocab_size: int) -> T
         init_method_std=args.init_method_std, add_bias_linear=not args.disable_bias_linear,
         untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
         params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+        recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
+        recompute_num_layers=args.recompute_num_layers,
     )
 
 
@@ -41,6 +44,7 @@ def model_provider(args: argparse.Namespace, ps: ParallelState, rng) -> GPTModel
     config = transformer_config_from_args(args, args.padded_vocab_size)
     model = GPTModel(config, device="meta")
     parallelize_gpt(model, ps, sequence_parallel=args.sequence_parallel, rng=rng)
+    attach_rng_tracker(model, rng)
     initialize_parameters(model, ps, seed=args.seed, device=ps.device)
     apply_precision(model, fp8_config_from_args(args))
     return model

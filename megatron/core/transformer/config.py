@@ -31,6 +31,9 @@ class TransformerConfig:
     add_bias_linear: bool = True
     untie_embeddings_and_output_weights: bool = False
     params_dtype: torch.dtype = torch.float32
+    recompute_granularity: str | None = None  # None, "full" or "selective"
+    recompute_method: str | None = None       # "uniform" or "block", with "full"
+    recompute_num_layers: int | None = None
 
     def __post_init__(self):
         positive = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_position_embeddings")
@@ -56,9 +59,23 @@ class TransformerConfig:
                              f"use one of {POSITION_EMBEDDINGS}")
         if self.position_embedding_type == "rope" and self.kv_channels % 2:
             raise ValueError(f"RoPE needs an even head dimension, got --kv-channels {self.kv_channels}")
+        self._check_recompute()
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
+
+    def _check_recompute(self) -> None:
+        if self.recompute_granularity not in (None, "full", "selective"):
+            raise ValueError(f"unknown --recompute-granularity {self.recompute_granularity!r}; use full or selective")
+        if self.recompute_granularity == "full":
+            if self.recompute_method not in ("uniform", "block"):
+                raise ValueError("--recompute-granularity full needs --recompute-method uniform or block")
+            if self.recompute_num_layers is None:
+                self.recompute_num_layers = 1
+            if self.recompute_num_layers < 1:
+                raise ValueError(f"--recompute-num-layers must be >= 1, got {self.recompute_num_layers}")
+        elif self.recompute_method is not None:
+            raise ValueError("--recompute-method applies to --recompute-granularity full only")
 
     @property
     def heads_per_group(self) -> int:

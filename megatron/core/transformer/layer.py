@@ -11,9 +11,46 @@ import contextlib
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from megatron.core.transformer.config import TransformerConfig
 from megatron.core.transformer.rope import apply_rotary, rotary_tables
+
+
+def _tracker_contexts(tracker):
+    """Checkpoint contexts that replay the tensor-parallel RNG stream in the recomputation
+    (torch's checkpoint restores only the default generators)."""
+    saved = {}
+
+    @contextlib.contextmanager
+    def forward():
+        saved["states"] = tracker.get_states()
+        yield
+
+    @contextlib.contextmanager
+    def recompute():
+        current = tracker.get_states()
+        tracker.set_states(saved["states"])
+        try:
+            yield
+        finally:
+            tracker.set_states(current)
+
+    return forward(), recompute()
+
+
+def recomputed(fn, *args, tracker=None):
+    """`fn(*args)` whose activations are recomputed in backward instead of kept."""
+    context_fn = (lambda: _tracker_contexts(tracker)) if tracker is not None else None
+    kwargs = {"context_fn": context_fn} if context_fn is not None else {}
+    return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
+
+
+def attach_rng_tracker(model: nn.Module, tracker) -> None:
+    """Hand the tensor-parallel RNG tracker to the modules that recompute activations."""
+    for module in model.modules():
+        if isinstance(module, (SelfAttention, TransformerBlock)):
+            module.rng_tracker = tracker
 
 
 def make_norm(config: TransformerConfig, device=None) -> nn.Module:
@@ -40,6 +77,8 @@ class SelfAttention(nn.Module):
         self.linear_proj.scaled_init = True
         # Set by the parallelize step to fork the tensor-parallel RNG (heads differ per rank).
         self.rng_context = contextlib.nullcontext
+        self.rng_tracker = None
+        self.recompute_core_attention = config.recompute_granularity == "selective"
         self._rotary_cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def rotary(self, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -68,11 +107,19 @@ class SelfAttention(nn.Module):
         query = query.permute(1, 2, 0, 3)
         key = key.permute(1, 2, 0, 3).repeat_interleave(cfg.heads_per_group, dim=1)
         value = value.permute(1, 2, 0, 3).repeat_interleave(cfg.heads_per_group, dim=1)
-        dropout = cfg.attention_dropout if self.training else 0.0
-        with self.rng_context():
-            context = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, is_causal=True)
+        if self.recompute_core_attention and self.training and torch.is_grad_enabled():
+            context = recomputed(self._core_attention, query, key, value, tracker=self.rng_tracker)
+        else:
+            context = self._core_attention(query, key, value)
         context = context.permute(2, 0, 1, 3).reshape(seq, batch, -1)
         return self.linear_proj(context)
+
+    def _core_attention(self, query, key, value):
+        """Softmax(QK^T) V with dropout: what selective recomputation recomputes (cheap to
+        redo, large to keep: the scores are s x s per head)."""
+        dropout = self.config.attention_dropout if self.training else 0.0
+        with self.rng_context():
+            return F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, is_causal=True)
 
 
 class MLP(nn.Module):
@@ -130,10 +177,28 @@ class TransformerBlock(nn.Module):
         super().__init__()
         count = config.num_layers - first_layer if num_layers is None else num_layers
         self.first_layer = first_layer
+        self.recompute = (config.recompute_method, config.recompute_num_layers) \
+            if config.recompute_granularity == "full" else None
         self.layers = nn.ModuleList(TransformerLayer(config, first_layer + i, device) for i in range(count))
         self.final_layernorm = make_norm(config, device) if post_process else None
+        self.rng_tracker = None  # set by the parallelize step, for recomputation
+
+    def _run(self, start: int, end: int):
+        def run(x):
+            for layer in self.layers[start:end]:
+                x = layer(x)
+            return x
+        return run
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            x = layer(x)
+        if self.recompute is None or not (self.training and torch.is_grad_enabled()):
+            x = self._run(0, len(self.layers))(x)
+        elif self.recompute[0] == "uniform":  # every chunk of N layers, keeping only its input
+            chunk = self.recompute[1]
+            for start in range(0, len(self.layers), chunk):
+                x = recomputed(self._run(start, start + chunk), x, tracker=self.rng_tracker)
+        else:  # "block": the first N layers of this stage one by one, the rest kept
+            for index in range(len(self.layers)):
+                run = self._run(index, index + 1)
+                x = recomputed(run, x, tracker=self.rng_tracker) if index < self.recompute[1] else run(x)
         return self.final_layernorm(x) if self.final_layernorm is not None else x
