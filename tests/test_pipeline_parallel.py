@@ -11,7 +11,6 @@ import torch.nn as nn
 import megatron.core.optimizer as optimizer_module
 from megatron.core.distributed import comm
 from megatron.core.distributed.data_parallel import DistributedDataParallel
-from megatron.core.models.gpt import GPTModel
 from megatron.core.optimizer import MixedPrecisionOptimizer, OptimizerConfig
 from megatron.core.parallel_state import ParallelState
 from megatron.core.parallelize import global_name, initialize_parameters, parallelize_gpt
@@ -67,10 +66,7 @@ def skip_duplicates_in_grad_norm():
 
 def build(ps: ParallelState, config: TransformerConfig, sequence_parallel: bool, layers_per_virtual_stage):
     rng = model_parallel_seed(ps, 1234)
-    if ps.pp_size == 1:
-        chunks = [GPTModel(config, device="meta")]
-    else:
-        chunks = build_gpt_stages(config, ps, num_layers_per_virtual_stage=layers_per_virtual_stage)
+    chunks = build_gpt_stages(config, ps, num_layers_per_virtual_stage=layers_per_virtual_stage)
     for chunk in chunks:
         parallelize_gpt(chunk, ps, sequence_parallel=sequence_parallel, rng=rng)
         initialize_parameters(chunk, ps, seed=1234)
@@ -86,7 +82,8 @@ def train(ps: ParallelState, variant: str, num_layers: int, micro_batch: int, *,
     chunks = build(ps, config, sequence_parallel and ps.tp_size > 1, layers_per_virtual_stage)
     ddp = DistributedDataParallel(chunks[0] if len(chunks) == 1 else nn.ModuleList(chunks), ps, bucket_size_mb=0.01)
     model = ddp if len(chunks) == 1 else chunks
-    optimizer = MixedPrecisionOptimizer(list(ddp.module.named_parameters()), OptimizerConfig(lr=1e-2, clip_grad=0.5), ps)
+    adam_config = OptimizerConfig(lr=1e-2, clip_grad=0.5)
+    optimizer = MixedPrecisionOptimizer(list(ddp.module.named_parameters()), adam_config, ps)
     shape = activation_shape(SEQ, micro_batch, HIDDEN, tp_size=ps.tp_size, sequence_parallel=sequence_parallel)
     schedule = get_forward_backward_func(ps, len(chunks), tensor_shape=shape)
     per_rank = GLOBAL_BATCH // ps.dp_size
