@@ -158,12 +158,22 @@ def worker(rank, world_size):
            "dp2_to_dp4": {d: save_and_resume(pair_ps, world_ps, d) for d in DTYPES},
            "dp4_to_dp4": {d: save_and_resume(world_ps, world_ps, d) for d in DTYPES}}
     out["tp2dp2"] = compare_with_plain(ParallelState.build(2, 1), "fp32", sequence_parallel=True)
+    if gloo_has_fused_collectives():
+        # The CUDA (NCCL) code path of reduce-scatter and all-gather, on CPU.
+        comm._use_fused = lambda t: True
+        out["fused"] = compare_with_plain(world_ps, "bf16")
     return out
+
+
+def gloo_has_fused_collectives() -> bool:
+    version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+    return version >= (2, 13)  # gloo's all_gather_single / reduce_scatter_single
 
 
 # ----- the tests ----------------------------------------------------------------------------------
 pytestmark = pytest.mark.distributed
-LAYOUTS = [("dp4", 4, "fp32"), ("dp4", 4, "bf16"), ("dp2", 2, "fp32"), ("dp2", 2, "bf16"), ("tp2dp2", 2, "fp32")]
+LAYOUTS = [("dp4", 4, "fp32"), ("dp4", 4, "bf16"), ("dp2", 2, "fp32"), ("dp2", 2, "bf16"), ("tp2dp2", 2, "fp32"),
+           ("fused", 4, "bf16")]
 
 
 @pytest.fixture(scope="module")
@@ -172,8 +182,10 @@ def results():
 
 
 def layout_run(results, rank, layout, dtype_name):
+    if layout == "fused" and "fused" not in results[rank]:
+        pytest.skip("this torch's gloo lacks the fused collectives the CUDA path uses")
     run = results[rank][layout]
-    return run if layout == "tp2dp2" else run[dtype_name]
+    return run if layout in ("tp2dp2", "fused") else run[dtype_name]
 
 
 @pytest.mark.parametrize("layout,dp,dtype_name", LAYOUTS)
@@ -208,7 +220,7 @@ def test_owned_masters_and_moments_match_plain(results, layout, dp, dtype_name):
 @pytest.mark.parametrize("layout,dp,dtype_name", LAYOUTS)
 def test_ranges_partition_every_parameter(results, layout, dp, dtype_name):
     """Across one data-parallel group, the owned ranges cover each parameter exactly once."""
-    group = [0, 1] if layout == "dp2" else [0, 2] if layout == "tp2dp2" else [0, 1, 2, 3]
+    group = {"dp2": [0, 1], "tp2dp2": [0, 2]}.get(layout, [0, 1, 2, 3])
     states = [layout_run(results, r, layout, dtype_name)["distributed"]["local_state"] for r in group]
     sizes = {n: t.numel() for n, t in layout_run(results, 0, layout, dtype_name)["plain"]["params"].items()}
     for name, numel in sizes.items():

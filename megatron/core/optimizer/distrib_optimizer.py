@@ -79,6 +79,9 @@ def _check_pairing(named_params: list[tuple[str, nn.Parameter]], ddp) -> None:
     if not isinstance(ddp, DistributedDataParallel) or not ddp.use_distributed_optimizer:
         raise ValueError("DistributedOptimizer needs the model wrapped as DistributedDataParallel(model, ps, "
                          "use_distributed_optimizer=True), whose buffer it shards")
+    if ddp.grad_buffer.dtype != torch.float32:
+        raise ValueError(f"DistributedOptimizer updates from an FP32 grad buffer, got {ddp.grad_buffer.dtype}; "
+                         f"build DistributedDataParallel with grad_dtype=torch.float32")
     mine = {id(p) for _, p in named_params}
     buffered = {id(p) for p in ddp.grad_buffer.param_ranges}
     if mine != buffered:
@@ -103,6 +106,7 @@ class DistributedOptimizer:
         self._grad_chunks = [b.shard(ps.dp_rank, ps.dp_size) for b in buckets]
         self._segments = owned_segments(ddp, ps.dp_rank, ps.dp_size)
         self._segment_of = {id(s.param): s for s in self._segments}
+        self._bucket_segments = [[s for s in self._segments if s.bucket == i] for i in range(len(buckets))]
         # The norm sums per-tensor squares in the plain optimizer's order, so DP = 1 matches it bit for bit.
         self._norm_segments = [self._segment_of[id(p)] for p in self.params if id(p) in self._segment_of]
         self._master = self._initial_master_shard()
@@ -110,6 +114,8 @@ class DistributedOptimizer:
         self._exp_avg_sq: list[torch.Tensor] | None = None
         self._step = 0
         self.param_groups = self._build_param_groups(named_params)
+        self._group_segments = [[self._segment_of[id(p)] for p in g["params"] if id(p) in self._segment_of]
+                                for g in self.param_groups]
 
     def _initial_master_shard(self) -> torch.Tensor:
         separate = [s for s in self._segments if s.master_start is not None]
@@ -125,10 +131,7 @@ class DistributedOptimizer:
         no_decay = [p for n, p in named_params if _no_weight_decay(n, p)]
         groups = [{"params": decay, "lr": self.config.lr, "weight_decay": self.config.weight_decay},
                   {"params": no_decay, "lr": self.config.lr, "weight_decay": 0.0}]
-        groups = [g for g in groups if g["params"]]
-        self._group_segments = [[self._segment_of[id(p)] for p in g["params"] if id(p) in self._segment_of]
-                                for g in groups]
-        return groups
+        return [g for g in groups if g["params"]]
 
     # ----- views ----------------------------------------------------------------------------------
     def _master_view(self, segment: OwnedSegment) -> torch.Tensor:
@@ -195,19 +198,16 @@ class DistributedOptimizer:
 
     def _all_gather_params(self) -> None:
         """Every rank's updated chunk, cast to the parameters' dtype, into every rank's model."""
-        by_bucket: dict[int, list[OwnedSegment]] = {}
-        for segment in self._segments:
-            by_bucket.setdefault(segment.bucket, []).append(segment)
         ranges = self.ddp.grad_buffer.param_ranges
         for index, bucket in enumerate(self.ddp.grad_buffer.buckets):
             chunk = torch.zeros(self._grad_chunks[index].numel(), dtype=bucket.params[0].dtype,
                                 device=bucket.buffer.device)
-            for segment in by_bucket.get(index, []):
-                chunk[segment.chunk_slice].copy_(self._master_view(segment))
+            owned = self._bucket_segments[index]
+            if owned:
+                torch._foreach_copy_([chunk[s.chunk_slice] for s in owned], [self._master_view(s) for s in owned])
             gathered = comm.all_gather(chunk, self.ps, "dp")
-            for param in bucket.params:
-                lo, hi = ranges[param]
-                param.detach().view(-1).copy_(gathered[lo - bucket.offset:hi - bucket.offset])
+            local = [gathered[ranges[p][0] - bucket.offset:ranges[p][1] - bucket.offset] for p in bucket.params]
+            torch._foreach_copy_([p.detach().view(-1) for p in bucket.params], local)
 
     # ----- memory accounting (bytes this rank holds) ----------------------------------------------
     def master_bytes(self) -> int:
