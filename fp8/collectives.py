@@ -1,0 +1,112 @@
+"""FP8 collectives over stock torch.distributed (gloo, NCCL): no forked NCCL, no FP8 arithmetic
+inside the collective.
+
+The FP8-LM gradient reduction (section 2.1), as DESIGN.md fixes it:
+
+1. every rank holds per-tensor-scaled FP8 gradients; the ranks agree on the minimum scale of each
+   tensor (one small all-reduce for all of them);
+2. each rank re-quantizes its tensors to that shared scale times the auto-scaling factor mu;
+3. the payloads travel as bytes: an all-to-all hands each rank one segment of every rank's
+   payloads, which it sums in FP32 and casts back to FP8 (reduce-scatter); an all-gather of the
+   FP8 segments completes an all-reduce;
+4. the result's scale is N * mu * shared scale, so it dequantizes to the mean gradient, and the
+   fraction of summed values beyond the FP8 maximum (which saturate) is returned for the
+   auto-scaler.
+
+Communication goes through a `Transport` so that this module needs nothing but torch; the
+training framework passes one that counts bytes per process group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import torch
+import torch.distributed as dist
+
+from fp8.formats import FormatSpec, get_spec
+from fp8.tensor import ScalingTensor, cast_saturate
+
+
+class Transport(Protocol):
+    size: int
+
+    def all_reduce_(self, t: torch.Tensor, op: str) -> torch.Tensor: ...      # "sum" / "min" / "max", in place
+    def all_to_all(self, chunks: list[torch.Tensor]) -> list[torch.Tensor]: ...  # equal 1-D uint8 chunks
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor: ...                 # concatenated along dim 0
+
+
+_OPS = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+
+
+class ProcessGroupTransport:
+    """A Transport over a torch.distributed process group (None: the default group)."""
+
+    def __init__(self, group=None):
+        self.group = group
+        self.size = dist.get_world_size(group) if dist.is_initialized() else 1
+
+    def all_reduce_(self, t, op):
+        if self.size > 1:
+            dist.all_reduce(t, op=_OPS[op], group=self.group)
+        return t
+
+    def all_to_all(self, chunks):
+        if self.size == 1:
+            return list(chunks)
+        out = [torch.empty_like(c) for c in chunks]
+        dist.all_to_all(out, list(chunks), group=self.group)
+        return out
+
+    def all_gather(self, t):
+        if self.size == 1:
+            return t
+        parts = [torch.empty_like(t) for _ in range(self.size)]
+        dist.all_gather(parts, t, group=self.group)
+        return torch.cat(parts)
+
+
+@dataclass
+class ReduceResult:
+    tensors: list[ScalingTensor]
+    overflow_frac: float  # fraction of reduced values beyond the FP8 maximum (saturated) or NaN
+    nonfinite: bool       # some input held inf or NaN: the step must be skipped
+
+
+def _shared_payloads(grads: Sequence[ScalingTensor], transport: Transport, mu: float, spec: FormatSpec):
+    """Each gradient re-cast to mu x the group's minimum scale; returns (flat bytes, scales)."""
+    scales = torch.stack([g.scale.reshape(()).float() for g in grads])
+    shared = transport.all_reduce_(scales.clone(), "min")
+    payloads = []
+    for g, own, common in zip(grads, scales, shared):
+        # Ratio <= mu: with mu <= 1 nothing grows, so this re-cast can only round, not overflow.
+        payloads.append(cast_saturate(g.data.float() * (mu * common / own), spec, inf_to_nan=True))
+    flat = torch.cat([p.reshape(-1).view(torch.uint8) for p in payloads])
+    return flat, shared
+
+
+def fp8_all_reduce(grads: Sequence[ScalingTensor], transport: Transport, *, mu: float = 1.0,
+                   fmt: str = "e4m3") -> ReduceResult:
+    """Mean of every rank's `grads` (per-tensor-scaled FP8, same shapes on every rank), in FP8."""
+    spec = get_spec(fmt)
+    assert all(g.tile is None for g in grads), "the FP8 gradient reduction takes per-tensor scales"
+    n = transport.size
+    flat, shared = _shared_payloads(grads, transport, mu, spec)
+    numel = flat.numel()
+    padded = -(-numel // n) * n
+    flat = torch.cat([flat, flat.new_zeros(padded - numel)])  # zero bytes are +0.0 in both formats
+    segments = transport.all_to_all(list(flat.chunk(n)))
+    summed = torch.stack([s.view(spec.dtype).float() for s in segments]).sum(0)
+    # Sums beyond the maximum saturate: those are the overflow the auto-scaler watches.
+    counts = torch.stack([(~(summed.abs() <= spec.max)).sum(), torch.isnan(summed).sum()]).double()
+    reduced = cast_saturate(summed, spec, inf_to_nan=True).view(torch.uint8)
+    full = transport.all_gather(reduced)[:numel]
+    counts = transport.all_reduce_(counts, "sum")
+    tensors, offset = [], 0
+    for g, common in zip(grads, shared):
+        payload = full[offset:offset + g.numel()].view(spec.dtype).view(g.shape)
+        tensors.append(ScalingTensor(payload, (n * mu * common).float(), spec))
+        offset += g.numel()
+    total = max(sum(g.numel() for g in grads), 1)
+    return ReduceResult(tensors, float(counts[0]) / total, bool(counts[1] > 0))

@@ -1,0 +1,121 @@
+"""The FP8 gradient all-reduce (shared minimum scale, mu, FP32 sums of FP8 payloads) on real gloo
+processes against a float64 reference, byte counts, and the auto-scaler's rule."""
+
+import math
+
+import pytest
+import torch
+
+import fp8
+from distributed import run_distributed
+from fp8.autoscale import GradientAutoScaler
+from fp8.collectives import ProcessGroupTransport, fp8_all_reduce
+from megatron.core.distributed import comm
+from megatron.core.distributed.fp8_transport import CommTransport
+from megatron.core.parallel_state import ParallelState
+
+SHAPES = [(64, 48), (100,), (7, 3, 5)]
+
+
+def rank_grads(rank: int, correlated: bool = False):
+    """Per-rank gradients with rank-dependent ranges (so the ranks' scales differ)."""
+    g = torch.Generator().manual_seed(0 if correlated else 100 + rank)
+    return [torch.randn(shape, generator=g, dtype=torch.float64) * (1 + (0 if correlated else rank)) * 10.0**i
+            for i, shape in enumerate(SHAPES)]
+
+
+def reduce_worker(rank, world_size, mu, correlated, poison_rank):
+    grads = [fp8.quantize(x, "e4m3") for x in rank_grads(rank, correlated)]
+    if rank == poison_rank:
+        grads[1].data[3] = float("nan")
+    result = fp8_all_reduce(grads, ProcessGroupTransport(), mu=mu)
+    ps = ParallelState.build(1, 1)
+    comm.counter().reset()
+    counted = fp8_all_reduce([fp8.quantize(x, "e4m3") for x in rank_grads(rank)], CommTransport(ps, "dp"), mu=mu)
+    return ([(t.data.view(torch.uint8).clone(), t.scale.clone()) for t in result.tensors], result.overflow_frac,
+            result.nonfinite, comm.counter().snapshot()["dp_bytes"], counted.overflow_frac)
+
+
+@pytest.fixture(scope="module")
+def reduced():
+    cases = {"mean4": (4, 0.5, False, -1), "mean2": (2, 0.5, False, -1),
+             "overflow": (2, 1.0, True, -1), "prescaled": (2, 0.5, True, -1), "nan": (2, 0.5, False, 1)}
+    return {name: (args, run_distributed(reduce_worker, args[0], *args[1:])) for name, args in cases.items()}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("case", ["mean4", "mean2"])
+def test_all_reduce_gives_the_mean_on_every_rank(reduced, case):
+    (world, mu, _, _), results = reduced[case]
+    first = results[0][0]
+    for other in results[1:]:  # every rank holds the same bytes and scales
+        for (a, sa), (b, sb) in zip(first, other[0]):
+            assert torch.equal(a, b) and torch.equal(sa, sb)
+    inputs = [[fp8.quantize(x, "e4m3") for x in rank_grads(r)] for r in range(world)]
+    for i, (payload, scale) in enumerate(first):
+        exact = sum(inputs[r][i].dequantize(torch.float64) for r in range(world)) / world
+        got = fp8.ScalingTensor(payload.view(torch.float8_e4m3fn), scale, "e4m3").dequantize(torch.float64)
+        assert fp8.sqnr_db(exact, got) > 24, i
+        min_scale = min(inputs[r][i].scale for r in range(world))
+        assert scale.item() == pytest.approx(world * mu * min_scale.item(), rel=1e-6)
+    assert results[0][1] < 1e-3 and not results[0][2]
+
+
+@pytest.mark.distributed
+def test_overflow_is_measured_and_prescaling_removes_it(reduced):
+    # Identical gradients on both ranks: with mu = 1 every value at the maximum doubles past it.
+    overflow = reduced["overflow"][1][0][1]
+    prescaled = reduced["prescaled"][1][0][1]
+    assert overflow > 0 and prescaled == 0.0
+    assert not reduced["overflow"][1][0][2]
+
+
+@pytest.mark.distributed
+def test_nan_on_one_rank_is_seen_by_all(reduced):
+    for rank_result in reduced["nan"][1]:
+        assert rank_result[2] is True and rank_result[1] > 0
+
+
+@pytest.mark.distributed
+def test_bytes_counted_are_one_byte_per_value(reduced):
+    (world, _, _, _), results = reduced["mean4"]
+    numel = sum(math.prod(s) for s in SHAPES)
+    padded = -(-numel // world) * world
+    scales = len(SHAPES) * 4
+    expected = (2 * (world - 1) * scales // world  # min-scale all-reduce
+                + (world - 1) * padded // world  # all-to-all of the payload bytes
+                + (world - 1) * padded // world  # all-gather of the reduced bytes
+                + 2 * (world - 1) * 16 // world)  # overflow / NaN counts
+    assert results[0][3] == expected
+    # An FP32 all-reduce of the same gradients moves 2 (n-1)/n x 4 bytes per value: 4x as much.
+    assert expected < 0.26 * 2 * (world - 1) * 4 * numel / world
+
+
+def test_single_process_reduction_is_a_requantization():
+    grads = [fp8.quantize(x, "e4m3") for x in rank_grads(0)]
+    result = fp8_all_reduce(grads, ProcessGroupTransport(), mu=1.0)
+    for before, after in zip(grads, result.tensors):
+        torch.testing.assert_close(after.dequantize(), before.dequantize(), rtol=0, atol=0)
+
+
+def test_auto_scaler_halves_on_overflow_and_grows_back_after_the_window():
+    scaler = GradientAutoScaler(ratio=1e-5, window=3, init_mu=1.0, max_mu=2.0)
+    assert scaler.update(2e-5) == 0.5           # above the threshold: halve
+    assert scaler.update(float("nan")) == 0.25  # not finite counts as overflow
+    assert [scaler.update(0.0) for _ in range(3)] == [0.25, 0.25, 0.5]  # a full window below: double
+    assert [scaler.update(1e-5) for _ in range(3)] == [0.5, 0.5, 1.0]   # at the threshold is below
+    for _ in range(30):
+        scaler.update(0.0)
+    assert scaler.mu == 2.0                     # never above the cap
+    scaler.update(1.0)
+    clone = GradientAutoScaler(ratio=1e-5, window=3)
+    clone.load_state_dict(scaler.state_dict())
+    assert (clone.mu, clone.steps_below) == (1.0, 0)
+    assert [clone.update(0.0) for _ in range(3)] == [scaler.update(0.0) for _ in range(3)]
+
+
+def test_auto_scaler_settings_are_checked():
+    with pytest.raises(ValueError, match="--fp8-wgrad-auto-scaling-window"):
+        GradientAutoScaler(window=0)
+    with pytest.raises(ValueError, match="--fp8-wgrad-auto-scaling-ratio"):
+        GradientAutoScaler(ratio=1.5)
