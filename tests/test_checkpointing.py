@@ -193,3 +193,38 @@ def test_damaged_marker_and_missing_folder(tmp_path):
     with pytest.raises(checkpointing.CheckpointError, match="iter_0000007 is missing"):
         checkpointing.latest_iteration(str(tmp_path))
     assert checkpointing.latest_iteration(str(tmp_path / "empty")) is None
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_distributed_optimizer_checkpoints_reshard_across_data_parallel_sizes(builtin_corpus_small, tmp_path):
+    args = BASE + data_args(builtin_corpus_small) + ["--train-iters", "6", "--hidden-dropout", "0",
+                                                      "--attention-dropout", "0"]
+    ref = tmp_path / "ref.jsonl"
+    assert run(args + ["--metrics-file", str(ref)]) == 0
+    zero = ["--use-distributed-optimizer"]
+    # DP 2 with ZeRO -> DP 4 with ZeRO, and -> one process without it.
+    launch(2, args + zero + ["--save", str(tmp_path / "z2"), "--exit-interval", "3"])
+    launch(4, args + zero + ["--load", str(tmp_path / "z2"), "--metrics-file", str(tmp_path / "z4.jsonl")])
+    assert run(args + ["--load", str(tmp_path / "z2"), "--metrics-file", str(tmp_path / "p1.jsonl")]) == 0
+    # DP 4 without ZeRO -> DP 2 with it.
+    launch(4, args + ["--save", str(tmp_path / "p4"), "--exit-interval", "3"])
+    launch(2, args + zero + ["--load", str(tmp_path / "p4"), "--metrics-file", str(tmp_path / "z2b.jsonl")])
+    for resumed in ("z4.jsonl", "p1.jsonl", "z2b.jsonl"):
+        assert losses(tmp_path / resumed) == pytest.approx(losses(ref)[3:], rel=1e-5), resumed
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_pipeline_checkpoints_reshard_between_stages(builtin_corpus_small, tmp_path):
+    args = BASE + data_args(builtin_corpus_small) + ["--train-iters", "6", "--hidden-dropout", "0",
+                                                      "--attention-dropout", "0", "--num-layers", "4"]
+    ref = tmp_path / "ref.jsonl"
+    assert run(args + ["--metrics-file", str(ref)]) == 0
+    pp2 = ["--pipeline-model-parallel-size", "2"]
+    launch(2, args + pp2 + ["--save", str(tmp_path / "pp2"), "--exit-interval", "3"])
+    assert run(args + ["--load", str(tmp_path / "pp2"), "--metrics-file", str(tmp_path / "pp1.jsonl")]) == 0
+    assert run(args + ["--save", str(tmp_path / "one"), "--exit-interval", "3"]) == 0
+    launch(2, args + pp2 + ["--load", str(tmp_path / "one"), "--metrics-file", str(tmp_path / "back.jsonl")])
+    for resumed in ("pp1.jsonl", "back.jsonl"):
+        assert losses(tmp_path / resumed) == pytest.approx(losses(ref)[3:], rel=1e-5), resumed

@@ -8,7 +8,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-import megatron.core.optimizer as optimizer_module
 from megatron.core.distributed import comm
 from megatron.core.distributed.data_parallel import DistributedDataParallel
 from megatron.core.optimizer import MixedPrecisionOptimizer, OptimizerConfig
@@ -49,21 +48,6 @@ def forward_step(data_iterator, model):
     return output, lambda per_token: (per_token.mean(), {"loss": per_token.mean().detach()})
 
 
-def skip_duplicates_in_grad_norm():
-    """The tied output weight of the last stage repeats the first stage's embedding.
-    TODO(pipeline integration): drop once optimizer.global_grad_norm skips parameters marked
-    `shared_embedding_duplicate` (then this wrapper filters nothing)."""
-    original = optimizer_module.global_grad_norm
-    if getattr(original, "skips_duplicates", False):
-        return
-
-    def norm(params, grads, ps):
-        kept = [(p, g) for p, g in zip(params, grads) if not getattr(p, "shared_embedding_duplicate", False)]
-        return original([p for p, _ in kept], [g for _, g in kept], ps)
-    norm.skips_duplicates = True
-    optimizer_module.global_grad_norm = norm
-
-
 def build(ps: ParallelState, config: TransformerConfig, sequence_parallel: bool, layers_per_virtual_stage):
     rng = model_parallel_seed(ps, 1234)
     chunks = build_gpt_stages(config, ps, num_layers_per_virtual_stage=layers_per_virtual_stage)
@@ -77,7 +61,6 @@ def train(ps: ParallelState, variant: str, num_layers: int, micro_batch: int, *,
           sequence_parallel: bool = False, steps: int = STEPS, repeat: bool = False):
     """`steps` optimizer steps; returns (loss, grad norm) per step, this rank's step-0 gradients by
     global name, the pp bytes the schedule sent in step 0, and a forward-only loss at the end."""
-    skip_duplicates_in_grad_norm()
     config = make_config(variant, num_layers)
     chunks = build(ps, config, sequence_parallel and ps.tp_size > 1, layers_per_virtual_stage)
     ddp = DistributedDataParallel(chunks[0] if len(chunks) == 1 else nn.ModuleList(chunks), ps, bucket_size_mb=0.01)

@@ -58,12 +58,15 @@ def _shard_info(param: nn.Parameter, ps: ParallelState) -> dict:
 
 
 def named_global_params(model: nn.Module, global_name) -> dict[str, nn.Parameter]:
-    """Parameters by global name (tied duplicates appear once)."""
+    """Parameters by global name (tied duplicates appear once); `model` may be a ModuleList of
+    virtual pipeline chunks, each named on its own."""
+    chunks = list(model) if isinstance(model, nn.ModuleList) else [model]
     out, seen = {}, set()
-    for name, param in model.named_parameters():
-        if id(param) not in seen:
-            seen.add(id(param))
-            out[global_name(model, name)] = param
+    for chunk in chunks:
+        for name, param in chunk.named_parameters():
+            if id(param) not in seen:
+                seen.add(id(param))
+                out[global_name(chunk, name)] = param
     return out
 
 

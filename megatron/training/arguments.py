@@ -16,6 +16,7 @@ import yaml
 
 from fp8.scaling import RECIPES
 from megatron.core.datasets.config import add_data_args
+from megatron.core.pipeline_parallel.model import virtual_pipeline_size
 from megatron.core.precision import LEVELS
 from megatron.training.lr_schedule import add_lr_schedule_args, lr_schedule_config_from_args
 from megatron.training.tokenizer import add_tokenizer_args
@@ -72,6 +73,8 @@ def _parallel_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
+                   help="interleaved 1F1B: layers per model chunk (several chunks per stage)")
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--use-distributed-optimizer", action="store_true")
 
@@ -213,10 +216,11 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if args.save_interval and not args.save:
         raise ValueError("--save-interval needs --save DIR")
-    if pp > 1:
-        raise ValueError("--pipeline-model-parallel-size > 1 is not implemented yet; use 1 (see README, 'Not done yet')")
-    if args.use_distributed_optimizer:
-        raise ValueError("--use-distributed-optimizer is not implemented yet; drop it (see README, 'Not done yet')")
+    virtual = virtual_pipeline_size(args.num_layers, pp, args.num_layers_per_virtual_pipeline_stage)
+    num_microbatches = args.global_batch_size // (args.micro_batch_size * dp)
+    if virtual and num_microbatches % pp:
+        raise ValueError(f"the interleaved schedule needs the micro-batches per step ({num_microbatches}) to be a "
+                         f"multiple of --pipeline-model-parallel-size ({pp}); change --global-batch-size")
     if args.sequence_parallel and tp == 1:
         args.sequence_parallel = False  # as Megatron: nothing to split
     # The typed configs check themselves; build them now so that their errors, too, come before

@@ -6,10 +6,11 @@ import argparse
 from functools import partial
 
 import torch
+import torch.nn as nn
 
 from megatron.core.datasets.builder import build_gpt_datasets
 from megatron.core.datasets.config import gpt_dataset_config_from_args
-from megatron.core.models.gpt import GPTModel
+from megatron.core.pipeline_parallel.model import build_gpt_stages
 from megatron.core.parallel_state import ParallelState
 from megatron.core.parallelize import initialize_parameters, parallelize_gpt
 from megatron.core.precision import FP8Config, apply_precision
@@ -39,15 +40,18 @@ def fp8_config_from_args(args: argparse.Namespace) -> FP8Config:
                      margin=args.fp8_margin, min_features=args.fp8_min_features, output_layer=args.fp8_output_layer)
 
 
-def model_provider(args: argparse.Namespace, ps: ParallelState, rng) -> GPTModel:
-    """The GPT for this rank: built on the meta device, laid out, initialised, given its precision."""
+def model_provider(args: argparse.Namespace, ps: ParallelState, rng) -> nn.Module:
+    """This rank's part of the GPT (its pipeline stage; a ModuleList of chunks with virtual
+    stages): built on the meta device, laid out, initialised, given its precision."""
     config = transformer_config_from_args(args, args.padded_vocab_size)
-    model = GPTModel(config, device="meta")
-    parallelize_gpt(model, ps, sequence_parallel=args.sequence_parallel, rng=rng)
-    attach_rng_tracker(model, rng)
-    initialize_parameters(model, ps, seed=args.seed, device=ps.device)
-    apply_precision(model, fp8_config_from_args(args))
-    return model
+    chunks = build_gpt_stages(config, ps, device="meta",
+                              num_layers_per_virtual_stage=args.num_layers_per_virtual_pipeline_stage)
+    for chunk in chunks:
+        parallelize_gpt(chunk, ps, sequence_parallel=args.sequence_parallel, rng=rng)
+        attach_rng_tracker(chunk, rng)
+        initialize_parameters(chunk, ps, seed=args.seed, device=ps.device)
+        apply_precision(chunk, fp8_config_from_args(args))
+    return chunks[0] if len(chunks) == 1 else nn.ModuleList(chunks)
 
 
 def datasets_provider(args: argparse.Namespace, num_samples, *, eod_id: int | None = None):

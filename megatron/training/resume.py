@@ -25,7 +25,7 @@ MODEL_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_gro
 
 def model_signature(model: torch.nn.Module) -> dict:
     """What a checkpoint must agree on to load into this model."""
-    config = model.config
+    config = model[0].config if isinstance(model, torch.nn.ModuleList) else model.config
     return {key: getattr(config, key) for key in MODEL_KEYS if hasattr(config, key)}
 
 

@@ -23,8 +23,11 @@ from megatron.core.datasets.samplers import build_pretraining_data_loader, cycli
 from megatron.core.distributed import comm
 from megatron.core.distributed.data_parallel import DistributedDataParallel
 from megatron.core.optimizer import MixedPrecisionOptimizer, OptimizerConfig
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.parallel_state import ParallelState, init_distributed
-from megatron.core.pipeline_parallel.schedules import get_forward_backward_func
+from megatron.core.pipeline_parallel.model import allreduce_embedding_grads
+from megatron.core.pipeline_parallel.p2p_communication import activation_shape
+from megatron.core.pipeline_parallel.schedules import get_forward_backward_func, reported_mean
 from megatron.core.tensor_parallel.random import model_parallel_seed
 from megatron.training import resume
 from megatron.training.arguments import validate_args
@@ -60,15 +63,19 @@ def setup_parallel(args: argparse.Namespace) -> ParallelState:
     return ParallelState.build(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, device=device)
 
 
-def build_optimizer(model: torch.nn.Module, args: argparse.Namespace, ps: ParallelState) -> MixedPrecisionOptimizer:
+def build_optimizer(model: torch.nn.Module, args: argparse.Namespace, ps: ParallelState,
+                    ddp: DistributedDataParallel):
+    """AdamW over FP32 masters; with --use-distributed-optimizer the masters and moments are
+    sharded over the data-parallel group (ZeRO-1)."""
     config = OptimizerConfig(lr=args.lr, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
                              adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if args.use_distributed_optimizer:
+        return DistributedOptimizer(named, config, ps, ddp)
     return MixedPrecisionOptimizer(named, config, ps)
 
 
-def memory_record(model: torch.nn.Module, ddp: DistributedDataParallel, optimizer: MixedPrecisionOptimizer,
-                  num_params: int) -> dict:
+def memory_record(model: torch.nn.Module, ddp: DistributedDataParallel, optimizer, num_params: int) -> dict:
     """Bytes this rank holds persistently (scales included), per DESIGN.md's metrics contract."""
     weight = sum(p.numel() * p.element_size() for p in model.parameters())
     grad, master, optim = ddp.grad_buffer.nbytes, optimizer.master_bytes(), optimizer.optim_bytes()
@@ -95,11 +102,6 @@ def build_data_iterators(args, ps: ParallelState, datasets_provider, consumed_sa
     return train_iter, valid_iter
 
 
-def _mean_across_dp(values: list[dict], key: str, ps: ParallelState) -> float:
-    local = torch.stack([torch.as_tensor(v[key], dtype=torch.float32) for v in values]).mean().to(ps.device)
-    return comm.all_reduce(local, ps, "dp").item() / ps.dp_size if ps.dp_size > 1 else local.item()
-
-
 class Trainer:
     """One training run: model, optimizer, schedule, data and logging, wired together."""
 
@@ -108,8 +110,8 @@ class Trainer:
         self.args, self.ps, self.forward_step = args, ps, forward_step
         self.rng = model_parallel_seed(ps, args.seed)
         self.model = model_provider(args, ps, self.rng)
-        self.ddp = DistributedDataParallel(self.model, ps)
-        self.optimizer = build_optimizer(self.model, args, ps)
+        self.ddp = DistributedDataParallel(self.model, ps, use_distributed_optimizer=args.use_distributed_optimizer)
+        self.optimizer = build_optimizer(self.model, args, ps, self.ddp)
         self.scheduler = LRScheduler(lr_schedule_config_from_args(args), train_iters=args.train_iters)
         self.state = TrainState()
         self.last_saved_iteration: int | None = None
@@ -118,7 +120,7 @@ class Trainer:
         self.num_params = num_params or sum(p.numel() for p in self.model.parameters())
         self.flops_per_token = flops_per_token
         self.num_microbatches = args.global_batch_size // (args.micro_batch_size * ps.dp_size)
-        self.forward_backward = get_forward_backward_func(ps)
+        self.forward_backward, self.schedule_model = self._schedule()
         self.train_iter, self.valid_iter = build_data_iterators(args, ps, datasets_provider,
                                                                 self.state.consumed_samples, self.state.iteration)
         enabled = ps.rank == 0
@@ -128,15 +130,27 @@ class Trainer:
                                wandb_exp_name=args.wandb_exp_name, wandb_save_dir=args.wandb_save_dir,
                                wandb_mode=args.wandb_mode, enabled=enabled, run_config=vars(args))
 
+    def _schedule(self):
+        """The forward/backward schedule for this layout and the model object it drives (the
+        list of chunks under virtual pipeline stages)."""
+        args, ps = self.args, self.ps
+        chunks = list(self.model) if isinstance(self.model, torch.nn.ModuleList) else None
+        shape = activation_shape(args.seq_length, args.micro_batch_size, args.hidden_size, tp_size=ps.tp_size,
+                                 sequence_parallel=args.sequence_parallel)
+        schedule = get_forward_backward_func(ps, len(chunks) if chunks else None, tensor_shape=shape,
+                                             dtype=torch.bfloat16 if args.bf16 else torch.float32)
+        return schedule, (chunks if chunks else self.ddp)
+
     def train_step(self) -> tuple[float, bool, float]:
-        """One global batch: returns (loss averaged over data-parallel ranks, skipped, grad norm)."""
+        """One global batch: returns (loss averaged over the global batch, skipped, grad norm)."""
         self.ddp.module.train()
         self.ddp.zero_grad_buffer()
         reported = self.forward_backward(forward_step=self.forward_step, data_iterator=self.train_iter,
-                                         model=self.ddp, num_microbatches=self.num_microbatches)
+                                         model=self.schedule_model, num_microbatches=self.num_microbatches)
         self.ddp.finish_grad_sync()
+        allreduce_embedding_grads(self.model, self.ps)
         result = self.optimizer.step()
-        return _mean_across_dp(reported, "lm loss", self.ps), result.skipped, result.grad_norm
+        return reported_mean(reported, "lm loss", self.ps), result.skipped, result.grad_norm
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -144,9 +158,9 @@ class Trainer:
         reported = []
         for _ in range(self.args.eval_iters):
             reported += self.forward_backward(forward_step=self.forward_step, data_iterator=self.valid_iter,
-                                              model=self.ddp, num_microbatches=self.num_microbatches,
+                                              model=self.schedule_model, num_microbatches=self.num_microbatches,
                                               forward_only=True)
-        return _mean_across_dp(reported, "lm loss", self.ps)
+        return reported_mean(reported, "lm loss", self.ps)
 
     def record(self, loss: float, skipped: int, grad_norm: float, step_time: float, lr: float,
                comm_bytes: dict) -> dict:

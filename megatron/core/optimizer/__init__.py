@@ -50,8 +50,11 @@ def _no_weight_decay(name: str, param: nn.Parameter) -> bool:
 
 def global_grad_norm(params: list[nn.Parameter], grads: list[torch.Tensor], ps: ParallelState) -> float:
     """L2 norm of the whole model's gradient: each tensor-parallel shard counts once, replicated
-    parameters once per model (on tensor-parallel rank 0), summed over the tp and pp groups."""
-    counted = [g for p, g in zip(params, grads) if getattr(p, "tensor_model_parallel", False) or ps.tp_rank == 0]
+    parameters once per model (on tensor-parallel rank 0), the tied output weight of the last
+    pipeline stage not at all (the first stage counts it), summed over the tp and pp groups."""
+    counted = [g for p, g in zip(params, grads)
+               if (getattr(p, "tensor_model_parallel", False) or ps.tp_rank == 0)
+               and not getattr(p, "shared_embedding_duplicate", False)]  # the last stage's tied copy
     device = grads[0].device if grads else ps.device
     total = torch.zeros((), dtype=torch.float32, device=device)
     if counted:
