@@ -10,9 +10,6 @@ rows also give TFLOP/s.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
 import platform
 import sys
 import time
@@ -23,6 +20,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fp8  # noqa: E402
+from bench.common import RESULTS, run_meta, save_results  # noqa: E402
 from fp8.gemm import device_info, select_path  # noqa: E402
 
 
@@ -123,18 +121,9 @@ def main(argv=None) -> int:
         rows += bench_casts(n, device, iters) + bench_gemms(n, device, iters)
         rows += bench_linear(n, args.tokens or n, device, iters)
     print_table(rows, device)
-    meta = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "host": platform.node(),
-        "command": " ".join(["python", "bench/fp8_ops.py"] + (argv if argv is not None else sys.argv[1:])),
-    }
-    out = Path(args.out or f"bench/results/fp8_ops-{device.type}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    os.replace(tmp, out)
-    print(f"\nwrote {out}")
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    meta = run_meta("fp8_ops.py", argv, device=device_name, torch=torch.__version__, threads=torch.get_num_threads())
+    save_results(args.out or RESULTS / f"fp8_ops-{device.type}.json", meta, rows=rows)
     return 0
 
 

@@ -9,10 +9,6 @@ Prints a table and writes JSON (default bench/results/preprocess.json).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -25,6 +21,7 @@ from megatron.core.datasets.gpt_dataset import build_sample_indices  # noqa: E40
 from megatron.core.datasets.indexed_dataset import IndexedDataset  # noqa: E402
 from megatron.core.datasets.preprocessing import PreprocessConfig, preprocess  # noqa: E402
 from megatron.training.tokenizer import TokenizerConfig  # noqa: E402
+from bench.common import RESULTS, run_meta, save_results  # noqa: E402
 from tools.builtin_corpus import ensure_builtin_corpus  # noqa: E402
 
 
@@ -64,15 +61,8 @@ def main(argv=None) -> int:
     indices = bench_indices(corpus, args.samples, args.seq_length)
     print(f"\nGPTDataset indices, {indices['samples']:,} samples of {indices['seq_length']} tokens over "
           f"{indices['documents']:,} documents: {indices['seconds']:.2f} s")
-    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "machine": f"{platform.machine()} {os.cpu_count()} cores", "variant": args.variant,
-            "command": " ".join(["python", "bench/preprocess.py"] + (argv if argv is not None else sys.argv[1:]))}
-    out = Path(args.out or Path(__file__).resolve().parent / "results" / "preprocess.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"meta": meta, "preprocess": rows, "indices": indices}, indent=1))
-    os.replace(tmp, out)
-    print(f"\nwrote {out}")
+    meta = run_meta("preprocess.py", argv, variant=args.variant)
+    save_results(args.out or RESULTS / "preprocess.json", meta, preprocess=rows, indices=indices)
     return 0
 
 

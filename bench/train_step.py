@@ -11,16 +11,15 @@ of the logged intervals after the first (which holds start-up). Prints a table a
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from bench.common import RESULTS, run_meta, save_results  # noqa: E402
 SIZES = {
     "tiny": [],  # configs/gpt-tiny.yaml as it is: 2 layers, hidden 128, seq 128
     "small": ["--num-layers", "4", "--hidden-size", "256", "--ffn-hidden-size", "1024",
@@ -34,26 +33,35 @@ def corpus_args() -> list[str]:
     return out.stdout.split()
 
 
-def run_one(size: str, level: str, tp: int, iters: int, device: str, data: list[str]) -> dict:
-    interval = max(1, iters // 3)
+def launch(nproc: int, flags: list[str], iters: int, label: str, interval: int | None = None) -> dict:
+    """One `torchrun` run of pretrain_gpt.py on the tiny config plus `flags`; the mean step time
+    of the logged intervals after the first, the last record's figures, and all records."""
+    interval = interval or max(1, iters // 3)
     with tempfile.TemporaryDirectory() as tmp:
         metrics = Path(tmp) / "metrics.jsonl"
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(tp),
-                   "pretrain_gpt.py", "--config", "configs/gpt-tiny.yaml", *SIZES[size], *data,
-                   "--fp8-level", level, "--tensor-model-parallel-size", str(tp), "--device", device,
-                   "--train-iters", str(iters), "--lr-warmup-iters", "2", "--log-interval", str(interval), "--eval-iters", "0",
-                   "--metrics-file", str(metrics)] + (["--sequence-parallel"] if tp > 1 else [])
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+                   "pretrain_gpt.py", "--config", "configs/gpt-tiny.yaml", *flags, "--train-iters", str(iters),
+                   "--lr-warmup-iters", "2", "--log-interval", str(interval), "--eval-iters", "0",
+                   "--metrics-file", str(metrics)]
         proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"{size}/{level}/tp{tp} failed:\n{proc.stderr[-2000:]}")
+            raise RuntimeError(f"{label} failed:\n{proc.stderr[-2000:]}")
         records = [json.loads(line) for line in metrics.read_text().splitlines()]
     steady = records[1:] or records
     step = sum(r["step_time_s"] for r in steady) / len(steady)
     last = records[-1]
-    return {"size": size, "level": level, "tp": tp, "step_time_s": step,
-            "tokens_per_s": last["tokens_per_s"] * last["step_time_s"] / step,
-            "final_loss": last["loss"], "state_bytes_per_param": last["memory"]["state_bytes_per_param"],
-            "tp_bytes_per_step": last["comm"]["tp_bytes"], "num_params": last["memory"]["num_params"]}
+    return {"step_time_s": step, "tokens_per_s": last["tokens_per_s"] * last["step_time_s"] / step,
+            "final_loss": last["loss"], "memory": last["memory"], "comm": last["comm"], "records": records}
+
+
+def run_one(size: str, level: str, tp: int, iters: int, device: str, data: list[str]) -> dict:
+    flags = [*SIZES[size], *data, "--fp8-level", level, "--tensor-model-parallel-size", str(tp),
+             "--device", device] + (["--sequence-parallel"] if tp > 1 else [])
+    result = launch(tp, flags, iters, f"{size}/{level}/tp{tp}")
+    return {"size": size, "level": level, "tp": tp, "step_time_s": result["step_time_s"],
+            "tokens_per_s": result["tokens_per_s"], "final_loss": result["final_loss"],
+            "state_bytes_per_param": result["memory"]["state_bytes_per_param"],
+            "tp_bytes_per_step": result["comm"]["tp_bytes"], "num_params": result["memory"]["num_params"]}
 
 
 def main(argv=None) -> int:
@@ -75,15 +83,7 @@ def main(argv=None) -> int:
                 rows.append(row)
                 print(f"{size:<6} {level:<5} {tp:>2} {row['step_time_s'] * 1e3:>9.1f} {row['tokens_per_s']:>9.0f} "
                       f"{row['state_bytes_per_param']:>11.2f} {row['final_loss']:>7.3f}", flush=True)
-    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "machine": f"{platform.machine()} {os.cpu_count()} cores", "host": platform.node(),
-            "command": " ".join(["python", "bench/train_step.py"] + (argv if argv is not None else sys.argv[1:]))}
-    out = Path(args.out or REPO / f"bench/results/train_step-{args.device}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    os.replace(tmp, out)
-    print(f"\nwrote {out}")
+    save_results(args.out or RESULTS / f"train_step-{args.device}.json", run_meta("train_step.py", argv), rows=rows)
     return 0
 
 

@@ -93,7 +93,7 @@ def select_path(a: ScalingTensor, b: ScalingTensor, out_dtype: torch.dtype, info
 def _select_cuda(a, b, kind_a, kind_b, out_dtype, info) -> tuple[str, str]:
     if info.capability < (8, 9):
         return "emulate", f"FP8 tensor cores need sm89+, this GPU is sm{info.capability[0]}{info.capability[1]}"
-    (dim_m, dim_k), dim_n = a.shape, b.shape[1]
+    dim_k, dim_n = a.shape[1], b.shape[1]
     if dim_k % 16 or dim_n % 16:
         return "emulate", f"cuBLAS FP8 needs K and N multiples of 16 (K={dim_k}, N={dim_n})"
     if a.spec.name == b.spec.name == "e5m2":

@@ -102,10 +102,15 @@ class FP8LinearState:
         return quantize(x2d, spec, scale=scale, tile=tile)
 
     def fp8_weight(self, weight: torch.Tensor) -> ScalingTensor:
+        """The FP8 copy of `weight`; an FP16 master carrying a per-tensor ``scale`` attribute
+        (levels O1, O2) is cast from its true value, payload / scale."""
         key = (weight._version, weight.data_ptr(), weight.device, weight.dtype)
         if self._weight_cache is None or self._weight_cache[0] != key:
             with torch.no_grad():
-                self._weight_cache = (key, self.cast(weight.detach(), "weight"))
+                value = weight.detach()
+                if hasattr(weight, "scale"):
+                    value = value.float() / weight.scale
+                self._weight_cache = (key, self.cast(value, "weight"))
         return self._weight_cache[1]
 
     def orient(self, x: ScalingTensor, contraction_dim: int) -> ScalingTensor:

@@ -48,10 +48,12 @@ def _no_weight_decay(name: str, param: nn.Parameter) -> bool:
     return param.ndim < 2 or name.endswith(".bias")
 
 
-def global_grad_norm(params: list[nn.Parameter], grads: list[torch.Tensor], ps: ParallelState) -> float:
+def global_grad_norm(params: list[nn.Parameter], grads: list[torch.Tensor], ps: ParallelState,
+                     extra_square_sum: torch.Tensor | None = None) -> float:
     """L2 norm of the whole model's gradient: each tensor-parallel shard counts once, replicated
     parameters once per model (on tensor-parallel rank 0), the tied output weight of the last
-    pipeline stage not at all (the first stage counts it), summed over the tp and pp groups."""
+    pipeline stage not at all (the first stage counts it), summed over the tp and pp groups.
+    `extra_square_sum`: this rank's sum of squares of gradients kept elsewhere (FP8 ones)."""
     counted = [g for p, g in zip(params, grads)
                if (getattr(p, "tensor_model_parallel", False) or ps.tp_rank == 0)
                and not getattr(p, "shared_embedding_duplicate", False)]  # the last stage's tied copy
@@ -60,10 +62,17 @@ def global_grad_norm(params: list[nn.Parameter], grads: list[torch.Tensor], ps: 
     if counted:
         norms = torch._foreach_norm([g.float() for g in counted])
         total = torch.stack(norms).square().sum()
+    if extra_square_sum is not None:
+        total = total + extra_square_sum.to(total.device)
     for group in ("tp", "pp"):
         if ps.group_size(group) > 1:
             comm.all_reduce(total, ps, group)
     return math.sqrt(total.item()) if math.isfinite(total.item()) else math.inf
+
+
+def clip_coefficient(clip_grad: float, norm: float) -> float:
+    """What to multiply gradients by so that their global norm is at most `clip_grad` (0: off)."""
+    return clip_grad / (norm + 1e-6) if clip_grad > 0 and norm > clip_grad else 1.0
 
 
 class MixedPrecisionOptimizer:
@@ -83,14 +92,21 @@ class MixedPrecisionOptimizer:
     def param_groups(self):
         return self.optimizer.param_groups
 
+    def grads(self) -> list[torch.Tensor]:
+        return [p.main_grad for p in self.params]
+
     def step(self) -> StepResult:
-        grads = [p.main_grad for p in self.params]
+        grads = self.grads()
         norm = global_grad_norm(self.params, grads, self.ps)
         if not math.isfinite(norm):
             return StepResult(skipped=True, grad_norm=norm)
-        clip = self.config.clip_grad
-        if clip > 0 and norm > clip:
-            torch._foreach_mul_(grads, clip / (norm + 1e-6))
+        self.update(grads, clip_coefficient(self.config.clip_grad, norm))
+        return StepResult(skipped=False, grad_norm=norm)
+
+    def update(self, grads: list[torch.Tensor], coefficient: float) -> None:
+        """Scale the gradients by the clipping `coefficient` and take the AdamW step."""
+        if coefficient < 1.0 and grads:
+            torch._foreach_mul_(grads, coefficient)
         for master, grad in zip(self.masters, grads):
             master.grad = grad if grad.dtype == master.dtype else grad.float()
         self.optimizer.step()
@@ -99,7 +115,6 @@ class MixedPrecisionOptimizer:
                 master.grad = None
                 if param is not master:
                     param.copy_(master)
-        return StepResult(skipped=False, grad_norm=norm)
 
     # ----- memory accounting (bytes this rank holds) -------------------------------------------
     def master_bytes(self) -> int:
