@@ -375,7 +375,14 @@ class FP8AdamW(torch.optim.Optimizer):
             p = params[int(index)]
             self.state[p] = self._unpack_state(packed, p)
         for device, rng_state in state_dict.get("fp8", {}).get("rng", {}).items():
-            self._generator(torch.device(device)).set_state(rng_state)
+            self._generator(self._local_device(torch.device(device))).set_state(rng_state.cpu())
+
+    def _local_device(self, saved: torch.device) -> torch.device:
+        """Where a generator saved on `saved` belongs here: the same device, or the one device of
+        its type that holds parameters (a rank resumed on another GPU index)."""
+        devices = {p.device for group in self.param_groups for p in group["params"]}
+        same_type = [d for d in devices if d.type == saved.type]
+        return saved if saved in devices or len(same_type) != 1 else same_type[0]
 
     def _params_by_index(self, saved_groups: list[dict]) -> dict[int, torch.Tensor]:
         sizes = [len(g["params"]) for g in self.param_groups]

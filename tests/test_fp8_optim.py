@@ -358,14 +358,30 @@ def test_fp16_master_rescales_when_its_range_changes():
     assert p.scale.item() <= scale_before / 2
     assert scaled_value(p).tolist() == pytest.approx([2.5, 0.25, -0.5], rel=1e-3)
     assert torch.isfinite(p.detach().float()).all()
+    _, kept = to_scaled_fp16(torch.zeros(3), prev_scale=torch.tensor(8.0))
+    assert kept.item() == 8.0  # an all-zero tensor says nothing about its range
+
+
+def test_exact_formula_scales_without_power_of_two_rounding():
+    p = make_scaled_fp16_param(torch.nn.Parameter(torch.tensor([0.3, -0.1, 0.2])), power_of_two=False)
+    p.main_grad = torch.tensor([1.0, 1.0, -1.0])
+    opt = FP8AdamW([p], lr=1e-2, power_of_two_scales=False)
+    opt.step()
+    value = scaled_value(p)
+    assert p.scale.item() == pytest.approx(65504.0 / value.abs().max().item(), rel=1e-3)
+    assert p.detach().float().abs().max().item() == 65504.0
+    assert value.tolist() == pytest.approx([0.29, -0.11, 0.21], rel=1e-3)
+    v_fp16 = opt.state[p]["exp_avg_sq"]
+    assert v_fp16.data.float().max().item() == 65504.0
 
 
 # --------------------------------------------------------------------------- checkpoints
 
-def _mixed_params(seed: int = 0):
+def _mixed_params(seed: int = 0, device: str = "cpu"):
+    """A scaled-FP16 master, an FP32 bias and a BF16 weight."""
     gen = torch.Generator().manual_seed(seed)
-    params = _params(torch.randn(32, 16, generator=gen), torch.randn(16, generator=gen),
-                     torch.randn(8, 32, generator=gen))
+    tensors = (torch.randn(32, 16, generator=gen), torch.randn(16, generator=gen), torch.randn(8, 32, generator=gen))
+    params = _params(*(t.to(device) for t in tensors))
     make_scaled_fp16_param(params[0])
     params[2].data = params[2].data.bfloat16()
     return params
@@ -398,7 +414,7 @@ def _assert_same(params_a, params_b, opt_a, opt_b):
 
 def _grads(params, steps, seed):
     gen = torch.Generator().manual_seed(seed)
-    return [[torch.randn(p.shape, generator=gen) for p in params] for _ in range(steps)]
+    return [[torch.randn(p.shape, generator=gen).to(p.device) for p in params] for _ in range(steps)]
 
 
 def test_state_fp32_round_trip_continues_bit_exactly():
@@ -495,3 +511,36 @@ def test_bad_params_raise_value_error():
     bad.scale = torch.ones(2)
     with pytest.raises(ValueError, match="0-dim float32"):
         FP8AdamW([bad])
+
+
+# ------------------------------------------------------------------------------------- CUDA
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_matches_torch_and_round_trips():
+    device = torch.device("cuda")
+    gen = torch.Generator().manual_seed(0)
+    init = torch.randn(64, 32, generator=gen)
+    grads = [torch.randn(64, 32, generator=gen) for _ in range(20)]
+    ours, theirs = _params(init.to(device)), _params(init.to(device))
+    opt = FP8AdamW(ours, lr=1e-2, weight_decay=0.1, **FP32_STATES)
+    ref = torch.optim.AdamW(theirs, lr=1e-2, weight_decay=0.1, foreach=False)
+    for g in grads:
+        ours[0].grad, theirs[0].grad = g.to(device), g.to(device)
+        opt.step()
+        ref.step()
+    assert torch.equal(ours[0], theirs[0])  # the same kernels in the same order
+
+    params = _mixed_params(device="cuda")
+    assert params[0].scale.device == params[0].device
+    opt = FP8AdamW(params, lr=1e-2, stochastic_rounding=True, seed=5)
+    _steps(opt, params, _grads(params, 3, seed=1))
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    clones = _clone_params(params)
+    resumed = FP8AdamW(clones, lr=1e-2, stochastic_rounding=True, seed=5)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    more = _grads(params, 3, seed=2)
+    _steps(opt, params, more)
+    _steps(resumed, clones, more)
+    _assert_same(params, clones, opt, resumed)
