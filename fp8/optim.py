@@ -221,7 +221,7 @@ class FP8AdamW(torch.optim.Optimizer):
         self.stochastic_rounding, self.seed = bool(stochastic_rounding), int(seed)
         self.power_of_two_scales = bool(power_of_two_scales)
         self._generators: dict[str, torch.Generator] = {}
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
         super().__init__(params, defaults)
         for group in self.param_groups:
             _check_hparams(group["lr"], group["betas"], group["eps"], group["weight_decay"])

@@ -16,10 +16,20 @@ import fp8
 from fp8.optim import FP8AdamW, make_scaled_fp16_param, scaled_value, to_scaled_fp16
 from fp8.stochastic import step_toward, stochastic_round
 
-FP32_STATES = dict(exp_avg_dtype="fp32", exp_avg_sq_dtype="fp32")
+FP32_STATES = {"exp_avg_dtype": "fp32", "exp_avg_sq_dtype": "fp32"}
 
 
 # ------------------------------------------------------------------------------------ helpers
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tests run thousands of small ops: on shared cores, intra-op threads cost more in
+    synchronisation than they gain (measured 4x slower under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 def _params(*tensors: torch.Tensor) -> list[torch.nn.Parameter]:
     return [torch.nn.Parameter(t.clone()) for t in tensors]
@@ -155,6 +165,8 @@ def test_default_precision_trains_an_mlp_like_adamw():
             opt.step()
         losses[name] = loss_of([scaled_value(p) for p in params]).item()
     initial = loss_of(init).item()
+    print(f"\nMLP, 200 steps: loss default FP8AdamW {losses['fp8']:.4e}, FP32 AdamW {losses['torch']:.4e}, "
+          f"initial {initial:.4e}")
     assert losses["torch"] < 0.01 * initial
     assert losses["fp8"] == pytest.approx(losses["torch"], rel=0.05)
 
@@ -243,14 +255,14 @@ def test_stochastic_round_is_unbiased_between_fp16_neighbours():
 
 
 def _tiny_update_run(*, stochastic_rounding: bool, steps: int, seed: int = 0):
-    """Scaled-FP16 and BF16 masters in [0.5, 1) pushed down by ~lr = 1e-5 a step: 1/50 of the
-    FP16 spacing there (2**-11), 1/400 of BF16's."""
+    """Scaled-FP16 and BF16 masters in [0.5, 1) pushed down by ~lr = 2e-5 a step: 1/25 of the
+    FP16 spacing there (2**-11), 1/200 of BF16's."""
     gen = torch.Generator().manual_seed(123)
     init = [0.5 + 0.499 * torch.rand(4096, generator=gen), 0.5 + 0.499 * torch.rand(4096, generator=gen)]
     params = _params(*init)
     make_scaled_fp16_param(params[0])
     params[1].data = params[1].data.bfloat16()
-    opt = FP8AdamW(params, lr=1e-5, weight_decay=0.0, stochastic_rounding=stochastic_rounding, seed=seed,
+    opt = FP8AdamW(params, lr=2e-5, weight_decay=0.0, stochastic_rounding=stochastic_rounding, seed=seed,
                    **FP32_STATES)
     start = [scaled_value(p).clone() for p in params]
     for p in params:
@@ -261,9 +273,9 @@ def _tiny_update_run(*, stochastic_rounding: bool, steps: int, seed: int = 0):
 
 
 def test_tiny_updates_are_lost_without_stochastic_rounding_and_kept_with_it():
-    steps = 1000
+    steps = 500
     ref = _params(torch.full((4096,), 0.75))
-    ref_opt = torch.optim.AdamW(ref, lr=1e-5, weight_decay=0.0, foreach=False)
+    ref_opt = torch.optim.AdamW(ref, lr=2e-5, weight_decay=0.0, foreach=False)
     for _ in range(steps):
         ref[0].grad = torch.ones(4096)
         ref_opt.step()
@@ -438,7 +450,7 @@ def test_state_fp32_round_trip_continues_bit_exactly():
 
 def test_state_dict_round_trip_through_weights_only_load():
     params = _mixed_params()
-    kwargs = dict(lr=1e-2, weight_decay=0.1, stochastic_rounding=True, seed=3)
+    kwargs = {"lr": 1e-2, "weight_decay": 0.1, "stochastic_rounding": True, "seed": 3}
     opt = FP8AdamW(params, **kwargs)
     _steps(opt, params, _grads(params, 5, seed=1))
     buffer = io.BytesIO()
@@ -489,13 +501,13 @@ def test_state_bytes_default_is_three_bytes_per_param():
 # ------------------------------------------------------------------------------- validation
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(exp_avg_dtype="fp4"), "exp_avg_dtype='fp4'.*fp32, bf16, fp16, fp8"),
-    (dict(exp_avg_sq_dtype="e4m3"), "exp_avg_sq_dtype"),
-    (dict(lr=-1e-3), "lr must be"),
-    (dict(betas=(1.0, 0.9)), "betas"),
-    (dict(betas=(0.9, -0.1)), "betas"),
-    (dict(eps=-1.0), "eps"),
-    (dict(weight_decay=-0.1), "weight_decay"),
+    ({"exp_avg_dtype": "fp4"}, "exp_avg_dtype='fp4'.*fp32, bf16, fp16, fp8"),
+    ({"exp_avg_sq_dtype": "e4m3"}, "exp_avg_sq_dtype"),
+    ({"lr": -1e-3}, "lr must be"),
+    ({"betas": (1.0, 0.9)}, "betas"),
+    ({"betas": (0.9, -0.1)}, "betas"),
+    ({"eps": -1.0}, "eps"),
+    ({"weight_decay": -0.1}, "weight_decay"),
 ])
 def test_bad_arguments_raise_value_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
