@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from fp8.optim import is_scaled_fp16, scaled_value, to_scaled_fp16
 from megatron.core.parallel_state import ParallelState
 from megatron.core.tensor_parallel.layers import shard_of
 
@@ -55,6 +56,21 @@ def _shard_info(param: nn.Parameter, ps: ParallelState) -> dict:
     sharded = getattr(param, "tensor_model_parallel", False)
     return {"dim": param.partition_dim if sharded else None, "parts": getattr(param, "partition_parts", 1),
             "tp_rank": ps.tp_rank, "tp_size": ps.tp_size}
+
+
+def param_value(param: nn.Parameter) -> torch.Tensor:
+    """What a parameter stands for: an FP16 master with a per-tensor scale is stored as its true
+    value (payload / scale), so checkpoints do not depend on how a level stores weights."""
+    return scaled_value(param) if is_scaled_fp16(param) else param.detach()
+
+
+def set_param_value(param: nn.Parameter, value: torch.Tensor) -> None:
+    if is_scaled_fp16(param):
+        payload, scale = to_scaled_fp16(value.float())
+        param.copy_(payload)
+        param.scale.copy_(scale)
+    else:
+        param.copy_(value)
 
 
 def named_global_params(model: nn.Module, global_name) -> dict[str, nn.Parameter]:
@@ -100,7 +116,7 @@ def rank_payload(model: nn.Module, optimizer, ps: ParallelState, global_name, tr
     opt_state = optimizer.local_state() if optimizer is not None else {}
     model_part, optim_part = {}, {}
     for name, param in params.items():
-        model_part[name] = {"tensor": param.detach().cpu(), "shard": _shard_info(param, ps)}
+        model_part[name] = {"tensor": param_value(param).cpu(), "shard": _shard_info(param, ps)}
         if param in opt_state:
             entry = opt_state[param]
             optim_part[name] = {"range": list(entry["range"]),
@@ -317,7 +333,7 @@ def load_checkpoint(root: str, *, ps: ParallelState, model: nn.Module, optimizer
             if tuple(tensor.shape) != tuple(param.shape):
                 raise CheckpointError(f"{name} has shape {tuple(tensor.shape)} in the checkpoint, {tuple(param.shape)} "
                                       f"here; the checkpoint is of another model")
-            param.copy_(tensor)
+            set_param_value(param, tensor)
             if states:
                 full_states[param] = states
     own = ckpt.payloads[0]

@@ -8,7 +8,7 @@
 | O2    | FP8   | FP16 + scale (master)    | -           | FP8               | FP8 / FP16      |
 | O3    | FP8   | FP8 + scale              | FP16, ZeRO  | FP8               | FP8 / FP16 ZeRO |
 
-Levels above O0 are refused until their implementation lands (see README, "Not done yet").
+Level O3 is refused until its implementation lands (see README, "Not done yet").
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from fp8.linear import FP8LinearState
+from fp8.optim import make_scaled_fp16_param
 from fp8.scaling import RECIPES, Recipe
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
 LEVELS = ("none", "O0", "O1", "O2", "O3")
-AVAILABLE_LEVELS = ("none", "O0")
+AVAILABLE_LEVELS = ("none", "O0", "O1", "O2")
 FP8_LAYER_SUFFIXES = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 
 
@@ -38,6 +39,14 @@ class FP8Config:
     margin: int = 0
     min_features: int = 128
     output_layer: bool = False
+    # O1 / O2: gradients, masters and Adam states (None: the level's default, see `optimizer_dtypes`)
+    wgrad_auto_scaling: bool = True
+    wgrad_auto_scaling_ratio: float = 1e-5
+    wgrad_auto_scaling_window: int = 1000
+    main_params_dtype: str | None = None
+    exp_avg_dtype: str | None = None
+    exp_avg_sq_dtype: str | None = None
+    fp16_master_stochastic_rounding: bool = False
 
     def __post_init__(self):
         if self.level not in LEVELS:
@@ -48,6 +57,18 @@ class FP8Config:
         if self.recipe not in RECIPES:
             raise ValueError(f"unknown --fp8-recipe {self.recipe!r}; use one of {', '.join(RECIPES)}")
         self.to_recipe()  # validates format, margin, history
+        if self.main_params_dtype not in (None, "fp32", "fp16"):
+            raise ValueError(f"--main-params-dtype {self.main_params_dtype!r}: use fp32 or fp16")
+        for flag, value in (("--exp-avg-dtype", self.exp_avg_dtype), ("--exp-avg-sq-dtype", self.exp_avg_sq_dtype)):
+            if value not in (None, "fp32", "fp16", "bf16", "fp8"):
+                raise ValueError(f"{flag} {value!r}: use fp32, fp16, bf16 or fp8")
+
+    def optimizer_dtypes(self) -> tuple[str, str, str]:
+        """(main params, exp_avg, exp_avg_sq) for the FP8-gradient weights: O1 keeps FP32 Adam
+        states, O2 the paper's FP8 first and FP16 second moment; flags override."""
+        o2 = self.level in ("O2", "O3")
+        return (self.main_params_dtype or "fp16", self.exp_avg_dtype or ("fp8" if o2 else "fp32"),
+                self.exp_avg_sq_dtype or ("fp16" if o2 else "fp32"))
 
     def to_recipe(self) -> Recipe:
         return Recipe(fmt=self.format, recipe=self.recipe, amax_history_len=self.amax_history_len,
@@ -96,5 +117,15 @@ def apply_precision(model: nn.Module, config: FP8Config) -> list[str]:
         out_local, in_local = module.weight.shape
         if recipe.uses_fp8(in_local, out_local):
             module.fp8 = FP8LinearState(recipe, fp8_wgrad=plan.fp8_wgrad)
+            if plan.fp8_wgrad:
+                _fp8_gradient_weight(module.weight, config)
             switched.append(name)
     return switched
+
+
+def _fp8_gradient_weight(weight: nn.Parameter, config: FP8Config) -> None:
+    """O1 and up: the weight's gradient is FP8 (reduced in FP8), and the weight is its own
+    master, FP16 with a per-tensor scale unless --main-params-dtype fp32."""
+    weight.grad_is_fp8 = True
+    if config.optimizer_dtypes()[0] == "fp16":
+        make_scaled_fp16_param(weight)

@@ -109,6 +109,20 @@ def _fp8_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--fp8-min-features", type=int, default=128,
                    help="linears narrower than this (per rank) stay in high precision")
     g.add_argument("--fp8-output-layer", action="store_true", help="FP8 GEMMs in the output head too")
+    g.add_argument("--fp8-wgrad-auto-scaling", action=argparse.BooleanOptionalAction, default=True,
+                   help="O1+: adapt the gradient pre-scaling factor mu (FP8-LM 2.1); off: divide by DP first")
+    g.add_argument("--fp8-wgrad-auto-scaling-ratio", type=float, default=1e-5,
+                   help="overflow fraction above which mu halves")
+    g.add_argument("--fp8-wgrad-auto-scaling-window", type=int, default=1000,
+                   help="steps below the ratio after which mu doubles (up to 2)")
+    g.add_argument("--main-params-dtype", default=None, choices=["fp32", "fp16"],
+                   help="O1+: master of the FP8 linear weights (default fp16 with a per-tensor scale)")
+    g.add_argument("--exp-avg-dtype", default=None, choices=["fp32", "fp16", "bf16", "fp8"],
+                   help="Adam first moment of the FP8 linear weights (default: fp32 at O1, fp8 at O2)")
+    g.add_argument("--exp-avg-sq-dtype", default=None, choices=["fp32", "fp16", "bf16", "fp8"],
+                   help="Adam second moment of the FP8 linear weights (default: fp32 at O1, fp16 at O2)")
+    g.add_argument("--fp16-master-stochastic-rounding", action="store_true",
+                   help="round FP16 master updates stochastically (long runs, small late updates)")
 
 
 def _logging_args(parser: argparse.ArgumentParser) -> None:

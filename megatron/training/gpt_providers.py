@@ -37,7 +37,13 @@ def transformer_config_from_args(args: argparse.Namespace, vocab_size: int) -> T
 def fp8_config_from_args(args: argparse.Namespace) -> FP8Config:
     return FP8Config(level=args.fp8_level, format=args.fp8_format, recipe=args.fp8_recipe,
                      amax_history_len=args.fp8_amax_history_len, amax_compute_algo=args.fp8_amax_compute_algo,
-                     margin=args.fp8_margin, min_features=args.fp8_min_features, output_layer=args.fp8_output_layer)
+                     margin=args.fp8_margin, min_features=args.fp8_min_features, output_layer=args.fp8_output_layer,
+                     wgrad_auto_scaling=args.fp8_wgrad_auto_scaling,
+                     wgrad_auto_scaling_ratio=args.fp8_wgrad_auto_scaling_ratio,
+                     wgrad_auto_scaling_window=args.fp8_wgrad_auto_scaling_window,
+                     main_params_dtype=args.main_params_dtype, exp_avg_dtype=args.exp_avg_dtype,
+                     exp_avg_sq_dtype=args.exp_avg_sq_dtype,
+                     fp16_master_stochastic_rounding=args.fp16_master_stochastic_rounding)
 
 
 def model_provider(args: argparse.Namespace, ps: ParallelState, rng) -> nn.Module:

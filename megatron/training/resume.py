@@ -46,7 +46,9 @@ def _plain(value):
 def save(trainer) -> None:
     args, ps, state = trainer.args, trainer.ps, trainer.state
     payload = checkpointing.rank_payload(trainer.model, trainer.optimizer, ps, global_name, trainer.rng)
+    autoscaler = trainer.ddp.fp8_autoscaler
     common = {"iteration": state.iteration, "consumed_samples": state.consumed_samples,
+              "fp8_autoscaler": autoscaler.state_dict() if autoscaler is not None else None,
               "skipped_iterations": state.skipped_iterations, "scheduler": trainer.scheduler.state_dict(),
               "args": {k: _plain(v) for k, v in vars(args).items()}}
     metadata = {"format": checkpointing.FORMAT_VERSION, "iteration": state.iteration,
@@ -85,6 +87,8 @@ def load(trainer) -> None:
     trainer.last_saved_iteration = info.iteration
     if not args.no_load_optim:
         trainer.scheduler.load_state_dict(common["scheduler"], on_mismatch="override")
+    if trainer.ddp.fp8_autoscaler is not None and common.get("fp8_autoscaler"):
+        trainer.ddp.fp8_autoscaler.load_state_dict(common["fp8_autoscaler"])
 
 
 class StopConditions:

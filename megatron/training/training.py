@@ -18,12 +18,16 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fp8.autoscale import GradientAutoScaler
+from fp8.optim import is_scaled_fp16
 from megatron.core.datasets.builder import train_valid_test_num_samples
 from megatron.core.datasets.samplers import build_pretraining_data_loader, cyclic_iterator
 from megatron.core.distributed import comm
 from megatron.core.distributed.data_parallel import DistributedDataParallel
 from megatron.core.optimizer import MixedPrecisionOptimizer, OptimizerConfig
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from megatron.core.optimizer.fp8_optimizer import FP8MixedPrecisionOptimizer
+from megatron.core.precision import FP8Config, plan_for
 from megatron.core.parallel_state import ParallelState, init_distributed
 from megatron.core.pipeline_parallel.model import allreduce_embedding_grads
 from megatron.core.pipeline_parallel.p2p_communication import activation_shape
@@ -31,6 +35,7 @@ from megatron.core.pipeline_parallel.schedules import get_forward_backward_func,
 from megatron.core.tensor_parallel.random import model_parallel_seed
 from megatron.training import resume
 from megatron.training.arguments import validate_args
+from megatron.training.gpt_providers import fp8_config_from_args
 from megatron.training.lr_schedule import LRScheduler, lr_schedule_config_from_args
 from megatron.training.metrics import (
     Loggers, MetricsWriter, format_eval_line, format_log_line, peak_flops, throughput_metrics,
@@ -64,21 +69,34 @@ def setup_parallel(args: argparse.Namespace) -> ParallelState:
 
 
 def build_optimizer(model: torch.nn.Module, args: argparse.Namespace, ps: ParallelState,
-                    ddp: DistributedDataParallel):
+                    ddp: DistributedDataParallel, fp8: FP8Config):
     """AdamW over FP32 masters; with --use-distributed-optimizer the masters and moments are
-    sharded over the data-parallel group (ZeRO-1)."""
+    sharded over the data-parallel group (ZeRO-1); at O1 / O2 the FP8 linear weights go through
+    FP8AdamW (FP16 scaled masters, FP8 gradients, the level's moment formats)."""
     config = OptimizerConfig(lr=args.lr, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
                              adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if ddp.fp8_grad_params:
+        _, exp_avg, exp_avg_sq = fp8.optimizer_dtypes()
+        return FP8MixedPrecisionOptimizer(named, config, ps, exp_avg_dtype=exp_avg, exp_avg_sq_dtype=exp_avg_sq,
+                                          stochastic_rounding=fp8.fp16_master_stochastic_rounding, seed=args.seed)
     if args.use_distributed_optimizer:
         return DistributedOptimizer(named, config, ps, ddp)
     return MixedPrecisionOptimizer(named, config, ps)
 
 
+def fp8_autoscaler(fp8: FP8Config) -> GradientAutoScaler | None:
+    if not (plan_for(fp8).fp8_wgrad and fp8.wgrad_auto_scaling):
+        return None
+    return GradientAutoScaler(ratio=fp8.wgrad_auto_scaling_ratio, window=fp8.wgrad_auto_scaling_window)
+
+
 def memory_record(model: torch.nn.Module, ddp: DistributedDataParallel, optimizer, num_params: int) -> dict:
     """Bytes this rank holds persistently (scales included), per DESIGN.md's metrics contract."""
-    weight = sum(p.numel() * p.element_size() for p in model.parameters())
-    grad, master, optim = ddp.grad_buffer.nbytes, optimizer.master_bytes(), optimizer.optim_bytes()
+    # FP16 masters of FP8 linears carry a 4-byte scale each.
+    weight = sum(p.numel() * p.element_size() + (4 if is_scaled_fp16(p) else 0) for p in model.parameters())
+    grad = ddp.grad_buffer.nbytes + ddp.fp8_grad_bytes
+    master, optim = optimizer.master_bytes(), optimizer.optim_bytes()
     return {"num_params": num_params, "weight_bytes": weight, "grad_bytes": grad, "master_bytes": master,
             "optim_bytes": optim, "state_bytes_per_param": (weight + grad + master + optim) / num_params}
 
@@ -110,8 +128,10 @@ class Trainer:
         self.args, self.ps, self.forward_step = args, ps, forward_step
         self.rng = model_parallel_seed(ps, args.seed)
         self.model = model_provider(args, ps, self.rng)
-        self.ddp = DistributedDataParallel(self.model, ps, use_distributed_optimizer=args.use_distributed_optimizer)
-        self.optimizer = build_optimizer(self.model, args, ps, self.ddp)
+        fp8 = fp8_config_from_args(args)
+        self.ddp = DistributedDataParallel(self.model, ps, use_distributed_optimizer=args.use_distributed_optimizer,
+                                           fp8_autoscaler=fp8_autoscaler(fp8))
+        self.optimizer = build_optimizer(self.model, args, ps, self.ddp, fp8)
         self.scheduler = LRScheduler(lr_schedule_config_from_args(args), train_iters=args.train_iters)
         self.state = TrainState()
         self.last_saved_iteration: int | None = None
@@ -174,6 +194,8 @@ class Trainer:
             "comm": comm_bytes, "consumed_samples": self.state.consumed_samples,
             "train_iters": self.args.train_iters, "global_batch_size": self.args.global_batch_size,
         }
+        if self.ddp.fp8_grad_params:
+            record["fp8"] = dict(self.ddp.fp8_stats)
         if self.flops_per_token:
             dtype = "fp8" if self.args.fp8_level != "none" else "bf16"
             record.update(throughput_metrics(tokens_per_s, self.flops_per_token, self.ps.world_size,

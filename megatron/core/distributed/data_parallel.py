@@ -13,6 +13,12 @@ does. `finish_grad_sync` then
 Buckets follow reverse parameter order (the order backward produces gradients) and hold about
 `bucket_size_mb` each; they bound the size of a single collective.
 
+Parameters marked ``grad_is_fp8`` (the FP8 linear weights at level O1 and above) are not in the
+buffer: their gradient arrives as an FP8 `ScalingTensor` on ``param.grad_fp8``, accumulated across
+micro-batches by the FP8 linear itself, and is averaged over the data-parallel group in FP8
+(`fp8.collectives.fp8_all_reduce`: shared scale, auto-scaling factor mu). `fp8_stats` then holds
+the mu used and the overflow fraction measured.
+
 With ``use_distributed_optimizer=True`` (ZeRO-1, `DistributedOptimizer`), step 2 reduce-scatters
 instead: every bucket is padded to a multiple of ``dp_size * SHARD_ALIGN_NUMEL`` and data-parallel
 rank r receives the averaged gradient of chunk r of every bucket (`Bucket.shard`); the rest of the
@@ -32,7 +38,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from fp8.autoscale import GradientAutoScaler
+from fp8.collectives import fp8_all_reduce
+from fp8.tensor import quantize
 from megatron.core.distributed import comm
+from megatron.core.distributed.fp8_transport import CommTransport
 from megatron.core.parallel_state import ParallelState
 
 
@@ -120,11 +130,18 @@ class DistributedDataParallel(nn.Module):
     reduce-scatter them; pair it with `megatron.core.optimizer.distrib_optimizer.DistributedOptimizer`."""
 
     def __init__(self, module: nn.Module, ps: ParallelState, *, grad_dtype: torch.dtype = torch.float32,
-                 bucket_size_mb: float = 40.0, use_distributed_optimizer: bool = False):
+                 bucket_size_mb: float = 40.0, use_distributed_optimizer: bool = False,
+                 fp8_autoscaler: GradientAutoScaler | None = None):
         super().__init__()
         self.module, self.ps = module, ps
         self.use_distributed_optimizer = use_distributed_optimizer
         params = self.dense_grad_params(module)
+        self.fp8_grad_params = [p for p in module.parameters() if p.requires_grad and getattr(p, "grad_is_fp8", False)]
+        if self.fp8_grad_params and use_distributed_optimizer:
+            raise ValueError("FP8 weight gradients (--fp8-level O1/O2) with --use-distributed-optimizer are not "
+                             "implemented yet; drop --use-distributed-optimizer (see README, 'Not done yet')")
+        self.fp8_autoscaler = fp8_autoscaler
+        self.fp8_stats: dict[str, float] = {}
         bucket_numel = max(1, int(bucket_size_mb * 2**20 / torch.tensor([], dtype=grad_dtype).element_size()))
         device = params[0].device if params else ps.device
         pad_to = ps.dp_size * SHARD_ALIGN_NUMEL if use_distributed_optimizer else 1
@@ -135,13 +152,35 @@ class DistributedDataParallel(nn.Module):
     @staticmethod
     def dense_grad_params(module: nn.Module) -> list[nn.Parameter]:
         """Trainable parameters whose gradients arrive as dense tensors (in definition order)."""
-        return [p for p in module.parameters() if p.requires_grad]
+        return [p for p in module.parameters() if p.requires_grad and not getattr(p, "grad_is_fp8", False)]
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
 
     def zero_grad_buffer(self) -> None:
         self.grad_buffer.data.zero_()
+        for param in self.fp8_grad_params:
+            param.grad_fp8 = None
+
+    @property
+    def fp8_grad_bytes(self) -> int:
+        """FP8 weight gradients held (1 byte per value plus a 4-byte scale each)."""
+        return sum(p.numel() + 4 for p in self.fp8_grad_params)
+
+    def _reduce_fp8_grads(self) -> None:
+        grads = []
+        for param in self.fp8_grad_params:
+            if getattr(param, "grad_fp8", None) is None:  # unused this step: a zero gradient
+                param.grad_fp8 = quantize(torch.zeros(param.shape, device=param.device), "e4m3")
+            grads.append(param.grad_fp8)
+        # Without auto-scaling: divide before the sum (pre-scaling), which cannot overflow.
+        mu = self.fp8_autoscaler.mu if self.fp8_autoscaler is not None else 1.0 / self.ps.dp_size
+        result = fp8_all_reduce(grads, CommTransport(self.ps, "dp"), mu=mu)
+        for param, reduced in zip(self.fp8_grad_params, result.tensors):
+            param.grad_fp8 = reduced
+        if self.fp8_autoscaler is not None:
+            self.fp8_autoscaler.update(result.overflow_frac)
+        self.fp8_stats = {"mu": mu, "overflow_frac": result.overflow_frac}
 
     def finish_grad_sync(self) -> None:
         """Sequence-parallel sums over tp, then the data-parallel mean: all-reduced into the whole
@@ -152,6 +191,8 @@ class DistributedDataParallel(nn.Module):
             flat = comm.all_reduce(torch.cat([g.reshape(-1) for g in grads]), self.ps, "tp")
             for grad, summed in zip(grads, flat.split([g.numel() for g in grads])):
                 grad.copy_(summed.view_as(grad))
+        if self.fp8_grad_params:
+            self._reduce_fp8_grads()
         if self.ps.dp_size == 1:
             return
         for bucket in self.grad_buffer.buckets:
