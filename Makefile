@@ -41,8 +41,8 @@ clean-venv:
 	rm -rf $(VENV)
 
 # The built-in demo: a tiny GPT trained on CPU with 2 processes (tensor parallel 2 + sequence
-# parallel) at the highest FP8 level implemented so far; ends with a loss-curve PNG.
-PRETRAIN_LEVEL ?= O0
+# parallel) at the highest FP8 level implemented so far (O2); ends with a loss-curve PNG.
+PRETRAIN_LEVEL ?= O2
 PRETRAIN_DIR ?= runs/pretrain-demo
 PRETRAIN_ARGS ?=
 

@@ -2,7 +2,7 @@
 parameter, data-parallel bytes per step, step time and the loss after a fixed number of
 iterations, at data-parallel size 2 on CPU.
 
-    python bench/precision_levels.py [--levels none O0 O1 O2] [--iters 150]
+    python bench/precision_levels.py [--levels none O0 O1 O2] [--iters 60]
 
 Prints a table, writes JSON (default bench/results/precision_levels-cpu.json) and a PNG of the
 loss curves next to it.
@@ -29,7 +29,7 @@ MODEL = ["--num-layers", "4", "--hidden-size", "256", "--ffn-hidden-size", "1024
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--levels", nargs="+", default=["none", "O0", "O1", "O2"])
-    parser.add_argument("--iters", type=int, default=150)
+    parser.add_argument("--iters", type=int, default=60)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     data = corpus_args()
