@@ -31,6 +31,7 @@ from fp8.tensor import ScalingTensor, cast_saturate
 
 class Transport(Protocol):
     size: int
+    rank: int  # this process's rank within the group
 
     def all_reduce_(self, t: torch.Tensor, op: str) -> torch.Tensor: ...      # "sum" / "min" / "max", in place
     def all_to_all(self, chunks: list[torch.Tensor]) -> list[torch.Tensor]: ...  # equal 1-D uint8 chunks
@@ -46,6 +47,7 @@ class ProcessGroupTransport:
     def __init__(self, group=None):
         self.group = group
         self.size = dist.get_world_size(group) if dist.is_initialized() else 1
+        self.rank = dist.get_rank(group) if dist.is_initialized() else 0
 
     def all_reduce_(self, t, op):
         if self.size > 1:
@@ -86,9 +88,29 @@ def _shared_payloads(grads: Sequence[ScalingTensor], transport: Transport, mu: f
     return flat, shared
 
 
-def fp8_all_reduce(grads: Sequence[ScalingTensor], transport: Transport, *, mu: float = 1.0,
-                   fmt: str = "e4m3") -> ReduceResult:
-    """Mean of every rank's `grads` (per-tensor-scaled FP8, same shapes on every rank), in FP8."""
+@dataclass
+class ReduceScatterResult:
+    """This rank's contiguous segment of the mean of all ranks' gradients, flattened one after
+    another: elements [start, end) of that flat sequence, in FP8 in units scaled per tensor by
+    `scales` (element i of tensor t dequantizes as payload / scales[t])."""
+
+    segment: torch.Tensor        # 1-D FP8 payload
+    start: int
+    end: int
+    scales: torch.Tensor         # one per tensor: N * mu * the group's minimum scale
+    overflow_frac: float
+    nonfinite: bool
+
+    def dequantize(self, grads: Sequence[ScalingTensor]) -> torch.Tensor:
+        """The segment as FP32 values (for checks and for owners that keep FP32 sums)."""
+        per_element = torch.repeat_interleave(self.scales, torch.tensor([g.numel() for g in grads]))
+        return self.segment.float() / per_element[self.start:self.end].to(self.segment.device)
+
+
+def fp8_reduce_scatter(grads: Sequence[ScalingTensor], transport: Transport, *, mu: float = 1.0,
+                       fmt: str = "e4m3") -> ReduceScatterResult:
+    """Steps 1-3 of the module docstring up to the reduce-scatter: each rank ends with one of N
+    equal segments (the last padded with zeros) of the flattened mean, in FP8."""
     spec = get_spec(fmt)
     assert all(g.tile is None for g in grads), "the FP8 gradient reduction takes per-tensor scales"
     n = transport.size
@@ -100,13 +122,28 @@ def fp8_all_reduce(grads: Sequence[ScalingTensor], transport: Transport, *, mu: 
     summed = torch.stack([s.view(spec.dtype).float() for s in segments]).sum(0)
     # Sums beyond the maximum saturate: those are the overflow the auto-scaler watches.
     counts = torch.stack([(~(summed.abs() <= spec.max)).sum(), torch.isnan(summed).sum()]).double()
-    reduced = cast_saturate(summed, spec, inf_to_nan=True).view(torch.uint8)
-    full = transport.all_gather(reduced)[:numel]
     counts = transport.all_reduce_(counts, "sum")
+    size = padded // n
+    rank = transport.rank
+    start, end = min(rank * size, numel), min((rank + 1) * size, numel)
+    return ReduceScatterResult(cast_saturate(summed, spec, inf_to_nan=True)[:end - start], start, end,
+                               (n * mu * shared).float(), float(counts[0]) / max(numel, 1), bool(counts[1] > 0))
+
+
+def fp8_all_reduce(grads: Sequence[ScalingTensor], transport: Transport, *, mu: float = 1.0,
+                   fmt: str = "e4m3") -> ReduceResult:
+    """Mean of every rank's `grads` (per-tensor-scaled FP8, same shapes on every rank), in FP8:
+    the reduce-scatter above, then an all-gather of the FP8 segments."""
+    spec = get_spec(fmt)
+    scattered = fp8_reduce_scatter(grads, transport, mu=mu, fmt=fmt)
+    numel = sum(g.numel() for g in grads)
+    segment = scattered.segment.view(torch.uint8)
+    per_rank = -(-numel // transport.size)
+    segment = torch.cat([segment, segment.new_zeros(per_rank - segment.numel())])
+    full = transport.all_gather(segment)[:numel]
     tensors, offset = [], 0
-    for g, common in zip(grads, shared):
+    for g, scale in zip(grads, scattered.scales):
         payload = full[offset:offset + g.numel()].view(spec.dtype).view(g.shape)
-        tensors.append(ScalingTensor(payload, (n * mu * common).float(), spec))
+        tensors.append(ScalingTensor(payload, scale, spec))
         offset += g.numel()
-    total = max(sum(g.numel() for g in grads), 1)
-    return ReduceResult(tensors, float(counts[0]) / total, bool(counts[1] > 0))
+    return ReduceResult(tensors, scattered.overflow_frac, scattered.nonfinite)

@@ -16,6 +16,7 @@ class CommTransport:
     def __init__(self, ps: ParallelState, group: str):
         self.ps, self.group = ps, group
         self.size = ps.group_size(group)
+        self.rank = ps.group_rank(group)
 
     def all_reduce_(self, t: torch.Tensor, op: str) -> torch.Tensor:
         return comm.all_reduce(t, self.ps, self.group, op=_OPS[op])
