@@ -37,12 +37,15 @@ LAYOUTS = [
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--iters", type=int, default=12)
+    parser.add_argument("--only", nargs="+", default=None, help="run only these layouts (by name)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     data = corpus_args()
     rows = []
     print(f"{'layout':<30} {'procs':>5} {'step ms':>9} {'tokens/s':>9} {'MB/rank':>8} {'bytes/param':>11} {'loss':>7}")
     for name, procs, flags in LAYOUTS:
+        if args.only and name not in args.only:
+            continue
         result = launch(procs, SMALL + data + flags + ["--device", "cpu"], args.iters, name)
         memory = result["memory"]
         held = memory["weight_bytes"] + memory["grad_bytes"] + memory["master_bytes"] + memory["optim_bytes"]
