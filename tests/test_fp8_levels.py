@@ -149,15 +149,17 @@ def launch_worker(rank, world_size, argv):
 @pytest.mark.distributed
 def test_fp8_gradient_traffic_and_layouts(builtin_corpus_small, tmp_path):
     base = FAST + data_args(builtin_corpus_small) + ["--train-iters", "4", "--log-interval", "1", "--lr-warmup-iters", "1"]
-    runs = {"none": ["--fp8-level", "none"], "O1": ["--fp8-level", "O1"],
-            "O2-tp2": ["--fp8-level", "O2", "--tensor-model-parallel-size", "2", "--sequence-parallel"]}
+    tp2 = ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
+    runs = {"none": ["--fp8-level", "none"], "O1": ["--fp8-level", "O1"], "O2": ["--fp8-level", "O2"],
+            "O1-tp2": ["--fp8-level", "O1", *tp2], "O2-tp2": ["--fp8-level", "O2", *tp2]}
     for name, flags in runs.items():
         argv = base + flags + ["--metrics-file", str(tmp_path / f"{name}.jsonl")]
         assert run_distributed(launch_worker, 2, argv, init_process_group=False, timeout=300) == [0, 0]
-    none, o1, tp2 = (records(tmp_path / f"{n}.jsonl") for n in runs)
+    none, o1, o2, o1_tp2, o2_tp2 = (records(tmp_path / f"{n}.jsonl") for n in runs)
     # DP 2: the FP8 linear weights' gradients move one byte per value instead of an FP32 all-reduce's
     # four each way; the rest of the model (embeddings, norms, biases) is reduced as before.
-    assert o1[-1]["comm"]["dp_bytes"] < 0.5 * none[-1]["comm"]["dp_bytes"]
-    assert all(r["fp8"]["mu"] > 0 for r in o1) and tp2[-1]["comm"]["dp_bytes"] == 0
-    for layout in (o1, tp2):
+    assert o1[-1]["comm"]["dp_bytes"] == o2[-1]["comm"]["dp_bytes"] < 0.5 * none[-1]["comm"]["dp_bytes"]
+    assert all(r["fp8"]["mu"] > 0 for r in o1 + o2 + o1_tp2 + o2_tp2)
+    assert o1_tp2[-1]["comm"]["dp_bytes"] == o2_tp2[-1]["comm"]["dp_bytes"] == 0
+    for layout in (o1, o2, o1_tp2, o2_tp2):
         assert layout[-1]["loss"] == pytest.approx(none[-1]["loss"], rel=0.02)
