@@ -30,6 +30,11 @@ class BuiltinCorpusPaths:
     corpus_jsonl: Path
     manifest: dict
 
+    def training_args(self) -> list[str]:
+        """The --data-path / --tokenizer-* flags that train on this corpus."""
+        return ["--data-path", str(self.data_prefix), "--tokenizer-type", "SentencePieceTokenizer",
+                "--tokenizer-model", str(self.tokenizer_model)]
+
     def documents(self) -> list[str]:
         with open(self.corpus_jsonl, encoding="utf-8") as jsonl:
             return [json.loads(line)["text"] for line in jsonl]

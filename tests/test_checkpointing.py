@@ -22,10 +22,6 @@ BASE = ["--config", os.path.join(REPO, "configs", "gpt-tiny.yaml"), "--device", 
         "--hidden-dropout", "0.1", "--attention-dropout", "0.1"]
 
 
-def data_args(corpus):
-    return ["--data-path", str(corpus.data_prefix), "--tokenizer-type", "SentencePieceTokenizer",
-            "--tokenizer-model", str(corpus.tokenizer_model)]
-
 
 def losses(path):
     with open(path) as f:
@@ -39,7 +35,7 @@ def run(argv):
 @pytest.mark.slow
 @pytest.mark.parametrize("level", ["none", "O0"])
 def test_resume_is_exact(level, builtin_corpus_small, tmp_path):
-    args = BASE + data_args(builtin_corpus_small) + ["--train-iters", "8", "--fp8-level", level,
+    args = BASE + builtin_corpus_small.training_args() + ["--train-iters", "8", "--fp8-level", level,
                                                       "--fp8-recipe", "delayed"]
     assert run(args + ["--metrics-file", str(tmp_path / "full.jsonl")]) == 0
     ckpt, split = tmp_path / "ckpt", str(tmp_path / "split.jsonl")
@@ -63,7 +59,7 @@ def launch(world, argv):
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_tensor_parallel_resume_and_resharding(builtin_corpus_small, tmp_path):
-    args = BASE + data_args(builtin_corpus_small) + ["--train-iters", "6", "--fp8-level", "none"]
+    args = BASE + builtin_corpus_small.training_args() + ["--train-iters", "6", "--fp8-level", "none"]
     tp2 = args + ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
     launch(2, tp2 + ["--metrics-file", str(tmp_path / "tp2.jsonl")])
     # Exact resume at TP 2 (model-parallel RNG streams included).
@@ -90,7 +86,7 @@ def test_tensor_parallel_resume_and_resharding(builtin_corpus_small, tmp_path):
 
 
 def test_checkpoint_of_another_model_is_one_clear_error(builtin_corpus_small, tmp_path, capsys):
-    args = BASE + data_args(builtin_corpus_small) + ["--train-iters", "2"]
+    args = BASE + builtin_corpus_small.training_args() + ["--train-iters", "2"]
     assert run(args + ["--save", str(tmp_path / "ck")]) == 0
     capsys.readouterr()
     assert run(args + ["--load", str(tmp_path / "ck"), "--hidden-size", "64"]) == 2
@@ -99,7 +95,7 @@ def test_checkpoint_of_another_model_is_one_clear_error(builtin_corpus_small, tm
 
 
 def test_finetune_takes_weights_only(builtin_corpus_small, tmp_path, capsys):
-    args = BASE + data_args(builtin_corpus_small) + ["--train-iters", "2"]
+    args = BASE + builtin_corpus_small.training_args() + ["--train-iters", "2"]
     assert run(args + ["--save", str(tmp_path / "ck")]) == 0
     assert run(args + ["--load", str(tmp_path / "ck"), "--finetune", "--metrics-file", str(tmp_path / "ft.jsonl")]) == 0
     with open(tmp_path / "ft.jsonl") as f:
@@ -113,7 +109,7 @@ class Exploit:
 
 
 def test_unsafe_checkpoint_file_is_refused_not_executed(builtin_corpus_small, tmp_path, monkeypatch, capsys):
-    args = BASE + data_args(builtin_corpus_small) + ["--train-iters", "2"]
+    args = BASE + builtin_corpus_small.training_args() + ["--train-iters", "2"]
     assert run(args + ["--save", str(tmp_path / "ck")]) == 0
     marker = tmp_path / "pwned"
     monkeypatch.setenv("EXPLOIT_MARKER", str(marker))
@@ -147,7 +143,7 @@ def test_killed_in_the_middle_of_a_save_keeps_the_previous_checkpoint(builtin_co
     script = tmp_path / "crash.py"
     script.write_text(CRASHING_SAVE.format(repo=REPO))
     ckpt = tmp_path / "ck"
-    args = BASE + data_args(builtin_corpus_small) + ["--train-iters", "6", "--save", str(ckpt), "--save-interval", "2"]
+    args = BASE + builtin_corpus_small.training_args() + ["--train-iters", "6", "--save", str(ckpt), "--save-interval", "2"]
     proc = subprocess.run([sys.executable, str(script), *args], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL
     assert checkpointing.latest_iteration(str(ckpt)) == 2
@@ -162,7 +158,7 @@ def test_killed_in_the_middle_of_a_save_keeps_the_previous_checkpoint(builtin_co
 @pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly(builtin_corpus_small, tmp_path):
     ckpt = tmp_path / "ck"
-    args = BASE + data_args(builtin_corpus_small) + ["--train-iters", "100000", "--save", str(ckpt),
+    args = BASE + builtin_corpus_small.training_args() + ["--train-iters", "100000", "--save", str(ckpt),
                                                       "--eval-interval", "100000"]
     proc = subprocess.Popen([sys.executable, "pretrain_gpt.py", *args], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -178,7 +174,7 @@ def test_sigterm_saves_and_exits_cleanly(builtin_corpus_small, tmp_path):
 
 
 def test_exit_duration_stops_and_saves(builtin_corpus_small, tmp_path, capsys):
-    args = BASE + data_args(builtin_corpus_small) + ["--train-iters", "50", "--save", str(tmp_path / "ck"),
+    args = BASE + builtin_corpus_small.training_args() + ["--train-iters", "50", "--save", str(tmp_path / "ck"),
                                                       "--exit-duration-in-mins", "0.0001"]
     assert run(args) == 0
     assert "--exit-duration-in-mins 0.0001 reached" in capsys.readouterr().out
@@ -198,7 +194,7 @@ def test_damaged_marker_and_missing_folder(tmp_path):
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_distributed_optimizer_checkpoints_reshard_across_data_parallel_sizes(builtin_corpus_small, tmp_path):
-    args = BASE + data_args(builtin_corpus_small) + ["--train-iters", "6", "--hidden-dropout", "0",
+    args = BASE + builtin_corpus_small.training_args() + ["--train-iters", "6", "--hidden-dropout", "0",
                                                       "--attention-dropout", "0"]
     ref = tmp_path / "ref.jsonl"
     assert run(args + ["--metrics-file", str(ref)]) == 0
@@ -217,7 +213,7 @@ def test_distributed_optimizer_checkpoints_reshard_across_data_parallel_sizes(bu
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_pipeline_checkpoints_reshard_between_stages(builtin_corpus_small, tmp_path):
-    args = BASE + data_args(builtin_corpus_small) + ["--train-iters", "6", "--hidden-dropout", "0",
+    args = BASE + builtin_corpus_small.training_args() + ["--train-iters", "6", "--hidden-dropout", "0",
                                                       "--attention-dropout", "0", "--num-layers", "4"]
     ref = tmp_path / "ref.jsonl"
     assert run(args + ["--metrics-file", str(ref)]) == 0

@@ -27,10 +27,6 @@ FAST = ["--config", os.path.join(REPO, "configs", "gpt-tiny.yaml"), "--device", 
         "--eval-iters", "0", "--lr-warmup-iters", "5"]
 
 
-def data_args(corpus):
-    return ["--data-path", str(corpus.data_prefix), "--tokenizer-type", "SentencePieceTokenizer",
-            "--tokenizer-model", str(corpus.tokenizer_model)]
-
 
 def records(path):
     with open(path) as f:
@@ -106,7 +102,7 @@ def test_non_finite_fp8_gradient_skips_the_step_and_keeps_everything():
 @pytest.mark.slow
 @pytest.mark.parametrize("level", ["O1", "O2"])
 def test_resume_is_exact_with_fp8_gradients(level, builtin_corpus_small, tmp_path):
-    args = FAST + data_args(builtin_corpus_small) + ["--train-iters", "6", "--log-interval", "1",
+    args = FAST + builtin_corpus_small.training_args() + ["--train-iters", "6", "--log-interval", "1",
                                                      "--fp8-level", level, "--fp8-wgrad-auto-scaling-window", "2"]
     assert run(args + ["--metrics-file", str(tmp_path / "full.jsonl")]) == 0
     split = str(tmp_path / "split.jsonl")
@@ -125,7 +121,7 @@ def test_o1_and_o2_train_to_the_loss_of_none(builtin_corpus_small, tmp_path):
     finals = {}
     for level in ("none", "O1", "O2"):
         path = tmp_path / f"{level}.jsonl"
-        args = FAST + data_args(builtin_corpus_small) + [
+        args = FAST + builtin_corpus_small.training_args() + [
             "--train-iters", "300", "--log-interval", "1", "--global-batch-size", "4", "--lr", "1e-3",
             "--min-lr", "1e-4",
             "--fp8-level", level, "--metrics-file", str(path)]
@@ -148,7 +144,7 @@ def launch_worker(rank, world_size, argv):
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_fp8_gradient_traffic_and_layouts(builtin_corpus_small, tmp_path):
-    base = FAST + data_args(builtin_corpus_small) + ["--train-iters", "4", "--log-interval", "1", "--lr-warmup-iters", "1"]
+    base = FAST + builtin_corpus_small.training_args() + ["--train-iters", "4", "--log-interval", "1", "--lr-warmup-iters", "1"]
     tp2 = ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
     runs = {"none": ["--fp8-level", "none"], "O1": ["--fp8-level", "O1"], "O2": ["--fp8-level", "O2"],
             "O1-tp2": ["--fp8-level", "O1", *tp2], "O2-tp2": ["--fp8-level", "O2", *tp2]}

@@ -19,10 +19,6 @@ FAST = ["--seq-length", "64", "--max-position-embeddings", "64", "--micro-batch-
         "--global-batch-size", "8", "--log-interval", "5", "--eval-interval", "1000", "--eval-iters", "0"]
 
 
-def data_args(corpus):
-    return ["--data-path", str(corpus.data_prefix), "--tokenizer-type", "SentencePieceTokenizer",
-            "--tokenizer-model", str(corpus.tokenizer_model)]
-
 
 def run_main(argv, monkeypatch, world_size=None):
     if world_size is not None:
@@ -47,7 +43,7 @@ def run_main(argv, monkeypatch, world_size=None):
     (["--loss-plot", "x.png"], None, "--loss-plot needs --metrics-file"),
 ])
 def test_validation_errors_exit_2_with_one_line(extra, world, message, builtin_corpus_small, monkeypatch, capsys):
-    code = run_main(TINY + data_args(builtin_corpus_small) + extra, monkeypatch, world)
+    code = run_main(TINY + builtin_corpus_small.training_args() + extra, monkeypatch, world)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
@@ -73,7 +69,7 @@ def test_vocab_padding_per_tensor_parallel_rank():
 
 def test_user_errors_have_no_traceback_in_a_real_process(builtin_corpus_small):
     env = dict(os.environ, WORLD_SIZE="3")
-    proc = subprocess.run([sys.executable, "pretrain_gpt.py", *TINY, *data_args(builtin_corpus_small),
+    proc = subprocess.run([sys.executable, "pretrain_gpt.py", *TINY, *builtin_corpus_small.training_args(),
                            "--tensor-model-parallel-size", "2"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2
@@ -90,7 +86,7 @@ def test_o0_trains_within_a_few_percent_of_none(builtin_corpus_small, tmp_path, 
     finals = {}
     for level in ("none", "O0"):
         metrics = tmp_path / f"{level}.jsonl"
-        argv = TINY + FAST + data_args(builtin_corpus_small) + [
+        argv = TINY + FAST + builtin_corpus_small.training_args() + [
             "--train-iters", "60", "--lr-warmup-iters", "5", "--fp8-level", level, "--metrics-file", str(metrics)]
         assert run_main(argv, monkeypatch) == 0
         records = read_metrics(metrics)
@@ -105,7 +101,7 @@ def test_o0_trains_within_a_few_percent_of_none(builtin_corpus_small, tmp_path, 
 def test_torchrun_tensor_and_sequence_parallel(builtin_corpus_small, tmp_path):
     metrics, plot = tmp_path / "metrics.jsonl", tmp_path / "loss.png"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "pretrain_gpt.py", *TINY, *FAST, *data_args(builtin_corpus_small),
+               "pretrain_gpt.py", *TINY, *FAST, *builtin_corpus_small.training_args(),
                "--train-iters", "20", "--tensor-model-parallel-size", "2", "--sequence-parallel",
                "--fp8-level", "O0", "--metrics-file", str(metrics), "--loss-plot", str(plot),
                "--tensorboard-dir", str(tmp_path / "tb")]
