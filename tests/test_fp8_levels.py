@@ -37,10 +37,10 @@ def run(argv):
     return run_cli(lambda: pretrain_gpt.main(argv))
 
 
-def tiny_model(level: str):
+def tiny_model(level: str, dtype=torch.float32):
     config = TransformerConfig(num_layers=2, hidden_size=128, num_attention_heads=4, vocab_size=256,
                                max_position_embeddings=32, ffn_hidden_size=512, hidden_dropout=0.0,
-                               attention_dropout=0.0)
+                               attention_dropout=0.0, params_dtype=dtype)
     ps = ParallelState.single()
     model = GPTModel(config, device="meta")
     parallelize_gpt(model, ps)
@@ -50,15 +50,18 @@ def tiny_model(level: str):
     return model, ps, fp8
 
 
+@pytest.mark.parametrize("dtype,per_other", [(torch.float32, 16), (torch.bfloat16, 18)])
 @pytest.mark.parametrize("level,per_fp8_weight", [("O1", 11), ("O2", 6)])
-def test_state_bytes_per_param_follow_the_precision_table(level, per_fp8_weight):
-    model, ps, fp8 = tiny_model(level)
+def test_state_bytes_per_param_follow_the_precision_table(level, per_fp8_weight, dtype, per_other):
+    """FP8 linear weights: 2 (FP16 master) + 1 (FP8 grad) + 8 (FP32 Adam, O1) or 1 + 2 (O2), plus
+    scales; every other parameter 16 (FP32 model) or 2 + 4 + 4 + 8 = 18 (BF16 with FP32 masters)."""
+    model, ps, fp8 = tiny_model(level, dtype)
     ddp = DistributedDataParallel(model, ps)
     _, exp_avg, exp_avg_sq = fp8.optimizer_dtypes()
     optimizer = FP8MixedPrecisionOptimizer(list(model.named_parameters()), OptimizerConfig(lr=1e-3), ps,
                                            exp_avg_dtype=exp_avg, exp_avg_sq_dtype=exp_avg_sq)
     tokens = torch.randint(0, 256, (2, 33))
-    model(tokens[:, :-1], tokens[:, 1:]).mean().backward()
+    model(tokens[:, :-1], tokens[:, 1:]).float().mean().backward()
     ddp.finish_grad_sync()
     assert not optimizer.step().skipped
     fp8_weights = ddp.fp8_grad_params
@@ -68,7 +71,7 @@ def test_state_bytes_per_param_follow_the_precision_table(level, per_fp8_weight)
     weight = sum(p.numel() * p.element_size() + (4 if is_scaled_fp16(p) else 0) for p in model.parameters())
     held = weight + ddp.grad_buffer.nbytes + ddp.fp8_grad_bytes + optimizer.master_bytes() + optimizer.optim_bytes()
     scales = len(fp8_weights) * 4 * (4 if level == "O2" else 2)  # weight + grad (+ m + v) scales
-    assert held == per_fp8_weight * fp8_numel + 16 * other_numel + scales
+    assert held == per_fp8_weight * fp8_numel + per_other * other_numel + scales
 
 
 def test_non_finite_fp8_gradient_skips_the_step_and_keeps_everything():
