@@ -150,11 +150,12 @@ def test_fp8_gradient_traffic_and_layouts(builtin_corpus_small, tmp_path):
     base = FAST + builtin_corpus_small.training_args() + ["--train-iters", "4", "--log-interval", "1", "--lr-warmup-iters", "1"]
     tp2 = ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
     runs = {"none": ["--fp8-level", "none"], "O1": ["--fp8-level", "O1"], "O2": ["--fp8-level", "O2"],
-            "O1-tp2": ["--fp8-level", "O1", *tp2], "O2-tp2": ["--fp8-level", "O2", *tp2]}
+            "O1-tp2": ["--fp8-level", "O1", *tp2], "O2-tp2": ["--fp8-level", "O2", *tp2],
+            "O2-zero": ["--fp8-level", "O2", "--use-distributed-optimizer"]}
     for name, flags in runs.items():
         argv = base + flags + ["--metrics-file", str(tmp_path / f"{name}.jsonl")]
         assert run_distributed(launch_worker, 2, argv, init_process_group=False, timeout=300) == [0, 0]
-    none, o1, o2, o1_tp2, o2_tp2 = (records(tmp_path / f"{n}.jsonl") for n in runs)
+    none, o1, o2, o1_tp2, o2_tp2, o2_zero = (records(tmp_path / f"{n}.jsonl") for n in runs)
     # DP 2: the FP8 linear weights' gradients move one byte per value instead of an FP32 all-reduce's
     # four each way; the rest of the model (embeddings, norms, biases) is reduced as before.
     assert o1[-1]["comm"]["dp_bytes"] == o2[-1]["comm"]["dp_bytes"] < 0.5 * none[-1]["comm"]["dp_bytes"]
@@ -162,3 +163,7 @@ def test_fp8_gradient_traffic_and_layouts(builtin_corpus_small, tmp_path):
     assert o1_tp2[-1]["comm"]["dp_bytes"] == o2_tp2[-1]["comm"]["dp_bytes"] == 0
     for layout in (o1, o2, o1_tp2, o2_tp2):
         assert layout[-1]["loss"] == pytest.approx(none[-1]["loss"], rel=0.02)
+    # O2 with the distributed optimizer: the same training, the optimizer states split over DP 2
+    # (FP8 weights whole on their owner, the rest in ZeRO-1 shards).
+    assert [r["loss"] for r in o2_zero] == pytest.approx([r["loss"] for r in o2], rel=1e-4)
+    assert o2_zero[-1]["memory"]["optim_bytes"] < 0.6 * o2[-1]["memory"]["optim_bytes"]

@@ -79,7 +79,8 @@ def build_optimizer(model: torch.nn.Module, args: argparse.Namespace, ps: Parall
     if ddp.fp8_grad_params:
         _, exp_avg, exp_avg_sq = fp8.optimizer_dtypes()
         return FP8MixedPrecisionOptimizer(named, config, ps, exp_avg_dtype=exp_avg, exp_avg_sq_dtype=exp_avg_sq,
-                                          stochastic_rounding=fp8.fp16_master_stochastic_rounding, seed=args.seed)
+                                          stochastic_rounding=fp8.fp16_master_stochastic_rounding, seed=args.seed,
+                                          ddp=ddp, use_distributed_optimizer=args.use_distributed_optimizer)
     if args.use_distributed_optimizer:
         return DistributedOptimizer(named, config, ps, ddp)
     return MixedPrecisionOptimizer(named, config, ps)

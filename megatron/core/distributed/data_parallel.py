@@ -137,9 +137,6 @@ class DistributedDataParallel(nn.Module):
         self.use_distributed_optimizer = use_distributed_optimizer
         params = self.dense_grad_params(module)
         self.fp8_grad_params = [p for p in module.parameters() if p.requires_grad and getattr(p, "grad_is_fp8", False)]
-        if self.fp8_grad_params and use_distributed_optimizer:
-            raise ValueError("FP8 weight gradients (--fp8-level O1/O2) with --use-distributed-optimizer are not "
-                             "implemented yet; drop --use-distributed-optimizer (see README, 'Not done yet')")
         self.fp8_autoscaler = fp8_autoscaler
         self.fp8_stats: dict[str, float] = {}
         bucket_numel = max(1, int(bucket_size_mb * 2**20 / torch.tensor([], dtype=grad_dtype).element_size()))

@@ -103,6 +103,12 @@ class MixedPrecisionOptimizer:
         self.update(grads, clip_coefficient(self.config.clip_grad, norm))
         return StepResult(skipped=False, grad_norm=norm)
 
+    def grad_norm(self) -> float:
+        return global_grad_norm(self.params, self.grads(), self.ps)
+
+    def apply(self, coefficient: float) -> None:
+        self.update(self.grads(), coefficient)
+
     def update(self, grads: list[torch.Tensor], coefficient: float) -> None:
         """Scale the gradients by the clipping `coefficient` and take the AdamW step."""
         if coefficient < 1.0 and grads:

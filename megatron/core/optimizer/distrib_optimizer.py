@@ -29,7 +29,9 @@ import torch.nn as nn
 
 from megatron.core.distributed import comm
 from megatron.core.distributed.data_parallel import DistributedDataParallel
-from megatron.core.optimizer import OptimizerConfig, StepResult, _no_weight_decay, global_grad_norm
+from megatron.core.optimizer import (
+    OptimizerConfig, StepResult, _no_weight_decay, clip_coefficient, global_grad_norm,
+)
 from megatron.core.parallel_state import ParallelState
 
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
@@ -148,15 +150,22 @@ class DistributedOptimizer:
     # ----- the step -------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self) -> StepResult:
-        norm = self._global_grad_norm()
+        norm = self.grad_norm()
         if not math.isfinite(norm):
             return StepResult(skipped=True, grad_norm=norm)
-        clip = self.config.clip_grad
-        if clip > 0 and norm > clip and self._grad_chunks:
-            torch._foreach_mul_(self._grad_chunks, clip / (norm + 1e-6))
+        self.apply(clip_coefficient(self.config.clip_grad, norm))
+        return StepResult(skipped=False, grad_norm=norm)
+
+    def grad_norm(self) -> float:
+        return self._global_grad_norm()
+
+    @torch.no_grad()
+    def apply(self, coefficient: float) -> None:
+        """Scale the owned gradients by the clipping `coefficient`, update, all-gather."""
+        if coefficient < 1.0 and self._grad_chunks:
+            torch._foreach_mul_(self._grad_chunks, coefficient)
         self._adamw_update()
         self._all_gather_params()
-        return StepResult(skipped=False, grad_norm=norm)
 
     def _global_grad_norm(self) -> float:
         segments = self._norm_segments

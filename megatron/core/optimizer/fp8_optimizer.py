@@ -3,9 +3,14 @@
 The transformer linear weights (parameters marked ``grad_is_fp8``) are their own masters, FP16
 with a per-tensor scale, and get their gradient as an FP8 `ScalingTensor` (``param.grad_fp8``,
 already averaged over data parallel in FP8). `fp8.optim.FP8AdamW` updates them with Adam moments
-in FP32 (O1) or FP8 / FP16 (O2, precision decoupling). Every other parameter goes through
-`MixedPrecisionOptimizer` as at level none. The two share one global gradient norm, one clipping
+in FP32 (O1) or FP8 / FP16 (O2, precision decoupling). Every other parameter goes through the
+dense optimizer: `MixedPrecisionOptimizer`, or `DistributedOptimizer` with
+``--use-distributed-optimizer``. Both parts share one global gradient norm, one clipping
 coefficient and one skip decision: a non-finite gradient anywhere skips the step everywhere.
+
+With the distributed optimizer the FP8 weights are not split: each is given whole, with its
+scale, to one data-parallel rank (`fp8.greedy_partition`, FP8-LM's Algorithm 1), which alone keeps
+its Adam moments and updates it; the owners then broadcast the new FP16 masters and scales.
 """
 
 from __future__ import annotations
@@ -16,51 +21,83 @@ import torch
 import torch.nn as nn
 
 from fp8.optim import FP8AdamW, scaled_value
-from megatron.core.optimizer import (
-    MixedPrecisionOptimizer, OptimizerConfig, StepResult, clip_coefficient, global_grad_norm,
-)
+from fp8.zero import greedy_partition
+from megatron.core.distributed import comm
+from megatron.core.optimizer import MixedPrecisionOptimizer, OptimizerConfig, StepResult, clip_coefficient
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.parallel_state import ParallelState
 
 
-def _fp8_square_sum(params: list[nn.Parameter], device) -> torch.Tensor:
-    """Sum of squares of the FP8 gradients, accumulated in FP32 (they are all tensor-parallel
-    shards or replicated only across data parallel, so each counts once)."""
+def _fp8_grad_norm_squared(params: list[nn.Parameter], ps: ParallelState) -> float:
+    """Sum of squares of the FP8 gradients over the model: they are equal on every data-parallel
+    rank after the FP8 all-reduce, and tensor-parallel shards otherwise, so sum over tp and pp."""
+    device = params[0].grad_fp8.device if params else ps.device
     total = torch.zeros((), dtype=torch.float32, device=device)
     for param in params:
         total = total + param.grad_fp8.dequantize(torch.float32).square().sum()
-    return total
+    for group in ("tp", "pp"):
+        if ps.group_size(group) > 1:
+            comm.all_reduce(total, ps, group)
+    return total.item()
 
 
 class FP8MixedPrecisionOptimizer:
     def __init__(self, named_params: list[tuple[str, nn.Parameter]], config: OptimizerConfig, ps: ParallelState,
-                 *, exp_avg_dtype: str, exp_avg_sq_dtype: str, stochastic_rounding: bool = False, seed: int = 0):
+                 *, exp_avg_dtype: str, exp_avg_sq_dtype: str, stochastic_rounding: bool = False, seed: int = 0,
+                 ddp=None, use_distributed_optimizer: bool = False):
         self.config, self.ps = config, ps
         dense = [(n, p) for n, p in named_params if not getattr(p, "grad_is_fp8", False)]
         self.fp8_params = [p for _, p in named_params if getattr(p, "grad_is_fp8", False)]
-        self.dense = MixedPrecisionOptimizer(dense, config, ps)
-        self.fp8 = FP8AdamW(self.fp8_params, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
+        if use_distributed_optimizer:
+            self.dense = DistributedOptimizer(dense, config, ps, ddp)
+            self.owners = greedy_partition([p.numel() for p in self.fp8_params], ps.dp_size)
+        else:
+            self.dense = MixedPrecisionOptimizer(dense, config, ps)
+            self.owners = [ps.dp_rank] * len(self.fp8_params)
+        self.owned = [p for p, owner in zip(self.fp8_params, self.owners) if owner == ps.dp_rank]
+        # Replicas must round alike: the stochastic-rounding seed depends on the model-parallel
+        # position only, never on the data-parallel rank.
+        self.fp8 = FP8AdamW(self.owned, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
                             eps=config.adam_eps, weight_decay=config.weight_decay, exp_avg_dtype=exp_avg_dtype,
                             exp_avg_sq_dtype=exp_avg_sq_dtype, stochastic_rounding=stochastic_rounding,
-                            seed=seed + 7919 * (ps.tp_rank + ps.tp_size * ps.pp_rank)) if self.fp8_params else None
+                            seed=seed + 7919 * (ps.tp_rank + ps.tp_size * ps.pp_rank)) if self.owned else None
 
     @property
     def param_groups(self) -> list[dict]:
         return self.dense.param_groups + (self.fp8.param_groups if self.fp8 is not None else [])
 
     def step(self) -> StepResult:
-        grads = self.dense.grads()
-        device = grads[0].device if grads else self.ps.device
-        fp8_squares = _fp8_square_sum(self.fp8_params, device) if self.fp8_params else None
-        norm = global_grad_norm(self.dense.params, grads, self.ps, extra_square_sum=fp8_squares)
+        norm_squared = self.dense.grad_norm() ** 2 + _fp8_grad_norm_squared(self.fp8_params, self.ps)
+        norm = math.sqrt(norm_squared) if math.isfinite(norm_squared) else math.inf
         if not math.isfinite(norm):
             return StepResult(skipped=True, grad_norm=norm)
         coefficient = clip_coefficient(self.config.clip_grad, norm)
-        self.dense.update(grads, coefficient)
+        self.dense.apply(coefficient)
         if self.fp8 is not None:
-            for param in self.fp8_params:  # dividing the scale multiplies the value: exact
+            for param in self.owned:  # dividing the scale multiplies the value: exact
                 param.grad_fp8.scale = param.grad_fp8.scale / coefficient
             self.fp8.step()
+        self._broadcast_from_owners()
         return StepResult(skipped=False, grad_norm=norm)
+
+    def _broadcast_from_owners(self) -> None:
+        """Each owner's updated FP16 masters and scales to the other data-parallel ranks, one
+        payload and one scale collective per owner."""
+        if self.ps.dp_size == 1 or all(owner == self.ps.dp_rank for owner in self.owners):
+            return
+        for owner in range(self.ps.dp_size):
+            params = [p for p, o in zip(self.fp8_params, self.owners) if o == owner]
+            if not params:
+                continue
+            payload = comm.broadcast(torch.cat([p.detach().reshape(-1) for p in params]), self.ps, "dp", owner)
+            scales = [p.scale.reshape(1) for p in params if hasattr(p, "scale")]
+            scales = comm.broadcast(torch.cat(scales), self.ps, "dp", owner) if scales else None
+            with torch.no_grad():
+                for param, value in zip(params, payload.split([p.numel() for p in params])):
+                    param.copy_(value.view_as(param))
+                if scales is not None:
+                    for param, scale in zip([p for p in params if hasattr(p, "scale")], scales):
+                        param.scale.copy_(scale.reshape(param.scale.shape))
 
     # ----- memory accounting ---------------------------------------------------------------------
     def master_bytes(self) -> int:
@@ -71,14 +108,12 @@ class FP8MixedPrecisionOptimizer:
 
     # ----- checkpoints -------------------------------------------------------------------------
     def step_count(self) -> int:
-        counts = [self.dense.step_count()]
-        if self.fp8 is not None:
-            counts += [int(state.get("step", 0)) for state in self.fp8.state.values()]
-        return max(counts)
+        return max([self.dense.step_count()] + ([self.fp8.step_count()] if self.fp8 is not None else []))
 
     def local_state(self) -> dict[nn.Parameter, dict]:
+        """The dense part's, plus each owned FP8 weight's true value and FP32 moments."""
         out = self.dense.local_state()
-        for param in self.fp8_params:
+        for param in self.owned:
             entry = {"range": (0, param.numel()), "master": scaled_value(param).reshape(-1)}
             entry.update({k: v.reshape(-1) for k, v in self.fp8.state_fp32(param).items()})
             out[param] = entry
@@ -86,7 +121,7 @@ class FP8MixedPrecisionOptimizer:
 
     def load_local_state(self, full_states: dict[nn.Parameter, dict[str, torch.Tensor]], step: int) -> None:
         self.dense.load_local_state(full_states, step)
-        for param in self.fp8_params:
+        for param in self.owned:
             given = full_states.get(param)
             if given and "exp_avg" in given and "exp_avg_sq" in given:
                 self.fp8.load_state_fp32(param, {"exp_avg": given["exp_avg"], "exp_avg_sq": given["exp_avg_sq"]}, step)
