@@ -74,11 +74,13 @@ def test_state_bytes_per_param_follow_the_precision_table(level, per_fp8_weight,
     assert held == per_fp8_weight * fp8_numel + per_other * other_numel + scales
 
 
-def test_non_finite_fp8_gradient_skips_the_step_and_keeps_everything():
-    model, ps, fp8 = tiny_model("O2")
+@pytest.mark.parametrize("level", ["O1", "O2"])
+def test_non_finite_fp8_gradient_skips_the_step_and_keeps_everything(level):
+    model, ps, fp8 = tiny_model(level)
     ddp = DistributedDataParallel(model, ps)
+    _, exp_avg, exp_avg_sq = fp8.optimizer_dtypes()
     optimizer = FP8MixedPrecisionOptimizer(list(model.named_parameters()), OptimizerConfig(lr=1e-3), ps,
-                                           exp_avg_dtype="fp8", exp_avg_sq_dtype="fp16")
+                                           exp_avg_dtype=exp_avg, exp_avg_sq_dtype=exp_avg_sq)
     tokens = torch.randint(0, 256, (2, 33))
 
     def step(poison: bool):
@@ -167,3 +169,18 @@ def test_fp8_gradient_traffic_and_layouts(builtin_corpus_small, tmp_path):
     # (FP8 weights whole on their owner, the rest in ZeRO-1 shards).
     assert [r["loss"] for r in o2_zero] == pytest.approx([r["loss"] for r in o2], rel=1e-4)
     assert o2_zero[-1]["memory"]["optim_bytes"] < 0.6 * o2[-1]["memory"]["optim_bytes"]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_o2_with_the_distributed_optimizer_resumes_exactly(builtin_corpus_small, tmp_path):
+    args = FAST + builtin_corpus_small.training_args() + [
+        "--train-iters", "6", "--log-interval", "1", "--lr-warmup-iters", "1", "--fp8-level", "O2",
+        "--use-distributed-optimizer"]
+    def launch(argv):
+        return run_distributed(launch_worker, 2, argv, init_process_group=False, timeout=300)
+    assert launch(args + ["--metrics-file", str(tmp_path / "full.jsonl")]) == [0, 0]
+    split = str(tmp_path / "split.jsonl")
+    assert launch(args + ["--metrics-file", split, "--save", str(tmp_path / "ck"), "--exit-interval", "3"]) == [0, 0]
+    assert launch(args + ["--metrics-file", split, "--load", str(tmp_path / "ck")]) == [0, 0]
+    assert [r["loss"] for r in records(split)] == [r["loss"] for r in records(tmp_path / "full.jsonl")]

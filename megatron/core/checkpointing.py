@@ -297,9 +297,11 @@ def _local_states(ckpt: ShardedCheckpoint, name: str, param: nn.Parameter, ps: P
         entry = own["optimizer"].get(name)
         for key in OPTIMIZER_KEYS if entry else ():
             if key in entry:
-                full = torch.zeros(tensor.numel(), dtype=torch.float32)
-                full[entry["range"][0]:entry["range"][1]] = entry[key].float()
-                states[key] = full.view(tensor.shape)
+                # Outside the owned range: the parameter's value for the master (the optimizer
+                # sets the parameter from it), zeros for the moments (another rank's business).
+                base = tensor.float().reshape(-1).clone() if key == "master" else torch.zeros(tensor.numel())
+                base[entry["range"][0]:entry["range"][1]] = entry[key].float()
+                states[key] = base.view(tensor.shape)
         return tensor, states
     full_states = ckpt.full_optimizer_state(name)
     return (local_piece(ckpt.full_tensor(name), param, ps),
