@@ -17,23 +17,16 @@ from pathlib import Path
 
 import pytest
 
+from tools.builtin_corpus import BuiltinCorpus
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 # ------------------------------------------------------------------------------------ data
 
 @dataclass(frozen=True)
-class BuiltinCorpusPaths:
-    data_dir: Path
-    data_prefix: Path
-    tokenizer_model: Path
-    corpus_jsonl: Path
-    manifest: dict
-
-    def training_args(self) -> list[str]:
-        """The --data-path / --tokenizer-* flags that train on this corpus."""
-        return ["--data-path", str(self.data_prefix), "--tokenizer-type", "SentencePieceTokenizer",
-                "--tokenizer-model", str(self.tokenizer_model)]
+class BuiltinCorpusPaths(BuiltinCorpus):
+    """The built corpus (with `training_args()`), plus its documents for round-trip checks."""
 
     def documents(self) -> list[str]:
         with open(self.corpus_jsonl, encoding="utf-8") as jsonl:
