@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fp8.gemm import fp8_matmul
+from fp8.optim import is_scaled_fp16, scaled_value
 from fp8.scaling import BLOCK_SIZE, CurrentScaling, DelayedScaling, Recipe, resolve_tile, tile_amax
 from fp8.tensor import ScalingTensor, accumulate, quantize, requantize
 
@@ -107,9 +108,7 @@ class FP8LinearState:
         key = (weight._version, weight.data_ptr(), weight.device, weight.dtype)
         if self._weight_cache is None or self._weight_cache[0] != key:
             with torch.no_grad():
-                value = weight.detach()
-                if hasattr(weight, "scale"):
-                    value = value.float() / weight.scale
+                value = scaled_value(weight) if is_scaled_fp16(weight) else weight.detach()
                 self._weight_cache = (key, self.cast(value, "weight"))
         return self._weight_cache[1]
 

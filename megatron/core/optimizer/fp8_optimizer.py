@@ -20,7 +20,7 @@ import math
 import torch
 import torch.nn as nn
 
-from fp8.optim import FP8AdamW, scaled_value
+from fp8.optim import FP8AdamW, is_scaled_fp16, scaled_value
 from fp8.zero import greedy_partition
 from megatron.core.distributed import comm
 from megatron.core.optimizer import MixedPrecisionOptimizer, OptimizerConfig, StepResult, clip_coefficient
@@ -90,14 +90,14 @@ class FP8MixedPrecisionOptimizer:
             if not params:
                 continue
             payload = comm.broadcast(torch.cat([p.detach().reshape(-1) for p in params]), self.ps, "dp", owner)
-            scales = [p.scale.reshape(1) for p in params if hasattr(p, "scale")]
-            scales = comm.broadcast(torch.cat(scales), self.ps, "dp", owner) if scales else None
+            scaled = [p for p in params if is_scaled_fp16(p)]
+            scales = comm.broadcast(torch.cat([p.scale.reshape(1) for p in scaled]), self.ps, "dp", owner) \
+                if scaled else []
             with torch.no_grad():
                 for param, value in zip(params, payload.split([p.numel() for p in params])):
                     param.copy_(value.view_as(param))
-                if scales is not None:
-                    for param, scale in zip([p for p in params if hasattr(p, "scale")], scales):
-                        param.scale.copy_(scale.reshape(param.scale.shape))
+                for param, scale in zip(scaled, scales):
+                    param.scale.copy_(scale.reshape(param.scale.shape))
 
     # ----- memory accounting ---------------------------------------------------------------------
     def master_bytes(self) -> int:
