@@ -75,9 +75,13 @@ class FP8LinearState:
     every in-place update (an optimizer step) moves, so micro-batches of one step share it.
     """
 
-    def __init__(self, recipe: Recipe | None = None, fp8_wgrad: bool = False):
+    def __init__(self, recipe: Recipe | None = None, fp8_wgrad: bool = False, *, fp8_comm: bool = False,
+                 fp8_reduce_scatter: bool = False):
         self.recipe = recipe or Recipe()
         self.fp8_wgrad = fp8_wgrad
+        # Sequence-parallel traffic of a tensor-parallel layer around this GEMM: all-gathers in FP8
+        # (`fp8_comm`), and the input-gradient reduce-scatter in FP8 (`fp8_reduce_scatter`).
+        self.fp8_comm, self.fp8_reduce_scatter = fp8_comm, fp8_reduce_scatter
         fmt = self.recipe.fmt
         self.scalers = {"input": self.recipe.make_scaler(fmt.forward),
                         "weight": CurrentScaling(fmt.forward, self.recipe.margin, self.recipe.power_of_two),

@@ -34,7 +34,7 @@ def run_main(argv, monkeypatch, world_size=None):
       "--max-position-embeddings", "127"], 2, "--seq-length (127) must be divisible"),
     (["--micro-batch-size", "4", "--global-batch-size", "12"], 2, "--global-batch-size (12) must be a multiple"),
     (["--seq-length", "256"], None, "exceeds --max-position-embeddings"),
-    (["--fp8-level", "O3"], None, "--fp8-level O3 is not implemented yet"),
+    (["--fp8-level", "O2", "--fp8-reduce-scatter"], None, "--fp8-reduce-scatter needs --fp8-level O3"),
     (["--pipeline-model-parallel-size", "2", "--num-layers", "3"], 2, "--num-layers"),
     (["--pipeline-model-parallel-size", "2", "--num-layers", "4", "--num-layers-per-virtual-pipeline-stage", "1",
       "--micro-batch-size", "4", "--global-batch-size", "4"], 2, "multiple of --pipeline-model-parallel-size"),

@@ -8,7 +8,11 @@
 | O2    | FP8   | FP16 + scale (master)    | -           | FP8               | FP8 / FP16      |
 | O3    | FP8   | FP8 + scale              | FP16, ZeRO  | FP8               | FP8 / FP16 ZeRO |
 
-Level O3 is refused until its implementation lands (see README, "Not done yet").
+At O3 the linear weights are stored as FP8 E4M3 with a per-tensor scale (`fp8.params`); their
+FP16 masters and Adam states live only on the data-parallel rank that owns each whole tensor
+(`megatron.core.optimizer.fp8_zero`). With sequence parallelism the activations entering FP8
+linears are all-gathered in FP8, and with `reduce_scatter` the input gradients are reduce-scattered
+in FP8. `pipeline_p2p` sends pipeline activations / gradients as E4M3 / E5M2 with scales.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from fp8.scaling import RECIPES, Recipe
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
 LEVELS = ("none", "O0", "O1", "O2", "O3")
-AVAILABLE_LEVELS = ("none", "O0", "O1", "O2")
+AVAILABLE_LEVELS = LEVELS
 FP8_LAYER_SUFFIXES = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 
 
@@ -47,6 +51,9 @@ class FP8Config:
     exp_avg_dtype: str | None = None
     exp_avg_sq_dtype: str | None = None
     fp16_master_stochastic_rounding: bool = False
+    # O3: tensor / sequence / pipeline parallel traffic
+    reduce_scatter: bool = False
+    pipeline_p2p: bool | None = None  # None: the level's default (PIPELINE_P2P_DEFAULT)
 
     def __post_init__(self):
         if self.level not in LEVELS:
@@ -59,6 +66,8 @@ class FP8Config:
         self.to_recipe()  # validates format, margin, history
         if self.main_params_dtype not in (None, "fp32", "fp16"):
             raise ValueError(f"--main-params-dtype {self.main_params_dtype!r}: use fp32 or fp16")
+        if self.reduce_scatter and self.level != "O3":
+            raise ValueError("--fp8-reduce-scatter needs --fp8-level O3 (FP8 sequence-parallel traffic)")
         for flag, value in (("--exp-avg-dtype", self.exp_avg_dtype), ("--exp-avg-sq-dtype", self.exp_avg_sq_dtype)):
             if value not in (None, "fp32", "fp16", "bf16", "fp8"):
                 raise ValueError(f"{flag} {value!r}: use fp32, fp16, bf16 or fp8")
@@ -81,8 +90,15 @@ class PrecisionPlan:
     fp8_gemms: bool
     fp8_wgrad: bool
     fp8_optimizer_states: bool
-    fp8_zero: bool
-    fp8_tp_comm: bool
+    fp8_zero: bool            # FP8 weight storage (1 byte) with masters / states on owner ranks
+    fp8_tp_comm: bool         # FP8 sequence-parallel all-gathers into (and out of) FP8 linears
+    fp8_reduce_scatter: bool  # FP8 sequence-parallel reduce-scatter of input gradients
+    fp8_pipeline_p2p: bool    # FP8 pipeline sends
+
+
+# Whether O3 sends pipeline activations / gradients in FP8 unless told otherwise: decided by the
+# accuracy measurement in docs/benchmarks.md ("FP8 pipeline sends").
+PIPELINE_P2P_DEFAULT = {"O3": False}
 
 
 def plan_for(config: FP8Config) -> PrecisionPlan:
@@ -94,6 +110,9 @@ def plan_for(config: FP8Config) -> PrecisionPlan:
         fp8_optimizer_states=level >= 3,
         fp8_zero=level >= 4,
         fp8_tp_comm=level >= 4,
+        fp8_reduce_scatter=level >= 4 and config.reduce_scatter,
+        fp8_pipeline_p2p=(config.pipeline_p2p if config.pipeline_p2p is not None
+                          else PIPELINE_P2P_DEFAULT.get(config.level, False)),
     )
 
 
@@ -116,7 +135,8 @@ def apply_precision(model: nn.Module, config: FP8Config) -> list[str]:
             continue
         out_local, in_local = module.weight.shape
         if recipe.uses_fp8(in_local, out_local):
-            module.fp8 = FP8LinearState(recipe, fp8_wgrad=plan.fp8_wgrad)
+            module.fp8 = FP8LinearState(recipe, fp8_wgrad=plan.fp8_wgrad, fp8_comm=plan.fp8_tp_comm,
+                                        fp8_reduce_scatter=plan.fp8_reduce_scatter)
             if plan.fp8_wgrad:
                 _fp8_gradient_weight(module.weight, config)
             switched.append(name)

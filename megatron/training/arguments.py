@@ -123,6 +123,11 @@ def _fp8_args(parser: argparse.ArgumentParser) -> None:
                    help="Adam second moment of the FP8 linear weights (default: fp32 at O1, fp16 at O2)")
     g.add_argument("--fp16-master-stochastic-rounding", action="store_true",
                    help="round FP16 master updates stochastically (long runs, small late updates)")
+    g.add_argument("--fp8-reduce-scatter", action="store_true",
+                   help="O3 with --sequence-parallel: the backward reduce-scatter of input gradients in FP8")
+    g.add_argument("--fp8-pipeline-p2p", action=argparse.BooleanOptionalAction, default=None,
+                   help="pipeline sends in FP8: activations E4M3, gradients E5M2, with scales "
+                        "(default: the level's choice, see README)")
 
 
 def _logging_args(parser: argparse.ArgumentParser) -> None:
@@ -237,6 +242,8 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
                          f"multiple of --pipeline-model-parallel-size ({pp}); change --global-batch-size")
     if args.sequence_parallel and tp == 1:
         args.sequence_parallel = False  # as Megatron: nothing to split
+    if args.fp8_level == "O3" and dp > 1:
+        args.use_distributed_optimizer = True  # O3 is FP8 ZeRO: weights and states live on their owners
     # The typed configs check themselves; build them now so that their errors, too, come before
     # any process group exists.
     lr_schedule_config_from_args(args)

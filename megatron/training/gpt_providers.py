@@ -43,7 +43,8 @@ def fp8_config_from_args(args: argparse.Namespace) -> FP8Config:
                      wgrad_auto_scaling_window=args.fp8_wgrad_auto_scaling_window,
                      main_params_dtype=args.main_params_dtype, exp_avg_dtype=args.exp_avg_dtype,
                      exp_avg_sq_dtype=args.exp_avg_sq_dtype,
-                     fp16_master_stochastic_rounding=args.fp16_master_stochastic_rounding)
+                     fp16_master_stochastic_rounding=args.fp16_master_stochastic_rounding,
+                     reduce_scatter=args.fp8_reduce_scatter, pipeline_p2p=args.fp8_pipeline_p2p)
 
 
 def model_provider(args: argparse.Namespace, ps: ParallelState, rng) -> nn.Module:

@@ -159,7 +159,8 @@ class Trainer:
         shape = activation_shape(args.seq_length, args.micro_batch_size, args.hidden_size, tp_size=ps.tp_size,
                                  sequence_parallel=args.sequence_parallel)
         schedule = get_forward_backward_func(ps, len(chunks) if chunks else None, tensor_shape=shape,
-                                             dtype=torch.bfloat16 if args.bf16 else torch.float32)
+                                             dtype=torch.bfloat16 if args.bf16 else torch.float32,
+                                             fp8_p2p=plan_for(fp8_config_from_args(args)).fp8_pipeline_p2p)
         return schedule, (chunks if chunks else self.ddp)
 
     def train_step(self) -> tuple[float, bool, float]:

@@ -41,12 +41,14 @@ class P2PCommunicator:
     send in the same step cannot block each other.
     """
 
-    def __init__(self, ps: ParallelState, tensor_shape: Sequence[int], dtype: torch.dtype = torch.float32):
+    def __init__(self, ps: ParallelState, tensor_shape: Sequence[int], dtype: torch.dtype = torch.float32, *,
+                 fp8: bool = False):
         if ps.pp_size < 2:
             raise ValueError("point-to-point pipeline communication needs --pipeline-model-parallel-size >= 2")
         self.ps = ps
         self.tensor_shape = tuple(int(d) for d in tensor_shape)
         self.dtype = dtype
+        self.fp8 = fp8  # activations as E4M3, gradients as E5M2, each with a scale
 
     @property
     def message_nbytes(self) -> int:

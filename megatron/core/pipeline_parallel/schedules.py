@@ -322,7 +322,8 @@ def _chunk_iterators(data_iterator, num_chunks: int) -> list[Iterator]:
 
 
 def get_forward_backward_func(ps: ParallelState, virtual_pipeline_size: int | None = None, *,
-                              tensor_shape: Sequence[int] | None = None, dtype: torch.dtype = torch.float32):
+                              tensor_shape: Sequence[int] | None = None, dtype: torch.dtype = torch.float32,
+                              fp8_p2p: bool = False):
     """The schedule for this layout, called as ``fn(forward_step=, data_iterator=, model=,
     num_microbatches=, forward_only=False) -> list[dict]`` whatever the layout.
 
@@ -339,7 +340,7 @@ def get_forward_backward_func(ps: ParallelState, virtual_pipeline_size: int | No
     if tensor_shape is None:
         raise ValueError("pipeline schedules need tensor_shape = [seq_length (/ tp with --sequence-parallel), "
                          "micro_batch_size, hidden_size]; see p2p_communication.activation_shape")
-    p2p = P2PCommunicator(ps, tensor_shape, dtype)
+    p2p = P2PCommunicator(ps, tensor_shape, dtype, fp8=fp8_p2p)
     schedule = (forward_backward_pipelining_with_interleaving if interleaved
                 else forward_backward_pipelining_without_interleaving)
     return partial(schedule, p2p=p2p)
