@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fp8.gemm import fp8_matmul
-from fp8.optim import is_scaled_fp16, scaled_value
+from fp8.params import fp8_weight_tensor, is_fp8_param, param_value
 from fp8.scaling import BLOCK_SIZE, CurrentScaling, DelayedScaling, Recipe, resolve_tile, tile_amax
 from fp8.tensor import ScalingTensor, accumulate, quantize, requantize
 
@@ -107,13 +107,15 @@ class FP8LinearState:
         return quantize(x2d, spec, scale=scale, tile=tile)
 
     def fp8_weight(self, weight: torch.Tensor) -> ScalingTensor:
-        """The FP8 copy of `weight`; an FP16 master carrying a per-tensor ``scale`` attribute
-        (levels O1, O2) is cast from its true value, payload / scale."""
+        """The FP8 copy of `weight`. An FP8 weight (level O3) is used as stored under per-tensor
+        recipes and re-cast to the recipe's tiles otherwise; an FP16 master with a per-tensor
+        ``scale`` (levels O1, O2) is cast from its true value, payload / scale."""
+        if is_fp8_param(weight) and self.recipe.granularity == "tensor":
+            return fp8_weight_tensor(weight)
         key = (weight._version, weight.data_ptr(), weight.device, weight.dtype)
         if self._weight_cache is None or self._weight_cache[0] != key:
             with torch.no_grad():
-                value = scaled_value(weight) if is_scaled_fp16(weight) else weight.detach()
-                self._weight_cache = (key, self.cast(value, "weight"))
+                self._weight_cache = (key, self.cast(param_value(weight), "weight"))
         return self._weight_cache[1]
 
     def orient(self, x: ScalingTensor, contraction_dim: int) -> ScalingTensor:

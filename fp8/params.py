@@ -1,0 +1,89 @@
+"""How a parameter is stored, and the value it stands for.
+
+Three kinds of parameter exist across the precision levels:
+
+- an ordinary tensor (FP32, BF16): its value is itself;
+- an FP16 master with a per-tensor scale (levels O1, O2; see `fp8.optim.make_scaled_fp16_param`):
+  value = ``payload.float() / scale``;
+- an FP8 weight (level O3): a ``torch.float8_e4m3fn`` parameter with a 0-dim FP32 ``.scale``,
+  value = ``payload.float() / scale``, one byte per element. It is what the FP8 GEMMs read
+  directly; its FP16 master lives on one data-parallel rank (FP8 ZeRO), which re-quantizes it
+  after every step with `quantize_fp8_weight`, using the margin and power-of-two rule the
+  parameter was made with (those of the layer's recipe), so every rank casts alike.
+
+`param_value` / `set_param_value` read and write the value whatever the storage, which is what
+checkpoints hold: a checkpoint does not depend on how a level stores weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from fp8.formats import E4M3
+from fp8.optim import is_scaled_fp16, scaled_value, to_scaled_fp16
+from fp8.scaling import compute_scale
+from fp8.tensor import ScalingTensor, cast_saturate
+
+SCALE_BYTES = 4
+
+
+def is_fp8_param(p: torch.Tensor) -> bool:
+    """Whether `p` is an FP8 weight: E4M3 payload with a per-tensor ``.scale``."""
+    return p.dtype == E4M3.dtype and isinstance(getattr(p, "scale", None), torch.Tensor)
+
+
+def quantize_fp8_weight(value: torch.Tensor, param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(payload, scale)``: `value` as E4M3 with a per-tensor scale from its amax, under the
+    margin / power-of-two rule `param` was made with. A zero (or non-finite) amax keeps the
+    parameter's current scale."""
+    x = value.detach().float()
+    amax = x.abs().amax() if x.numel() else torch.zeros((), device=x.device)
+    prev = getattr(param, "scale", None)
+    scale = compute_scale(amax, E4M3.max, getattr(param, "fp8_margin", 0),
+                          getattr(param, "fp8_power_of_two", False), prev)
+    return cast_saturate(x * scale, E4M3), scale.reshape(())
+
+
+def make_fp8_param(param: nn.Parameter, *, margin: int = 0, power_of_two: bool = False) -> None:
+    """Store `param` (any kind) as an FP8 weight in place: one byte per element plus a scale."""
+    value = param_value(param).float()
+    param.fp8_margin, param.fp8_power_of_two = margin, power_of_two
+    if hasattr(param, "scale"):
+        del param.scale
+    payload, scale = quantize_fp8_weight(value, param)
+    param.data = payload
+    param.scale = scale
+
+
+def fp8_weight_tensor(param: torch.Tensor) -> ScalingTensor:
+    """An FP8 weight as a `ScalingTensor` sharing its storage (no copy)."""
+    assert is_fp8_param(param)
+    return ScalingTensor(param.detach(), param.scale, E4M3)
+
+
+def param_value(param: torch.Tensor) -> torch.Tensor:
+    """The value `param` stands for (FP32 for scaled kinds, the tensor itself otherwise)."""
+    if is_fp8_param(param):
+        return param.detach().float() / param.scale
+    return scaled_value(param) if is_scaled_fp16(param) else param.detach()
+
+
+@torch.no_grad()
+def set_param_value(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Make `param` stand for `value`, re-quantizing scaled kinds with a fresh scale."""
+    if is_fp8_param(param):
+        payload, scale = quantize_fp8_weight(value, param)
+    elif is_scaled_fp16(param):
+        payload, scale = to_scaled_fp16(value.float())
+    else:
+        param.copy_(value)
+        return
+    param.copy_(payload)
+    param.scale.copy_(scale.reshape(param.scale.shape))
+
+
+def param_nbytes(param: torch.Tensor) -> int:
+    """Bytes `param` holds: payload plus its scale where it has one."""
+    scaled = is_fp8_param(param) or is_scaled_fp16(param)
+    return param.numel() * param.element_size() + (SCALE_BYTES if scaled else 0)
