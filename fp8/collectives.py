@@ -34,7 +34,8 @@ class Transport(Protocol):
     rank: int  # this process's rank within the group
 
     def all_reduce_(self, t: torch.Tensor, op: str) -> torch.Tensor: ...      # "sum" / "min" / "max", in place
-    def all_to_all(self, chunks: list[torch.Tensor]) -> list[torch.Tensor]: ...  # equal 1-D uint8 chunks
+    # 1-D uint8 chunks, one per rank; received chunks have `output_numels` bytes (default: the sizes sent)
+    def all_to_all(self, chunks: list[torch.Tensor], output_numels: list[int] | None = None) -> list[torch.Tensor]: ...
     def all_gather(self, t: torch.Tensor) -> torch.Tensor: ...                 # concatenated along dim 0
 
 
@@ -54,12 +55,14 @@ class ProcessGroupTransport:
             dist.all_reduce(t, op=_OPS[op], group=self.group)
         return t
 
-    def all_to_all(self, chunks):
+    def all_to_all(self, chunks, output_numels=None):
         if self.size == 1:
             return list(chunks)
-        out = [torch.empty_like(c) for c in chunks]
-        dist.all_to_all(out, list(chunks), group=self.group)
-        return out
+        sizes = output_numels if output_numels is not None else [c.numel() for c in chunks]
+        received = chunks[0].new_empty(sum(sizes))
+        dist.all_to_all_single(received, torch.cat(list(chunks)), sizes, [c.numel() for c in chunks],
+                               group=self.group)
+        return list(received.split(sizes))
 
     def all_gather(self, t):
         if self.size == 1:
@@ -77,15 +80,23 @@ class ReduceResult:
 
 
 def _shared_payloads(grads: Sequence[ScalingTensor], transport: Transport, mu: float, spec: FormatSpec):
-    """Each gradient re-cast to mu x the group's minimum scale; returns (flat bytes, scales)."""
+    """Each gradient re-cast to mu x the group's minimum scale; returns (1-D byte payloads, scales)."""
     scales = torch.stack([g.scale.reshape(()).float() for g in grads])
     shared = transport.all_reduce_(scales.clone(), "min")
     payloads = []
     for g, own, common in zip(grads, scales, shared):
         # Ratio <= mu: with mu <= 1 nothing grows, so this re-cast can only round, not overflow.
-        payloads.append(cast_saturate(g.data.float() * (mu * common / own), spec, inf_to_nan=True))
-    flat = torch.cat([p.reshape(-1).view(torch.uint8) for p in payloads])
-    return flat, shared
+        payload = cast_saturate(g.data.float() * (mu * common / own), spec, inf_to_nan=True)
+        payloads.append(payload.reshape(-1).view(torch.uint8))
+    return payloads, shared
+
+
+def _sum_received(segments: list[torch.Tensor], spec: FormatSpec, transport: Transport):
+    """FP32 sum of every rank's FP8 bytes for one segment, its FP8 cast (sums beyond the maximum
+    saturate: the overflow the auto-scaler watches) and the group's (overflow, NaN) counts."""
+    summed = torch.stack([s.view(spec.dtype).float() for s in segments]).sum(0)
+    counts = torch.stack([(~(summed.abs() <= spec.max)).sum(), torch.isnan(summed).sum()]).double()
+    return cast_saturate(summed, spec, inf_to_nan=True), transport.all_reduce_(counts, "sum")
 
 
 @dataclass
@@ -114,20 +125,47 @@ def fp8_reduce_scatter(grads: Sequence[ScalingTensor], transport: Transport, *, 
     spec = get_spec(fmt)
     assert all(g.tile is None for g in grads), "the FP8 gradient reduction takes per-tensor scales"
     n = transport.size
-    flat, shared = _shared_payloads(grads, transport, mu, spec)
+    payloads, shared = _shared_payloads(grads, transport, mu, spec)
+    flat = torch.cat(payloads)
     numel = flat.numel()
     padded = -(-numel // n) * n
     flat = torch.cat([flat, flat.new_zeros(padded - numel)])  # zero bytes are +0.0 in both formats
-    segments = transport.all_to_all(list(flat.chunk(n)))
-    summed = torch.stack([s.view(spec.dtype).float() for s in segments]).sum(0)
-    # Sums beyond the maximum saturate: those are the overflow the auto-scaler watches.
-    counts = torch.stack([(~(summed.abs() <= spec.max)).sum(), torch.isnan(summed).sum()]).double()
-    counts = transport.all_reduce_(counts, "sum")
+    reduced, counts = _sum_received(transport.all_to_all(list(flat.chunk(n))), spec, transport)
     size = padded // n
     rank = transport.rank
     start, end = min(rank * size, numel), min((rank + 1) * size, numel)
-    return ReduceScatterResult(cast_saturate(summed, spec, inf_to_nan=True)[:end - start], start, end,
-                               (n * mu * shared).float(), float(counts[0]) / max(numel, 1), bool(counts[1] > 0))
+    return ReduceScatterResult(reduced[:end - start], start, end, (n * mu * shared).float(),
+                               float(counts[0]) / max(numel, 1), bool(counts[1] > 0))
+
+
+@dataclass
+class OwnerReduceResult:
+    """The mean of every rank's gradients, each tensor whole on its owner: ``tensors[i]`` for the
+    tensors this rank owns, None for the others."""
+
+    tensors: list[ScalingTensor | None]
+    overflow_frac: float
+    nonfinite: bool
+
+
+def fp8_reduce_to_owners(grads: Sequence[ScalingTensor], owners: Sequence[int], transport: Transport, *,
+                         mu: float = 1.0, fmt: str = "e4m3") -> OwnerReduceResult:
+    """The reduce-scatter of FP8 ZeRO: as `fp8_reduce_scatter`, but the segments follow tensor
+    ownership (`fp8.greedy_partition`) instead of an even split, so each tensor is summed whole
+    by its owner. One uneven all-to-all: rank r receives, from every rank, the payloads of the
+    tensors r owns."""
+    spec = get_spec(fmt)
+    assert len(owners) == len(grads) and all(g.tile is None for g in grads)
+    n, rank = transport.size, transport.rank
+    payloads, shared = _shared_payloads(grads, transport, mu, spec)
+    chunks = [torch.cat([p for p, o in zip(payloads, owners) if o == r] or [payloads[0][:0]]) for r in range(n)]
+    mine = [i for i, o in enumerate(owners) if o == rank]
+    reduced, counts = _sum_received(transport.all_to_all(chunks, [chunks[rank].numel()] * n), spec, transport)
+    tensors: list[ScalingTensor | None] = [None] * len(grads)
+    for i, payload in zip(mine, reduced.split([grads[i].numel() for i in mine])):
+        tensors[i] = ScalingTensor(payload.view(grads[i].shape), (n * mu * shared[i]).float(), spec)
+    numel = sum(g.numel() for g in grads)
+    return OwnerReduceResult(tensors, float(counts[0]) / max(numel, 1), bool(counts[1] > 0))
 
 
 def fp8_all_reduce(grads: Sequence[ScalingTensor], transport: Transport, *, mu: float = 1.0,

@@ -21,8 +21,9 @@ class CommTransport:
     def all_reduce_(self, t: torch.Tensor, op: str) -> torch.Tensor:
         return comm.all_reduce(t, self.ps, self.group, op=_OPS[op])
 
-    def all_to_all(self, chunks: list[torch.Tensor]) -> list[torch.Tensor]:
-        return comm.all_to_all(chunks, self.ps, self.group)
+    def all_to_all(self, chunks: list[torch.Tensor], output_numels: list[int] | None = None) -> list[torch.Tensor]:
+        shapes = None if output_numels is None else [(n,) for n in output_numels]
+        return comm.all_to_all(chunks, self.ps, self.group, output_shapes=shapes)
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
         return comm.all_gather(t, self.ps, self.group, dim=0)
