@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from fp8.optim import is_scaled_fp16, scaled_value, to_scaled_fp16
+from fp8.params import param_value, set_param_value
 from megatron.core.parallel_state import ParallelState
 from megatron.core.tensor_parallel.layers import shard_of
 
@@ -56,21 +56,6 @@ def _shard_info(param: nn.Parameter, ps: ParallelState) -> dict:
     sharded = getattr(param, "tensor_model_parallel", False)
     return {"dim": param.partition_dim if sharded else None, "parts": getattr(param, "partition_parts", 1),
             "tp_rank": ps.tp_rank, "tp_size": ps.tp_size}
-
-
-def param_value(param: nn.Parameter) -> torch.Tensor:
-    """What a parameter stands for: an FP16 master with a per-tensor scale is stored as its true
-    value (payload / scale), so checkpoints do not depend on how a level stores weights."""
-    return scaled_value(param) if is_scaled_fp16(param) else param.detach()
-
-
-def set_param_value(param: nn.Parameter, value: torch.Tensor) -> None:
-    if is_scaled_fp16(param):
-        payload, scale = to_scaled_fp16(value.float())
-        param.copy_(payload)
-        param.scale.copy_(scale)
-    else:
-        param.copy_(value)
 
 
 def named_global_params(model: nn.Module, global_name) -> dict[str, nn.Parameter]:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from fp8.linear import FP8LinearState
-from fp8.optim import make_scaled_fp16_param
+from fp8.optim import is_scaled_fp16, make_scaled_fp16_param
 from fp8.scaling import RECIPES, Recipe
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
@@ -66,6 +66,9 @@ class FP8Config:
         self.to_recipe()  # validates format, margin, history
         if self.main_params_dtype not in (None, "fp32", "fp16"):
             raise ValueError(f"--main-params-dtype {self.main_params_dtype!r}: use fp32 or fp16")
+        if self.level == "O3" and self.main_params_dtype == "fp32":
+            raise ValueError("--fp8-level O3 keeps FP16 masters (with scales) on the owner ranks; "
+                             "drop --main-params-dtype fp32 or use --fp8-level O2")
         if self.reduce_scatter and self.level != "O3":
             raise ValueError("--fp8-reduce-scatter needs --fp8-level O3 (FP8 sequence-parallel traffic)")
         for flag, value in (("--exp-avg-dtype", self.exp_avg_dtype), ("--exp-avg-sq-dtype", self.exp_avg_sq_dtype)):
@@ -139,6 +142,8 @@ def apply_precision(model: nn.Module, config: FP8Config) -> list[str]:
                                         fp8_reduce_scatter=plan.fp8_reduce_scatter)
             if plan.fp8_wgrad:
                 _fp8_gradient_weight(module.weight, config)
+            if plan.fp8_zero:
+                _fp8_zero_weight(module.weight, recipe)
             switched.append(name)
     return switched
 
@@ -149,3 +154,13 @@ def _fp8_gradient_weight(weight: nn.Parameter, config: FP8Config) -> None:
     weight.grad_is_fp8 = True
     if config.optimizer_dtypes()[0] == "fp16":
         make_scaled_fp16_param(weight)
+
+
+def _fp8_zero_weight(weight: nn.Parameter, recipe: Recipe) -> None:
+    """O3: the weight is to be stored in FP8 (`fp8.params`), cast with the recipe's margin and
+    power-of-two rule, its master and moments on one owner rank. It stays an FP16 master here:
+    the FP8 ZeRO optimizer takes the owners' masters from it, then stores it in FP8."""
+    if not is_scaled_fp16(weight):
+        raise ValueError("--fp8-level O3 keeps FP16 masters on the owner ranks; drop --main-params-dtype fp32")
+    weight.fp8_zero = True
+    weight.fp8_margin, weight.fp8_power_of_two = recipe.margin, recipe.power_of_two

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fp8.autoscale import GradientAutoScaler
-from fp8.optim import is_scaled_fp16
+from fp8.params import param_nbytes
 from megatron.core.datasets.builder import train_valid_test_num_samples
 from megatron.core.datasets.samplers import build_pretraining_data_loader, cyclic_iterator
 from megatron.core.distributed import comm
@@ -27,6 +27,7 @@ from megatron.core.distributed.data_parallel import DistributedDataParallel
 from megatron.core.optimizer import MixedPrecisionOptimizer, OptimizerConfig
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.optimizer.fp8_optimizer import FP8MixedPrecisionOptimizer
+from megatron.core.optimizer.fp8_zero import FP8ZeroOptimizer
 from megatron.core.precision import FP8Config, plan_for
 from megatron.core.parallel_state import ParallelState, init_distributed
 from megatron.core.pipeline_parallel.model import allreduce_embedding_grads
@@ -72,12 +73,18 @@ def build_optimizer(model: torch.nn.Module, args: argparse.Namespace, ps: Parall
                     ddp: DistributedDataParallel, fp8: FP8Config):
     """AdamW over FP32 masters; with --use-distributed-optimizer the masters and moments are
     sharded over the data-parallel group (ZeRO-1); at O1 / O2 the FP8 linear weights go through
-    FP8AdamW (FP16 scaled masters, FP8 gradients, the level's moment formats)."""
+    FP8AdamW (FP16 scaled masters, FP8 gradients, the level's moment formats); at O3 those live
+    on one owner rank each and the model keeps the weights in FP8 (FP8 ZeRO)."""
     config = OptimizerConfig(lr=args.lr, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
                              adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if ddp.fp8_grad_params:
         _, exp_avg, exp_avg_sq = fp8.optimizer_dtypes()
+        if ddp.fp8_zero is not None:
+            print_rank0(ps, f"> {ddp.fp8_zero.describe()}")
+            return FP8ZeroOptimizer(named, config, ps, layout=ddp.fp8_zero, exp_avg_dtype=exp_avg,
+                                    exp_avg_sq_dtype=exp_avg_sq, stochastic_rounding=fp8.fp16_master_stochastic_rounding,
+                                    seed=args.seed, ddp=ddp, use_distributed_optimizer=args.use_distributed_optimizer)
         return FP8MixedPrecisionOptimizer(named, config, ps, exp_avg_dtype=exp_avg, exp_avg_sq_dtype=exp_avg_sq,
                                           stochastic_rounding=fp8.fp16_master_stochastic_rounding, seed=args.seed,
                                           ddp=ddp, use_distributed_optimizer=args.use_distributed_optimizer)
@@ -94,12 +101,17 @@ def fp8_autoscaler(fp8: FP8Config) -> GradientAutoScaler | None:
 
 def memory_record(model: torch.nn.Module, ddp: DistributedDataParallel, optimizer, num_params: int) -> dict:
     """Bytes this rank holds persistently (scales included), per DESIGN.md's metrics contract."""
-    # FP16 masters of FP8 linears carry a 4-byte scale each.
-    weight = sum(p.numel() * p.element_size() + (4 if is_scaled_fp16(p) else 0) for p in model.parameters())
+    weight = sum(param_nbytes(p) for p in model.parameters())  # scaled kinds carry a 4-byte scale
     grad = ddp.grad_buffer.nbytes + ddp.fp8_grad_bytes
     master, optim = optimizer.master_bytes(), optimizer.optim_bytes()
-    return {"num_params": num_params, "weight_bytes": weight, "grad_bytes": grad, "master_bytes": master,
-            "optim_bytes": optim, "state_bytes_per_param": (weight + grad + master + optim) / num_params}
+    record = {"num_params": num_params, "weight_bytes": weight, "grad_bytes": grad, "master_bytes": master,
+              "optim_bytes": optim, "state_bytes_per_param": (weight + grad + master + optim) / num_params}
+    if ddp.fp8_grad_params:
+        # The FP8 linear weights alone (this rank's shards): the part the precision table is about.
+        numel = sum(p.numel() for p in ddp.fp8_grad_params)
+        held = sum(param_nbytes(p) for p in ddp.fp8_grad_params) + ddp.fp8_grad_bytes + optimizer.fp8_state_bytes()
+        record.update(fp8_params=numel, fp8_state_bytes_per_param=held / numel)
+    return record
 
 
 def build_data_iterators(args, ps: ParallelState, datasets_provider, consumed_samples: int, iteration: int):
@@ -197,7 +209,10 @@ class Trainer:
             "train_iters": self.args.train_iters, "global_batch_size": self.args.global_batch_size,
         }
         if self.ddp.fp8_grad_params:
-            record["fp8"] = dict(self.ddp.fp8_stats)
+            stats = dict(self.ddp.fp8_stats)
+            # The FP8 weights' data-parallel traffic: gradient reduction plus publishing the update.
+            stats["weight_dp_bytes"] = stats.pop("dp_bytes", 0) + self.optimizer.publish_dp_bytes
+            record["fp8"] = stats
         if self.flops_per_token:
             dtype = "fp8" if self.args.fp8_level != "none" else "bf16"
             record.update(throughput_metrics(tokens_per_s, self.flops_per_token, self.ps.world_size,

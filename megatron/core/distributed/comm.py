@@ -229,6 +229,22 @@ def all_to_all(tensors: Sequence[torch.Tensor], ps: ParallelState, group: str,
     return [part.view(dtype).view(shape) for part, shape in zip(recv_bytes.split(recv_splits), shapes)]
 
 
+def all_gather_uneven(t: torch.Tensor, numels: Sequence[int], ps: ParallelState, group: str) -> list[torch.Tensor]:
+    """Each group rank's 1-D `t`, where rank r's holds ``numels[r]`` elements (all one dtype), in
+    group-rank order. Counted as an all-gather of the concatenation. It runs as one all-to-all
+    that sends this rank's piece to every rank, which gloo and NCCL both take with uneven sizes."""
+    process_group, size = _resolve(ps, group)
+    if size == 1:
+        return [t]
+    assert t.dim() == 1 and t.numel() == numels[ps.group_rank(group)], (t.shape, numels)
+    local = t.contiguous().view(torch.uint8)
+    recv_splits = [n * t.dtype.itemsize for n in numels]
+    received = local.new_empty(sum(recv_splits))
+    dist.all_to_all_single(received, local.repeat(size), recv_splits, [local.numel()] * size, group=process_group)
+    _count(group, "all_gather", sum(recv_splits), size)
+    return [part.view(t.dtype) for part in received.split(recv_splits)]
+
+
 def broadcast(t: torch.Tensor, ps: ParallelState, group: str, src_group_rank: int = 0) -> torch.Tensor:
     """Copies group rank `src_group_rank`'s `t` into `t` on every rank of `group` (in place)."""
     process_group, size = _resolve(ps, group)

@@ -17,7 +17,9 @@ Parameters marked ``grad_is_fp8`` (the FP8 linear weights at level O1 and above)
 buffer: their gradient arrives as an FP8 `ScalingTensor` on ``param.grad_fp8``, accumulated across
 micro-batches by the FP8 linear itself, and is averaged over the data-parallel group in FP8
 (`fp8.collectives.fp8_all_reduce`: shared scale, auto-scaling factor mu). `fp8_stats` then holds
-the mu used and the overflow fraction measured.
+the mu used and the overflow fraction measured. At level O3 (FP8 weights marked ``fp8_zero``) the
+FP8 gradients go instead to the rank that owns each tensor (`fp8_zero.FP8ZeroLayout`, one uneven
+FP8 all-to-all per bucket); the other ranks drop theirs.
 
 With ``use_distributed_optimizer=True`` (ZeRO-1, `DistributedOptimizer`), step 2 reduce-scatters
 instead: every bucket is padded to a multiple of ``dp_size * SHARD_ALIGN_NUMEL`` and data-parallel
@@ -39,10 +41,11 @@ import torch
 import torch.nn as nn
 
 from fp8.autoscale import GradientAutoScaler
-from fp8.collectives import fp8_all_reduce
+from fp8.collectives import fp8_all_reduce, fp8_reduce_to_owners
 from fp8.tensor import quantize
 from megatron.core.distributed import comm
 from megatron.core.distributed.fp8_transport import CommTransport
+from megatron.core.distributed.fp8_zero import FP8ZeroLayout
 from megatron.core.parallel_state import ParallelState
 
 
@@ -143,6 +146,9 @@ class DistributedDataParallel(nn.Module):
         device = params[0].device if params else ps.device
         pad_to = ps.dp_size * SHARD_ALIGN_NUMEL if use_distributed_optimizer else 1
         self.grad_buffer = GradBuffer(params, grad_dtype, device, bucket_numel, pad_to=pad_to)
+        zero = [p for p in self.fp8_grad_params if getattr(p, "fp8_zero", False)]
+        assert not zero or len(zero) == len(self.fp8_grad_params), "FP8 ZeRO takes all FP8 weights or none"
+        self.fp8_zero = FP8ZeroLayout(zero, ps.dp_size, int(bucket_size_mb * 2**20)) if zero else None
         self._hooks = [p.register_post_accumulate_grad_hook(_accumulate_into_main_grad) for p in params]
         self.sequence_parallel_params = [p for p in params if getattr(p, "sequence_parallel", False)]
 
@@ -172,12 +178,29 @@ class DistributedDataParallel(nn.Module):
             grads.append(param.grad_fp8)
         # Without auto-scaling: divide before the sum (pre-scaling), which cannot overflow.
         mu = self.fp8_autoscaler.mu if self.fp8_autoscaler is not None else 1.0 / self.ps.dp_size
-        result = fp8_all_reduce(grads, CommTransport(self.ps, "dp"), mu=mu)
-        for param, reduced in zip(self.fp8_grad_params, result.tensors):
-            param.grad_fp8 = reduced
+        transport = CommTransport(self.ps, "dp")
+        if self.fp8_zero is not None:
+            overflow_frac = self._reduce_fp8_grads_to_owners(transport, mu)
+        else:
+            result = fp8_all_reduce(grads, transport, mu=mu)
+            for param, reduced in zip(self.fp8_grad_params, result.tensors):
+                param.grad_fp8 = reduced
+            overflow_frac = result.overflow_frac
         if self.fp8_autoscaler is not None:
-            self.fp8_autoscaler.update(result.overflow_frac)
-        self.fp8_stats = {"mu": mu, "overflow_frac": result.overflow_frac}
+            self.fp8_autoscaler.update(overflow_frac)
+        self.fp8_stats = {"mu": mu, "overflow_frac": overflow_frac}
+
+    def _reduce_fp8_grads_to_owners(self, transport: CommTransport, mu: float) -> float:
+        """Each FP8 gradient's mean to its owner (None elsewhere); returns the overflow fraction."""
+        layout, overflow = self.fp8_zero, 0.0
+        for bucket in layout.buckets:
+            params = [layout.params[i] for i in bucket]
+            result = fp8_reduce_to_owners([p.grad_fp8 for p in params], [layout.owners[i] for i in bucket],
+                                          transport, mu=mu)
+            for param, reduced in zip(params, result.tensors):
+                param.grad_fp8 = reduced
+            overflow += result.overflow_frac * sum(p.numel() for p in params)
+        return overflow / max(sum(p.numel() for p in layout.params), 1)
 
     def finish_grad_sync(self) -> None:
         """Sequence-parallel sums over tp, then the data-parallel mean: all-reduced into the whole
@@ -189,7 +212,9 @@ class DistributedDataParallel(nn.Module):
             for grad, summed in zip(grads, flat.split([g.numel() for g in grads])):
                 grad.copy_(summed.view_as(grad))
         if self.fp8_grad_params:
+            before = comm.counter().snapshot()
             self._reduce_fp8_grads()
+            self.fp8_stats["dp_bytes"] = comm.counter().since(before)["dp_bytes"]
         if self.ps.dp_size == 1:
             return
         for bucket in self.grad_buffer.buckets:

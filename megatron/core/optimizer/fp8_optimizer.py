@@ -28,17 +28,38 @@ from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.parallel_state import ParallelState
 
 
-def _fp8_grad_norm_squared(params: list[nn.Parameter], ps: ParallelState) -> float:
-    """Sum of squares of the FP8 gradients over the model: they are equal on every data-parallel
-    rank after the FP8 all-reduce, and tensor-parallel shards otherwise, so sum over tp and pp."""
+def _fp8_grad_norm_squared(params: list[nn.Parameter], ps: ParallelState, groups=("tp", "pp")) -> float:
+    """Sum of squares of the FP8 gradients over the model. After the FP8 all-reduce they are equal
+    on every data-parallel rank and tensor-parallel shards otherwise, so sum over tp and pp; FP8
+    ZeRO passes each rank's owned gradients and adds dp."""
     device = params[0].grad_fp8.device if params else ps.device
     total = torch.zeros((), dtype=torch.float32, device=device)
     for param in params:
         total = total + param.grad_fp8.dequantize(torch.float32).square().sum()
-    for group in ("tp", "pp"):
+    for group in groups:
         if ps.group_size(group) > 1:
             comm.all_reduce(total, ps, group)
     return total.item()
+
+
+def fp8_adamw(params: list[torch.Tensor], config: OptimizerConfig, ps: ParallelState, *, exp_avg_dtype: str,
+              exp_avg_sq_dtype: str, stochastic_rounding: bool, seed: int) -> FP8AdamW | None:
+    """FP8AdamW over `params` (None when there are none). Replicas must round alike: the
+    stochastic-rounding seed depends on the model-parallel position only, never on the
+    data-parallel rank."""
+    if not params:
+        return None
+    return FP8AdamW(params, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
+                    weight_decay=config.weight_decay, exp_avg_dtype=exp_avg_dtype, exp_avg_sq_dtype=exp_avg_sq_dtype,
+                    stochastic_rounding=stochastic_rounding, seed=seed + 7919 * (ps.tp_rank + ps.tp_size * ps.pp_rank))
+
+
+def dense_optimizer(named_params, config: OptimizerConfig, ps: ParallelState, ddp, use_distributed_optimizer: bool):
+    """The optimizer of every parameter that is not an FP8 weight."""
+    dense = [(n, p) for n, p in named_params if not getattr(p, "grad_is_fp8", False)]
+    if use_distributed_optimizer:
+        return DistributedOptimizer(dense, config, ps, ddp)
+    return MixedPrecisionOptimizer(dense, config, ps)
 
 
 class FP8MixedPrecisionOptimizer:
@@ -46,29 +67,25 @@ class FP8MixedPrecisionOptimizer:
                  *, exp_avg_dtype: str, exp_avg_sq_dtype: str, stochastic_rounding: bool = False, seed: int = 0,
                  ddp=None, use_distributed_optimizer: bool = False):
         self.config, self.ps = config, ps
-        dense = [(n, p) for n, p in named_params if not getattr(p, "grad_is_fp8", False)]
+        self.publish_dp_bytes = 0  # data-parallel bytes the last step sent to publish the FP8 weights
+        self.dense = dense_optimizer(named_params, config, ps, ddp, use_distributed_optimizer)
         self.fp8_params = [p for _, p in named_params if getattr(p, "grad_is_fp8", False)]
         if use_distributed_optimizer:
-            self.dense = DistributedOptimizer(dense, config, ps, ddp)
             self.owners = greedy_partition([p.numel() for p in self.fp8_params], ps.dp_size)
         else:
-            self.dense = MixedPrecisionOptimizer(dense, config, ps)
             self.owners = [ps.dp_rank] * len(self.fp8_params)
         self.owned = [p for p, owner in zip(self.fp8_params, self.owners) if owner == ps.dp_rank]
-        # Replicas must round alike: the stochastic-rounding seed depends on the model-parallel
-        # position only, never on the data-parallel rank.
-        self.fp8 = FP8AdamW(self.owned, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
-                            eps=config.adam_eps, weight_decay=config.weight_decay, exp_avg_dtype=exp_avg_dtype,
-                            exp_avg_sq_dtype=exp_avg_sq_dtype, stochastic_rounding=stochastic_rounding,
-                            seed=seed + 7919 * (ps.tp_rank + ps.tp_size * ps.pp_rank)) if self.owned else None
+        self.fp8 = fp8_adamw(self.owned, config, ps, exp_avg_dtype=exp_avg_dtype, exp_avg_sq_dtype=exp_avg_sq_dtype,
+                             stochastic_rounding=stochastic_rounding, seed=seed)
 
     @property
     def param_groups(self) -> list[dict]:
         return self.dense.param_groups + (self.fp8.param_groups if self.fp8 is not None else [])
 
     def step(self) -> StepResult:
-        norm_squared = self.dense.grad_norm() ** 2 + _fp8_grad_norm_squared(self.fp8_params, self.ps)
+        norm_squared = self.dense.grad_norm() ** 2 + self._fp8_grad_norm_squared()
         norm = math.sqrt(norm_squared) if math.isfinite(norm_squared) else math.inf
+        self.publish_dp_bytes = 0
         if not math.isfinite(norm):
             return StepResult(skipped=True, grad_norm=norm)
         coefficient = clip_coefficient(self.config.clip_grad, norm)
@@ -76,9 +93,21 @@ class FP8MixedPrecisionOptimizer:
         if self.fp8 is not None:
             for param in self.owned:  # dividing the scale multiplies the value: exact
                 param.grad_fp8.scale = param.grad_fp8.scale / coefficient
-            self.fp8.step()
-        self._broadcast_from_owners()
+            self._fp8_step()
+        before = comm.counter().snapshot()
+        self._publish()
+        self.publish_dp_bytes = comm.counter().since(before)["dp_bytes"]
         return StepResult(skipped=False, grad_norm=norm)
+
+    def _fp8_grad_norm_squared(self) -> float:
+        return _fp8_grad_norm_squared(self.fp8_params, self.ps)
+
+    def _fp8_step(self) -> None:
+        self.fp8.step()
+
+    def _publish(self) -> None:
+        """Every data-parallel rank's copy of the FP8 weights updated from their owners."""
+        self._broadcast_from_owners()
 
     def _broadcast_from_owners(self) -> None:
         """Each owner's updated FP16 masters and scales to the other data-parallel ranks, one
@@ -105,6 +134,10 @@ class FP8MixedPrecisionOptimizer:
 
     def optim_bytes(self) -> int:
         return self.dense.optim_bytes() + (self.fp8.state_bytes() if self.fp8 is not None else 0)
+
+    def fp8_state_bytes(self) -> int:
+        """Masters and moments of the FP8 weights held here (the weights themselves excluded)."""
+        return (self.fp8.master_bytes() + self.fp8.state_bytes()) if self.fp8 is not None else 0
 
     # ----- checkpoints -------------------------------------------------------------------------
     def step_count(self) -> int:

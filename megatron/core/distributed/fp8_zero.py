@@ -1,0 +1,55 @@
+"""FP8 ZeRO's partition (level O3): which data-parallel rank owns each FP8 weight, and the buckets
+its collectives run over.
+
+Tensors are never split (FP8-LM's Algorithm 1, `fp8.greedy_partition`): each FP8 weight, with its
+scale, belongs whole to one rank, which alone keeps its FP16 master and Adam moments. Gradients
+reach their owner through `fp8.collectives.fp8_reduce_to_owners`, one uneven all-to-all per
+bucket; after the optimizer step every rank receives the re-quantized weights through one uneven
+FP8 all-gather per bucket (payloads and scales together). Buckets follow backward order and hold
+about `bucket_numel` weights (bytes, at one byte each); the partition is global, so the loads
+balance over the whole model, not per bucket.
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from fp8.zero import greedy_partition
+
+# What an owner keeps per FP8 weight element: FP16 master (2) + FP8 first moment (1) + FP16
+# second moment (2), at the O3 defaults; each of the three has a 4-byte scale per tensor.
+OWNER_BYTES_PER_ELEMENT = 5
+OWNER_SCALE_BYTES = 12
+
+
+class FP8ZeroLayout:
+    def __init__(self, params: list[nn.Parameter], dp_size: int, bucket_numel: int):
+        self.params, self.dp_size = list(params), dp_size
+        self.owners = greedy_partition([p.numel() for p in self.params], dp_size)
+        self.buckets: list[list[int]] = []
+        current, size = [], 0
+        for index in reversed(range(len(self.params))):  # backward produces gradients in reverse
+            current.append(index)
+            size += self.params[index].numel()
+            if size >= bucket_numel:
+                self.buckets.append(current)
+                current, size = [], 0
+        if current:
+            self.buckets.append(current)
+
+    def owned(self, dp_rank: int) -> list[nn.Parameter]:
+        return [p for p, owner in zip(self.params, self.owners) if owner == dp_rank]
+
+    def owner_state_bytes(self) -> list[int]:
+        """Bytes of masters and moments (with scales) each rank is assigned."""
+        loads = [0] * self.dp_size
+        for param, owner in zip(self.params, self.owners):
+            loads[owner] += OWNER_BYTES_PER_ELEMENT * param.numel() + OWNER_SCALE_BYTES
+        return loads
+
+    def describe(self) -> str:
+        loads = self.owner_state_bytes()
+        ideal = sum(loads) / self.dp_size
+        return (f"FP8 ZeRO: {len(self.params)} FP8 weights over {self.dp_size} data-parallel ranks in "
+                f"{len(self.buckets)} buckets; master + Adam bytes per rank min {min(loads):,} max {max(loads):,} "
+                f"(ideal {ideal:,.0f}, max/min {max(loads) / max(min(loads), 1):.3f})")

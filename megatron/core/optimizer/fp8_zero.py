@@ -1,0 +1,127 @@
+"""The optimizer of level O3: FP8 ZeRO with greedy whole-tensor distribution.
+
+Every rank stores the transformer linear weights in FP8 E4M3 with a per-tensor scale (one byte
+each, `fp8.params`), which is what the FP8 GEMMs read. Each weight has one owner among the
+data-parallel ranks (`megatron.core.distributed.fp8_zero.FP8ZeroLayout`, shared with the DDP
+wrapper that delivers the reduced FP8 gradients to the owners); only the owner keeps its FP16
+master with a scale and its Adam moments (FP8 / FP16 at the defaults), and updates it with
+`fp8.optim.FP8AdamW`. After the step each owner re-quantizes its weights from their masters, and
+one uneven FP8 all-gather per bucket (payloads and scales in one message) gives every rank the
+new weights. Parameters that are not FP8 weights go through the dense optimizer, sharded by the
+distributed optimizer as at any level.
+
+Gradient norm, clipping and the skip decision are those of `FP8MixedPrecisionOptimizer`: one
+norm over the dense part and the owners' FP8 gradients (summed over dp as well, since each
+owner holds its tensors alone); a skipped step publishes nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from fp8.optim import scaled_value, to_scaled_fp16
+from fp8.params import make_fp8_param, param_value, quantize_fp8_weight
+from megatron.core.distributed import comm
+from megatron.core.distributed.fp8_zero import FP8ZeroLayout
+from megatron.core.optimizer import OptimizerConfig
+from megatron.core.optimizer.fp8_optimizer import (
+    FP8MixedPrecisionOptimizer, _fp8_grad_norm_squared, dense_optimizer, fp8_adamw,
+)
+from megatron.core.parallel_state import ParallelState
+
+_SCALE_BYTES = 4
+
+
+def _fp16_master(param: nn.Parameter) -> nn.Parameter:
+    """A separate FP16 master with a scale, holding `param`'s value."""
+    payload, scale = to_scaled_fp16(param_value(param).float())
+    master = nn.Parameter(payload, requires_grad=False)
+    master.scale = scale
+    return master
+
+
+class FP8ZeroOptimizer(FP8MixedPrecisionOptimizer):
+    def __init__(self, named_params: list[tuple[str, nn.Parameter]], config: OptimizerConfig, ps: ParallelState, *,
+                 layout: FP8ZeroLayout, exp_avg_dtype: str, exp_avg_sq_dtype: str,
+                 stochastic_rounding: bool = False, seed: int = 0, ddp=None, use_distributed_optimizer: bool = False):
+        self.config, self.ps, self.layout = config, ps, layout
+        self.publish_dp_bytes = 0
+        self.dense = dense_optimizer(named_params, config, ps, ddp, use_distributed_optimizer)
+        self.fp8_params, self.owners = layout.params, layout.owners
+        self.owned = layout.owned(ps.dp_rank)
+        # Masters first, from the FP16 values the precision plan left; then the weights become FP8,
+        # cast from those same values on every rank, so no collective is needed to start.
+        self.masters = {p: _fp16_master(p) for p in self.owned}
+        for param in self.fp8_params:
+            make_fp8_param(param, margin=param.fp8_margin, power_of_two=param.fp8_power_of_two)
+        self.fp8 = fp8_adamw(list(self.masters.values()), config, ps, exp_avg_dtype=exp_avg_dtype,
+                             exp_avg_sq_dtype=exp_avg_sq_dtype, stochastic_rounding=stochastic_rounding, seed=seed)
+
+    def _fp8_grad_norm_squared(self) -> float:
+        return _fp8_grad_norm_squared(self.owned, self.ps, groups=("dp", "tp", "pp"))
+
+    def _fp8_step(self) -> None:
+        for param, master in self.masters.items():
+            master.grad_fp8 = param.grad_fp8
+        self.fp8.step()
+        for master in self.masters.values():
+            master.grad_fp8 = None
+
+    @torch.no_grad()
+    def _publish(self) -> None:
+        """Owners re-quantize their weights; one uneven FP8 all-gather per bucket delivers them."""
+        layout, rank = self.layout, self.ps.dp_rank
+        for bucket in layout.buckets:
+            by_rank = [[layout.params[i] for i in bucket if layout.owners[i] == r] for r in range(layout.dp_size)]
+            numels = [sum(p.numel() for p in params) + _SCALE_BYTES * len(params) for params in by_rank]
+            pieces = [quantize_fp8_weight(scaled_value(self.masters[p]), p) for p in by_rank[rank]]
+            local = torch.cat([payload.reshape(-1).view(torch.uint8) for payload, _ in pieces]
+                              + [torch.stack([scale.float() for _, scale in pieces]).view(torch.uint8)
+                                 if pieces else torch.empty(0, dtype=torch.uint8, device=self.ps.device)])
+            for params, data in zip(by_rank, comm.all_gather_uneven(local, numels, self.ps, "dp")):
+                self._unpack(params, data)
+
+    @staticmethod
+    def _unpack(params: list[nn.Parameter], data: torch.Tensor) -> None:
+        payload_numel = sum(p.numel() for p in params)
+        scales = data[payload_numel:].view(torch.float32)
+        for param, payload, scale in zip(params, data[:payload_numel].split([p.numel() for p in params]), scales):
+            param.copy_(payload.view(param.dtype).view(param.shape))
+            param.scale.copy_(scale)
+
+    # ----- memory accounting ---------------------------------------------------------------------
+    def _master_bytes(self) -> int:
+        return sum(m.numel() * m.element_size() + _SCALE_BYTES for m in self.masters.values())
+
+    def master_bytes(self) -> int:
+        return self.dense.master_bytes() + self._master_bytes()
+
+    def fp8_state_bytes(self) -> int:
+        return self._master_bytes() + (self.fp8.state_bytes() if self.fp8 is not None else 0)
+
+    # ----- checkpoints -------------------------------------------------------------------------
+    def local_state(self) -> dict[nn.Parameter, dict]:
+        """The dense part's, plus each owned FP8 weight's master value and FP32 moments, whole."""
+        out = self.dense.local_state()
+        for param, master in self.masters.items():
+            entry = {"range": (0, param.numel()), "master": scaled_value(master).reshape(-1)}
+            entry.update({k: v.reshape(-1) for k, v in self.fp8.state_fp32(master).items()})
+            out[param] = entry
+        return out
+
+    @torch.no_grad()
+    def load_local_state(self, full_states: dict[nn.Parameter, dict[str, torch.Tensor]], step: int) -> None:
+        """Owners take masters (else the loaded weight's value) and moments, then publish the
+        weights re-quantized from the masters, so every rank holds what the saved run held."""
+        self.dense.load_local_state(full_states, step)
+        for param, master in self.masters.items():
+            given = full_states.get(param) or {}
+            value = given["master"] if "master" in given else param_value(param)
+            payload, scale = to_scaled_fp16(value.float().reshape(param.shape))
+            master.copy_(payload)
+            master.scale.copy_(scale)
+            if "exp_avg" in given and "exp_avg_sq" in given:
+                self.fp8.load_state_fp32(master, {"exp_avg": given["exp_avg"], "exp_avg_sq": given["exp_avg_sq"]},
+                                         step)
+        self._publish()
