@@ -111,6 +111,9 @@ def memory_record(model: torch.nn.Module, ddp: DistributedDataParallel, optimize
         numel = sum(p.numel() for p in ddp.fp8_grad_params)
         held = sum(param_nbytes(p) for p in ddp.fp8_grad_params) + ddp.fp8_grad_bytes + optimizer.fp8_state_bytes()
         record.update(fp8_params=numel, fp8_state_bytes_per_param=held / numel)
+    if ddp.fp8_zero is not None:  # FP8 ZeRO's balance: masters + moments assigned per rank
+        loads = ddp.fp8_zero.owner_state_bytes()
+        record.update(fp8_owner_bytes_min=min(loads), fp8_owner_bytes_max=max(loads))
     return record
 
 
