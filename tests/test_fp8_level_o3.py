@@ -217,3 +217,20 @@ def test_o3_trains_with_tp2_pp2_dp2(builtin_corpus_small, tmp_path):
     assert not any(r["skipped"] for r in eight)
     assert all(r["comm"][key] > 0 for r in eight for key in ("dp_bytes", "tp_bytes", "pp_bytes"))
     assert math.isfinite(eight[-1]["grad_norm"])
+
+
+@pytest.mark.slow
+def test_o3_finetune_starts_from_the_trained_weights(builtin_corpus_small, tmp_path):
+    """--finetune takes weights, not moments: the owners' FP16 masters must follow the loaded
+    weights, or the first step would publish the masters' initial values. At LR 0 a step keeps
+    every weight, so the weights saved after it are those loaded."""
+    args = FAST + builtin_corpus_small.training_args() + ["--log-interval", "1", "--fp8-level", "O3", "--lr-warmup-iters", "0"]
+    assert run_cli(lambda: pretrain_gpt.main(args + ["--train-iters", "3", "--save", str(tmp_path / "a")])) == 0
+    tuned = args + ["--train-iters", "1", "--lr", "0", "--min-lr", "0", "--load", str(tmp_path / "a"), "--finetune",
+                    "--save", str(tmp_path / "b")]
+    assert run_cli(lambda: pretrain_gpt.main(tuned)) == 0
+    trained = torch.load(tmp_path / "a" / "iter_0000003" / "rank_00000.pt", weights_only=True)["model"]
+    after = torch.load(tmp_path / "b" / "iter_0000001" / "rank_00000.pt", weights_only=True)["model"]
+    assert trained.keys() == after.keys()
+    for name, entry in trained.items():
+        assert torch.equal(entry["tensor"], after[name]["tensor"]), name

@@ -326,6 +326,11 @@ def load_checkpoint(root: str, *, ps: ParallelState, model: nn.Module, optimizer
     own = ckpt.payloads[0]
     if load_optim and optimizer is not None:
         optimizer.load_local_state(full_states, own.get("optimizer_step", 0))
+    elif optimizer is not None:
+        # Fresh moments, but masters must follow the loaded weights (a separate master - FP32 for
+        # a BF16 model, FP16 on an O3 owner - would otherwise pull them back to their start).
+        optimizer.load_local_state({param: {"master": full_states.get(param, {}).get("master", param_value(param))}
+                                    for param in params.values()}, 0)
     if same_layout:
         modules = dict(model.named_modules())
         for name, state in own.get("extra_state", {}).items():
