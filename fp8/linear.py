@@ -15,12 +15,14 @@ for the FP8 gradient reduction of level O1 and above. Set it to None to start a 
 
 `fp8_linear(x, weight, bias, state)` is the functional core, with its casting state (scalers,
 the cached FP8 weight) in an `FP8LinearState`; `FP8Linear` is the module around it, and the
-tensor-parallel layers hold a state of their own.
+tensor-parallel layers hold a state of their own. `fp8.sequence_parallel` builds the
+sequence-parallel variants (FP8 all-gathers around the GEMMs) from the same pieces.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -37,33 +39,62 @@ WGRAD_FORMAT = "e4m3"
 class _FP8LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, state):
-        x2d = x.reshape(-1, x.shape[-1])
-        x_fp8 = state.cast(x2d, "input")
+        x_fp8 = state.cast(x.reshape(-1, x.shape[-1]), "input")
         w_fp8 = state.fp8_weight(weight)
-        y = fp8_matmul(x_fp8, w_fp8.t(), out_dtype=x.dtype, bias=bias, fast_accum=True)
-        ctx.save_for_backward(x_fp8.data, x_fp8.scale, w_fp8.data, w_fp8.scale)
-        ctx.tiles = (x_fp8.tile, w_fp8.tile)
-        ctx.state, ctx.weight, ctx.x_shape, ctx.has_bias = state, weight, x.shape, bias is not None
+        y = fprop(x_fp8, w_fp8, bias, x.dtype)
+        save_operands(ctx, state, weight, bias, x_fp8, w_fp8)
+        ctx.x_shape = x.shape
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
         state = ctx.state
-        x_data, x_scale, w_data, w_scale = ctx.saved_tensors
-        fwd = state.recipe.fmt.forward
-        x_fp8 = ScalingTensor(x_data, x_scale, fwd, ctx.tiles[0])
-        w_fp8 = ScalingTensor(w_data, w_scale, fwd, ctx.tiles[1])
+        x_fp8, w_fp8 = saved_operands(ctx)
         dy2d = dy.reshape(-1, dy.shape[-1])
         dy_fp8 = state.cast(dy2d, "grad_output")
-        dx = dw = dbias = None
+        dx = dw = None
         if ctx.needs_input_grad[0]:
-            dx = fp8_matmul(dy_fp8, state.orient(w_fp8, 0), out_dtype=dy.dtype).reshape(ctx.x_shape)
+            dx = dgrad(state, dy_fp8, w_fp8, dy.dtype).reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            dw = fp8_matmul(state.orient(dy_fp8, 0).t(), state.orient(x_fp8, 0), out_dtype=torch.float32)
-            dw = state.deliver_wgrad(ctx.weight, dw)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            dbias = dy2d.float().sum(0).to(dy.dtype)
-        return dx, dw, dbias, None
+            dw = wgrad(state, ctx.weight, dy_fp8, x_fp8)
+        return dx, dw, bias_grad(ctx, dy2d, 2), None
+
+
+# The pieces of the FP8 linear's autograd, shared with the sequence-parallel variants
+# (fp8.sequence_parallel), which differ only in how operands travel between ranks.
+def save_operands(ctx, state: FP8LinearState, weight: torch.Tensor, bias: torch.Tensor | None,
+                  *operands: ScalingTensor) -> None:
+    """Keeps FP8 `operands` (payloads and scales only) and what backward needs besides."""
+    ctx.save_for_backward(*[t for op in operands for t in (op.data, op.scale)])
+    ctx.fp8_layouts = [(op.spec, op.tile) for op in operands]
+    ctx.state, ctx.weight, ctx.has_bias = state, weight, bias is not None
+
+
+def saved_operands(ctx) -> list[ScalingTensor]:
+    saved = ctx.saved_tensors
+    return [ScalingTensor(saved[2 * i], saved[2 * i + 1], spec, tile)
+            for i, (spec, tile) in enumerate(ctx.fp8_layouts)]
+
+
+def fprop(x_fp8: ScalingTensor, w_fp8: ScalingTensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    return fp8_matmul(x_fp8, w_fp8.t(), out_dtype=out_dtype, bias=bias, fast_accum=True)
+
+
+def dgrad(state: FP8LinearState, dy_fp8: ScalingTensor, w_fp8: ScalingTensor, out_dtype: torch.dtype) -> torch.Tensor:
+    return fp8_matmul(dy_fp8, state.orient(w_fp8, 0), out_dtype=out_dtype)
+
+
+def wgrad(state: FP8LinearState, weight: torch.Tensor, dy_fp8: ScalingTensor,
+          x_fp8: ScalingTensor) -> torch.Tensor | None:
+    """The weight gradient, or None once `state` has kept it in FP8 on the weight."""
+    dw = fp8_matmul(state.orient(dy_fp8, 0).t(), state.orient(x_fp8, 0), out_dtype=torch.float32)
+    return state.deliver_wgrad(weight, dw)
+
+
+def bias_grad(ctx, dy2d: torch.Tensor, bias_index: int) -> torch.Tensor | None:
+    if ctx.has_bias and ctx.needs_input_grad[bias_index]:
+        return dy2d.float().sum(0).to(dy2d.dtype)
+    return None
 
 
 class FP8LinearState:
@@ -100,10 +131,17 @@ class FP8LinearState:
         for role, scaler_state in state.items():
             self.scalers[role].load_state_dict(scaler_state)
 
-    def cast(self, x2d: torch.Tensor, role: str) -> ScalingTensor:
+    def cast(self, x2d: torch.Tensor, role: str,
+             reduce_amax: Callable[[torch.Tensor], torch.Tensor] | None = None) -> ScalingTensor:
+        """`x2d` in the format and tiles of `role`. `reduce_amax` turns the local amax into the
+        one to scale (and, with delayed scaling, record) by: ranks that each hold a piece of one
+        tensor agree on it, so that the pieces join into one FP8 tensor and histories match."""
         spec = self.recipe.fmt.backward if role == "grad_output" else self.recipe.fmt.forward
         tile = resolve_tile(self.recipe.granularity, tuple(x2d.shape), "weight" if role == "weight" else "activation")
-        scale = self.scalers[role].scale_for(tile_amax(x2d, tile))
+        amax = tile_amax(x2d, tile)
+        if reduce_amax is not None:
+            amax = reduce_amax(amax)
+        scale = self.scalers[role].scale_for(amax)
         return quantize(x2d, spec, scale=scale, tile=tile)
 
     def fp8_weight(self, weight: torch.Tensor) -> ScalingTensor:

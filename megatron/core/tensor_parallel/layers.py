@@ -9,7 +9,9 @@ reads instead of guessing:
   whose gradient is partial on each rank and must be summed across the tensor-parallel group.
 
 The GEMM is `F.linear`, or `fp8.fp8_linear` once a precision plan has given the layer an
-`fp8` state.
+`fp8` state. A sequence-parallel layer whose state asks for FP8 traffic (``fp8_comm``, level O3)
+fuses the GEMM with its sequence collectives (`fp8.sequence_parallel`), so that activations and
+output gradients are all-gathered in FP8 and fed to the GEMMs as gathered.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fp8.linear import FP8LinearState, fp8_linear
+from fp8.sequence_parallel import column_parallel_fp8_linear, row_parallel_fp8_linear
+from megatron.core.distributed.fp8_transport import CommTransport
 from megatron.core.parallel_state import ParallelState
 from megatron.core.tensor_parallel import mappings
 
@@ -67,6 +71,12 @@ class _ParallelLinear(nn.Module):
     def local_shape(self) -> tuple[int, int]:
         return tuple(self.weight.shape)
 
+    def _fp8_transport(self) -> CommTransport | None:
+        """Where this layer's sequence-parallel traffic goes in FP8, or None (high precision)."""
+        if self.sequence_parallel and self.ps.tp_size > 1 and self.fp8 is not None and self.fp8.fp8_comm:
+            return CommTransport(self.ps, "tp")
+        return None
+
     def get_extra_state(self) -> dict:
         return self.fp8.state_dict() if self.fp8 is not None else {}
 
@@ -102,12 +112,17 @@ class ColumnParallelLinear(_ParallelLinear):
             _mark(self.bias, dim=0, parts=partition_parts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.sequence_parallel:
-            x = mappings.gather_from_sequence_parallel_region(x, self.ps)
+        transport = self._fp8_transport()
+        if transport is not None:
+            y = column_parallel_fp8_linear(x, self.weight, self.bias, self.fp8, transport)
         else:
-            x = mappings.copy_to_tensor_model_parallel_region(x, self.ps)
-        y = _linear(x, self.weight, self.bias, self.fp8)
+            y = _linear(self._input(x), self.weight, self.bias, self.fp8)
         return mappings.gather_from_tensor_model_parallel_region(y, self.ps) if self.gather_output else y
+
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sequence_parallel:
+            return mappings.gather_from_sequence_parallel_region(x, self.ps)
+        return mappings.copy_to_tensor_model_parallel_region(x, self.ps)
 
 
 class RowParallelLinear(_ParallelLinear):
@@ -130,12 +145,17 @@ class RowParallelLinear(_ParallelLinear):
             _mark(self.bias, dim=None, sequence_parallel=sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _linear(x, self.weight, None, self.fp8)
-        if self.sequence_parallel:
-            y = mappings.reduce_scatter_to_sequence_parallel_region(y, self.ps)
+        transport = self._fp8_transport()
+        if transport is not None:
+            y = row_parallel_fp8_linear(x, self.weight, self.fp8, transport)
         else:
-            y = mappings.reduce_from_tensor_model_parallel_region(y, self.ps)
+            y = self._reduce(_linear(x, self.weight, None, self.fp8))
         return y if self.bias is None else y + self.bias
+
+    def _reduce(self, y: torch.Tensor) -> torch.Tensor:
+        if self.sequence_parallel:
+            return mappings.reduce_scatter_to_sequence_parallel_region(y, self.ps)
+        return mappings.reduce_from_tensor_model_parallel_region(y, self.ps)
 
 
 class VocabParallelEmbedding(nn.Module):
