@@ -79,7 +79,7 @@ class ReduceResult:
     nonfinite: bool       # some input held inf or NaN: the step must be skipped
 
 
-def _shared_payloads(grads: Sequence[ScalingTensor], transport: Transport, mu: float, spec: FormatSpec):
+def shared_scale_payloads(grads: Sequence[ScalingTensor], transport: Transport, mu: float, spec: FormatSpec):
     """Each gradient re-cast to mu x the group's minimum scale; returns (1-D byte payloads, scales)."""
     scales = torch.stack([g.scale.reshape(()).float() for g in grads])
     shared = transport.all_reduce_(scales.clone(), "min")
@@ -125,7 +125,7 @@ def fp8_reduce_scatter(grads: Sequence[ScalingTensor], transport: Transport, *, 
     spec = get_spec(fmt)
     assert all(g.tile is None for g in grads), "the FP8 gradient reduction takes per-tensor scales"
     n = transport.size
-    payloads, shared = _shared_payloads(grads, transport, mu, spec)
+    payloads, shared = shared_scale_payloads(grads, transport, mu, spec)
     flat = torch.cat(payloads)
     numel = flat.numel()
     padded = -(-numel // n) * n
@@ -157,7 +157,7 @@ def fp8_reduce_to_owners(grads: Sequence[ScalingTensor], owners: Sequence[int], 
     spec = get_spec(fmt)
     assert len(owners) == len(grads) and all(g.tile is None for g in grads)
     n, rank = transport.size, transport.rank
-    payloads, shared = _shared_payloads(grads, transport, mu, spec)
+    payloads, shared = shared_scale_payloads(grads, transport, mu, spec)
     chunks = [torch.cat([p for p, o in zip(payloads, owners) if o == r] or [payloads[0][:0]]) for r in range(n)]
     mine = [i for i, o in enumerate(owners) if o == rank]
     reduced, counts = _sum_received(transport.all_to_all(chunks, [chunks[rank].numel()] * n), spec, transport)
