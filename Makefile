@@ -41,8 +41,9 @@ clean-venv:
 	rm -rf $(VENV)
 
 # The built-in demo: a tiny GPT trained on CPU with 2 processes (tensor parallel 2 + sequence
-# parallel) at the highest FP8 level implemented so far (O2); ends with a loss-curve PNG.
-PRETRAIN_LEVEL ?= O2
+# parallel) at FP8 level O3 (FP8 weights, FP8 sequence-parallel all-gathers); ends with a
+# loss-curve PNG. PRETRAIN_LEVEL=none (or O0 / O1 / O2) runs the same demo at another level.
+PRETRAIN_LEVEL ?= O3
 PRETRAIN_DIR ?= runs/pretrain-demo
 PRETRAIN_ARGS ?=
 
