@@ -255,7 +255,8 @@ def test_delayed_histories_agree_across_ranks(results):
 
 def test_tp_bytes(results):
     """Ring model, tp = 2, S = s*b*h elements: BF16 gathers move S bytes, FP8 ones S/2 (plus an
-    amax all-reduce of 4 bytes)."""
+    amax all-reduce of 4 bytes). Both column paths re-gather their input for the weight gradient,
+    as Megatron-LM does, so the baseline is Megatron's (the paper's Table 7 comparison)."""
     elements = SEQ * BATCH * HIDDEN
     for rank in range(TP):
         pairs = results[rank]["pairs"]
@@ -265,13 +266,12 @@ def test_tp_bytes(results):
         # forward: column all-gather + row reduce-scatter (BF16 in both)
         assert bf16_fwd == elements + elements
         assert fp8_fwd == elements // 2 + 4 + elements
-        # backward: column reduce-scatter, row output-gradient gather; FP8 adds the re-gather
-        assert bf16_total == 4 * elements
+        # backward: column input re-gather and reduce-scatter, row output-gradient gather
+        assert bf16_total == 5 * elements
         assert fp8_total == 3.5 * elements + 2 * 4
         assert rs_total == 3 * elements + 3 * 4  # + the minimum-scale all-reduce
-        assert rs_total / bf16_total <= 0.751
-        # Megatron's BF16 layers re-gather the input for the weight gradient too (5 * elements)
-        assert rs_total / (bf16_total + elements) <= 0.601
+        assert fp8_total / bf16_total <= 0.701
+        assert rs_total / bf16_total <= 0.66
 
 
 def test_bf16_fp8_comm_keeps_fp8_weight_gradients(results):

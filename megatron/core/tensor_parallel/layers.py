@@ -11,7 +11,10 @@ reads instead of guessing:
 The GEMM is `F.linear`, or `fp8.fp8_linear` once a precision plan has given the layer an
 `fp8` state. A sequence-parallel layer whose state asks for FP8 traffic (``fp8_comm``, level O3)
 fuses the GEMM with its sequence collectives (`fp8.sequence_parallel`), so that activations and
-output gradients are all-gathered in FP8 and fed to the GEMMs as gathered.
+output gradients are all-gathered in FP8 and fed to the GEMMs as gathered. Without an FP8
+state, a sequence-parallel column layer keeps only its input chunk and gathers it again in
+backward (`tensor_parallel.sequence_parallel`), as Megatron-LM does; with an FP8 state but no
+FP8 traffic (O0-O2) it gathers first and `fp8_linear` keeps the gathered FP8 input.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from fp8.sequence_parallel import column_parallel_fp8_linear, row_parallel_fp8_l
 from megatron.core.distributed.fp8_transport import CommTransport
 from megatron.core.parallel_state import ParallelState
 from megatron.core.tensor_parallel import mappings
+from megatron.core.tensor_parallel.sequence_parallel import column_parallel_linear
 
 
 def shard_of(full: torch.Tensor, dim: int, rank: int, size: int, parts: int = 1) -> torch.Tensor:
@@ -115,6 +119,8 @@ class ColumnParallelLinear(_ParallelLinear):
         transport = self._fp8_transport()
         if transport is not None:
             y = column_parallel_fp8_linear(x, self.weight, self.bias, self.fp8, transport)
+        elif self.sequence_parallel and self.fp8 is None:
+            y = column_parallel_linear(x, self.weight, self.bias, self.ps)
         else:
             y = _linear(self._input(x), self.weight, self.bias, self.fp8)
         return mappings.gather_from_tensor_model_parallel_region(y, self.ps) if self.gather_output else y
