@@ -101,7 +101,7 @@ class PrecisionPlan:
 
 # Whether O3 sends pipeline activations / gradients in FP8 unless told otherwise: decided by the
 # accuracy measurement in docs/benchmarks.md ("FP8 pipeline sends").
-PIPELINE_P2P_DEFAULT = {"O3": False}
+PIPELINE_P2P_DEFAULT = {"O3": True}
 
 
 def plan_for(config: FP8Config) -> PrecisionPlan:

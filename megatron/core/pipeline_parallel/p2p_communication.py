@@ -9,6 +9,12 @@ rather than left to hang (NCCL) or fail deep inside the transport (gloo).
 All traffic goes through `comm.send_recv`, which posts an exchange's sends and receives together
 and counts the bytes sent under "pp". One exchange may carry up to four tensors: an activation to
 the next stage, an input gradient to the previous one, and the two matching receives.
+
+With `fp8=True` (level O3's FP8 pipeline sends) activations travel as E4M3 and gradients as E5M2,
+each with one FP32 scale from its own amax (current scaling: a stage's output range is not known
+before it is computed). The scale's four bytes ride at the end of the payload, so every tensor is
+still one message and both directions carry messages of one size. Infinities become NaN before
+the cast: E4M3 has no infinity and saturating would hide an overflow that must skip the step.
 """
 
 from __future__ import annotations
@@ -17,8 +23,13 @@ from collections.abc import Sequence
 
 import torch
 
+from fp8.formats import get_spec
+from fp8.tensor import ScalingTensor, quantize
 from megatron.core.distributed import comm
 from megatron.core.parallel_state import ParallelState
+
+ACTIVATION_FORMAT, GRADIENT_FORMAT = "e4m3", "e5m2"
+_SCALE_BYTES = 4  # one float32 per-tensor scale appended to each FP8 message
 
 
 def activation_shape(seq_length: int, micro_batch_size: int, hidden_size: int, *, tp_size: int = 1,
@@ -52,11 +63,15 @@ class P2PCommunicator:
 
     @property
     def message_nbytes(self) -> int:
-        """Bytes of one activation (or gradient) message."""
+        """Bytes of one activation (or gradient) message; with fp8 the payload plus its scale."""
+        return self._numel + _SCALE_BYTES if self.fp8 else self._numel * self.dtype.itemsize
+
+    @property
+    def _numel(self) -> int:
         numel = 1
         for dim in self.tensor_shape:
             numel *= dim
-        return numel * self.dtype.itemsize
+        return numel
 
     def _check_outgoing(self, t: torch.Tensor, what: str) -> torch.Tensor:
         if tuple(t.shape) != self.tensor_shape or t.dtype != self.dtype:
@@ -67,7 +82,24 @@ class P2PCommunicator:
         return t.detach()
 
     def _empty(self) -> torch.Tensor:
+        if self.fp8:
+            return torch.empty(self.message_nbytes, dtype=torch.uint8, device=self.ps.device)
         return torch.empty(self.tensor_shape, dtype=self.dtype, device=self.ps.device)
+
+    def _encode(self, t: torch.Tensor, fmt: str) -> torch.Tensor:
+        """`t` as one uint8 message (FP8 payload, then the scale's bytes), or as it is without fp8."""
+        if not self.fp8:
+            return t
+        t_fp8 = quantize(t, fmt, inf_to_nan=True)
+        return torch.cat([t_fp8.data.reshape(-1).view(torch.uint8), t_fp8.scale.reshape(1).view(torch.uint8)])
+
+    def _decode(self, message: torch.Tensor | None, fmt: str) -> torch.Tensor | None:
+        if message is None or not self.fp8:
+            return message
+        data = message[:self._numel].view(get_spec(fmt).dtype).view(self.tensor_shape)
+        # clone: the scale's bytes sit at an offset a float32 view may not be aligned to
+        scale = message[self._numel:].clone().view(torch.float32).reshape(())
+        return ScalingTensor(data, scale, fmt).dequantize(self.dtype)
 
     def exchange(self, *, send_next: torch.Tensor | None = None, send_prev: torch.Tensor | None = None,
                  recv_prev: bool = False, recv_next: bool = False,
@@ -81,15 +113,18 @@ class P2PCommunicator:
         gradient meet a gradient receive on the shared link."""
         sends = []
         if send_next is not None:
-            sends.append((self._check_outgoing(send_next, "an activation"), self.ps.next_rank))
+            activation = self._check_outgoing(send_next, "an activation")
+            sends.append((self._encode(activation, ACTIVATION_FORMAT), self.ps.next_rank))
         if send_prev is not None:
-            sends.append((self._check_outgoing(send_prev, "a gradient"), self.ps.prev_rank))
+            grad = self._check_outgoing(send_prev, "a gradient")
+            sends.append((self._encode(grad, GRADIENT_FORMAT), self.ps.prev_rank))
         from_prev = self._empty() if recv_prev else None
         from_next = self._empty() if recv_next else None
         recvs = [(t, peer) for t, peer in ((from_prev, self.ps.prev_rank), (from_next, self.ps.next_rank))
                  if t is not None]
         if sends or recvs:
             comm.send_recv(self.ps, sends=sends, recvs=recvs)
+        from_prev, from_next = self._decode(from_prev, ACTIVATION_FORMAT), self._decode(from_next, GRADIENT_FORMAT)
         if from_prev is not None and requires_grad:
             from_prev.requires_grad_()
         return from_prev, from_next
