@@ -50,6 +50,7 @@ class FP8ZeroLayout:
     def describe(self) -> str:
         loads = self.owner_state_bytes()
         ideal = sum(loads) / self.dp_size
-        return (f"FP8 ZeRO: {len(self.params)} FP8 weights over {self.dp_size} data-parallel ranks in "
-                f"{len(self.buckets)} buckets; master + Adam bytes per rank min {min(loads):,} max {max(loads):,} "
+        ranks = f"{self.dp_size} data-parallel rank" + ("s" if self.dp_size > 1 else "")
+        buckets = f"{len(self.buckets)} bucket" + ("s" if len(self.buckets) > 1 else "")
+        return (f"FP8 ZeRO: {len(self.params)} FP8 weights over {ranks} in {buckets}; master + Adam bytes per rank min {min(loads):,} max {max(loads):,} "
                 f"(ideal {ideal:,.0f}, max/min {max(loads) / max(min(loads), 1):.3f})")
