@@ -34,7 +34,8 @@ if [[ -n "${EXIT_MINUTES:-}" && "${EXIT_MINUTES}" -gt 0 ]]; then
     EXIT_FLAGS=(--exit-duration-in-mins "$EXIT_MINUTES")
 fi
 
-HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+# sed reads every line: `head` would close the pipe early, and pipefail would stop on the SIGPIPE
+HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)
 mkdir -p "$RUN_DIR"
 srun --kill-on-bad-exit=1 torchrun \
     --nnodes "$SLURM_NNODES" --nproc-per-node "$GPUS_PER_NODE" \
