@@ -91,10 +91,15 @@ def shared_scale_payloads(grads: Sequence[ScalingTensor], transport: Transport, 
     return payloads, shared
 
 
+def fp32_sum(segments: list[torch.Tensor], spec: FormatSpec) -> torch.Tensor:
+    """Every rank's FP8 bytes of one segment (all at one scale) summed in FP32, never in FP8."""
+    return torch.stack([s.view(spec.dtype).float() for s in segments]).sum(0)
+
+
 def _sum_received(segments: list[torch.Tensor], spec: FormatSpec, transport: Transport):
     """FP32 sum of every rank's FP8 bytes for one segment, its FP8 cast (sums beyond the maximum
     saturate: the overflow the auto-scaler watches) and the group's (overflow, NaN) counts."""
-    summed = torch.stack([s.view(spec.dtype).float() for s in segments]).sum(0)
+    summed = fp32_sum(segments, spec)
     counts = torch.stack([(~(summed.abs() <= spec.max)).sum(), torch.isnan(summed).sum()]).double()
     return cast_saturate(summed, spec, inf_to_nan=True), transport.all_reduce_(counts, "sum")
 

@@ -27,7 +27,7 @@ from typing import Protocol
 
 import torch
 
-from fp8.collectives import Transport, shared_scale_payloads
+from fp8.collectives import Transport, fp32_sum, shared_scale_payloads
 from fp8.formats import FormatSpec
 from fp8.linear import FP8LinearState, bias_grad, dgrad, fprop, save_operands, saved_operands, wgrad
 from fp8.tensor import ScalingTensor, quantize
@@ -74,8 +74,7 @@ def fp8_reduce_scatter_sum(t: torch.Tensor, transport: Transport, spec: FormatSp
     own = quantize(t, spec, margin=margin, power_of_two=power_of_two, inf_to_nan=True)
     (payload,), shared = shared_scale_payloads([own], transport, 1.0, spec)
     received = transport.all_to_all(list(payload.chunk(size)))  # dim 0 leads: byte chunks are sequence chunks
-    summed = torch.stack([r.view(spec.dtype).float() for r in received]).sum(0)
-    return (summed / shared[0]).to(t.dtype).reshape(t.shape[0] // size, *t.shape[1:])
+    return (fp32_sum(received, spec) / shared[0]).to(t.dtype).reshape(t.shape[0] // size, *t.shape[1:])
 
 
 def _reduce_scatter_input_grad(state: FP8LinearState, dx: torch.Tensor, transport: SequenceTransport) -> torch.Tensor:

@@ -27,7 +27,6 @@ from fp8.scaling import RECIPES, Recipe
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
 LEVELS = ("none", "O0", "O1", "O2", "O3")
-AVAILABLE_LEVELS = LEVELS
 FP8_LAYER_SUFFIXES = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 
 
@@ -58,9 +57,6 @@ class FP8Config:
     def __post_init__(self):
         if self.level not in LEVELS:
             raise ValueError(f"unknown --fp8-level {self.level!r}; use one of {', '.join(LEVELS)}")
-        if self.level not in AVAILABLE_LEVELS:
-            raise ValueError(f"--fp8-level {self.level} is not implemented yet; use one of "
-                             f"{', '.join(AVAILABLE_LEVELS)} (see README, 'Not done yet')")
         if self.recipe not in RECIPES:
             raise ValueError(f"unknown --fp8-recipe {self.recipe!r}; use one of {', '.join(RECIPES)}")
         self.to_recipe()  # validates format, margin, history
@@ -160,7 +156,6 @@ def _fp8_zero_weight(weight: nn.Parameter, recipe: Recipe) -> None:
     """O3: the weight is to be stored in FP8 (`fp8.params`), cast with the recipe's margin and
     power-of-two rule, its master and moments on one owner rank. It stays an FP16 master here:
     the FP8 ZeRO optimizer takes the owners' masters from it, then stores it in FP8."""
-    if not is_scaled_fp16(weight):
-        raise ValueError("--fp8-level O3 keeps FP16 masters on the owner ranks; drop --main-params-dtype fp32")
+    assert is_scaled_fp16(weight), "FP8Config refuses --main-params-dtype fp32 at O3"
     weight.fp8_zero = True
     weight.fp8_margin, weight.fp8_power_of_two = recipe.margin, recipe.power_of_two

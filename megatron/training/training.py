@@ -144,7 +144,7 @@ class Trainer:
         self.args, self.ps, self.forward_step = args, ps, forward_step
         self.rng = model_parallel_seed(ps, args.seed)
         self.model = model_provider(args, ps, self.rng)
-        fp8 = fp8_config_from_args(args)
+        self.fp8_config = fp8 = fp8_config_from_args(args)
         self.ddp = DistributedDataParallel(self.model, ps, use_distributed_optimizer=args.use_distributed_optimizer,
                                            fp8_autoscaler=fp8_autoscaler(fp8))
         self.optimizer = build_optimizer(self.model, args, ps, self.ddp, fp8)
@@ -175,7 +175,7 @@ class Trainer:
                                  sequence_parallel=args.sequence_parallel)
         schedule = get_forward_backward_func(ps, len(chunks) if chunks else None, tensor_shape=shape,
                                              dtype=torch.bfloat16 if args.bf16 else torch.float32,
-                                             fp8_p2p=plan_for(fp8_config_from_args(args)).fp8_pipeline_p2p)
+                                             fp8_p2p=plan_for(self.fp8_config).fp8_pipeline_p2p)
         return schedule, (chunks if chunks else self.ddp)
 
     def train_step(self) -> tuple[float, bool, float]:

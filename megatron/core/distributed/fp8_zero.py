@@ -36,6 +36,9 @@ class FP8ZeroLayout:
                 current, size = [], 0
         if current:
             self.buckets.append(current)
+        # Per bucket, each rank's tensors in bucket order: what the collectives carry, fixed for the run.
+        self.bucket_owned: list[list[list[nn.Parameter]]] = [
+            [[self.params[i] for i in bucket if self.owners[i] == r] for r in range(dp_size)] for bucket in self.buckets]
 
     def owned(self, dp_rank: int) -> list[nn.Parameter]:
         return [p for p, owner in zip(self.params, self.owners) if owner == dp_rank]

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from fp8.optim import scaled_value, to_scaled_fp16
-from fp8.params import make_fp8_param, param_value, quantize_fp8_weight
+from fp8.params import SCALE_BYTES, make_fp8_param, param_value, quantize_fp8_weight
 from megatron.core.distributed import comm
 from megatron.core.distributed.fp8_zero import FP8ZeroLayout
 from megatron.core.optimizer import OptimizerConfig
@@ -30,7 +30,6 @@ from megatron.core.optimizer.fp8_optimizer import (
 )
 from megatron.core.parallel_state import ParallelState
 
-_SCALE_BYTES = 4
 
 
 def _fp16_master(param: nn.Parameter) -> nn.Parameter:
@@ -72,9 +71,8 @@ class FP8ZeroOptimizer(FP8MixedPrecisionOptimizer):
     def _publish(self) -> None:
         """Owners re-quantize their weights; one uneven FP8 all-gather per bucket delivers them."""
         layout, rank = self.layout, self.ps.dp_rank
-        for bucket in layout.buckets:
-            by_rank = [[layout.params[i] for i in bucket if layout.owners[i] == r] for r in range(layout.dp_size)]
-            numels = [sum(p.numel() for p in params) + _SCALE_BYTES * len(params) for params in by_rank]
+        for by_rank in layout.bucket_owned:
+            numels = [sum(p.numel() for p in params) + SCALE_BYTES * len(params) for params in by_rank]
             pieces = [quantize_fp8_weight(scaled_value(self.masters[p]), p) for p in by_rank[rank]]
             local = torch.cat([payload.reshape(-1).view(torch.uint8) for payload, _ in pieces]
                               + [torch.stack([scale.float() for _, scale in pieces]).view(torch.uint8)
@@ -92,7 +90,7 @@ class FP8ZeroOptimizer(FP8MixedPrecisionOptimizer):
 
     # ----- memory accounting ---------------------------------------------------------------------
     def _master_bytes(self) -> int:
-        return sum(m.numel() * m.element_size() + _SCALE_BYTES for m in self.masters.values())
+        return sum(m.numel() * m.element_size() + SCALE_BYTES for m in self.masters.values())
 
     def master_bytes(self) -> int:
         return self.dense.master_bytes() + self._master_bytes()
