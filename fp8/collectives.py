@@ -10,8 +10,9 @@ The FP8-LM gradient reduction (section 2.1), as DESIGN.md fixes it:
    payloads, which it sums in FP32 and casts back to FP8 (reduce-scatter); an all-gather of the
    FP8 segments completes an all-reduce;
 4. the result's scale is N * mu * shared scale, so it dequantizes to the mean gradient, and the
-   fraction of summed values beyond the FP8 maximum (which saturate) is returned for the
-   auto-scaler.
+   group's `ReductionStats` are returned for the auto-scaler: how many mu-scaled values
+   saturated at the re-cast of step 2 and in the sums of step 3, and how many were flushed to
+   zero (one small all-reduce of five counts).
 
 Communication goes through a `Transport` so that this module needs nothing but torch; the
 training framework passes one that counts bytes per process group.
@@ -73,22 +74,78 @@ class ProcessGroupTransport:
 
 
 @dataclass
+class ReductionStats:
+    """What one FP8 gradient reduction did to the mu-scaled values, counted over the whole group.
+
+    A value *saturates* when its magnitude before a cast is beyond the format's maximum, so the
+    cast clips it: at the re-cast to mu x the shared scale before the sum (`presum_saturated`,
+    out of `ranks` x `numel` values), or in the FP32 sum of the ranks' values (`sum_saturated`,
+    out of `numel`; never at one rank). A value exactly at the maximum is not clipped: with
+    current scaling every tensor's largest gradient sits there at mu = 1. `flushed` counts the
+    non-zero values (of `nonzero`) that the re-cast turned into zeros; `nan` the non-finite sums."""
+
+    numel: int = 0
+    ranks: int = 1
+    presum_saturated: int = 0
+    sum_saturated: int = 0
+    flushed: int = 0
+    nonzero: int = 0
+    nan: int = 0
+
+    @property
+    def overflow_frac(self) -> float:
+        """The auto-scaler's statistic: the saturated fraction at the cast before the sum plus
+        the saturated fraction of the sums (NaN when a value was not finite)."""
+        if self.nan:
+            return float("nan")
+        total = max(self.numel, 1)
+        return self.presum_saturated / (self.ranks * total) + self.sum_saturated / total
+
+    @property
+    def underflow_frac(self) -> float:
+        return self.flushed / max(self.nonzero, 1)
+
+    @property
+    def nonfinite(self) -> bool:
+        return self.nan > 0
+
+    def __add__(self, other: ReductionStats) -> ReductionStats:
+        assert self.numel == 0 or other.numel == 0 or self.ranks == other.ranks
+        return ReductionStats(self.numel + other.numel, max(self.ranks, other.ranks),
+                              *(getattr(self, f) + getattr(other, f) for f in _COUNT_FIELDS))
+
+
+_COUNT_FIELDS = ("presum_saturated", "sum_saturated", "flushed", "nonzero", "nan")
+
+
+@dataclass
 class ReduceResult:
     tensors: list[ScalingTensor]
-    overflow_frac: float  # fraction of reduced values beyond the FP8 maximum (saturated) or NaN
-    nonfinite: bool       # some input held inf or NaN: the step must be skipped
+    stats: ReductionStats
+
+    @property
+    def overflow_frac(self) -> float:
+        return self.stats.overflow_frac
+
+    @property
+    def nonfinite(self) -> bool:  # some input held inf or NaN: the step must be skipped
+        return self.stats.nonfinite
 
 
 def shared_scale_payloads(grads: Sequence[ScalingTensor], transport: Transport, mu: float, spec: FormatSpec):
-    """Each gradient re-cast to mu x the group's minimum scale; returns (1-D byte payloads, scales)."""
+    """Each gradient re-cast to mu x the group's minimum scale; returns (1-D byte payloads, scales,
+    this rank's [saturated, flushed, non-zero] counts of that cast)."""
     scales = torch.stack([g.scale.reshape(()).float() for g in grads])
     shared = transport.all_reduce_(scales.clone(), "min")
-    payloads = []
+    payloads, counts = [], torch.zeros(3, dtype=torch.float64)
     for g, own, common in zip(grads, scales, shared):
-        # Ratio <= mu: with mu <= 1 nothing grows, so this re-cast can only round, not overflow.
-        payload = cast_saturate(g.data.float() * (mu * common / own), spec, inf_to_nan=True)
+        scaled = g.data.float() * (mu * common / own)
+        payload = cast_saturate(scaled, spec, inf_to_nan=True)
+        nonzero = scaled != 0
+        counts += torch.stack([(scaled.abs() > spec.max).sum(), (nonzero & (payload.float() == 0)).sum(),
+                               nonzero.sum()]).double()
         payloads.append(payload.reshape(-1).view(torch.uint8))
-    return payloads, shared
+    return payloads, shared, counts
 
 
 def fp32_sum(segments: list[torch.Tensor], spec: FormatSpec) -> torch.Tensor:
@@ -96,12 +153,16 @@ def fp32_sum(segments: list[torch.Tensor], spec: FormatSpec) -> torch.Tensor:
     return torch.stack([s.view(spec.dtype).float() for s in segments]).sum(0)
 
 
-def _sum_received(segments: list[torch.Tensor], spec: FormatSpec, transport: Transport):
+def _sum_received(segments: list[torch.Tensor], spec: FormatSpec, transport: Transport, presum_counts: torch.Tensor,
+                  numel: int) -> tuple[torch.Tensor, ReductionStats]:
     """FP32 sum of every rank's FP8 bytes for one segment, its FP8 cast (sums beyond the maximum
-    saturate: the overflow the auto-scaler watches) and the group's (overflow, NaN) counts."""
+    saturate) and the group's statistics, agreed with one small all-reduce."""
     summed = fp32_sum(segments, spec)
-    counts = torch.stack([(~(summed.abs() <= spec.max)).sum(), torch.isnan(summed).sum()]).double()
-    return cast_saturate(summed, spec, inf_to_nan=True), transport.all_reduce_(counts, "sum")
+    sum_counts = torch.stack([(summed.abs() > spec.max).sum(), torch.isnan(summed).sum()]).double()
+    counts = transport.all_reduce_(torch.cat([presum_counts, sum_counts]), "sum")
+    saturated, flushed, nonzero, sum_saturated, nan = (int(c) for c in counts.tolist())
+    stats = ReductionStats(numel, transport.size, saturated, sum_saturated, flushed, nonzero, nan)
+    return cast_saturate(summed, spec, inf_to_nan=True), stats
 
 
 @dataclass
@@ -114,8 +175,7 @@ class ReduceScatterResult:
     start: int
     end: int
     scales: torch.Tensor         # one per tensor: N * mu * the group's minimum scale
-    overflow_frac: float
-    nonfinite: bool
+    stats: ReductionStats
 
     def dequantize(self, grads: Sequence[ScalingTensor]) -> torch.Tensor:
         """The segment as FP32 values (for checks and for owners that keep FP32 sums)."""
@@ -130,17 +190,16 @@ def fp8_reduce_scatter(grads: Sequence[ScalingTensor], transport: Transport, *, 
     spec = get_spec(fmt)
     assert all(g.tile is None for g in grads), "the FP8 gradient reduction takes per-tensor scales"
     n = transport.size
-    payloads, shared = shared_scale_payloads(grads, transport, mu, spec)
+    payloads, shared, presum_counts = shared_scale_payloads(grads, transport, mu, spec)
     flat = torch.cat(payloads)
     numel = flat.numel()
     padded = -(-numel // n) * n
     flat = torch.cat([flat, flat.new_zeros(padded - numel)])  # zero bytes are +0.0 in both formats
-    reduced, counts = _sum_received(transport.all_to_all(list(flat.chunk(n))), spec, transport)
+    reduced, stats = _sum_received(transport.all_to_all(list(flat.chunk(n))), spec, transport, presum_counts, numel)
     size = padded // n
     rank = transport.rank
     start, end = min(rank * size, numel), min((rank + 1) * size, numel)
-    return ReduceScatterResult(reduced[:end - start], start, end, (n * mu * shared).float(),
-                               float(counts[0]) / max(numel, 1), bool(counts[1] > 0))
+    return ReduceScatterResult(reduced[:end - start], start, end, (n * mu * shared).float(), stats)
 
 
 @dataclass
@@ -149,8 +208,7 @@ class OwnerReduceResult:
     tensors this rank owns, None for the others."""
 
     tensors: list[ScalingTensor | None]
-    overflow_frac: float
-    nonfinite: bool
+    stats: ReductionStats
 
 
 def fp8_reduce_to_owners(grads: Sequence[ScalingTensor], owners: Sequence[int], transport: Transport, *,
@@ -162,15 +220,16 @@ def fp8_reduce_to_owners(grads: Sequence[ScalingTensor], owners: Sequence[int], 
     spec = get_spec(fmt)
     assert len(owners) == len(grads) and all(g.tile is None for g in grads)
     n, rank = transport.size, transport.rank
-    payloads, shared = shared_scale_payloads(grads, transport, mu, spec)
+    payloads, shared, presum_counts = shared_scale_payloads(grads, transport, mu, spec)
     chunks = [torch.cat([p for p, o in zip(payloads, owners) if o == r] or [payloads[0][:0]]) for r in range(n)]
     mine = [i for i, o in enumerate(owners) if o == rank]
-    reduced, counts = _sum_received(transport.all_to_all(chunks, [chunks[rank].numel()] * n), spec, transport)
+    numel = sum(g.numel() for g in grads)
+    received = transport.all_to_all(chunks, [chunks[rank].numel()] * n)
+    reduced, stats = _sum_received(received, spec, transport, presum_counts, numel)
     tensors: list[ScalingTensor | None] = [None] * len(grads)
     for i, payload in zip(mine, reduced.split([grads[i].numel() for i in mine])):
         tensors[i] = ScalingTensor(payload.view(grads[i].shape), (n * mu * shared[i]).float(), spec)
-    numel = sum(g.numel() for g in grads)
-    return OwnerReduceResult(tensors, float(counts[0]) / max(numel, 1), bool(counts[1] > 0))
+    return OwnerReduceResult(tensors, stats)
 
 
 def fp8_all_reduce(grads: Sequence[ScalingTensor], transport: Transport, *, mu: float = 1.0,
@@ -189,4 +248,4 @@ def fp8_all_reduce(grads: Sequence[ScalingTensor], transport: Transport, *, mu: 
         payload = full[offset:offset + g.numel()].view(spec.dtype).view(g.shape)
         tensors.append(ScalingTensor(payload, scale, spec))
         offset += g.numel()
-    return ReduceResult(tensors, scattered.overflow_frac, scattered.nonfinite)
+    return ReduceResult(tensors, scattered.stats)

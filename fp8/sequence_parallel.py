@@ -72,7 +72,7 @@ def fp8_reduce_scatter_sum(t: torch.Tensor, transport: Transport, spec: FormatSp
     size = transport.size
     assert t.shape[0] % size == 0, (tuple(t.shape), size)
     own = quantize(t, spec, margin=margin, power_of_two=power_of_two, inf_to_nan=True)
-    (payload,), shared = shared_scale_payloads([own], transport, 1.0, spec)
+    (payload,), shared, _ = shared_scale_payloads([own], transport, 1.0, spec)
     received = transport.all_to_all(list(payload.chunk(size)))  # dim 0 leads: byte chunks are sequence chunks
     return (fp32_sum(received, spec) / shared[0]).to(t.dtype).reshape(t.shape[0] // size, *t.shape[1:])
 

@@ -73,7 +73,7 @@ def test_overflow_is_measured_and_prescaling_removes_it(reduced):
 @pytest.mark.distributed
 def test_nan_on_one_rank_is_seen_by_all(reduced):
     for rank_result in reduced["nan"][1]:
-        assert rank_result[2] is True and rank_result[1] > 0
+        assert rank_result[2] is True and math.isnan(rank_result[1])
 
 
 @pytest.mark.distributed
@@ -85,7 +85,7 @@ def test_bytes_counted_are_one_byte_per_value(reduced):
     expected = (2 * (world - 1) * scales // world  # min-scale all-reduce
                 + (world - 1) * padded // world  # all-to-all of the payload bytes
                 + (world - 1) * padded // world  # all-gather of the reduced bytes
-                + 2 * (world - 1) * 16 // world)  # overflow / NaN counts
+                + 2 * (world - 1) * 40 // world)  # the five statistics' counts
     assert results[0][3] == expected
     # An FP32 all-reduce of the same gradients moves 2 (n-1)/n x 4 bytes per value: 4x as much.
     assert expected < 0.26 * 2 * (world - 1) * 4 * numel / world
@@ -98,20 +98,26 @@ def test_single_process_reduction_is_a_requantization():
         torch.testing.assert_close(after.dequantize(), before.dequantize(), rtol=0, atol=0)
 
 
-def test_auto_scaler_halves_on_overflow_and_grows_back_after_the_window():
-    scaler = GradientAutoScaler(ratio=1e-5, window=3, init_mu=1.0, max_mu=2.0)
+def test_auto_scaler_halves_on_overflow_and_climbs_back_geometrically_over_the_window():
+    scaler = GradientAutoScaler(ratio=1e-5, window=4, init_mu=1.0, max_mu=2.0)
     assert scaler.update(2e-5) == 0.5           # above the threshold: halve
     assert scaler.update(float("nan")) == 0.25  # not finite counts as overflow
-    assert [scaler.update(0.0) for _ in range(3)] == [0.25, 0.25, 0.5]  # a full window below: double
-    assert [scaler.update(1e-5) for _ in range(3)] == [0.5, 0.5, 1.0]   # at the threshold is below
-    for _ in range(30):
-        scaler.update(0.0)
-    assert scaler.mu == 2.0                     # never above the cap
-    scaler.update(1.0)
-    clone = GradientAutoScaler(ratio=1e-5, window=3)
+    # Every clean step multiplies mu by (2 / 0.25) ** (1 / 4): 2 is reached at the end of the window.
+    climb = [scaler.update(0.0) for _ in range(4)]
+    assert climb == pytest.approx([0.25 * 8 ** (k / 4) for k in (1, 2, 3)] + [2.0], rel=1e-12)
+    assert climb[-1] == 2.0 and scaler.update(0.0) == 2.0  # never above the cap
+    assert scaler.update(1e-5) == 2.0           # at the threshold is below
+    assert scaler.update(3e-5) == 1.0
+    # A halving mid-climb restarts the climb from the halved value.
+    assert scaler.update(0.0) == pytest.approx(2 ** 0.25)
+    assert scaler.update(1.0) == pytest.approx(2 ** 0.25 / 2)
+    assert scaler.update(0.0) == pytest.approx(2 ** -0.75 * (2 / 2 ** -0.75) ** 0.25)
+    clone = GradientAutoScaler(ratio=1e-5, window=4)
     clone.load_state_dict(scaler.state_dict())
-    assert (clone.mu, clone.steps_below) == (1.0, 0)
-    assert [clone.update(0.0) for _ in range(3)] == [scaler.update(0.0) for _ in range(3)]
+    assert [clone.update(0.0) for _ in range(4)] == [scaler.update(0.0) for _ in range(4)]
+    old = GradientAutoScaler(window=4)
+    old.load_state_dict({"mu": 0.5, "steps_below": 2})  # a checkpoint of the earlier rule
+    assert [old.update(0.0) for _ in range(4)] == pytest.approx([0.5 * 4 ** (k / 4) for k in (1, 2, 3, 4)])
 
 
 def test_auto_scaler_settings_are_checked():
@@ -125,7 +131,7 @@ def reduce_scatter_worker(rank, world_size):
     from fp8.collectives import fp8_reduce_scatter
     grads = [fp8.quantize(x, "e4m3") for x in rank_grads(rank)]
     result = fp8_reduce_scatter(grads, ProcessGroupTransport(), mu=0.25)
-    return result.start, result.end, result.dequantize(grads).double(), result.overflow_frac
+    return result.start, result.end, result.dequantize(grads).double(), result.stats.overflow_frac
 
 
 @pytest.mark.distributed

@@ -1,5 +1,6 @@
-"""Level O3, FP8 ZeRO: against O2 without ZeRO at DP 2 and 4 (same losses, the owners' masters equal
-O2's, every rank's FP8 weights equal O2's masters quantized), bytes per parameter, balance, the FP8
+"""Level O3, FP8 ZeRO: against O2 with the distributed optimizer at DP 2 and 4 (the same losses, the
+owners' masters equal to O2's, every rank's FP8 weights equal to O2's masters quantized, all to the
+bit), bytes per parameter, balance, the FP8
 weights' data-parallel traffic against `none` with the distributed optimizer, skipped steps, and
 through `pretrain_gpt`: exact resume, resuming at another DP size, TP 2 x PP 2 x DP 2 on 8
 processes, and 300 iterations to the loss of `none`."""
@@ -84,7 +85,10 @@ def train(ps, model, ddp, optimizer, *, poison_step: int | None = None, steps: i
 
 def o3_against_o2(rank, world_size):
     ps = ParallelState.build(1, 1)
-    m2, d2, o2 = build(ps, "O2")
+    # The reference differs from O3 only in what O3 changes: O2 also shards the dense parameters
+    # with the distributed optimizer, so both sum the gradient norm in the same order (with the
+    # dense part unsharded the clip coefficient can differ by one ulp, by CPU kernel).
+    m2, d2, o2 = build(ps, "O2", zero=True)
     m3, d3, o3 = build(ps, "O3", zero=True)
     result = {"o2": train(ps, m2, d2, o2), "o3": train(ps, m3, d3, o3)}
     weights2, weights3 = dict(m2.named_parameters()), dict(m3.named_parameters())
@@ -135,13 +139,13 @@ def weight_traffic(rank, world_size):
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("dp", [2, 4])
-def test_o3_matches_o2_without_zero(dp):
+def test_o3_takes_o2s_steps_to_the_bit(dp):
     results = run_distributed(o3_against_o2, dp, timeout=300)
     for r in results:
         # FP8 ZeRO moves the same sums to the owners and re-quantizes the same masters: O2's steps.
-        assert [loss for loss, _ in r["o3"]] == pytest.approx([loss for loss, _ in r["o2"]], rel=1e-6)
+        assert [loss for loss, _ in r["o3"]] == [loss for loss, _ in r["o2"]]
         assert not any(skipped for _, skipped in r["o2"] + r["o3"])
-        assert r["master_err"] < 1e-6 and r["weight_mismatch"] == 0
+        assert r["master_err"] == 0 and r["weight_mismatch"] == 0
         assert r["skip"]
     for name, payload in results[0]["payloads"].items():  # every rank holds the same FP8 weights
         assert all(torch.equal(r["payloads"][name], payload) for r in results[1:]), name

@@ -47,8 +47,8 @@ def read_lines(path) -> list[dict]:
 def test_writer_appends_one_flushed_json_line_per_record(tmp_path):
     path = tmp_path / "run" / "logs" / "metrics.jsonl"  # parents are created
     writer = MetricsWriter(path, enabled=True)
-    writer.write(make_record(1, fp8={"mu": 1.0, "overflow_frac": 0.0}))
-    assert read_lines(path)[0]["fp8"] == {"mu": 1.0, "overflow_frac": 0.0}  # on disk before close
+    writer.write(make_record(1, fp8={"mu": 1.0, "overflow_frac": 0.0, "underflow_frac": 0.0}))
+    assert read_lines(path)[0]["fp8"] == {"mu": 1.0, "overflow_frac": 0.0, "underflow_frac": 0.0}  # on disk before close
     writer.write(make_record(2, loss=torch.tensor(2.25), grad_norm=np.float32(0.5), skipped=np.int64(1)))
     writer.close()
     records = read_lines(path)
@@ -71,7 +71,7 @@ def test_disabled_writer_touches_nothing(tmp_path):
 def test_non_finite_values_are_written_as_null(tmp_path):
     path = tmp_path / "metrics.jsonl"
     with MetricsWriter(path, enabled=True) as writer:
-        writer.write(make_record(1, loss=float("nan"), grad_norm=float("inf"), fp8={"mu": 1.0, "overflow_frac": -math.inf}))
+        writer.write(make_record(1, loss=float("nan"), grad_norm=float("inf"), fp8={"mu": 1.0, "overflow_frac": -math.inf, "underflow_frac": 0.0}))
     text = path.read_text()
     assert "NaN" not in text and "Infinity" not in text
     record = json.loads(text)
@@ -84,7 +84,7 @@ def test_non_finite_values_are_written_as_null(tmp_path):
         (lambda r: r.pop("loss"), ["loss"]),
         (lambda r: r["memory"].pop("grad_bytes"), ["memory.grad_bytes"]),
         (lambda r: r.pop("comm"), ["comm"]),
-        (lambda r: r.update(fp8={"mu": 1.0}), ["fp8.overflow_frac"]),
+        (lambda r: r.update(fp8={"mu": 1.0}), ["fp8.overflow_frac", "fp8.underflow_frac"]),
         (lambda r: (r.pop("step_time_s"), r["comm"].pop("pp_bytes")), ["step_time_s", "comm.pp_bytes"]),
     ],
 )
@@ -138,13 +138,13 @@ def test_a_fresh_run_starts_the_file_afresh_and_appending_survives_a_torn_line(t
 def test_log_line_shows_megatron_fields():
     record = make_record(20, train_iters=100, consumed_samples=640, global_batch_size=32,
                          tflops_per_device=123.45, mfu_percent=41.7, skipped=2,
-                         fp8={"mu": 0.5, "overflow_frac": 1.5e-6})
+                         fp8={"mu": 0.5, "overflow_frac": 1.5e-6, "underflow_frac": 2e-3})
     line = format_log_line(record)
     for expected in ("iteration       20/     100", "consumed samples:          640",
                      "elapsed time per iteration (ms): 125.0", "learning rate: 3.000000E-04",
                      "global batch size:    32", "lm loss: 2.500000E+00", "grad norm: 1.250",
                      "tokens/s: 16,384", "TFLOP/s/device: 123.5", "MFU: 41.7%", "number of skipped iterations:   2",
-                     "fp8 mu: 0.5", "fp8 overflow: 1.50e-06"):
+                     "fp8 mu: 0.5", "fp8 overflow: 1.50e-06", "fp8 underflow: 2.00e-03"):
         assert expected in line, (expected, line)
     plain = format_log_line(make_record(3, loss=float("nan"), grad_norm=None))
     assert "lm loss: nan" in plain and "grad norm: nan" in plain

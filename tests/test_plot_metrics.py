@@ -25,7 +25,7 @@ def write_metrics(path: Path, num_iterations: int = 20, scale: float = 1.0) -> P
     for iteration in range(1, num_iterations + 1):
         loss = scale * 5.0 * math.exp(-iteration / 10)
         record = {"iteration": iteration, "loss": None if iteration == 7 else loss, "lr": 1e-3 * min(1.0, iteration / 5),
-                  "fp8": {"mu": 1.0, "overflow_frac": 0.0}}
+                  "fp8": {"mu": 1.0, "overflow_frac": 0.0, "underflow_frac": 0.0}}
         lines.append(json.dumps(record))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")

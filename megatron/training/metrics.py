@@ -27,7 +27,7 @@ REQUIRED_GROUPS = {
     "memory": ("num_params", "weight_bytes", "grad_bytes", "master_bytes", "optim_bytes", "state_bytes_per_param"),
     "comm": ("dp_bytes", "tp_bytes", "pp_bytes"),
 }
-OPTIONAL_GROUPS = {"fp8": ("mu", "overflow_frac")}  # present at --fp8-level O1 and above
+OPTIONAL_GROUPS = {"fp8": ("mu", "overflow_frac", "underflow_frac")}  # present at --fp8-level O1 and above
 WANDB_MODES = ("online", "offline", "disabled")
 
 
@@ -175,7 +175,7 @@ def format_log_line(record: Mapping[str, Any]) -> str:
     """Megatron's training log line for `record` (a metrics record, plus optional keys).
 
     Optional keys shown when present: `train_iters`, `consumed_samples`, `global_batch_size`,
-    `loss_scale`, `tflops_per_device`, `mfu_percent`, `fp8.mu`, `fp8.overflow_frac`.
+    `loss_scale`, `tflops_per_device`, `mfu_percent`, `fp8.mu`, `fp8.overflow_frac`, `fp8.underflow_frac`.
     """
     iteration = int(record["iteration"])
     train_iters = record.get("train_iters")
@@ -198,6 +198,8 @@ def format_log_line(record: Mapping[str, Any]) -> str:
         parts.append(f"fp8 mu: {_number(fp8['mu'], 'g')}")
         if "overflow_frac" in fp8:
             parts.append(f"fp8 overflow: {_number(fp8['overflow_frac'], '.2e')}")
+        if "underflow_frac" in fp8:
+            parts.append(f"fp8 underflow: {_number(fp8['underflow_frac'], '.2e')}")
     return " | ".join(parts) + " |"
 
 

@@ -17,7 +17,8 @@ Parameters marked ``grad_is_fp8`` (the FP8 linear weights at level O1 and above)
 buffer: their gradient arrives as an FP8 `ScalingTensor` on ``param.grad_fp8``, accumulated across
 micro-batches by the FP8 linear itself, and is averaged over the data-parallel group in FP8
 (`fp8.collectives.fp8_all_reduce`: shared scale, auto-scaling factor mu). `fp8_stats` then holds
-the mu used and the overflow fraction measured. At level O3 (FP8 weights marked ``fp8_zero``) the
+the mu used and the fractions of mu-scaled values that saturated and underflowed
+(`fp8.collectives.ReductionStats`), measured at every data-parallel size, 1 included. At level O3 (FP8 weights marked ``fp8_zero``) the
 FP8 gradients go instead to the rank that owns each tensor (`fp8_zero.FP8ZeroLayout`, one uneven
 FP8 all-to-all per bucket); the other ranks drop theirs.
 
@@ -41,7 +42,7 @@ import torch
 import torch.nn as nn
 
 from fp8.autoscale import GradientAutoScaler
-from fp8.collectives import fp8_all_reduce, fp8_reduce_to_owners
+from fp8.collectives import ReductionStats, fp8_all_reduce, fp8_reduce_to_owners
 from fp8.tensor import quantize
 from megatron.core.distributed import comm
 from megatron.core.distributed.fp8_transport import CommTransport
@@ -180,27 +181,27 @@ class DistributedDataParallel(nn.Module):
         mu = self.fp8_autoscaler.mu if self.fp8_autoscaler is not None else 1.0 / self.ps.dp_size
         transport = CommTransport(self.ps, "dp")
         if self.fp8_zero is not None:
-            overflow_frac = self._reduce_fp8_grads_to_owners(transport, mu)
+            stats = self._reduce_fp8_grads_to_owners(transport, mu)
         else:
             result = fp8_all_reduce(grads, transport, mu=mu)
             for param, reduced in zip(self.fp8_grad_params, result.tensors):
                 param.grad_fp8 = reduced
-            overflow_frac = result.overflow_frac
+            stats = result.stats
         if self.fp8_autoscaler is not None:
-            self.fp8_autoscaler.update(overflow_frac)
-        self.fp8_stats = {"mu": mu, "overflow_frac": overflow_frac}
+            self.fp8_autoscaler.update(stats.overflow_frac)
+        self.fp8_stats = {"mu": mu, "overflow_frac": stats.overflow_frac, "underflow_frac": stats.underflow_frac}
 
-    def _reduce_fp8_grads_to_owners(self, transport: CommTransport, mu: float) -> float:
-        """Each FP8 gradient's mean to its owner (None elsewhere); returns the overflow fraction."""
-        layout, overflow = self.fp8_zero, 0.0
+    def _reduce_fp8_grads_to_owners(self, transport: CommTransport, mu: float) -> ReductionStats:
+        """Each FP8 gradient's mean to its owner (None elsewhere); returns the whole reduction's stats."""
+        layout, stats = self.fp8_zero, ReductionStats()
         for bucket in layout.buckets:
             params = [layout.params[i] for i in bucket]
             result = fp8_reduce_to_owners([p.grad_fp8 for p in params], [layout.owners[i] for i in bucket],
                                           transport, mu=mu)
             for param, reduced in zip(params, result.tensors):
                 param.grad_fp8 = reduced
-            overflow += result.overflow_frac * sum(p.numel() for p in params)
-        return overflow / max(sum(p.numel() for p in layout.params), 1)
+            stats = stats + result.stats
+        return stats
 
     def finish_grad_sync(self) -> None:
         """Sequence-parallel sums over tp, then the data-parallel mean: all-reduced into the whole

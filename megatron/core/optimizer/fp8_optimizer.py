@@ -28,15 +28,21 @@ from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.parallel_state import ParallelState
 
 
-def _fp8_grad_norm_squared(params: list[nn.Parameter], ps: ParallelState, groups=("tp", "pp")) -> float:
+def _fp8_grad_norm_squared(params: list[nn.Parameter], ps: ParallelState, owned: list[nn.Parameter] | None = None) -> float:
     """Sum of squares of the FP8 gradients over the model. After the FP8 all-reduce they are equal
-    on every data-parallel rank and tensor-parallel shards otherwise, so sum over tp and pp; FP8
-    ZeRO passes each rank's owned gradients and adds dp."""
-    device = params[0].grad_fp8.device if params else ps.device
-    total = torch.zeros((), dtype=torch.float32, device=device)
-    for param in params:
-        total = total + param.grad_fp8.dequantize(torch.float32).square().sum()
-    for group in groups:
+    on every data-parallel rank and tensor-parallel shards otherwise, so sum over tp and pp. Under
+    FP8 ZeRO only the `owned` gradients are here: each rank fills its tensors' entries of one
+    per-tensor vector and the vector is summed over dp. The total is always summed in the model's
+    tensor order, so it has the same bits whichever rank owns which tensor (O3 and O2 agree)."""
+    device = params[0].device if params else ps.device
+    mine = None if owned is None else {id(p) for p in owned}
+    zero = torch.zeros((), dtype=torch.float32, device=device)
+    squares = torch.stack([param.grad_fp8.dequantize(torch.float32).square().sum()
+                           if mine is None or id(param) in mine else zero for param in params] or [zero])
+    if mine is not None and ps.dp_size > 1:
+        comm.all_reduce(squares, ps, "dp")
+    total = squares.sum()
+    for group in ("tp", "pp"):
         if ps.group_size(group) > 1:
             comm.all_reduce(total, ps, group)
     return total.item()

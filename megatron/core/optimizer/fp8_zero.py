@@ -58,7 +58,7 @@ class FP8ZeroOptimizer(FP8MixedPrecisionOptimizer):
                              exp_avg_sq_dtype=exp_avg_sq_dtype, stochastic_rounding=stochastic_rounding, seed=seed)
 
     def _fp8_grad_norm_squared(self) -> float:
-        return _fp8_grad_norm_squared(self.owned, self.ps, groups=("dp", "tp", "pp"))
+        return _fp8_grad_norm_squared(self.fp8_params, self.ps, owned=self.owned)
 
     def _fp8_step(self) -> None:
         for param, master in self.masters.items():
