@@ -156,6 +156,11 @@ class FP8LinearState:
                 self._weight_cache = (key, self.cast(param_value(weight), "weight"))
         return self._weight_cache[1]
 
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes of the cached FP8 weight copy (payload and scales); it stays until the next cast."""
+        return self._weight_cache[1].nbytes if self._weight_cache is not None else 0
+
     def orient(self, x: ScalingTensor, contraction_dim: int) -> ScalingTensor:
         """`x` with scales constant along `contraction_dim` (whole for row, 128 for block)."""
         if x.tile is None:

@@ -179,7 +179,10 @@ def all_gather(t: torch.Tensor, ps: ParallelState, group: str, dim: int = 0) -> 
 
 
 def reduce_scatter(t: torch.Tensor, ps: ParallelState, group: str, dim: int = 0) -> torch.Tensor:
-    """Sums `t` across `group` and returns this rank's chunk along `dim` (a new tensor)."""
+    """Sums `t` across `group` and returns this rank's chunk along `dim` (a new tensor).
+
+    On CPU (gloo) this runs as an all_reduce of the whole tensor, of which each rank keeps its
+    chunk: gloo's ring all-reduce sends 2(n-1)/n*S per rank, twice the (n-1)/n*S counted here."""
     process_group, size = _resolve(ps, group)
     if size == 1:
         return t
@@ -232,7 +235,11 @@ def all_to_all(tensors: Sequence[torch.Tensor], ps: ParallelState, group: str,
 def all_gather_uneven(t: torch.Tensor, numels: Sequence[int], ps: ParallelState, group: str) -> list[torch.Tensor]:
     """Each group rank's 1-D `t`, where rank r's holds ``numels[r]`` elements (all one dtype), in
     group-rank order. Counted as an all-gather of the concatenation. It runs as one all-to-all
-    that sends this rank's piece to every rank, which gloo and NCCL both take with uneven sizes."""
+    that sends this rank's piece to every rank, which gloo and NCCL both take with uneven sizes.
+
+    Rank r hands torch.distributed its piece p_r repeated n times and sends (n-1)*p_r of it, n*p_r/S
+    times the (n-1)/n*S counted (S the sum of the pieces): more on ranks that own more than 1/n of
+    the bytes, less on the others, and the same as the ring model summed over the group."""
     process_group, size = _resolve(ps, group)
     if size == 1:
         return [t]
@@ -246,7 +253,10 @@ def all_gather_uneven(t: torch.Tensor, numels: Sequence[int], ps: ParallelState,
 
 
 def broadcast(t: torch.Tensor, ps: ParallelState, group: str, src_group_rank: int = 0) -> torch.Tensor:
-    """Copies group rank `src_group_rank`'s `t` into `t` on every rank of `group` (in place)."""
+    """Copies group rank `src_group_rank`'s `t` into `t` on every rank of `group` (in place).
+
+    Counted as S on every rank; gloo's broadcast is a binomial tree in which the root sends S to
+    up to ceil(log2 n) ranks and the group sends (n-1)*S in all (at n = 2: S from the root only)."""
     process_group, size = _resolve(ps, group)
     if size == 1:
         return t

@@ -168,7 +168,14 @@ class DistributedDataParallel(nn.Module):
 
     @property
     def fp8_grad_bytes(self) -> int:
-        """FP8 weight gradients held (1 byte per value plus a 4-byte scale each)."""
+        """FP8 weight gradients held between steps (1 byte per value plus a 4-byte scale each):
+        all of them at O1 / O2, only the owned ones under FP8 ZeRO (the reduction drops the rest)."""
+        params = self.fp8_grad_params if self.fp8_zero is None else self.fp8_zero.owned(self.ps.dp_rank)
+        return sum(p.numel() + 4 for p in params)
+
+    @property
+    def fp8_grad_peak_bytes(self) -> int:
+        """FP8 weight gradients held at the end of backward, before the reduction: all of them."""
         return sum(p.numel() + 4 for p in self.fp8_grad_params)
 
     def _reduce_fp8_grads(self) -> None:

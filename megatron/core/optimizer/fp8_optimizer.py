@@ -97,8 +97,8 @@ class FP8MixedPrecisionOptimizer:
         coefficient = clip_coefficient(self.config.clip_grad, norm)
         self.dense.apply(coefficient)
         if self.fp8 is not None:
-            for param in self.owned:  # dividing the scale multiplies the value: exact
-                param.grad_fp8.scale = param.grad_fp8.scale / coefficient
+            for param in self.owned:  # dividing the scale multiplies the value: exact, in place
+                param.grad_fp8.scale.div_(coefficient)
             self._fp8_step()
         before = comm.counter().snapshot()
         self._publish()
