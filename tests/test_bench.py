@@ -28,3 +28,50 @@ def test_fp8_ops_bench_refuses_a_missing_gpu(capsys):
         pytest.skip("a GPU is present")
     assert fp8_ops.main(["--device", "cuda"]) == 2
     assert "no GPU is visible" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_autoscaling_bench_compares_the_three_scalings_on_real_gradients(builtin_corpus_small, tmp_path):
+    from bench import autoscaling
+    from fp8.autoscale import GradientAutoScaler
+
+    out = tmp_path / "autoscaling.json"
+    iters = 3
+    assert autoscaling.main(["--iters", str(iters), "--samples", "0", str(iters), "--seq-length", "32",
+                             "--micro-batch-size", "1", "--data-path", str(builtin_corpus_small.data_prefix),
+                             "--tokenizer-model", str(builtin_corpus_small.tokenizer_model),
+                             "--out", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert "bench/autoscaling.py" in saved["meta"]["command"] and saved["meta"]["machine"]
+    rows = {row["method"]: row for row in saved["rows"]}
+    assert set(rows) == {"input", "pre", "post", "auto"}
+    assert rows["pre"]["mu"] == 1 / 8 and rows["post"]["mu"] == 1.0
+    for row in [*saved["rows"], *(t[m] for t in saved["per_tensor"] for m in ("pre", "post", "auto"))]:
+        for key in ("overflow_frac", "underflow_frac"):
+            assert row[key] is None or 0.0 <= row[key] <= 1.0, (row, key)
+    assert len(saved["per_tensor"]) == 8  # qkv, proj, fc1, fc2 of both layers
+
+    trajectory = saved["trajectory"]
+    assert [s["iteration"] for s in trajectory] == list(range(iters + 1))
+    # The auto-scaler was driven by its own reductions' overflow: replaying them gives the same mu.
+    replay = GradientAutoScaler(ratio=1e-5, window=20)
+    for step, mu in zip(trajectory, saved["mu_trajectory"]):
+        assert step["auto"]["mu"] == pytest.approx(replay.mu, rel=1e-12) and mu == step["auto"]["mu"]
+        replay.update(step["auto"]["overflow_frac"])
+    assert saved["auto_final_mu"] == pytest.approx(replay.mu, rel=1e-12) and 0 < replay.mu <= 2
+    # On the same gradients: dividing by 8 first never saturates (each value <= 448/8, so 8 sum to
+    # at most 448) but flushes most; summing first saturates (real gradients agree in sign where
+    # they are largest). Auto's mu lies between, and so do its fractions.
+    for step in trajectory:
+        pre, post, auto = step["pre"], step["post"], step["auto"]
+        assert pre["overflow_frac"] == 0.0 and pre["underflow_frac"] >= post["underflow_frac"]
+        if 1 / 8 <= auto["mu"] <= 1:
+            assert post["overflow_frac"] >= auto["overflow_frac"]
+            assert pre["underflow_frac"] >= auto["underflow_frac"] >= post["underflow_frac"]
+    assert trajectory[0]["post"]["overflow_frac"] > 1e-5 and trajectory[0]["auto"] == trajectory[0]["post"]
+    assert rows["post"]["overflow_frac"] > rows["pre"]["overflow_frac"] == 0.0
+    assert rows["pre"]["underflow_frac"] > rows["post"]["underflow_frac"]
+    # The reduction's own error is a re-rounding: far above zero, and the overflowing one is worse.
+    assert rows["pre"]["sqnr_vs_fp8_in_db"] > 20 and rows["pre"]["sqnr_db"] > rows["post"]["sqnr_db"]
+    assert set(saved["samples"]) == {"0", str(iters)}
