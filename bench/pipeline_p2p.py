@@ -37,12 +37,14 @@ HIDDEN = 128  # configs/gpt-tiny.yaml
 FP32_SENDS_PER_STEP = 64 * 2 * HIDDEN * 4 * (8 // 2)
 
 
-def run_variant(name: str, flags: list[str], seed: int, iters: int, data: list[str]) -> dict:
-    result = launch(2, MODEL + data + flags + ["--seed", str(seed)], iters, f"{name}/seed{seed}", interval=1)
+def run_variant(name: str, flags: list[str], seed: int, iters: int, data: list[str], model: list[str] = MODEL,
+                group: str = "pp") -> dict:
+    """One 2-process run; the last-50 mean loss and the bytes per step over `group`."""
+    result = launch(2, model + data + flags + ["--seed", str(seed)], iters, f"{name}/seed{seed}", interval=1)
     records = result["records"]
     tail = records[-TAIL:]
     return {"variant": name, "seed": seed, "tail_mean_loss": sum(r["loss"] for r in tail) / len(tail),
-            "final_loss": result["final_loss"], "pp_bytes_per_step": records[-1]["comm"]["pp_bytes"],
+            "final_loss": result["final_loss"], f"{group}_bytes_per_step": records[-1]["comm"][f"{group}_bytes"],
             "skipped": sum(bool(r["skipped"]) for r in records), "step_time_s": result["step_time_s"],
             "losses": [r["loss"] for r in records]}
 

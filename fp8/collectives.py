@@ -137,7 +137,7 @@ def shared_scale_payloads(grads: Sequence[ScalingTensor], transport: Transport, 
     this rank's [saturated, flushed, non-zero] counts of that cast)."""
     scales = torch.stack([g.scale.reshape(()).float() for g in grads])
     shared = transport.all_reduce_(scales.clone(), "min")
-    payloads, counts = [], torch.zeros(3, dtype=torch.float64)
+    payloads, counts = [], torch.zeros(3, dtype=torch.float64, device=scales.device)
     for g, own, common in zip(grads, scales, shared):
         scaled = g.data.float() * (mu * common / own)
         payload = cast_saturate(scaled, spec, inf_to_nan=True)
@@ -179,7 +179,8 @@ class ReduceScatterResult:
 
     def dequantize(self, grads: Sequence[ScalingTensor]) -> torch.Tensor:
         """The segment as FP32 values (for checks and for owners that keep FP32 sums)."""
-        per_element = torch.repeat_interleave(self.scales, torch.tensor([g.numel() for g in grads]))
+        per_element = torch.repeat_interleave(self.scales, torch.tensor([g.numel() for g in grads],
+                                                                        device=self.scales.device))
         return self.segment.float() / per_element[self.start:self.end].to(self.segment.device)
 
 

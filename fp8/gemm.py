@@ -7,7 +7,7 @@ the operands and a `DeviceInfo`, whether a call can go to
   scales (CUDA sm90, or sm89 from torch 2.7; BF16 output, the E5M2 operand first);
 - ``blockwise``: ``torch.nn.functional.scaled_mm`` (torch 2.10+) with DeepSeek-style 1x128 /
   128x128 scales (CUDA sm90 with cuBLAS 12.9+, E4M3 operands, K a multiple of 512 so that the
-  scale tensors need no padding);
+  scale tensors need no padding, M a multiple of 8; never with fast accumulation);
 - ``emulate``: dequantize both operands (payload times reciprocal scale, exactly what the kernels
   do) and multiply in fp32. On CPU this matches ``torch._scaled_mm`` bit for bit.
 
@@ -112,18 +112,28 @@ def _select_cuda(a, b, kind_a, kind_b, out_dtype, info) -> tuple[str, str]:
             return "emulate", "block-scaled GEMMs need sm90, cuBLAS 12.9+ and torch 2.10+"
         if dim_k % (4 * BLOCK_SIZE) or dim_n % BLOCK_SIZE or out_dtype != torch.bfloat16:
             return "emulate", "block-scaled GEMMs need K a multiple of 512, N of 128, and a BF16 output"
+        if a.shape[0] % 8:  # measured on an H200 (torch 2.11, CUDA 13): M = 1 and 3 are refused
+            return "emulate", f"block-scaled GEMMs need M a multiple of 8 (M={a.shape[0]})"
         if a.spec.name != "e4m3" or b.spec.name != "e4m3":
             return "emulate", "block-scaled GEMMs take E4M3 operands (use --fp8-format e4m3)"
         return "blockwise", f"{kind_a} x {kind_b} scales"
     return "emulate", f"no kernel for {kind_a} x {kind_b} scaling"
 
 
+def _with_strides(x: torch.Tensor, strides: tuple[int, int]) -> torch.Tensor:
+    """`x` laid out with exactly `strides`. Checked outright: is_contiguous() and contiguous()
+    ignore the stride of a size-1 dimension, which the CUDA kernels' layout checks do not."""
+    if x.stride() == strides:
+        return x
+    return torch.empty_strided(x.shape, strides, dtype=x.dtype, device=x.device).copy_(x)
+
+
 def _row_major(x: torch.Tensor) -> torch.Tensor:
-    return x if x.is_contiguous() else x.contiguous()
+    return _with_strides(x, (x.shape[1], 1))
 
 
 def _col_major(x: torch.Tensor) -> torch.Tensor:
-    return x if x.t().is_contiguous() else x.t().contiguous().t()
+    return _with_strides(x, (1, x.shape[0]))
 
 
 def _native_scaled_mm(a: ScalingTensor, b: ScalingTensor, out_dtype, bias, fast_accum) -> torch.Tensor:
@@ -149,7 +159,9 @@ def _native_blockwise(a: ScalingTensor, b: ScalingTensor, out_dtype, bias, fast_
         recipe_b, scale_b = st.BlockWise128x128, _col_major(b.scale_inv())    # (K/128, N/128)
     out = F.scaled_mm(
         _row_major(a.data), _col_major(b.data), scale_a, st.BlockWise1x128, scale_b, recipe_b,
-        output_dtype=out_dtype, use_fast_accum=fast_accum,
+        # cuBLAS refuses fast accumulation with 128x128 weight blocks (measured on an H200), and
+        # DeepSeek's recipe promotes partial sums to FP32 on purpose: always the precise one.
+        output_dtype=out_dtype, use_fast_accum=False,
     )
     return out if bias is None else out + bias.to(out_dtype)
 

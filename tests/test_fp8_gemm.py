@@ -103,6 +103,8 @@ def test_auto_path_on_cpu():
     ("block", H100, torch.bfloat16, (128, 512, 256), "blockwise"),
     ("block", H100, torch.bfloat16, (128, 256, 256), "emulate"),    # K/128 not a multiple of 4
     ("block", H100, torch.bfloat16, (128, 512, 192), "emulate"),    # N not a multiple of 128
+    ("block", H100, torch.bfloat16, (1000, 512, 256), "blockwise"),  # M a multiple of 8 (ran on an H200)
+    ("block", H100, torch.bfloat16, (3, 512, 256), "emulate"),      # M = 1, 3: refused by cuBLAS on an H200
     ("block", H100_CU128, torch.bfloat16, (128, 512, 256), "emulate"),
     ("block", ADA, torch.bfloat16, (128, 512, 256), "emulate"),
 ])
@@ -146,3 +148,16 @@ def test_matmul_rejects_bad_shapes():
         fp8.fp8_matmul(a_fp8, a_fp8)
     with pytest.raises(ValueError, match="unknown GEMM path"):
         fp8.fp8_matmul(a_fp8, a_fp8.t(), path="cutlass")
+
+
+def test_operand_layouts_are_exact_even_with_a_dimension_of_one():
+    """torch's CUDA layout checks read every stride, size-1 dimensions included (one decoded
+    token's block scales are (1, K/128)); is_contiguous() ignores those, so the layouts are forced."""
+    from fp8.gemm import _col_major, _row_major
+    one_row = torch.randn(1, 4).to(torch.float8_e4m3fn)
+    col = _col_major(one_row)
+    assert col.stride() == (1, 1) and torch.equal(col.float(), one_row.float())
+    one_col = torch.randn(8, 1).t().t()
+    assert _row_major(torch.randn(1, 8).t()).stride() == (1, 1)
+    b = torch.randn(8, 4).t()  # already column-major: no copy
+    assert _col_major(b).data_ptr() == b.data_ptr() and _row_major(one_col).stride() == (1, 1)

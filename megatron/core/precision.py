@@ -51,7 +51,7 @@ class FP8Config:
     exp_avg_sq_dtype: str | None = None
     fp16_master_stochastic_rounding: bool = False
     # O3: tensor / sequence / pipeline parallel traffic
-    reduce_scatter: bool = False
+    reduce_scatter: bool | None = None  # None: the level's default (REDUCE_SCATTER_DEFAULT)
     pipeline_p2p: bool | None = None  # None: the level's default (PIPELINE_P2P_DEFAULT)
 
     def __post_init__(self):
@@ -98,6 +98,9 @@ class PrecisionPlan:
 # Whether O3 sends pipeline activations / gradients in FP8 unless told otherwise: decided by the
 # accuracy measurement in docs/benchmarks.md ("FP8 pipeline sends").
 PIPELINE_P2P_DEFAULT = {"O3": True}
+# Whether O3 reduce-scatters sequence-parallel input gradients in FP8 unless told otherwise:
+# decided by the accuracy measurement in docs/benchmarks.md ("FP8 sequence-parallel reduce-scatter").
+REDUCE_SCATTER_DEFAULT = {"O3": False}
 
 
 def plan_for(config: FP8Config) -> PrecisionPlan:
@@ -109,7 +112,8 @@ def plan_for(config: FP8Config) -> PrecisionPlan:
         fp8_optimizer_states=level >= 3,
         fp8_zero=level >= 4,
         fp8_tp_comm=level >= 4,
-        fp8_reduce_scatter=level >= 4 and config.reduce_scatter,
+        fp8_reduce_scatter=level >= 4 and (config.reduce_scatter if config.reduce_scatter is not None
+                                           else REDUCE_SCATTER_DEFAULT.get(config.level, False)),
         fp8_pipeline_p2p=(config.pipeline_p2p if config.pipeline_p2p is not None
                           else PIPELINE_P2P_DEFAULT.get(config.level, False)),
     )

@@ -123,8 +123,9 @@ def _fp8_args(parser: argparse.ArgumentParser) -> None:
                    help="Adam second moment of the FP8 linear weights (default: fp32 at O1, fp16 at O2)")
     g.add_argument("--fp16-master-stochastic-rounding", action="store_true",
                    help="round FP16 master updates stochastically (long runs, small late updates)")
-    g.add_argument("--fp8-reduce-scatter", action="store_true",
-                   help="O3 with --sequence-parallel: the backward reduce-scatter of input gradients in FP8")
+    g.add_argument("--fp8-reduce-scatter", action=argparse.BooleanOptionalAction, default=None,
+                   help="O3 with --sequence-parallel: the backward reduce-scatter of input gradients in FP8 "
+                        "(default: the level's choice, see README)")
     g.add_argument("--fp8-pipeline-p2p", action=argparse.BooleanOptionalAction, default=None,
                    help="pipeline sends in FP8: activations E4M3, gradients E5M2, with scales "
                         "(default: the level's choice, see README)")
