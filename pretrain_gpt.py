@@ -19,7 +19,7 @@ from megatron.training.gpt_providers import (
     datasets_provider, forward_step, model_provider, transformer_config_from_args,
 )
 from megatron.training.metrics import model_flops_per_token
-from megatron.training.tokenizer import build_tokenizer, tokenizer_config_from_args
+from megatron.core.tokenizers.tokenizer import build_tokenizer, tokenizer_config_from_args
 from megatron.training.training import Trainer, print_rank0, setup_parallel
 
 

@@ -186,7 +186,7 @@ def load_tokens(data_path: str, tokenizer_model: str, iters: int, world: int, mi
     in the dataset's shuffled order; and the vocabulary size padded to a multiple of 64."""
     from megatron.core.datasets.builder import build_gpt_datasets
     from megatron.core.datasets.config import GPTDatasetConfig
-    from megatron.training.tokenizer import SentencePieceTokenizer
+    from megatron.core.tokenizers.tokenizer import SentencePieceTokenizer
 
     vocab = SentencePieceTokenizer(tokenizer_model).vocab_size
     count = (iters + 1) * world * micro_batch

@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 from megatron.core.datasets.gpt_dataset import build_sample_indices  # noqa: E402
 from megatron.core.datasets.indexed_dataset import IndexedDataset  # noqa: E402
 from megatron.core.datasets.preprocessing import PreprocessConfig, preprocess  # noqa: E402
-from megatron.training.tokenizer import TokenizerConfig  # noqa: E402
+from megatron.core.tokenizers.tokenizer import TokenizerConfig  # noqa: E402
 from bench.common import RESULTS, run_meta, save_results  # noqa: E402
 from tools.builtin_corpus import ensure_builtin_corpus  # noqa: E402
 

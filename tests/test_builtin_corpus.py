@@ -9,7 +9,7 @@ import time
 
 from megatron.core.datasets.config import add_data_args, gpt_dataset_config_from_args
 from megatron.core.datasets.indexed_dataset import IndexedDataset, idx_path
-from megatron.training.tokenizer import add_tokenizer_args, build_tokenizer, tokenizer_config_from_args
+from megatron.core.tokenizers.tokenizer import add_tokenizer_args, build_tokenizer, tokenizer_config_from_args
 
 OUTPUT_FILES = ("builtin_text_document.bin", "builtin_text_document.idx", "tokenizer.model", "corpus.jsonl")
 

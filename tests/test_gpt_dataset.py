@@ -263,7 +263,7 @@ def test_cyclic_iterator():
 # ------------------------------------------------------------------------------------ on real text
 
 def test_gpt_samples_of_the_builtin_corpus(builtin_corpus_small, tmp_path):
-    from megatron.training.tokenizer import TokenizerConfig, build_tokenizer
+    from megatron.core.tokenizers.tokenizer import TokenizerConfig, build_tokenizer
 
     tokenizer = build_tokenizer(TokenizerConfig(tokenizer_type="SentencePieceTokenizer",
                                                 tokenizer_model=str(builtin_corpus_small.tokenizer_model)))

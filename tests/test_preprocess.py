@@ -10,7 +10,7 @@ import pytest
 
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.preprocessing import PreprocessConfig, preprocess
-from megatron.training.tokenizer import TokenizerConfig, build_tokenizer
+from megatron.core.tokenizers.tokenizer import TokenizerConfig, build_tokenizer
 
 DOCUMENTS = ["def f(x):\n    return x + 1\n", "Plain prose, with punctuation!", "naïve 世界 🚀", "last one"]
 

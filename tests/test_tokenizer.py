@@ -8,7 +8,7 @@ import json
 import pytest
 
 from megatron.core.datasets.config import add_data_args
-from megatron.training.tokenizer import (
+from megatron.core.tokenizers.tokenizer import (
     HuggingFaceTokenizer, NullTokenizer, SentencePieceTokenizer, SentencePieceTrainingConfig, TokenizerConfig,
     add_tokenizer_args, build_tokenizer, tokenizer_config_from_args, train_sentencepiece, vocab_size_with_padding,
 )

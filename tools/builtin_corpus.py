@@ -33,7 +33,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetError  # noqa: E402
 from megatron.core.datasets.preprocessing import PreprocessConfig, preprocess  # noqa: E402
-from megatron.training.tokenizer import (  # noqa: E402
+from megatron.core.tokenizers.tokenizer import (  # noqa: E402
     SentencePieceTrainingConfig, TokenizerConfig, train_sentencepiece,
 )
 from tools import OneLineErrorParser, run_cli  # noqa: E402

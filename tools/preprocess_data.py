@@ -18,7 +18,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 from megatron.core.datasets.corpus_readers import TXT_MODES  # noqa: E402
 from megatron.core.datasets.preprocessing import PreprocessConfig, preprocess  # noqa: E402
-from megatron.training.tokenizer import add_tokenizer_args, tokenizer_config_from_args  # noqa: E402
+from megatron.core.tokenizers.tokenizer import add_tokenizer_args, tokenizer_config_from_args  # noqa: E402
 from tools import OneLineErrorParser, run_cli  # noqa: E402
 
 

@@ -20,7 +20,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from megatron.core.datasets.corpus_readers import TXT_MODES, iter_texts, resolve_sources  # noqa: E402
-from megatron.training.tokenizer import SentencePieceTrainingConfig, train_sentencepiece  # noqa: E402
+from megatron.core.tokenizers.tokenizer import SentencePieceTrainingConfig, train_sentencepiece  # noqa: E402
 from tools import OneLineErrorParser, run_cli  # noqa: E402
 
 

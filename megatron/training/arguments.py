@@ -19,7 +19,7 @@ from megatron.core.datasets.config import add_data_args
 from megatron.core.pipeline_parallel.model import virtual_pipeline_size
 from megatron.core.precision import LEVELS
 from megatron.training.lr_schedule import add_lr_schedule_args, lr_schedule_config_from_args
-from megatron.training.tokenizer import add_tokenizer_args
+from megatron.core.tokenizers.tokenizer import add_tokenizer_args
 
 
 class ArgumentParser(argparse.ArgumentParser):

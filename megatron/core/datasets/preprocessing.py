@@ -24,7 +24,7 @@ from megatron.core.datasets.corpus_readers import (
     read_record_batches, resolve_sources,
 )
 from megatron.core.datasets.indexed_dataset import IndexedDatasetWriter, token_dtype_for_vocab
-from megatron.training.tokenizer import TokenizerConfig, build_tokenizer
+from megatron.core.tokenizers.tokenizer import TokenizerConfig, build_tokenizer
 
 _BATCHES_IN_FLIGHT_PER_WORKER = 4
 
