@@ -34,7 +34,7 @@ RUNS = [(f"tp2-sp-{level}", 2, TP2 + ["--fp8-level", level]) for level in ("none
     ("dp2-O2", 2, ["--fp8-level", "O2"]),
     ("dp2-O3", 2, ["--fp8-level", "O3"]),
     ("pp2-O3", 2, ["--fp8-level", "O3", "--pipeline-model-parallel-size", "2"]),
-    ("tp2-sp-O3-fp8-rs", 2, TP2 + ["--fp8-level", "O3", "--fp8-reduce-scatter"]),
+    ("tp2-sp-O3-bf16-rs", 2, TP2 + ["--fp8-level", "O3", "--no-fp8-reduce-scatter"]),
 ]
 
 

@@ -46,12 +46,14 @@ def test_counter_snapshot_since_reset():
     assert counter.snapshot() == _bytes()
     with pytest.raises(ValueError, match="unknown group 'world'"):
         counter.add("world", 1)
-    assert comm.counter() is comm.counter()
+    # Each ParallelState carries its own counter, shared with its replaced copies only.
+    ps, other = ParallelState.single("cpu"), ParallelState.single("cpu")
+    assert ps.counter is not other.counter and ps.replace(device=torch.device("cpu")).counter is ps.counter
 
 
 def test_single_process_collectives_are_free_identities():
     ps = ParallelState.single("cpu")
-    before = comm.counter().snapshot()
+    before = ps.counter.snapshot()
     x = torch.randn(4, 3)
     assert comm.all_reduce(x, ps, "dp") is x
     assert comm.all_gather(x, ps, "tp", dim=1) is x
@@ -59,14 +61,14 @@ def test_single_process_collectives_are_free_identities():
     assert comm.broadcast(x, ps, "pp") is x
     assert comm.all_to_all([x], ps, "dp")[0] is x
     assert comm.all_reduce_scalar(2.5, ps, "dp") == 2.5
-    assert comm.counter().since(before) == _bytes()
+    assert ps.counter.since(before) == _bytes()
 
 
 # ----- four processes: tp=2 x pp=2 for tp/pp, and a dp=4 layout ----------------------------------
-def _measure(results: dict, name: str, op):
-    before = comm.counter().snapshot()
+def _measure(results: dict, name: str, op, counter: comm.CommCounter):
+    before = counter.snapshot()
     results[name] = op()
-    results[name + ":bytes"] = comm.counter().since(before)
+    results[name + ":bytes"] = counter.since(before)
 
 
 def _collectives_worker(rank, world_size, fused):
@@ -74,33 +76,33 @@ def _collectives_worker(rank, world_size, fused):
         # The CUDA (NCCL) code path, exercised on CPU where this torch's gloo has the fused ops.
         comm._use_fused = lambda t: True
     grid = ParallelState.build(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)
-    flat = ParallelState.build()  # dp = 4
+    flat = ParallelState.build().replace(counter=grid.counter)  # dp = 4; one counter for both
     out = {}
-    _measure(out, "all_reduce_tp", lambda: comm.all_reduce(_data(rank, (3, 5)), grid, "tp"))
-    _measure(out, "all_reduce_dp_bf16", lambda: comm.all_reduce(_data(rank, (4, 6), torch.bfloat16), flat, "dp"))
-    _measure(out, "all_reduce_max", lambda: comm.all_reduce_max(_data(rank, (7,)), flat, "dp"))
+    _measure(out, "all_reduce_tp", lambda: comm.all_reduce(_data(rank, (3, 5)), grid, "tp"), grid.counter)
+    _measure(out, "all_reduce_dp_bf16", lambda: comm.all_reduce(_data(rank, (4, 6), torch.bfloat16), flat, "dp"), grid.counter)
+    _measure(out, "all_reduce_max", lambda: comm.all_reduce_max(_data(rank, (7,)), flat, "dp"), grid.counter)
     noncontiguous = _data(rank, (5, 3)).t()
     comm.all_reduce(noncontiguous, grid, "tp")
     out["all_reduce_noncontiguous"] = noncontiguous
-    _measure(out, "scalar", lambda: comm.all_reduce_scalar(rank + 0.5, flat, "dp"))
-    _measure(out, "embedding", lambda: comm.all_reduce(_data(rank, (2,)), grid, "embedding"))
+    _measure(out, "scalar", lambda: comm.all_reduce_scalar(rank + 0.5, flat, "dp"), grid.counter)
+    _measure(out, "embedding", lambda: comm.all_reduce(_data(rank, (2,)), grid, "embedding"), grid.counter)
 
-    _measure(out, "gather_tp_dim0", lambda: comm.all_gather(_data(rank, (2, 3)), grid, "tp"))
-    _measure(out, "gather_tp_last", lambda: comm.all_gather(_data(rank, (4, 3)), grid, "tp", dim=-1))
+    _measure(out, "gather_tp_dim0", lambda: comm.all_gather(_data(rank, (2, 3)), grid, "tp"), grid.counter)
+    _measure(out, "gather_tp_last", lambda: comm.all_gather(_data(rank, (4, 3)), grid, "tp", dim=-1), grid.counter)
     for dtype in FP8_DTYPES:
-        _measure(out, f"gather_dp_{dtype}", lambda: comm.all_gather(_data(rank, (2, 3, 4), dtype), flat, "dp", dim=1))
+        _measure(out, f"gather_dp_{dtype}", lambda: comm.all_gather(_data(rank, (2, 3, 4), dtype), flat, "dp", dim=1), grid.counter)
 
-    _measure(out, "reduce_scatter_dp", lambda: comm.reduce_scatter(_data(rank, (8, 3)), flat, "dp"))
-    _measure(out, "reduce_scatter_tp_dim1", lambda: comm.reduce_scatter(_data(rank, (3, 4)), grid, "tp", dim=1))
+    _measure(out, "reduce_scatter_dp", lambda: comm.reduce_scatter(_data(rank, (8, 3)), flat, "dp"), grid.counter)
+    _measure(out, "reduce_scatter_tp_dim1", lambda: comm.reduce_scatter(_data(rank, (3, 4)), grid, "tp", dim=1), grid.counter)
 
     equal = [_data(rank, (2, 2), salt=j + 1) for j in range(4)]
-    _measure(out, "all_to_all", lambda: comm.all_to_all(equal, flat, "dp"))
+    _measure(out, "all_to_all", lambda: comm.all_to_all(equal, flat, "dp"), grid.counter)
     # Uneven, FP8: rank r sends (r + 1) x (j + 1) values to rank j, as a ZeRO owner exchange would.
     uneven = [_data(rank, (rank + 1, j + 1), torch.float8_e4m3fn, salt=j + 1) for j in range(4)]
     shapes = [(j + 1, rank + 1) for j in range(4)]
-    _measure(out, "all_to_all_fp8", lambda: comm.all_to_all(uneven, flat, "dp", output_shapes=shapes))
+    _measure(out, "all_to_all_fp8", lambda: comm.all_to_all(uneven, flat, "dp", output_shapes=shapes), grid.counter)
 
-    _measure(out, "broadcast", lambda: comm.broadcast(_data(rank, (3,), torch.float8_e5m2), grid, "tp", 1))
+    _measure(out, "broadcast", lambda: comm.broadcast(_data(rank, (3,), torch.float8_e5m2), grid, "tp", 1), grid.counter)
     _p2p_checks(rank, grid, out)
     _error_checks(rank, grid, flat, out)
     return out
@@ -109,13 +111,13 @@ def _collectives_worker(rank, world_size, fused):
 def _p2p_checks(rank, grid, out):
     payload = _data(rank, (2, 4), torch.float8_e4m3fn)
     if grid.is_first_stage:
-        _measure(out, "send", lambda: comm.send(payload, grid.next_rank, grid))
+        _measure(out, "send", lambda: comm.send(payload, grid.next_rank, grid), grid.counter)
     else:
-        _measure(out, "send", lambda: comm.recv(torch.empty_like(payload), grid.prev_rank, grid))
+        _measure(out, "send", lambda: comm.recv(torch.empty_like(payload), grid.prev_rank, grid), grid.counter)
     # Both stages at once, the 1F1B steady state: must not deadlock.
     inbox = torch.empty(3, 2)
     _measure(out, "exchange", lambda: comm.send_recv(grid, sends=[(_data(rank, (3, 2)), grid.next_rank)],
-                                                      recvs=[(inbox, grid.prev_rank)]))
+                                                      recvs=[(inbox, grid.prev_rank)]), grid.counter)
     out["exchange"] = inbox
 
 

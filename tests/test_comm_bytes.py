@@ -1,6 +1,6 @@
 """The byte counters against an independent measure: every `torch.distributed` call the training
 makes is wrapped, the tensors handed to it are measured, and DESIGN.md's ring model is applied to
-those sizes here (not through `comm.ring_bytes`), per group. That must equal `comm.counter()` at
+those sizes here (not through `comm.ring_bytes`), per group. That must equal the `ParallelState`'s `counter` at
 every point the counter is read or reset, and the metrics file's `comm`, for real training steps
 of `pretrain_gpt` on two gloo processes: `none` and O2 (each with and without the distributed
 optimizer) and O3 at DP 2, O3 with TP 2 + sequence parallelism + FP8 reduce-scatter, and O3 with
@@ -86,7 +86,7 @@ class Tracer:
         from megatron.core.distributed import comm
         from megatron.core.parallel_state import ParallelState
 
-        self.comm_file, self.counter, self.ps_cls = comm.__file__, comm.counter(), ParallelState
+        self.comm_file, self.counter, self.ps_cls = comm.__file__, None, ParallelState
         self.calls, self.points, self.depth, self.ps, self._saved = [], [], 0, None, {}
 
     def install(self) -> None:
@@ -99,9 +99,14 @@ class Tracer:
 
         def traced_build(cls, *args, **kwargs):
             tracer.ps = build(cls, *args, **kwargs)
+            tracer._trace_counter(tracer.ps.counter)
             return tracer.ps
         self.ps_cls.build = classmethod(traced_build)
-        snapshot, reset = self.counter.snapshot, self.counter.reset
+
+    def _trace_counter(self, counter) -> None:
+        """Record every reading and reset of the training's counter (the one its ParallelState carries)."""
+        self.counter = counter
+        snapshot, reset = counter.snapshot, counter.reset
 
         def traced_snapshot():
             value = snapshot()
@@ -111,13 +116,12 @@ class Tracer:
         def traced_reset():
             self.points.append(("reset", snapshot(), len(self.calls)))
             reset()
-        self.counter.snapshot, self.counter.reset = traced_snapshot, traced_reset
+        counter.snapshot, counter.reset = traced_snapshot, traced_reset
 
     def uninstall(self) -> None:
         for name, fn in self._saved.items():
             setattr(dist, name, fn)
         self.ps_cls.build = self._saved_build
-        del self.counter.snapshot, self.counter.reset
 
     def _wrap(self, name, fn):
         signature = inspect.signature(fn)
@@ -257,8 +261,7 @@ def traced_trainings(rank, world_size, data_args, folder):
     results = {}
     try:
         for name, flags in CASES.items():
-            tracer.counter.reset()
-            tracer.calls, tracer.points, tracer.ps = [], [], None
+            tracer.calls, tracer.points, tracer.ps = [], [], None  # each run builds its state and counter
             metrics_file = os.path.join(folder, f"{name}.jsonl")
             assert pretrain_gpt.main(BASE + data_args + flags + ["--metrics-file", metrics_file]) == 0
             results[name] = tracer.report()

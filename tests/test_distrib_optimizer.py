@@ -112,7 +112,7 @@ def skipped_step_changes_nothing(ps) -> dict:
 
 def counted_bytes(ps) -> dict:
     model, ddp, optimizer = build(ps, "bf16", True)
-    counter = comm.counter()
+    counter = ps.counter
     start = counter.snapshot()
     train(ps, ddp, optimizer, range(1))
     return {"counted": counter.since(start), "bucket_numels": [b.buffer.numel() for b in ddp.grad_buffer.buckets]}

@@ -30,10 +30,10 @@ def reduce_worker(rank, world_size, mu, correlated, poison_rank):
         grads[1].data[3] = float("nan")
     result = fp8_all_reduce(grads, ProcessGroupTransport(), mu=mu)
     ps = ParallelState.build(1, 1)
-    comm.counter().reset()
+    ps.counter.reset()
     counted = fp8_all_reduce([fp8.quantize(x, "e4m3") for x in rank_grads(rank)], CommTransport(ps, "dp"), mu=mu)
     return ([(t.data.view(torch.uint8).clone(), t.scale.clone()) for t in result.tensors], result.overflow_frac,
-            result.nonfinite, comm.counter().snapshot()["dp_bytes"], counted.overflow_frac)
+            result.nonfinite, ps.counter.snapshot()["dp_bytes"], counted.overflow_frac)
 
 
 @pytest.fixture(scope="module")

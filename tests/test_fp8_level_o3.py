@@ -128,9 +128,9 @@ def weight_traffic(rank, world_size):
     for level in ("none", "O3"):
         model, ddp, optimizer = build(ps, level, dtype=torch.bfloat16, zero=True)
         from megatron.core.distributed import comm
-        before = comm.counter().snapshot()
+        before = ps.counter.snapshot()
         train(ps, model, ddp, optimizer)
-        out[level] = comm.counter().since(before)["dp_bytes"] / STEPS
+        out[level] = ps.counter.since(before)["dp_bytes"] / STEPS
         if level == "O3":
             out["fp8_weight_bytes"] = ddp.fp8_stats["dp_bytes"] + optimizer.publish_dp_bytes
             out["fp8_numel"] = sum(p.numel() for p in ddp.fp8_grad_params)

@@ -54,10 +54,10 @@ def sample(seed: int, dtype: torch.dtype, poison: float | None = None) -> torch.
     return x.to(dtype)
 
 
-def sent_bytes(send, tensor: torch.Tensor) -> int:
-    before = comm.counter().snapshot()
+def sent_bytes(send, tensor: torch.Tensor, ps: ParallelState) -> int:
+    before = ps.counter.snapshot()
     send(tensor)
-    return comm.counter().since(before)["pp_bytes"]
+    return ps.counter.since(before)["pp_bytes"]
 
 
 def communicator_worker(rank, world_size):
@@ -68,7 +68,7 @@ def communicator_worker(rank, world_size):
         name = str(dtype).split(".")[-1]
         act, grad = sample(1, dtype), sample(2, dtype)
         if ps.pp_rank == 0:
-            out[f"{name}/act_bytes"] = sent_bytes(p2p.send_forward, act)
+            out[f"{name}/act_bytes"] = sent_bytes(p2p.send_forward, act, ps)
             out[f"{name}/grad"] = p2p.recv_backward()
             # both directions in one exchange, as in the 1F1B steady state
             out[f"{name}/grad_pair"] = p2p.send_forward_recv_backward(act)
@@ -76,7 +76,7 @@ def communicator_worker(rank, world_size):
             received = p2p.recv_forward()
             out[f"{name}/act"] = received
             out[f"{name}/act_leaf"] = received.is_leaf and received.requires_grad
-            out[f"{name}/grad_bytes"] = sent_bytes(p2p.send_backward, grad)
+            out[f"{name}/grad_bytes"] = sent_bytes(p2p.send_backward, grad, ps)
             out[f"{name}/act_pair"] = p2p.send_backward_recv_forward(grad)
     p2p = P2PCommunicator(ps, SHAPE, torch.float32, fp8=True)
     for poison in (float("inf"), float("-inf"), float("nan")):
@@ -89,7 +89,7 @@ def communicator_worker(rank, world_size):
     for dtype in (torch.float32, torch.bfloat16):  # the bytes of higher-precision sends, to compare
         plain = P2PCommunicator(ps, SHAPE, dtype)
         if ps.pp_rank == 0:
-            out[f"plain/{dtype}"] = sent_bytes(plain.send_forward, sample(1, dtype))
+            out[f"plain/{dtype}"] = sent_bytes(plain.send_forward, sample(1, dtype), ps)
         else:
             plain.recv_forward()
     return out
@@ -129,11 +129,11 @@ def train(ps: ParallelState, *, fp8: bool, num_layers: int, layers_per_virtual_s
     for step, batch in enumerate(global_batches(steps, repeat=True)):  # one batch, so the loss must fall
         for p in params:
             p.grad = None
-        before = comm.counter().snapshot()
+        before = ps.counter.snapshot()
         reported = schedule(forward_step=forward_step, data_iterator=iter(batch.split(MICRO_BATCH)), model=model,
                             num_microbatches=GLOBAL_BATCH // MICRO_BATCH)
         if step == 0:
-            pp_bytes = comm.counter().since(before)["pp_bytes"]
+            pp_bytes = ps.counter.since(before)["pp_bytes"]
             grads = {global_name(chunk, n): p.grad.clone() for chunk in chunks for n, p in chunk.named_parameters()}
         losses.append(reported_mean(reported, "loss", ps))
         with torch.no_grad():

@@ -81,11 +81,11 @@ def run_pair(ps, steps=STEPS, dtype=torch.float32, **kw):
             p.grad_fp8 = None
         x_full, g_full = step_data(step)
         x = x_full.chunk(TP)[ps.tp_rank].to(dtype).requires_grad_()
-        before = comm.counter().snapshot()
+        before = ps.counter.snapshot()
         y = pair_forward(col, row, x)
-        fwd_bytes = comm.counter().since(before)["tp_bytes"]
+        fwd_bytes = ps.counter.since(before)["tp_bytes"]
         y.backward(g_full.chunk(TP)[ps.tp_rank].to(dtype))
-        total_bytes = comm.counter().since(before)["tp_bytes"]
+        total_bytes = ps.counter.since(before)["tp_bytes"]
         grads = {name: _grad(p).detach().clone() for name, p in params.items()}
         out.append(dict(y=y.detach(), dx=x.grad, grads=grads, bytes=(fwd_bytes, total_bytes)))
     histories = {"col.input": getattr(col.fp8.scalers["input"], "amax_history", None) if col.fp8 else None,

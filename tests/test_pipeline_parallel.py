@@ -79,10 +79,10 @@ def train(ps: ParallelState, variant: str, num_layers: int, micro_batch: int, *,
     losses, grads, pp_bytes = [], {}, 0
     for step, batch in enumerate(global_batches(steps, repeat)):
         ddp.zero_grad_buffer()
-        before = comm.counter().snapshot()
+        before = ps.counter.snapshot()
         reported = run(batch)
         if step == 0:
-            pp_bytes = comm.counter().since(before)["pp_bytes"]
+            pp_bytes = ps.counter.since(before)["pp_bytes"]
         loss = reported_mean(reported, "loss", ps)
         ddp.finish_grad_sync()
         allreduce_embedding_grads(chunks, ps)

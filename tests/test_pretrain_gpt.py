@@ -29,7 +29,9 @@ def run_main(argv, monkeypatch, world_size=None):
 @pytest.mark.parametrize("extra,world,message", [
     (["--tensor-model-parallel-size", "2"], 3, "world size 3 is not divisible"),
     (["--tensor-model-parallel-size", "8", "--num-attention-heads", "4"], 8, "--num-attention-heads (4) must be divisible"),
-    (["--tensor-model-parallel-size", "2", "--num-query-groups", "1"], 2, "--num-query-groups (1) must be divisible"),
+    (["--tensor-model-parallel-size", "2", "--group-query-attention", "--num-query-groups", "1"], 2,
+     "--num-query-groups (1) must be divisible"),
+    (["--num-query-groups", "2"], 1, "takes effect only with --group-query-attention"),
     (["--tensor-model-parallel-size", "2", "--sequence-parallel", "--seq-length", "127",
       "--max-position-embeddings", "127"], 2, "--seq-length (127) must be divisible"),
     (["--micro-batch-size", "4", "--global-batch-size", "12"], 2, "--global-batch-size (12) must be a multiple"),

@@ -55,13 +55,13 @@ def run_layer(ps, dtype):
     layer.bias.register_post_accumulate_grad_hook(lambda p: hooked.append("bias"))
     x, dy = _local_inputs(ps, data)
     saved = []
-    before = comm.counter().snapshot()
+    before = ps.counter.snapshot()
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((t.dtype, tuple(t.shape))) or t,
                                                   lambda t: t):
         y = layer(x)
-    fwd_bytes = comm.counter().since(before)["tp_bytes"]
+    fwd_bytes = ps.counter.since(before)["tp_bytes"]
     y.backward(dy)
-    total_bytes = comm.counter().since(before)["tp_bytes"]
+    total_bytes = ps.counter.since(before)["tp_bytes"]
     return dict(y=y.detach(), dx=x.grad, dw=layer.weight.grad, db=layer.bias.grad, saved=saved,
                 bytes=(fwd_bytes, total_bytes), hooked=sorted(hooked))
 
@@ -82,9 +82,9 @@ def frozen_weight_bytes(ps):
     layer = _layer(ps, data, torch.float32)
     layer.weight.requires_grad_(False)
     x, dy = _local_inputs(ps, data)
-    before = comm.counter().snapshot()
+    before = ps.counter.snapshot()
     layer(x).backward(dy)
-    return comm.counter().since(before)["tp_bytes"]
+    return ps.counter.since(before)["tp_bytes"]
 
 
 def worker(rank, world_size):

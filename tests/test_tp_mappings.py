@@ -49,10 +49,10 @@ def _cases(rank: int, tp: int):
 
 def _run_case(mapping, x, upstream_grad, ps):
     x = x.clone().requires_grad_()
-    before = comm.counter().snapshot()
+    before = ps.counter.snapshot()
     out = mapping(x, ps)
     out.backward(upstream_grad)
-    return out.detach(), x.grad, comm.counter().since(before)["tp_bytes"]
+    return out.detach(), x.grad, ps.counter.since(before)["tp_bytes"]
 
 
 def _mappings_worker(rank, world_size, names):

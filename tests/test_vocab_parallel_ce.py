@@ -44,9 +44,9 @@ def _ce_worker(rank, world_size):
     ps = ParallelState.build(tensor_model_parallel_size=world_size)
     out = {}
     for smoothing in SMOOTHINGS:
-        before = comm.counter().snapshot()
+        before = ps.counter.snapshot()
         out[smoothing] = _parallel(*_problem(), ps, smoothing)
-        out[f"{smoothing}:bytes"] = comm.counter().since(before)["tp_bytes"]
+        out[f"{smoothing}:bytes"] = ps.counter.since(before)["tp_bytes"]
     out["large"] = _parallel(*_problem(offset=1e4), ps, 0.0)
     logits, target, weights = _problem()
     out["bf16"] = _parallel(logits.bfloat16(), target, weights, ps, 0.1)

@@ -13,13 +13,40 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 GROUP_NAMES = ("tp", "dp", "pp", "embedding")
+# Bytes are counted per bucket; the embedding group (first + last pipeline stage) counts as "pp".
+BUCKETS = ("dp", "tp", "pp")
+_BUCKET_OF_GROUP = {"tp": "tp", "dp": "dp", "pp": "pp", "embedding": "pp"}
+
+
+class CommCounter:
+    """Bytes this process sent, per group bucket, since the last `reset`."""
+
+    def __init__(self):
+        self._bytes = dict.fromkeys(BUCKETS, 0)
+
+    def add(self, group_name: str, nbytes: int) -> None:
+        bucket = _BUCKET_OF_GROUP.get(group_name)
+        if bucket is None:
+            raise ValueError(f"unknown group {group_name!r}; use one of {', '.join(_BUCKET_OF_GROUP)}")
+        assert nbytes >= 0, nbytes
+        self._bytes[bucket] += int(nbytes)
+
+    def reset(self) -> None:
+        self._bytes = dict.fromkeys(BUCKETS, 0)
+
+    def snapshot(self) -> dict[str, int]:
+        return {f"{bucket}_bytes": count for bucket, count in self._bytes.items()}
+
+    def since(self, earlier: dict[str, int]) -> dict[str, int]:
+        """Bytes sent after `earlier` (a `snapshot`), for measuring one region without resetting."""
+        return {key: count - earlier.get(key, 0) for key, count in self.snapshot().items()}
 
 
 @dataclass(frozen=True)
@@ -94,6 +121,9 @@ class ParallelState:
     dp_ranks: tuple[int, ...] = (0,)
     pp_ranks: tuple[int, ...] = (0,)
     embedding_ranks: tuple[int, ...] = ()
+    # Bytes sent through these groups (`megatron.core.distributed.comm` adds to it); shared by
+    # every `replace`d copy of this state.
+    counter: CommCounter = field(default_factory=CommCounter, compare=False, repr=False)
 
     def __post_init__(self):
         assert self.world_size == self.tp_size * self.dp_size * self.pp_size, self

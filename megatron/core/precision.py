@@ -100,7 +100,7 @@ class PrecisionPlan:
 PIPELINE_P2P_DEFAULT = {"O3": True}
 # Whether O3 reduce-scatters sequence-parallel input gradients in FP8 unless told otherwise:
 # decided by the accuracy measurement in docs/benchmarks.md ("FP8 sequence-parallel reduce-scatter").
-REDUCE_SCATTER_DEFAULT = {"O3": False}
+REDUCE_SCATTER_DEFAULT = {"O3": True}
 
 
 def plan_for(config: FP8Config) -> PrecisionPlan:

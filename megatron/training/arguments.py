@@ -18,7 +18,7 @@ from fp8.scaling import RECIPES
 from megatron.core.datasets.config import add_data_args
 from megatron.core.pipeline_parallel.model import virtual_pipeline_size
 from megatron.core.precision import LEVELS
-from megatron.training.lr_schedule import add_lr_schedule_args, lr_schedule_config_from_args
+from megatron.training.lr_schedule import add_lr_schedule_args, lr_schedule_config_from_args, schedule_mismatch_policy
 from megatron.core.tokenizers.tokenizer import add_tokenizer_args
 
 
@@ -35,8 +35,9 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--hidden-size", type=int, default=None)
     g.add_argument("--ffn-hidden-size", type=int, default=None, help="default 4 x hidden size")
     g.add_argument("--num-attention-heads", type=int, default=None)
-    g.add_argument("--group-query-attention", action="store_true")
-    g.add_argument("--num-query-groups", type=int, default=None)
+    g.add_argument("--group-query-attention", action="store_true",
+                   help="grouped-query attention with --num-query-groups key/value heads (default 1), as Megatron-LM")
+    g.add_argument("--num-query-groups", type=int, default=None, help="needs --group-query-attention")
     g.add_argument("--kv-channels", type=int, default=None, help="head dimension; default hidden / heads")
     g.add_argument("--max-position-embeddings", type=int, default=None, help="default --seq-length")
     g.add_argument("--normalization", default="LayerNorm", choices=["LayerNorm", "RMSNorm"])
@@ -201,8 +202,11 @@ def _fill_defaults(args: argparse.Namespace) -> None:
         raise ValueError(f"missing {flags}: give them on the command line or in --config")
     if args.max_position_embeddings is None:
         args.max_position_embeddings = args.seq_length
+    if args.num_query_groups is not None and not args.group_query_attention:
+        raise ValueError(f"--num-query-groups {args.num_query_groups} takes effect only with --group-query-attention "
+                         "(as in Megatron-LM); add --group-query-attention or drop --num-query-groups")
     if args.num_query_groups is None:
-        args.num_query_groups = args.num_attention_heads
+        args.num_query_groups = 1 if args.group_query_attention else args.num_attention_heads
 
 
 def validate_args(args: argparse.Namespace, world_size: int) -> None:
@@ -243,11 +247,10 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
                          f"multiple of --pipeline-model-parallel-size ({pp}); change --global-batch-size")
     if args.sequence_parallel and tp == 1:
         args.sequence_parallel = False  # as Megatron: nothing to split
-    if args.fp8_level == "O3" and dp > 1:
-        args.use_distributed_optimizer = True  # O3 is FP8 ZeRO: weights and states live on their owners
     # The typed configs check themselves; build them now so that their errors, too, come before
     # any process group exists.
     lr_schedule_config_from_args(args)
+    schedule_mismatch_policy(args)
     from megatron.training.gpt_providers import fp8_config_from_args, transformer_config_from_args
     fp8_config_from_args(args)
     transformer_config_from_args(args, vocab_size=1)

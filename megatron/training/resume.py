@@ -17,6 +17,7 @@ from megatron.core import checkpointing
 from megatron.core.distributed import comm
 from megatron.core.parallel_state import ParallelState
 from megatron.core.parallelize import global_name
+from megatron.training.lr_schedule import schedule_mismatch_policy
 
 MODEL_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
               "kv_channels", "vocab_size", "normalization", "swiglu", "position_embedding_type",
@@ -29,9 +30,10 @@ def model_signature(model: torch.nn.Module) -> dict:
     return {key: getattr(config, key) for key in MODEL_KEYS if hasattr(config, key)}
 
 
-def layout_of(args, ps: ParallelState) -> dict:
+def layout_of(trainer) -> dict:
+    ps = trainer.ps
     return {"world_size": ps.world_size, "tp": ps.tp_size, "pp": ps.pp_size, "dp": ps.dp_size,
-            "distributed_optimizer": bool(args.use_distributed_optimizer)}
+            "distributed_optimizer": bool(trainer.use_distributed_optimizer)}
 
 
 def _plain(value):
@@ -52,7 +54,7 @@ def save(trainer) -> None:
               "skipped_iterations": state.skipped_iterations, "scheduler": trainer.scheduler.state_dict(),
               "args": {k: _plain(v) for k, v in vars(args).items()}}
     metadata = {"format": checkpointing.FORMAT_VERSION, "iteration": state.iteration,
-                "model": model_signature(trainer.model), "layout": layout_of(args, ps),
+                "model": model_signature(trainer.model), "layout": layout_of(trainer),
                 "fp8_level": args.fp8_level}
     start = time.perf_counter()
     folder = checkpointing.save_checkpoint(args.save, state.iteration, ps=ps, payload=payload, common=common,
@@ -68,7 +70,7 @@ def load(trainer) -> None:
     finetune = args.finetune
     result = checkpointing.load_checkpoint(
         args.load, ps=ps, model=trainer.model, optimizer=trainer.optimizer, global_name=global_name,
-        model_config=model_signature(trainer.model), layout=layout_of(args, ps),
+        model_config=model_signature(trainer.model), layout=layout_of(trainer),
         load_optim=not (finetune or args.no_load_optim), load_rng=not (finetune or args.no_load_rng),
         tracker=trainer.rng)
     if result is None:
@@ -86,7 +88,7 @@ def load(trainer) -> None:
     trainer.state.skipped_iterations = int(common.get("skipped_iterations", 0))
     trainer.last_saved_iteration = info.iteration
     if not args.no_load_optim:
-        trainer.scheduler.load_state_dict(common["scheduler"], on_mismatch="override")
+        trainer.scheduler.load_state_dict(common["scheduler"], on_mismatch=schedule_mismatch_policy(args))
     if trainer.ddp.fp8_autoscaler is not None and common.get("fp8_autoscaler"):
         trainer.ddp.fp8_autoscaler.load_state_dict(common["fp8_autoscaler"])
 

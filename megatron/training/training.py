@@ -71,7 +71,7 @@ def setup_parallel(args: argparse.Namespace) -> ParallelState:
 
 
 def build_optimizer(model: torch.nn.Module, args: argparse.Namespace, ps: ParallelState,
-                    ddp: DistributedDataParallel, fp8: FP8Config):
+                    ddp: DistributedDataParallel, fp8: FP8Config, use_distributed_optimizer: bool):
     """AdamW over FP32 masters; with --use-distributed-optimizer the masters and moments are
     sharded over the data-parallel group (ZeRO-1); at O1 / O2 the FP8 linear weights go through
     FP8AdamW (FP16 scaled masters, FP8 gradients, the level's moment formats); at O3 those live
@@ -85,11 +85,11 @@ def build_optimizer(model: torch.nn.Module, args: argparse.Namespace, ps: Parall
             print_rank0(ps, f"> {ddp.fp8_zero.describe()}")
             return FP8ZeroOptimizer(named, config, ps, layout=ddp.fp8_zero, exp_avg_dtype=exp_avg,
                                     exp_avg_sq_dtype=exp_avg_sq, stochastic_rounding=fp8.fp16_master_stochastic_rounding,
-                                    seed=args.seed, ddp=ddp, use_distributed_optimizer=args.use_distributed_optimizer)
+                                    seed=args.seed, ddp=ddp, use_distributed_optimizer=use_distributed_optimizer)
         return FP8MixedPrecisionOptimizer(named, config, ps, exp_avg_dtype=exp_avg, exp_avg_sq_dtype=exp_avg_sq,
                                           stochastic_rounding=fp8.fp16_master_stochastic_rounding, seed=args.seed,
-                                          ddp=ddp, use_distributed_optimizer=args.use_distributed_optimizer)
-    if args.use_distributed_optimizer:
+                                          ddp=ddp, use_distributed_optimizer=use_distributed_optimizer)
+    if use_distributed_optimizer:
         return DistributedOptimizer(named, config, ps, ddp)
     return MixedPrecisionOptimizer(named, config, ps)
 
@@ -161,9 +161,11 @@ class Trainer:
         self.rng = model_parallel_seed(ps, args.seed)
         self.model = model_provider(args, ps, self.rng)
         self.fp8_config = fp8 = fp8_config_from_args(args)
-        self.ddp = DistributedDataParallel(self.model, ps, use_distributed_optimizer=args.use_distributed_optimizer,
+        # O3 is FP8 ZeRO: with more than one data-parallel rank the dense states are sharded too.
+        self.use_distributed_optimizer = args.use_distributed_optimizer or (plan_for(fp8).fp8_zero and ps.dp_size > 1)
+        self.ddp = DistributedDataParallel(self.model, ps, use_distributed_optimizer=self.use_distributed_optimizer,
                                            fp8_autoscaler=fp8_autoscaler(fp8))
-        self.optimizer = build_optimizer(self.model, args, ps, self.ddp, fp8)
+        self.optimizer = build_optimizer(self.model, args, ps, self.ddp, fp8, self.use_distributed_optimizer)
         self.scheduler = LRScheduler(lr_schedule_config_from_args(args), train_iters=args.train_iters)
         self.state = TrainState()
         self.last_saved_iteration: int | None = None
@@ -250,7 +252,7 @@ class Trainer:
 
     def _train_loop(self, stop: resume.StopConditions) -> None:
         args, ps, state = self.args, self.ps, self.state
-        counter = comm.counter()
+        counter = ps.counter
         interval_time, interval_steps, interval_skipped = 0.0, 0, 0
         while state.iteration < args.train_iters:
             lr = self.scheduler.step(self.optimizer, state.iteration)

@@ -10,7 +10,6 @@ from megatron.core.distributed.comm import (
     all_to_all,
     barrier,
     broadcast,
-    counter,
     recv,
     reduce_scatter,
     ring_bytes,
@@ -19,6 +18,6 @@ from megatron.core.distributed.comm import (
 )
 
 __all__ = [
-    "comm", "CommCounter", "counter", "ring_bytes", "all_reduce", "all_reduce_max", "all_reduce_scalar",
+    "comm", "CommCounter", "ring_bytes", "all_reduce", "all_reduce_max", "all_reduce_scalar",
     "all_gather", "reduce_scatter", "all_to_all", "broadcast", "barrier", "send", "recv", "send_recv",
 ]

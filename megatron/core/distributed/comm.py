@@ -7,7 +7,9 @@ sender only. Nothing is counted (or sent) when n == 1; fractions round down. The
 counted, not what a fallback really moves, so CPU and GPU runs report the same.
 
 Groups are named ("tp", "dp", "pp", "embedding") and resolved through a `ParallelState`; the
-"embedding" group (first + last pipeline stage) is counted under "pp".
+"embedding" group (first + last pipeline stage) is counted under "pp". The bytes go to that
+`ParallelState`'s `counter` (a `CommCounter` value, not a process-wide one): whoever holds the
+value reads it, and two states never mix their counts.
 
 Two transport rules hide backend differences:
 - 1-byte floats (float8) travel as uint8: neither gloo nor NCCL knows their scalar types, and
@@ -26,46 +28,12 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ReduceOp
 
-from megatron.core.parallel_state import ParallelState
+from megatron.core.parallel_state import BUCKETS, CommCounter, ParallelState  # noqa: F401 (re-exported)
 
-BUCKETS = ("dp", "tp", "pp")
-_BUCKET_OF_GROUP = {"tp": "tp", "dp": "dp", "pp": "pp", "embedding": "pp"}
 _RING_FACTOR = {"all_reduce": (2, True), "reduce_scatter": (1, True), "all_gather": (1, True),
                 "all_to_all": (1, True), "broadcast": (1, False), "send": (1, False)}
 
 SUM, MAX, MIN = ReduceOp.SUM, ReduceOp.MAX, ReduceOp.MIN
-
-
-class CommCounter:
-    """Bytes this process sent, per group bucket, since the last `reset`."""
-
-    def __init__(self):
-        self._bytes = dict.fromkeys(BUCKETS, 0)
-
-    def add(self, group_name: str, nbytes: int) -> None:
-        bucket = _BUCKET_OF_GROUP.get(group_name)
-        if bucket is None:
-            raise ValueError(f"unknown group {group_name!r}; use one of {', '.join(_BUCKET_OF_GROUP)}")
-        assert nbytes >= 0, nbytes
-        self._bytes[bucket] += int(nbytes)
-
-    def reset(self) -> None:
-        self._bytes = dict.fromkeys(BUCKETS, 0)
-
-    def snapshot(self) -> dict[str, int]:
-        return {f"{bucket}_bytes": count for bucket, count in self._bytes.items()}
-
-    def since(self, earlier: dict[str, int]) -> dict[str, int]:
-        """Bytes sent after `earlier` (a `snapshot`), for measuring one region without resetting."""
-        return {key: count - earlier.get(key, 0) for key, count in self.snapshot().items()}
-
-
-_COUNTER = CommCounter()
-
-
-def counter() -> CommCounter:
-    """The process-wide counter; the training loop reads and resets it once per iteration."""
-    return _COUNTER
 
 
 def ring_bytes(op: str, full_nbytes: int, group_size: int) -> int:
@@ -80,8 +48,8 @@ def ring_bytes(op: str, full_nbytes: int, group_size: int) -> int:
     return factor * (group_size - 1) * full_nbytes // group_size
 
 
-def _count(group: str, op: str, full_nbytes: int, group_size: int) -> None:
-    _COUNTER.add(group, ring_bytes(op, full_nbytes, group_size))
+def _count(ps: ParallelState, group: str, op: str, full_nbytes: int, group_size: int) -> None:
+    ps.counter.add(group, ring_bytes(op, full_nbytes, group_size))
 
 
 # ----- helpers ---------------------------------------------------------------------------------
@@ -142,7 +110,7 @@ def all_reduce(t: torch.Tensor, ps: ParallelState, group: str, op=SUM) -> torch.
     dist.all_reduce(buffer, op=op, group=process_group)
     if buffer is not t:
         t.copy_(buffer)
-    _count(group, "all_reduce", t.nbytes, size)
+    _count(ps, group, "all_reduce", t.nbytes, size)
     return t
 
 
@@ -174,7 +142,7 @@ def all_gather(t: torch.Tensor, ps: ParallelState, group: str, dim: int = 0) -> 
         parts = [torch.empty_like(local) for _ in range(size)]
         dist.all_gather(parts, local, group=process_group)
         gathered = torch.cat(parts, dim=dim)
-    _count(group, "all_gather", t.nbytes * size, size)
+    _count(ps, group, "all_gather", t.nbytes * size, size)
     return gathered.view(t.dtype)
 
 
@@ -201,7 +169,7 @@ def reduce_scatter(t: torch.Tensor, ps: ParallelState, group: str, dim: int = 0)
         summed = t.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(summed, group=process_group)
         chunk = summed.chunk(size, dim)[ps.group_rank(group)].contiguous()
-    _count(group, "reduce_scatter", t.nbytes, size)
+    _count(ps, group, "reduce_scatter", t.nbytes, size)
     return chunk
 
 
@@ -228,7 +196,7 @@ def all_to_all(tensors: Sequence[torch.Tensor], ps: ParallelState, group: str,
     recv_splits = [math.prod(shape) * dtype.itemsize for shape in shapes]
     recv_bytes = send_bytes.new_empty(sum(recv_splits))
     dist.all_to_all_single(recv_bytes, send_bytes, recv_splits, send_splits, group=process_group)
-    _count(group, "all_to_all", send_bytes.numel(), size)
+    _count(ps, group, "all_to_all", send_bytes.numel(), size)
     return [part.view(dtype).view(shape) for part, shape in zip(recv_bytes.split(recv_splits), shapes)]
 
 
@@ -248,7 +216,7 @@ def all_gather_uneven(t: torch.Tensor, numels: Sequence[int], ps: ParallelState,
     recv_splits = [n * t.dtype.itemsize for n in numels]
     received = local.new_empty(sum(recv_splits))
     dist.all_to_all_single(received, local.repeat(size), recv_splits, [local.numel()] * size, group=process_group)
-    _count(group, "all_gather", sum(recv_splits), size)
+    _count(ps, group, "all_gather", sum(recv_splits), size)
     return [part.view(t.dtype) for part in received.split(recv_splits)]
 
 
@@ -264,7 +232,7 @@ def broadcast(t: torch.Tensor, ps: ParallelState, group: str, src_group_rank: in
     dist.broadcast(_to_wire(buffer), src=ps.ranks(group)[src_group_rank], group=process_group)
     if buffer is not t:
         t.copy_(buffer)
-    _count(group, "broadcast", t.nbytes, size)
+    _count(ps, group, "broadcast", t.nbytes, size)
     return t
 
 
@@ -308,4 +276,4 @@ def send_recv(ps: ParallelState, sends: Sequence[tuple[torch.Tensor, int]] = (),
     for work in works:
         work.wait()
     for t, _ in sends:
-        _count("pp", "send", t.nbytes, ps.pp_size)
+        _count(ps, "pp", "send", t.nbytes, ps.pp_size)

@@ -220,9 +220,9 @@ class DistributedDataParallel(nn.Module):
             for grad, summed in zip(grads, flat.split([g.numel() for g in grads])):
                 grad.copy_(summed.view_as(grad))
         if self.fp8_grad_params:
-            before = comm.counter().snapshot()
+            before = self.ps.counter.snapshot()
             self._reduce_fp8_grads()
-            self.fp8_stats["dp_bytes"] = comm.counter().since(before)["dp_bytes"]
+            self.fp8_stats["dp_bytes"] = self.ps.counter.since(before)["dp_bytes"]
         if self.ps.dp_size == 1:
             return
         for bucket in self.grad_buffer.buckets:

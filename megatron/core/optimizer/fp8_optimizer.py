@@ -100,9 +100,9 @@ class FP8MixedPrecisionOptimizer:
             for param in self.owned:  # dividing the scale multiplies the value: exact, in place
                 param.grad_fp8.scale.div_(coefficient)
             self._fp8_step()
-        before = comm.counter().snapshot()
+        before = self.ps.counter.snapshot()
         self._publish()
-        self.publish_dp_bytes = comm.counter().since(before)["dp_bytes"]
+        self.publish_dp_bytes = self.ps.counter.since(before)["dp_bytes"]
         return StepResult(skipped=False, grad_norm=norm)
 
     def _fp8_grad_norm_squared(self) -> float:
