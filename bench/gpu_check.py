@@ -467,16 +467,19 @@ def build_level(ctx: Ctx, cfg: dict, variant: str):
     parallelize_gpt(model, ps)
     initialize_parameters(model, ps, seed=1234, device=ctx.device)
     fp8_config = FP8Config(level=level, min_features=cfg["min_features"], recipe=recipe or "delayed")
-    switched = apply_precision(model, fp8_config)
-    ddp = DistributedDataParallel(model, ps, fp8_autoscaler=fp8_autoscaler(fp8_config))
+    precision = apply_precision(model, fp8_config)
+    switched = list(precision.fp8_linears)
+    ddp = DistributedDataParallel(model, ps, fp8_autoscaler=fp8_autoscaler(fp8_config), precision=precision)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     opt_config = OptimizerConfig(lr=cfg["lr"], weight_decay=0.1, clip_grad=1.0)
     _, m, v = fp8_config.optimizer_dtypes()
     if ddp.fp8_zero is not None:
         optimizer = FP8ZeroOptimizer(named, opt_config, ps, layout=ddp.fp8_zero, exp_avg_dtype=m,
+                                     casts=[precision.cast_of(p) for p in ddp.fp8_zero.params], fp8_grads=ddp.fp8_grads,
                                      exp_avg_sq_dtype=v, ddp=ddp)
     elif ddp.fp8_grad_params:
-        optimizer = FP8MixedPrecisionOptimizer(named, opt_config, ps, exp_avg_dtype=m, exp_avg_sq_dtype=v, ddp=ddp)
+        optimizer = FP8MixedPrecisionOptimizer(named, opt_config, ps, fp8_params=ddp.fp8_grad_params, fp8_grads=ddp.fp8_grads, exp_avg_dtype=m,
+                                               exp_avg_sq_dtype=v, ddp=ddp)
     else:
         optimizer = MixedPrecisionOptimizer(named, opt_config, ps)
     return model, ddp, optimizer, switched

@@ -10,8 +10,9 @@ so those operands are re-quantized from their FP8 copies along the new axis - th
 device, so CPU and GPU runs round alike. Per-tensor scales need none of that.
 
 With ``fp8_wgrad=True`` the weight gradient is not handed to autograd: it is accumulated, in FP8
-E4M3 with a per-tensor scale, on ``weight.grad_fp8`` (a `ScalingTensor`) across backward calls,
-for the FP8 gradient reduction of level O1 and above. Set it to None to start a new step.
+E4M3 with a per-tensor scale, into the state's `FP8GradStore` (``state.grads``, shared by a whole
+model when the precision plan builds it) across backward calls, for the FP8 gradient reduction of
+level O1 and above. Clear the store to start a new step.
 
 `fp8_linear(x, weight, bias, state)` is the functional core, with its casting state (scalers,
 the cached FP8 weight) in an `FP8LinearState`; `FP8Linear` is the module around it, and the
@@ -29,9 +30,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fp8.gemm import fp8_matmul
+from fp8.gradients import FP8GradStore
 from fp8.params import fp8_weight_tensor, is_fp8_param, param_value
 from fp8.scaling import BLOCK_SIZE, CurrentScaling, DelayedScaling, Recipe, resolve_tile, tile_amax
-from fp8.tensor import ScalingTensor, accumulate, quantize, requantize
+from fp8.tensor import ScalingTensor, quantize, requantize
 
 WGRAD_FORMAT = "e4m3"
 
@@ -107,9 +109,11 @@ class FP8LinearState:
     """
 
     def __init__(self, recipe: Recipe | None = None, fp8_wgrad: bool = False, *, fp8_comm: bool = False,
-                 fp8_reduce_scatter: bool = False):
+                 fp8_reduce_scatter: bool = False, grads: FP8GradStore | None = None):
         self.recipe = recipe or Recipe()
         self.fp8_wgrad = fp8_wgrad
+        # Where FP8 weight gradients accumulate (a store of its own unless the model shares one).
+        self.grads = (grads if grads is not None else FP8GradStore()) if fp8_wgrad else None
         # Sequence-parallel traffic of a tensor-parallel layer around this GEMM: all-gathers in FP8
         # (`fp8_comm`), and the input-gradient reduce-scatter in FP8 (`fp8_reduce_scatter`).
         self.fp8_comm, self.fp8_reduce_scatter = fp8_comm, fp8_reduce_scatter
@@ -175,7 +179,7 @@ class FP8LinearState:
     def deliver_wgrad(self, weight: torch.Tensor, dw: torch.Tensor) -> torch.Tensor | None:
         if not self.fp8_wgrad:
             return dw.to(weight.dtype)
-        weight.grad_fp8 = accumulate(getattr(weight, "grad_fp8", None), dw, WGRAD_FORMAT)
+        self.grads.accumulate(weight, dw, WGRAD_FORMAT)
         return None
 
 

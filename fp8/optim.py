@@ -30,7 +30,7 @@ values, so checkpoints that store FP32 values resume bit-exactly. It costs at mo
 of range at the top, which neither FP16 nor E4M3 needs.
 
 Gradients (reduced and clipped by the caller; no clipping or finite checks here) are read from
-``p.grad``, else ``p.grad_fp8`` (a `ScalingTensor`), else ``p.main_grad``; a parameter with none is
+``p.grad``, else its entry in ``fp8_grads`` (an `FP8GradStore`), else ``p.main_grad``; a parameter with none is
 skipped. They are gradients of the loss with respect to the parameter's *true* value.
 """
 
@@ -41,8 +41,10 @@ from collections import defaultdict
 from collections.abc import Iterable
 
 import torch
+import torch.nn as nn
 
 from fp8.formats import E4M3, FP16
+from fp8.gradients import FP8GradStore
 from fp8.scaling import compute_scale
 from fp8.stochastic import stochastic_round
 from fp8.tensor import ScalingTensor, cast_saturate, quantize
@@ -64,9 +66,31 @@ Stored = torch.Tensor | ScalingTensor
 # FP16 masters with a per-tensor scale
 # ----------------------------------------------------------------------------------------------
 
+class ScaledFP16Parameter(nn.Parameter):
+    """A parameter stored as FP16 with a per-tensor FP32 ``scale``: value = ``data.float() / scale``.
+
+    The kind of a parameter is its type: code asks ``isinstance(p, ScaledFP16Parameter)`` (or
+    `is_scaled_fp16`), never whether some attribute happens to be there. Made in place from an
+    FP32 / BF16 parameter by `make_scaled_fp16_param`, or new with `new`."""
+
+    scale: torch.Tensor
+
+    @classmethod
+    def new(cls, payload: torch.Tensor, scale: torch.Tensor, requires_grad: bool = False) -> ScaledFP16Parameter:
+        assert payload.dtype == torch.float16 and scale.dtype == torch.float32 and scale.dim() == 0
+        param = cls(payload, requires_grad=requires_grad)
+        param.scale = scale
+        return param
+
+    def __deepcopy__(self, memo):
+        copy = type(self).new(self.data.clone(), self.scale.clone(), self.requires_grad)
+        memo[id(self)] = copy
+        return copy
+
+
 def is_scaled_fp16(p: torch.Tensor) -> bool:
-    """Whether `p` is an FP16 master with a per-tensor scale (a float16 tensor with ``.scale``)."""
-    return p.dtype == torch.float16 and isinstance(getattr(p, "scale", None), torch.Tensor)
+    """Whether `p` is an FP16 master with a per-tensor scale."""
+    return isinstance(p, ScaledFP16Parameter)
 
 
 def to_scaled_fp16(tensor: torch.Tensor, *, power_of_two: bool = True,
@@ -91,8 +115,11 @@ def make_scaled_fp16_param(param: torch.Tensor, *, power_of_two: bool = True) ->
     if param.grad is not None:
         raise ValueError("make_scaled_fp16_param: the parameter already has a .grad of the old dtype; "
                          "convert parameters before the first backward (or set .grad = None first)")
+    if not isinstance(param, nn.Parameter):
+        raise ValueError("make_scaled_fp16_param converts an nn.Parameter in place; wrap the tensor in one first")
     payload, scale = to_scaled_fp16(param, power_of_two=power_of_two)
     param.data = payload
+    param.__class__ = ScaledFP16Parameter  # the same object (optimizers, names keep it), now of its kind
     param.scale = scale
     return param
 
@@ -157,11 +184,12 @@ def _unpack(packed: torch.Tensor | dict, device: torch.device) -> Stored:
 # Gradients
 # ----------------------------------------------------------------------------------------------
 
-def read_grad(p: torch.Tensor) -> torch.Tensor | None:
-    """The FP32 gradient of `p`'s true value: ``p.grad``, else ``p.grad_fp8``, else ``p.main_grad``."""
+def read_grad(p: torch.Tensor, fp8_grads: FP8GradStore | None = None) -> torch.Tensor | None:
+    """The FP32 gradient of `p`'s true value: ``p.grad``, else `p`'s entry in `fp8_grads`, else
+    ``p.main_grad`` (a data-parallel wrapper's buffer view)."""
     grad = p.grad
     if grad is None:
-        grad_fp8 = getattr(p, "grad_fp8", None)
+        grad_fp8 = fp8_grads.get(p) if fp8_grads is not None else None
         grad = grad_fp8.dequantize() if grad_fp8 is not None else getattr(p, "main_grad", None)
     if grad is None:
         return None
@@ -192,9 +220,8 @@ def _check_state_dtype(name: str, value: str) -> str:
 def _check_param(p: torch.Tensor) -> None:
     if p.dtype not in _PARAM_DTYPES:
         raise ValueError(f"FP8AdamW updates fp32, bf16 or fp16 parameters, got one of dtype {p.dtype}")
-    scale = getattr(p, "scale", None)
-    if p.dtype == torch.float16 and scale is not None and not (
-            isinstance(scale, torch.Tensor) and scale.dtype == torch.float32 and scale.dim() == 0):
+    if is_scaled_fp16(p) and not (p.dtype == torch.float16 and isinstance(p.scale, torch.Tensor)
+                                  and p.scale.dtype == torch.float32 and p.scale.dim() == 0):
         raise ValueError("an FP16 master's .scale must be a 0-dim float32 tensor; "
                          "build it with fp8.make_scaled_fp16_param")
 
@@ -212,7 +239,7 @@ class FP8AdamW(torch.optim.Optimizer):
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.01, *, exp_avg_dtype: str = "fp8",
                  exp_avg_sq_dtype: str = "fp16", stochastic_rounding: bool = False, seed: int = 0,
-                 power_of_two_scales: bool = True):
+                 power_of_two_scales: bool = True, fp8_grads: FP8GradStore | None = None):
         _check_hparams(lr, betas, eps, weight_decay)
         self.exp_avg_dtype = _check_state_dtype("exp_avg_dtype", exp_avg_dtype)
         self.exp_avg_sq_dtype = _check_state_dtype("exp_avg_sq_dtype", exp_avg_sq_dtype)
@@ -220,6 +247,7 @@ class FP8AdamW(torch.optim.Optimizer):
             warnings.warn(FP8_SECOND_MOMENT_WARNING, UserWarning, stacklevel=2)
         self.stochastic_rounding, self.seed = bool(stochastic_rounding), int(seed)
         self.power_of_two_scales = bool(power_of_two_scales)
+        self.fp8_grads = fp8_grads  # where FP8 gradients of the parameters are found (level O1+)
         self._generators: dict[str, torch.Generator] = {}
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
         super().__init__(params, defaults)
@@ -237,7 +265,7 @@ class FP8AdamW(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             for p in group["params"]:
-                grad = read_grad(p)
+                grad = read_grad(p, self.fp8_grads)
                 if grad is not None:
                     self._step_param(p, grad, group)
         return loss
@@ -311,13 +339,11 @@ class FP8AdamW(torch.optim.Optimizer):
                     self._init_state(p, self.state[p])
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """As torch's, and drops FP8 gradients too (``p.grad_fp8``), which would otherwise be
+        """As torch's, and drops the parameters' FP8 gradients too, which would otherwise be
         accumulated into by the next backward. ``p.main_grad`` belongs to its grad buffer."""
         super().zero_grad(set_to_none=set_to_none)
-        for group in self.param_groups:
-            for p in group["params"]:
-                if getattr(p, "grad_fp8", None) is not None:
-                    p.grad_fp8 = None
+        if self.fp8_grads is not None:
+            self.fp8_grads.clear(p for group in self.param_groups for p in group["params"])
 
     # ----- memory accounting -------------------------------------------------------------------
     def state_bytes(self) -> int:

@@ -17,6 +17,8 @@ checkpoints hold: a checkpoint does not depend on how a level stores weights.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 
@@ -28,32 +30,53 @@ from fp8.tensor import ScalingTensor, cast_saturate
 SCALE_BYTES = 4
 
 
+@dataclass(frozen=True)
+class WeightCast:
+    """How an FP8 weight is cast from its value: the recipe's margin and power-of-two rule."""
+
+    margin: int = 0
+    power_of_two: bool = False
+
+
+class FP8WeightParameter(nn.Parameter):
+    """A weight stored in FP8 E4M3 with a per-tensor FP32 ``scale`` (value = ``data.float() /
+    scale``, one byte per element) and the `WeightCast` every re-quantization uses, so that all
+    ranks cast alike. Its kind is its type (`is_fp8_param`)."""
+
+    scale: torch.Tensor
+    cast: WeightCast
+
+    def __deepcopy__(self, memo):
+        copy = type(self)(self.data.clone(), self.requires_grad)
+        copy.scale, copy.cast = self.scale.clone(), self.cast
+        memo[id(self)] = copy
+        return copy
+
+
 def is_fp8_param(p: torch.Tensor) -> bool:
-    """Whether `p` is an FP8 weight: E4M3 payload with a per-tensor ``.scale``."""
-    return p.dtype == E4M3.dtype and isinstance(getattr(p, "scale", None), torch.Tensor)
+    """Whether `p` is an FP8 weight."""
+    return isinstance(p, FP8WeightParameter)
 
 
-def quantize_fp8_weight(value: torch.Tensor, param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(payload, scale)``: `value` as E4M3 with a per-tensor scale from its amax, under the
-    margin / power-of-two rule `param` was made with. A zero (or non-finite) amax keeps the
-    parameter's current scale."""
+def quantize_fp8_weight(value: torch.Tensor, cast: WeightCast,
+                        prev_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(payload, scale)``: `value` as E4M3 with a per-tensor scale from its amax under `cast`.
+    A zero (or non-finite) amax keeps `prev_scale`."""
     x = value.detach().float()
     amax = x.abs().amax() if x.numel() else torch.zeros((), device=x.device)
-    prev = getattr(param, "scale", None)
-    scale = compute_scale(amax, E4M3.max, getattr(param, "fp8_margin", 0),
-                          getattr(param, "fp8_power_of_two", False), prev)
+    scale = compute_scale(amax, E4M3.max, cast.margin, cast.power_of_two, prev_scale)
     return cast_saturate(x * scale, E4M3), scale.reshape(())
 
 
-def make_fp8_param(param: nn.Parameter, *, margin: int = 0, power_of_two: bool = False) -> None:
-    """Store `param` (any kind) as an FP8 weight in place: one byte per element plus a scale."""
+def make_fp8_param(param: nn.Parameter, cast: WeightCast) -> FP8WeightParameter:
+    """Store `param` (any kind) as an FP8 weight in place: one byte per element plus a scale.
+    The Parameter object stays the same (optimizers and names keep it); its type says its kind."""
     value = param_value(param).float()
-    param.fp8_margin, param.fp8_power_of_two = margin, power_of_two
-    if hasattr(param, "scale"):
-        del param.scale
-    payload, scale = quantize_fp8_weight(value, param)
+    payload, scale = quantize_fp8_weight(value, cast)
     param.data = payload
-    param.scale = scale
+    param.__class__ = FP8WeightParameter
+    param.scale, param.cast = scale, cast
+    return param
 
 
 def fp8_weight_tensor(param: torch.Tensor) -> ScalingTensor:
@@ -73,7 +96,7 @@ def param_value(param: torch.Tensor) -> torch.Tensor:
 def set_param_value(param: torch.Tensor, value: torch.Tensor) -> None:
     """Make `param` stand for `value`, re-quantizing scaled kinds with a fresh scale."""
     if is_fp8_param(param):
-        payload, scale = quantize_fp8_weight(value, param)
+        payload, scale = quantize_fp8_weight(value, param.cast, param.scale)
     elif is_scaled_fp16(param):
         payload, scale = to_scaled_fp16(value.float())
     else:

@@ -47,16 +47,18 @@ def build(ps: ParallelState, level: str, *, dtype=torch.float32, zero: bool = Fa
     parallelize_gpt(model, ps)
     initialize_parameters(model, ps, seed=5)
     fp8 = FP8Config(level=level, recipe="current", min_features=64)
-    apply_precision(model, fp8)
+    precision = apply_precision(model, fp8)
     ddp = DistributedDataParallel(model, ps, bucket_size_mb=0.5, use_distributed_optimizer=zero,
-                                  fp8_autoscaler=GradientAutoScaler() if level != "none" else None)
+                                  fp8_autoscaler=GradientAutoScaler() if level != "none" else None, precision=precision)
     named, config = list(model.named_parameters()), OptimizerConfig(lr=1e-3, weight_decay=0.1, clip_grad=1.0)
     _, m, v = fp8.optimizer_dtypes()
     if ddp.fp8_zero is not None:
         optimizer = FP8ZeroOptimizer(named, config, ps, layout=ddp.fp8_zero, exp_avg_dtype=m, exp_avg_sq_dtype=v,
+                                     casts=[precision.cast_of(p) for p in ddp.fp8_zero.params], fp8_grads=ddp.fp8_grads,
                                      ddp=ddp, use_distributed_optimizer=zero)
     elif ddp.fp8_grad_params:
-        optimizer = FP8MixedPrecisionOptimizer(named, config, ps, exp_avg_dtype=m, exp_avg_sq_dtype=v, ddp=ddp,
+        optimizer = FP8MixedPrecisionOptimizer(named, config, ps, fp8_params=ddp.fp8_grad_params, fp8_grads=ddp.fp8_grads, exp_avg_dtype=m,
+                                               exp_avg_sq_dtype=v, ddp=ddp,
                                                use_distributed_optimizer=zero)
     else:
         optimizer = (DistributedOptimizer if zero else MixedPrecisionOptimizer)(named, config, ps, *([ddp] if zero else []))
@@ -77,7 +79,7 @@ def train(ps, model, ddp, optimizer, *, poison_step: int | None = None, steps: i
         loss = model(tokens[:, :-1], tokens[:, 1:]).float().mean()
         loss.backward()
         if step == poison_step and ps.dp_rank == ps.dp_size - 1:
-            ddp.fp8_grad_params[0].grad_fp8.data.view(-1)[0] = float("nan")
+            ddp.fp8_grads.get(ddp.fp8_grad_params[0]).data.view(-1)[0] = float("nan")
         ddp.finish_grad_sync()
         out.append((loss.item(), optimizer.step().skipped))
     return out
@@ -97,7 +99,7 @@ def o3_against_o2(rank, world_size):
         if not is_fp8_param(param):
             master_err = max(master_err, (param.float() - weights2[name].float()).abs().max().item())
             continue
-        expected, scale = quantize_fp8_weight(param_value(weights2[name]), param)
+        expected, scale = quantize_fp8_weight(param_value(weights2[name]), param.cast, param.scale)
         weight_mismatch += int(not torch.equal(param.view(torch.uint8), expected.view(torch.uint8))
                                or not torch.equal(param.scale, scale))
         payloads[name] = param.detach().view(torch.uint8).clone()

@@ -46,8 +46,7 @@ def tiny_model(level: str, dtype=torch.float32):
     parallelize_gpt(model, ps)
     initialize_parameters(model, ps, seed=3)
     fp8 = FP8Config(level=level, recipe="current", min_features=64)
-    apply_precision(model, fp8)
-    return model, ps, fp8
+    return model, ps, fp8, apply_precision(model, fp8)
 
 
 @pytest.mark.parametrize("dtype,per_other", [(torch.float32, 16), (torch.bfloat16, 18)])
@@ -55,18 +54,19 @@ def tiny_model(level: str, dtype=torch.float32):
 def test_state_bytes_per_param_follow_the_precision_table(level, per_fp8_weight, dtype, per_other):
     """FP8 linear weights: 2 (FP16 master) + 1 (FP8 grad) + 8 (FP32 Adam, O1) or 1 + 2 (O2), plus
     scales; every other parameter 16 (FP32 model) or 2 + 4 + 4 + 8 = 18 (BF16 with FP32 masters)."""
-    model, ps, fp8 = tiny_model(level, dtype)
-    ddp = DistributedDataParallel(model, ps)
+    model, ps, fp8, precision = tiny_model(level, dtype)
+    ddp = DistributedDataParallel(model, ps, precision=precision)
     _, exp_avg, exp_avg_sq = fp8.optimizer_dtypes()
     optimizer = FP8MixedPrecisionOptimizer(list(model.named_parameters()), OptimizerConfig(lr=1e-3), ps,
-                                           exp_avg_dtype=exp_avg, exp_avg_sq_dtype=exp_avg_sq)
+                                           fp8_params=ddp.fp8_grad_params, fp8_grads=ddp.fp8_grads, exp_avg_dtype=exp_avg,
+                                           exp_avg_sq_dtype=exp_avg_sq)
     tokens = torch.randint(0, 256, (2, 33))
     model(tokens[:, :-1], tokens[:, 1:]).float().mean().backward()
     ddp.finish_grad_sync()
     assert not optimizer.step().skipped
     fp8_weights = ddp.fp8_grad_params
     assert len(fp8_weights) == 8 and all(is_scaled_fp16(p) for p in fp8_weights)
-    others = [p for p in model.parameters() if not getattr(p, "grad_is_fp8", False)]
+    others = [p for p in model.parameters() if not precision.is_fp8_grad(p)]
     fp8_numel, other_numel = sum(p.numel() for p in fp8_weights), sum(p.numel() for p in others)
     weight = sum(p.numel() * p.element_size() + (4 if is_scaled_fp16(p) else 0) for p in model.parameters())
     held = weight + ddp.grad_buffer.nbytes + ddp.fp8_grad_bytes + optimizer.master_bytes() + optimizer.optim_bytes()
@@ -76,18 +76,19 @@ def test_state_bytes_per_param_follow_the_precision_table(level, per_fp8_weight,
 
 @pytest.mark.parametrize("level", ["O1", "O2"])
 def test_non_finite_fp8_gradient_skips_the_step_and_keeps_everything(level):
-    model, ps, fp8 = tiny_model(level)
-    ddp = DistributedDataParallel(model, ps)
+    model, ps, fp8, precision = tiny_model(level)
+    ddp = DistributedDataParallel(model, ps, precision=precision)
     _, exp_avg, exp_avg_sq = fp8.optimizer_dtypes()
     optimizer = FP8MixedPrecisionOptimizer(list(model.named_parameters()), OptimizerConfig(lr=1e-3), ps,
-                                           exp_avg_dtype=exp_avg, exp_avg_sq_dtype=exp_avg_sq)
+                                           fp8_params=ddp.fp8_grad_params, fp8_grads=ddp.fp8_grads, exp_avg_dtype=exp_avg,
+                                           exp_avg_sq_dtype=exp_avg_sq)
     tokens = torch.randint(0, 256, (2, 33))
 
     def step(poison: bool):
         ddp.zero_grad_buffer()
         model(tokens[:, :-1], tokens[:, 1:]).mean().backward()
         if poison:
-            ddp.fp8_grad_params[3].grad_fp8.data[0, 0] = float("nan")
+            ddp.fp8_grads.get(ddp.fp8_grad_params[3]).data[0, 0] = float("nan")
         ddp.finish_grad_sync()
         return optimizer.step()
 

@@ -6,6 +6,7 @@ paper's optimizer ablation (section 2.2) on least-squares problems and print wha
 
 from __future__ import annotations
 
+import copy
 import io
 import warnings
 
@@ -13,7 +14,8 @@ import pytest
 import torch
 
 import fp8
-from fp8.optim import FP8AdamW, make_scaled_fp16_param, scaled_value, to_scaled_fp16
+from fp8.gradients import FP8GradStore
+from fp8.optim import FP8AdamW, ScaledFP16Parameter, is_scaled_fp16, make_scaled_fp16_param, scaled_value, to_scaled_fp16
 from fp8.stochastic import step_toward, stochastic_round
 
 FP32_STATES = {"exp_avg_dtype": "fp32", "exp_avg_sq_dtype": "fp32"}
@@ -313,9 +315,13 @@ def test_gradient_sources_in_order(source):
     p = _params(init)[0]
     order = ["grad", "grad_fp8", "main_grad"]
     present = order[order.index(source):] if source != "none" else []
+    store = FP8GradStore()
     for name in present:
-        setattr(p, name, candidates[name])
-    opt = FP8AdamW([p], lr=1e-2, **FP32_STATES)
+        if name == "grad_fp8":
+            store.set(p, candidates[name])
+        else:
+            setattr(p, name, candidates[name])
+    opt = FP8AdamW([p], lr=1e-2, fp8_grads=store, **FP32_STATES)
     opt.step()
     if source == "none":
         assert torch.equal(p.detach(), init) and opt.state_fp32(p) == {}
@@ -330,11 +336,13 @@ def test_gradient_sources_in_order(source):
 
 
 def test_zero_grad_drops_fp8_gradients():
-    p = _params(torch.ones(4))[0]
-    p.grad_fp8 = fp8.quantize(torch.ones(4))
+    p, other = _params(torch.ones(4), torch.ones(2))
+    store = FP8GradStore()
+    store.set(p, fp8.quantize(torch.ones(4)))
+    store.set(other, fp8.quantize(torch.ones(2)))
     p.grad = torch.ones(4)
-    FP8AdamW([p]).zero_grad()
-    assert p.grad is None and p.grad_fp8 is None
+    FP8AdamW([p], fp8_grads=store).zero_grad()
+    assert p.grad is None and p not in store and other in store  # only its own parameters
 
 
 # --------------------------------------------------------------------------- FP16 masters
@@ -346,6 +354,9 @@ def test_make_scaled_fp16_param_in_place():
     p.tensor_model_parallel = True
     same = make_scaled_fp16_param(p)
     assert same is p and p.tensor_model_parallel and p.dtype == torch.float16
+    assert type(p) is ScaledFP16Parameter and is_scaled_fp16(p)  # the kind is the type
+    copied = copy.deepcopy(p)
+    assert type(copied) is ScaledFP16Parameter and torch.equal(copied.scale, p.scale) and copied.scale is not p.scale
     assert p.scale.dim() == 0 and p.scale.dtype == torch.float32
     assert torch.log2(p.scale).item() == int(torch.log2(p.scale).item())  # a power of two
     assert 32752 <= p.detach().float().abs().max().item() <= 65504
@@ -359,6 +370,11 @@ def test_make_scaled_fp16_param_in_place():
     q.grad = torch.ones(2)
     with pytest.raises(ValueError, match="before the first backward"):
         make_scaled_fp16_param(q)
+    with pytest.raises(ValueError, match="nn.Parameter"):
+        make_scaled_fp16_param(torch.ones(2))
+    fp16 = torch.nn.Parameter(torch.ones(2, dtype=torch.float16))
+    fp16.scale = torch.ones(())  # an attribute does not make a kind
+    assert not is_scaled_fp16(fp16)
 
 
 def test_fp16_master_rescales_when_its_range_changes():
@@ -402,9 +418,10 @@ def _mixed_params(seed: int = 0, device: str = "cpu"):
 def _clone_params(params):
     clones = []
     for p in params:
-        q = torch.nn.Parameter(p.detach().clone())
-        if hasattr(p, "scale"):
-            q.scale = p.scale.clone()
+        if is_scaled_fp16(p):
+            q = ScaledFP16Parameter.new(p.detach().clone(), p.scale.clone(), requires_grad=True)
+        else:
+            q = torch.nn.Parameter(p.detach().clone())
         clones.append(q)
     return clones
 
@@ -519,7 +536,7 @@ def test_bad_params_raise_value_error():
         FP8AdamW([torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))])
     with pytest.raises(ValueError, match="lr must be"):
         FP8AdamW([{"params": [torch.nn.Parameter(torch.zeros(2))], "lr": -1.0}])
-    bad = torch.nn.Parameter(torch.zeros(2, dtype=torch.float16))
+    bad = make_scaled_fp16_param(torch.nn.Parameter(torch.zeros(2)))
     bad.scale = torch.ones(2)
     with pytest.raises(ValueError, match="0-dim float32"):
         FP8AdamW([bad])

@@ -66,8 +66,9 @@ def make_pair(ps, *, recipe=None, fmt="hybrid", comm_fp8=False, reduce_scatter=F
     return col, row
 
 
-def _grad(p):
-    return p.grad_fp8.dequantize() if getattr(p, "grad_fp8", None) is not None else p.grad
+def _grad(p, store):
+    grad_fp8 = store.get(p) if store is not None else None
+    return grad_fp8.dequantize() if grad_fp8 is not None else p.grad
 
 
 def run_pair(ps, steps=STEPS, dtype=torch.float32, **kw):
@@ -75,10 +76,12 @@ def run_pair(ps, steps=STEPS, dtype=torch.float32, **kw):
     col, row = make_pair(ps, dtype=dtype, **kw)
     params = {"col.weight": col.weight, "col.bias": col.bias, "row.weight": row.weight, "row.bias": row.bias}
     out = []
+    stores = [layer.fp8.grads for layer in (col, row) if layer.fp8 is not None and layer.fp8.grads is not None]
     for step in range(steps):
         for p in params.values():
             p.grad = None
-            p.grad_fp8 = None
+        for store in stores:
+            store.clear()
         x_full, g_full = step_data(step)
         x = x_full.chunk(TP)[ps.tp_rank].to(dtype).requires_grad_()
         before = ps.counter.snapshot()
@@ -86,7 +89,9 @@ def run_pair(ps, steps=STEPS, dtype=torch.float32, **kw):
         fwd_bytes = ps.counter.since(before)["tp_bytes"]
         y.backward(g_full.chunk(TP)[ps.tp_rank].to(dtype))
         total_bytes = ps.counter.since(before)["tp_bytes"]
-        grads = {name: _grad(p).detach().clone() for name, p in params.items()}
+        owner = {"col": col, "row": row}
+        grads = {name: _grad(p, owner[name.split(".")[0]].fp8.grads if owner[name.split(".")[0]].fp8 else None)
+                 .detach().clone() for name, p in params.items()}
         out.append(dict(y=y.detach(), dx=x.grad, grads=grads, bytes=(fwd_bytes, total_bytes)))
     histories = {"col.input": getattr(col.fp8.scalers["input"], "amax_history", None) if col.fp8 else None,
                  "row.grad_output": getattr(row.fp8.scalers["grad_output"], "amax_history", None) if row.fp8 else None}
@@ -132,11 +137,13 @@ def gpt_grads(ps, level: str, reduce_scatter: bool = False, recompute: bool = Fa
     parallelize_gpt(model, ps, sequence_parallel=ps.tp_size > 1, rng=rng)
     attach_rng_tracker(model, rng)
     initialize_parameters(model, ps, seed=7)
-    apply_precision(model, FP8Config(level=level, recipe="current", min_features=32, reduce_scatter=reduce_scatter))
+    precision = apply_precision(model, FP8Config(level=level, recipe="current", min_features=32,
+                                                 reduce_scatter=reduce_scatter))
     tokens = torch.randint(0, 128, (4, SEQ + 1), generator=torch.Generator().manual_seed(5))
     loss = model(tokens[:, :-1], tokens[:, 1:]).mean()
     loss.backward()
-    grads = {global_name(model, n): (_grad(p).detach().clone(), p.partition_dim, p.partition_parts, p.sequence_parallel)
+    grads = {global_name(model, n): (_grad(p, precision.grads).detach().clone(), p.partition_dim, p.partition_parts,
+                                     p.sequence_parallel)
              for n, p in model.named_parameters()}
     return loss.item(), grads
 

@@ -45,8 +45,8 @@ def train(ps: ParallelState, variant: str, sequence_parallel: bool, micro_batch:
     model = GPTModel(make_config(variant), device="meta")
     parallelize_gpt(model, ps, sequence_parallel=sequence_parallel, rng=rng)
     initialize_parameters(model, ps, seed=1234)
-    apply_precision(model, FP8Config(level=fp8_level, recipe="current", min_features=32))
-    ddp = DistributedDataParallel(model, ps, bucket_size_mb=0.01)  # several buckets
+    precision = apply_precision(model, FP8Config(level=fp8_level, recipe="current", min_features=32))
+    ddp = DistributedDataParallel(model, ps, bucket_size_mb=0.01, precision=precision)  # several buckets
     optimizer = MixedPrecisionOptimizer(list(model.named_parameters()), OptimizerConfig(lr=1e-2, clip_grad=0.5), ps)
     per_rank = GLOBAL_BATCH // ps.dp_size
     losses, grads = [], {}

@@ -58,7 +58,7 @@ def walk(model, ddp, optimizer) -> dict[str, int]:
     grads = [ddp.grad_buffer.data]
     for param in model.parameters():
         assert param.grad is None  # gradients live in the buffer or as FP8 tensors only
-        grad_fp8 = getattr(param, "grad_fp8", None)
+        grad_fp8 = ddp.fp8_grads.get(param) if ddp.fp8_grads is not None else None
         if grad_fp8 is not None:
             grads += [grad_fp8.data, grad_fp8.scale]
     weight_storages, grad_storages = storages(weights), storages(grads)

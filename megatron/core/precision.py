@@ -21,8 +21,10 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
+from fp8.gradients import FP8GradStore
 from fp8.linear import FP8LinearState
 from fp8.optim import is_scaled_fp16, make_scaled_fp16_param
+from fp8.params import WeightCast, is_fp8_param
 from fp8.scaling import RECIPES, Recipe
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
@@ -124,42 +126,64 @@ def _wants_fp8(name: str, config: FP8Config) -> bool:
     return leaf in FP8_LAYER_SUFFIXES or (config.output_layer and leaf == "output_layer")
 
 
-def apply_precision(model: nn.Module, config: FP8Config) -> list[str]:
-    """Give the transformer linears of a parallelized model FP8 state as the level asks.
-    Returns the names of the layers now running FP8 GEMMs. The size filter looks at each
-    rank's local shard, which is what the GEMM kernels see."""
+@dataclass(frozen=True, eq=False)
+class AppliedPrecision:
+    """What the precision plan changed in a model, handed to the consumers that need it: the
+    data-parallel wrapper (which gradients arrive in FP8, whether they go to owners) and the
+    optimizers (which weights FP8AdamW updates, how O3 casts each to FP8). Read from the FP8
+    linears' own state (`precision_of`), never from attributes on parameters."""
+
+    plan: PrecisionPlan
+    grads: FP8GradStore | None = None                # where the FP8 linears leave FP8 weight gradients
+    fp8_linears: tuple[str, ...] = ()                # modules running FP8 GEMMs
+    fp8_grad_params: tuple[nn.Parameter, ...] = ()   # weights with FP8 gradients (O1+), model order
+    casts: tuple[WeightCast, ...] = ()               # how each of those is cast to FP8 (O3)
+
+    def is_fp8_grad(self, param: nn.Parameter) -> bool:
+        return any(param is p for p in self.fp8_grad_params)
+
+    def cast_of(self, param: nn.Parameter) -> WeightCast:
+        return next(cast for p, cast in zip(self.fp8_grad_params, self.casts) if p is param)
+
+    @property
+    def fp8_zero(self) -> bool:
+        return self.plan.fp8_zero and bool(self.fp8_grad_params)
+
+
+def apply_precision(model: nn.Module, config: FP8Config) -> AppliedPrecision:
+    """Give the transformer linears of a parallelized model FP8 state as the level asks, and
+    return what changed. The size filter looks at each rank's local shard, which is what the
+    GEMM kernels see."""
     plan = plan_for(config)
-    if not plan.fp8_gemms:
-        return []
-    recipe = config.to_recipe()
-    switched = []
-    for name, module in model.named_modules():
-        if not isinstance(module, (ColumnParallelLinear, RowParallelLinear)) or not _wants_fp8(name, config):
-            continue
-        out_local, in_local = module.weight.shape
-        if recipe.uses_fp8(in_local, out_local):
-            module.fp8 = FP8LinearState(recipe, fp8_wgrad=plan.fp8_wgrad, fp8_comm=plan.fp8_tp_comm,
-                                        fp8_reduce_scatter=plan.fp8_reduce_scatter)
-            if plan.fp8_wgrad:
-                _fp8_gradient_weight(module.weight, config)
-            if plan.fp8_zero:
-                _fp8_zero_weight(module.weight, recipe)
-            switched.append(name)
-    return switched
+    grads = FP8GradStore() if plan.fp8_wgrad else None
+    if plan.fp8_gemms:
+        recipe = config.to_recipe()
+        for name, module in model.named_modules():
+            if not isinstance(module, (ColumnParallelLinear, RowParallelLinear)) or not _wants_fp8(name, config):
+                continue
+            out_local, in_local = module.weight.shape
+            if recipe.uses_fp8(in_local, out_local):
+                module.fp8 = FP8LinearState(recipe, fp8_wgrad=plan.fp8_wgrad, fp8_comm=plan.fp8_tp_comm,
+                                            fp8_reduce_scatter=plan.fp8_reduce_scatter, grads=grads)
+                if plan.fp8_wgrad and config.optimizer_dtypes()[0] == "fp16":
+                    # O1 and up: the weight is its own master, FP16 with a per-tensor scale
+                    # unless --main-params-dtype fp32 (refused at O3).
+                    make_scaled_fp16_param(module.weight)
+    return precision_of(model, config)
 
 
-def _fp8_gradient_weight(weight: nn.Parameter, config: FP8Config) -> None:
-    """O1 and up: the weight's gradient is FP8 (reduced in FP8), and the weight is its own
-    master, FP16 with a per-tensor scale unless --main-params-dtype fp32."""
-    weight.grad_is_fp8 = True
-    if config.optimizer_dtypes()[0] == "fp16":
-        make_scaled_fp16_param(weight)
-
-
-def _fp8_zero_weight(weight: nn.Parameter, recipe: Recipe) -> None:
-    """O3: the weight is to be stored in FP8 (`fp8.params`), cast with the recipe's margin and
-    power-of-two rule, its master and moments on one owner rank. It stays an FP16 master here:
-    the FP8 ZeRO optimizer takes the owners' masters from it, then stores it in FP8."""
-    assert is_scaled_fp16(weight), "FP8Config refuses --main-params-dtype fp32 at O3"
-    weight.fp8_zero = True
-    weight.fp8_margin, weight.fp8_power_of_two = recipe.margin, recipe.power_of_two
+def precision_of(model: nn.Module, config: FP8Config) -> AppliedPrecision:
+    """The `AppliedPrecision` of a model `apply_precision` has changed (every pipeline chunk of
+    it when `model` holds several): read from its FP8 linears' state."""
+    plan = plan_for(config)
+    linears = [(name, module) for name, module in model.named_modules()
+               if isinstance(getattr(module, "fp8", None), FP8LinearState)]
+    with_fp8_grad = {id(module.weight): module.fp8.recipe for _, module in linears if module.fp8.fp8_wgrad}
+    stores = {id(module.fp8.grads): module.fp8.grads for _, module in linears if module.fp8.fp8_wgrad}
+    assert len(stores) <= 1, "the FP8 linears of one model share one FP8GradStore"
+    params = [p for p in model.parameters() if id(p) in with_fp8_grad]
+    casts = [WeightCast(with_fp8_grad[id(p)].margin, with_fp8_grad[id(p)].power_of_two) for p in params]
+    assert not plan.fp8_zero or all(is_scaled_fp16(p) or is_fp8_param(p) for p in params), \
+        "FP8Config refuses --main-params-dtype fp32 at O3"
+    return AppliedPrecision(plan, next(iter(stores.values()), None), tuple(name for name, _ in linears),
+                            tuple(params), tuple(casts))

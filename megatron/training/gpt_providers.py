@@ -57,8 +57,9 @@ def model_provider(args: argparse.Namespace, ps: ParallelState, rng) -> nn.Modul
         parallelize_gpt(chunk, ps, sequence_parallel=args.sequence_parallel, rng=rng)
         attach_rng_tracker(chunk, rng)
         initialize_parameters(chunk, ps, seed=args.seed, device=ps.device)
-        apply_precision(chunk, fp8_config_from_args(args))
-    return chunks[0] if len(chunks) == 1 else nn.ModuleList(chunks)
+    model = chunks[0] if len(chunks) == 1 else nn.ModuleList(chunks)
+    apply_precision(model, fp8_config_from_args(args))  # once for every chunk: one FP8 gradient store
+    return model
 
 
 def datasets_provider(args: argparse.Namespace, num_samples, *, eod_id: int | None = None):

@@ -29,7 +29,7 @@ from megatron.core.optimizer import MixedPrecisionOptimizer, OptimizerConfig
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.optimizer.fp8_optimizer import FP8MixedPrecisionOptimizer
 from megatron.core.optimizer.fp8_zero import FP8ZeroOptimizer
-from megatron.core.precision import FP8Config, plan_for
+from megatron.core.precision import AppliedPrecision, FP8Config, plan_for, precision_of
 from megatron.core.parallel_state import ParallelState, init_distributed
 from megatron.core.pipeline_parallel.model import allreduce_embedding_grads
 from megatron.core.pipeline_parallel.p2p_communication import activation_shape
@@ -71,7 +71,8 @@ def setup_parallel(args: argparse.Namespace) -> ParallelState:
 
 
 def build_optimizer(model: torch.nn.Module, args: argparse.Namespace, ps: ParallelState,
-                    ddp: DistributedDataParallel, fp8: FP8Config, use_distributed_optimizer: bool):
+                    ddp: DistributedDataParallel, fp8: FP8Config, use_distributed_optimizer: bool,
+                    precision: AppliedPrecision):
     """AdamW over FP32 masters; with --use-distributed-optimizer the masters and moments are
     sharded over the data-parallel group (ZeRO-1); at O1 / O2 the FP8 linear weights go through
     FP8AdamW (FP16 scaled masters, FP8 gradients, the level's moment formats); at O3 those live
@@ -83,10 +84,14 @@ def build_optimizer(model: torch.nn.Module, args: argparse.Namespace, ps: Parall
         _, exp_avg, exp_avg_sq = fp8.optimizer_dtypes()
         if ddp.fp8_zero is not None:
             print_rank0(ps, f"> {ddp.fp8_zero.describe()}")
-            return FP8ZeroOptimizer(named, config, ps, layout=ddp.fp8_zero, exp_avg_dtype=exp_avg,
+            casts = [precision.cast_of(p) for p in ddp.fp8_zero.params]
+            return FP8ZeroOptimizer(named, config, ps, layout=ddp.fp8_zero, casts=casts, fp8_grads=ddp.fp8_grads,
+                                    exp_avg_dtype=exp_avg,
                                     exp_avg_sq_dtype=exp_avg_sq, stochastic_rounding=fp8.fp16_master_stochastic_rounding,
                                     seed=args.seed, ddp=ddp, use_distributed_optimizer=use_distributed_optimizer)
-        return FP8MixedPrecisionOptimizer(named, config, ps, exp_avg_dtype=exp_avg, exp_avg_sq_dtype=exp_avg_sq,
+        return FP8MixedPrecisionOptimizer(named, config, ps, fp8_params=ddp.fp8_grad_params, fp8_grads=ddp.fp8_grads,
+                                          exp_avg_dtype=exp_avg,
+                                          exp_avg_sq_dtype=exp_avg_sq,
                                           stochastic_rounding=fp8.fp16_master_stochastic_rounding, seed=args.seed,
                                           ddp=ddp, use_distributed_optimizer=use_distributed_optimizer)
     if use_distributed_optimizer:
@@ -163,9 +168,11 @@ class Trainer:
         self.fp8_config = fp8 = fp8_config_from_args(args)
         # O3 is FP8 ZeRO: with more than one data-parallel rank the dense states are sharded too.
         self.use_distributed_optimizer = args.use_distributed_optimizer or (plan_for(fp8).fp8_zero and ps.dp_size > 1)
+        self.precision = precision_of(self.model, fp8)
         self.ddp = DistributedDataParallel(self.model, ps, use_distributed_optimizer=self.use_distributed_optimizer,
-                                           fp8_autoscaler=fp8_autoscaler(fp8))
-        self.optimizer = build_optimizer(self.model, args, ps, self.ddp, fp8, self.use_distributed_optimizer)
+                                           fp8_autoscaler=fp8_autoscaler(fp8), precision=self.precision)
+        self.optimizer = build_optimizer(self.model, args, ps, self.ddp, fp8, self.use_distributed_optimizer,
+                                         self.precision)
         self.scheduler = LRScheduler(lr_schedule_config_from_args(args), train_iters=args.train_iters)
         self.state = TrainState()
         self.last_saved_iteration: int | None = None

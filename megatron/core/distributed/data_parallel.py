@@ -13,8 +13,8 @@ does. `finish_grad_sync` then
 Buckets follow reverse parameter order (the order backward produces gradients) and hold about
 `bucket_size_mb` each; they bound the size of a single collective.
 
-Parameters marked ``grad_is_fp8`` (the FP8 linear weights at level O1 and above) are not in the
-buffer: their gradient arrives as an FP8 `ScalingTensor` on ``param.grad_fp8``, accumulated across
+The weights the precision plan gives FP8 gradients (`AppliedPrecision.fp8_grad_params`: the FP8
+linear weights at level O1 and above) are not in the buffer: their gradient arrives as an FP8 `ScalingTensor` in the plan's `FP8GradStore` (``fp8_grads``), accumulated across
 micro-batches by the FP8 linear itself, and is averaged over the data-parallel group in FP8
 (`fp8.collectives.fp8_all_reduce`: shared scale, auto-scaling factor mu). `fp8_stats` then holds
 the mu used and the fractions of mu-scaled values that saturated and underflowed
@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -48,6 +49,9 @@ from megatron.core.distributed import comm
 from megatron.core.distributed.fp8_transport import CommTransport
 from megatron.core.distributed.fp8_zero import FP8ZeroLayout
 from megatron.core.parallel_state import ParallelState
+
+if TYPE_CHECKING:
+    from megatron.core.precision import AppliedPrecision
 
 
 # Each rank's chunk of a bucket is a multiple of this many elements, so chunks start on 512-byte
@@ -135,36 +139,37 @@ class DistributedDataParallel(nn.Module):
 
     def __init__(self, module: nn.Module, ps: ParallelState, *, grad_dtype: torch.dtype = torch.float32,
                  bucket_size_mb: float = 40.0, use_distributed_optimizer: bool = False,
-                 fp8_autoscaler: GradientAutoScaler | None = None):
+                 fp8_autoscaler: GradientAutoScaler | None = None, precision: AppliedPrecision | None = None):
         super().__init__()
         self.module, self.ps = module, ps
         self.use_distributed_optimizer = use_distributed_optimizer
-        params = self.dense_grad_params(module)
-        self.fp8_grad_params = [p for p in module.parameters() if p.requires_grad and getattr(p, "grad_is_fp8", False)]
+        self.fp8_grad_params = [p for p in precision.fp8_grad_params if p.requires_grad] if precision else []
+        self.fp8_grads = precision.grads if self.fp8_grad_params else None
+        params = self.dense_grad_params(module, self.fp8_grad_params)
         self.fp8_autoscaler = fp8_autoscaler
         self.fp8_stats: dict[str, float] = {}
         bucket_numel = max(1, int(bucket_size_mb * 2**20 / torch.tensor([], dtype=grad_dtype).element_size()))
         device = params[0].device if params else ps.device
         pad_to = ps.dp_size * SHARD_ALIGN_NUMEL if use_distributed_optimizer else 1
         self.grad_buffer = GradBuffer(params, grad_dtype, device, bucket_numel, pad_to=pad_to)
-        zero = [p for p in self.fp8_grad_params if getattr(p, "fp8_zero", False)]
-        assert not zero or len(zero) == len(self.fp8_grad_params), "FP8 ZeRO takes all FP8 weights or none"
-        self.fp8_zero = FP8ZeroLayout(zero, ps.dp_size, int(bucket_size_mb * 2**20)) if zero else None
+        zero = precision is not None and precision.fp8_zero and self.fp8_grad_params
+        self.fp8_zero = FP8ZeroLayout(self.fp8_grad_params, ps.dp_size, int(bucket_size_mb * 2**20)) if zero else None
         self._hooks = [p.register_post_accumulate_grad_hook(_accumulate_into_main_grad) for p in params]
         self.sequence_parallel_params = [p for p in params if getattr(p, "sequence_parallel", False)]
 
     @staticmethod
-    def dense_grad_params(module: nn.Module) -> list[nn.Parameter]:
+    def dense_grad_params(module: nn.Module, fp8_grad_params=()) -> list[nn.Parameter]:
         """Trainable parameters whose gradients arrive as dense tensors (in definition order)."""
-        return [p for p in module.parameters() if p.requires_grad and not getattr(p, "grad_is_fp8", False)]
+        fp8 = {id(p) for p in fp8_grad_params}
+        return [p for p in module.parameters() if p.requires_grad and id(p) not in fp8]
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
 
     def zero_grad_buffer(self) -> None:
         self.grad_buffer.data.zero_()
-        for param in self.fp8_grad_params:
-            param.grad_fp8 = None
+        if self.fp8_grads is not None:
+            self.fp8_grads.clear()
 
     @property
     def fp8_grad_bytes(self) -> int:
@@ -179,11 +184,11 @@ class DistributedDataParallel(nn.Module):
         return sum(p.numel() + 4 for p in self.fp8_grad_params)
 
     def _reduce_fp8_grads(self) -> None:
-        grads = []
+        store = self.fp8_grads
         for param in self.fp8_grad_params:
-            if getattr(param, "grad_fp8", None) is None:  # unused this step: a zero gradient
-                param.grad_fp8 = quantize(torch.zeros(param.shape, device=param.device), "e4m3")
-            grads.append(param.grad_fp8)
+            if param not in store:  # unused this step: a zero gradient
+                store.set(param, quantize(torch.zeros(param.shape, device=param.device), "e4m3"))
+        grads = [store.get(param) for param in self.fp8_grad_params]
         # Without auto-scaling: divide before the sum (pre-scaling), which cannot overflow.
         mu = self.fp8_autoscaler.mu if self.fp8_autoscaler is not None else 1.0 / self.ps.dp_size
         transport = CommTransport(self.ps, "dp")
@@ -192,7 +197,7 @@ class DistributedDataParallel(nn.Module):
         else:
             result = fp8_all_reduce(grads, transport, mu=mu)
             for param, reduced in zip(self.fp8_grad_params, result.tensors):
-                param.grad_fp8 = reduced
+                store.set(param, reduced)
             stats = result.stats
         if self.fp8_autoscaler is not None:
             self.fp8_autoscaler.update(stats.overflow_frac)
@@ -203,10 +208,10 @@ class DistributedDataParallel(nn.Module):
         layout, stats = self.fp8_zero, ReductionStats()
         for bucket in layout.buckets:
             params = [layout.params[i] for i in bucket]
-            result = fp8_reduce_to_owners([p.grad_fp8 for p in params], [layout.owners[i] for i in bucket],
+            result = fp8_reduce_to_owners([self.fp8_grads.get(p) for p in params], [layout.owners[i] for i in bucket],
                                           transport, mu=mu)
             for param, reduced in zip(params, result.tensors):
-                param.grad_fp8 = reduced
+                self.fp8_grads.set(param, reduced)  # None where another rank owns the tensor
             stats = stats + result.stats
         return stats
 

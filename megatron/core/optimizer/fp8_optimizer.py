@@ -1,7 +1,7 @@
 """The optimizer of levels O1 and O2: FP8 weight gradients, FP16 masters with scales.
 
-The transformer linear weights (parameters marked ``grad_is_fp8``) are their own masters, FP16
-with a per-tensor scale, and get their gradient as an FP8 `ScalingTensor` (``param.grad_fp8``,
+The transformer linear weights with FP8 gradients (`fp8_params`, from the precision plan) are their own masters, FP16
+with a per-tensor scale, and get their gradient as an FP8 `ScalingTensor` (from the plan's `FP8GradStore`,
 already averaged over data parallel in FP8). `fp8.optim.FP8AdamW` updates them with Adam moments
 in FP32 (O1) or FP8 / FP16 (O2, precision decoupling). Every other parameter goes through the
 dense optimizer: `MixedPrecisionOptimizer`, or `DistributedOptimizer` with
@@ -20,6 +20,7 @@ import math
 import torch
 import torch.nn as nn
 
+from fp8.gradients import FP8GradStore
 from fp8.optim import FP8AdamW, is_scaled_fp16, scaled_value
 from fp8.zero import greedy_partition
 from megatron.core.distributed import comm
@@ -28,7 +29,8 @@ from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.parallel_state import ParallelState
 
 
-def _fp8_grad_norm_squared(params: list[nn.Parameter], ps: ParallelState, owned: list[nn.Parameter] | None = None) -> float:
+def _fp8_grad_norm_squared(params: list[nn.Parameter], grads: FP8GradStore, ps: ParallelState,
+                           owned: list[nn.Parameter] | None = None) -> float:
     """Sum of squares of the FP8 gradients over the model. After the FP8 all-reduce they are equal
     on every data-parallel rank and tensor-parallel shards otherwise, so sum over tp and pp. Under
     FP8 ZeRO only the `owned` gradients are here: each rank fills its tensors' entries of one
@@ -37,7 +39,7 @@ def _fp8_grad_norm_squared(params: list[nn.Parameter], ps: ParallelState, owned:
     device = params[0].device if params else ps.device
     mine = None if owned is None else {id(p) for p in owned}
     zero = torch.zeros((), dtype=torch.float32, device=device)
-    squares = torch.stack([param.grad_fp8.dequantize(torch.float32).square().sum()
+    squares = torch.stack([grads.get(param).dequantize(torch.float32).square().sum()
                            if mine is None or id(param) in mine else zero for param in params] or [zero])
     if mine is not None and ps.dp_size > 1:
         comm.all_reduce(squares, ps, "dp")
@@ -48,8 +50,8 @@ def _fp8_grad_norm_squared(params: list[nn.Parameter], ps: ParallelState, owned:
     return total.item()
 
 
-def fp8_adamw(params: list[torch.Tensor], config: OptimizerConfig, ps: ParallelState, *, exp_avg_dtype: str,
-              exp_avg_sq_dtype: str, stochastic_rounding: bool, seed: int) -> FP8AdamW | None:
+def fp8_adamw(params: list[torch.Tensor], grads: FP8GradStore, config: OptimizerConfig, ps: ParallelState, *,
+              exp_avg_dtype: str, exp_avg_sq_dtype: str, stochastic_rounding: bool, seed: int) -> FP8AdamW | None:
     """FP8AdamW over `params` (None when there are none). Replicas must round alike: the
     stochastic-rounding seed depends on the model-parallel position only, never on the
     data-parallel rank."""
@@ -57,12 +59,15 @@ def fp8_adamw(params: list[torch.Tensor], config: OptimizerConfig, ps: ParallelS
         return None
     return FP8AdamW(params, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
                     weight_decay=config.weight_decay, exp_avg_dtype=exp_avg_dtype, exp_avg_sq_dtype=exp_avg_sq_dtype,
+                    fp8_grads=grads,
                     stochastic_rounding=stochastic_rounding, seed=seed + 7919 * (ps.tp_rank + ps.tp_size * ps.pp_rank))
 
 
-def dense_optimizer(named_params, config: OptimizerConfig, ps: ParallelState, ddp, use_distributed_optimizer: bool):
-    """The optimizer of every parameter that is not an FP8 weight."""
-    dense = [(n, p) for n, p in named_params if not getattr(p, "grad_is_fp8", False)]
+def dense_optimizer(named_params, config: OptimizerConfig, ps: ParallelState, ddp, use_distributed_optimizer: bool,
+                    fp8_params=()):
+    """The optimizer of every parameter that is not among `fp8_params`."""
+    fp8 = {id(p) for p in fp8_params}
+    dense = [(n, p) for n, p in named_params if id(p) not in fp8]
     if use_distributed_optimizer:
         return DistributedOptimizer(dense, config, ps, ddp)
     return MixedPrecisionOptimizer(dense, config, ps)
@@ -70,18 +75,19 @@ def dense_optimizer(named_params, config: OptimizerConfig, ps: ParallelState, dd
 
 class FP8MixedPrecisionOptimizer:
     def __init__(self, named_params: list[tuple[str, nn.Parameter]], config: OptimizerConfig, ps: ParallelState,
-                 *, exp_avg_dtype: str, exp_avg_sq_dtype: str, stochastic_rounding: bool = False, seed: int = 0,
-                 ddp=None, use_distributed_optimizer: bool = False):
-        self.config, self.ps = config, ps
+                 *, fp8_params, fp8_grads: FP8GradStore, exp_avg_dtype: str, exp_avg_sq_dtype: str,
+                 stochastic_rounding: bool = False, seed: int = 0, ddp=None, use_distributed_optimizer: bool = False):
+        self.config, self.ps, self.fp8_grads = config, ps, fp8_grads
         self.publish_dp_bytes = 0  # data-parallel bytes the last step sent to publish the FP8 weights
-        self.dense = dense_optimizer(named_params, config, ps, ddp, use_distributed_optimizer)
-        self.fp8_params = [p for _, p in named_params if getattr(p, "grad_is_fp8", False)]
+        self.fp8_params = list(fp8_params)
+        self.dense = dense_optimizer(named_params, config, ps, ddp, use_distributed_optimizer, self.fp8_params)
         if use_distributed_optimizer:
             self.owners = greedy_partition([p.numel() for p in self.fp8_params], ps.dp_size)
         else:
             self.owners = [ps.dp_rank] * len(self.fp8_params)
         self.owned = [p for p, owner in zip(self.fp8_params, self.owners) if owner == ps.dp_rank]
-        self.fp8 = fp8_adamw(self.owned, config, ps, exp_avg_dtype=exp_avg_dtype, exp_avg_sq_dtype=exp_avg_sq_dtype,
+        self.fp8 = fp8_adamw(self.owned, fp8_grads, config, ps, exp_avg_dtype=exp_avg_dtype,
+                             exp_avg_sq_dtype=exp_avg_sq_dtype,
                              stochastic_rounding=stochastic_rounding, seed=seed)
 
     @property
@@ -98,7 +104,7 @@ class FP8MixedPrecisionOptimizer:
         self.dense.apply(coefficient)
         if self.fp8 is not None:
             for param in self.owned:  # dividing the scale multiplies the value: exact, in place
-                param.grad_fp8.scale.div_(coefficient)
+                self.fp8_grads.get(param).scale.div_(coefficient)
             self._fp8_step()
         before = self.ps.counter.snapshot()
         self._publish()
@@ -106,7 +112,7 @@ class FP8MixedPrecisionOptimizer:
         return StepResult(skipped=False, grad_norm=norm)
 
     def _fp8_grad_norm_squared(self) -> float:
-        return _fp8_grad_norm_squared(self.fp8_params, self.ps)
+        return _fp8_grad_norm_squared(self.fp8_params, self.fp8_grads, self.ps)
 
     def _fp8_step(self) -> None:
         self.fp8.step()

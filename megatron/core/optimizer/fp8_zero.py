@@ -17,11 +17,14 @@ owner holds its tensors alone); a skipped step publishes nothing.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn as nn
 
-from fp8.optim import scaled_value, to_scaled_fp16
-from fp8.params import SCALE_BYTES, make_fp8_param, param_value, quantize_fp8_weight
+from fp8.gradients import FP8GradStore
+from fp8.optim import ScaledFP16Parameter, scaled_value, to_scaled_fp16
+from fp8.params import SCALE_BYTES, WeightCast, make_fp8_param, param_value, quantize_fp8_weight
 from megatron.core.distributed import comm
 from megatron.core.distributed.fp8_zero import FP8ZeroLayout
 from megatron.core.optimizer import OptimizerConfig
@@ -32,40 +35,41 @@ from megatron.core.parallel_state import ParallelState
 
 
 
-def _fp16_master(param: nn.Parameter) -> nn.Parameter:
+def _fp16_master(param: nn.Parameter) -> ScaledFP16Parameter:
     """A separate FP16 master with a scale, holding `param`'s value."""
     payload, scale = to_scaled_fp16(param_value(param).float())
-    master = nn.Parameter(payload, requires_grad=False)
-    master.scale = scale
-    return master
+    return ScaledFP16Parameter.new(payload, scale)
 
 
 class FP8ZeroOptimizer(FP8MixedPrecisionOptimizer):
     def __init__(self, named_params: list[tuple[str, nn.Parameter]], config: OptimizerConfig, ps: ParallelState, *,
-                 layout: FP8ZeroLayout, exp_avg_dtype: str, exp_avg_sq_dtype: str,
-                 stochastic_rounding: bool = False, seed: int = 0, ddp=None, use_distributed_optimizer: bool = False):
-        self.config, self.ps, self.layout = config, ps, layout
+                 layout: FP8ZeroLayout, casts: Sequence[WeightCast], fp8_grads: FP8GradStore, exp_avg_dtype: str,
+                 exp_avg_sq_dtype: str, stochastic_rounding: bool = False, seed: int = 0, ddp=None,
+                 use_distributed_optimizer: bool = False):
+        """`casts[i]`: how `layout.params[i]` is cast to FP8 (its linear's recipe, from the plan);
+        `fp8_grads`: where the reduction leaves the owned tensors' FP8 gradients."""
+        self.config, self.ps, self.layout, self.fp8_grads = config, ps, layout, fp8_grads
+        self.master_grads = FP8GradStore()  # the owned gradients, filed under their masters for FP8AdamW
         self.publish_dp_bytes = 0
-        self.dense = dense_optimizer(named_params, config, ps, ddp, use_distributed_optimizer)
         self.fp8_params, self.owners = layout.params, layout.owners
+        self.dense = dense_optimizer(named_params, config, ps, ddp, use_distributed_optimizer, self.fp8_params)
         self.owned = layout.owned(ps.dp_rank)
         # Masters first, from the FP16 values the precision plan left; then the weights become FP8,
         # cast from those same values on every rank, so no collective is needed to start.
         self.masters = {p: _fp16_master(p) for p in self.owned}
-        for param in self.fp8_params:
-            make_fp8_param(param, margin=param.fp8_margin, power_of_two=param.fp8_power_of_two)
-        self.fp8 = fp8_adamw(list(self.masters.values()), config, ps, exp_avg_dtype=exp_avg_dtype,
+        for param, cast in zip(self.fp8_params, casts, strict=True):
+            make_fp8_param(param, cast)
+        self.fp8 = fp8_adamw(list(self.masters.values()), self.master_grads, config, ps, exp_avg_dtype=exp_avg_dtype,
                              exp_avg_sq_dtype=exp_avg_sq_dtype, stochastic_rounding=stochastic_rounding, seed=seed)
 
     def _fp8_grad_norm_squared(self) -> float:
-        return _fp8_grad_norm_squared(self.fp8_params, self.ps, owned=self.owned)
+        return _fp8_grad_norm_squared(self.fp8_params, self.fp8_grads, self.ps, owned=self.owned)
 
     def _fp8_step(self) -> None:
         for param, master in self.masters.items():
-            master.grad_fp8 = param.grad_fp8
+            self.master_grads.set(master, self.fp8_grads.get(param))
         self.fp8.step()
-        for master in self.masters.values():
-            master.grad_fp8 = None
+        self.master_grads.clear()
 
     @torch.no_grad()
     def _publish(self) -> None:
@@ -73,7 +77,7 @@ class FP8ZeroOptimizer(FP8MixedPrecisionOptimizer):
         layout, rank = self.layout, self.ps.dp_rank
         for by_rank in layout.bucket_owned:
             numels = [sum(p.numel() for p in params) + SCALE_BYTES * len(params) for params in by_rank]
-            pieces = [quantize_fp8_weight(scaled_value(self.masters[p]), p) for p in by_rank[rank]]
+            pieces = [quantize_fp8_weight(scaled_value(self.masters[p]), p.cast, p.scale) for p in by_rank[rank]]
             local = torch.cat([payload.reshape(-1).view(torch.uint8) for payload, _ in pieces]
                               + [torch.stack([scale.float() for _, scale in pieces]).view(torch.uint8)
                                  if pieces else torch.empty(0, dtype=torch.uint8, device=self.ps.device)])
