@@ -481,7 +481,7 @@ def build_level(ctx: Ctx, cfg: dict, variant: str):
         optimizer = FP8MixedPrecisionOptimizer(named, opt_config, ps, fp8_params=ddp.fp8_grad_params, fp8_grads=ddp.fp8_grads, exp_avg_dtype=m,
                                                exp_avg_sq_dtype=v, ddp=ddp)
     else:
-        optimizer = MixedPrecisionOptimizer(named, opt_config, ps)
+        optimizer = MixedPrecisionOptimizer(named, opt_config, ps, grad_of=ddp.main_grad)
     return model, ddp, optimizer, switched
 
 

@@ -30,7 +30,8 @@ values, so checkpoints that store FP32 values resume bit-exactly. It costs at mo
 of range at the top, which neither FP16 nor E4M3 needs.
 
 Gradients (reduced and clipped by the caller; no clipping or finite checks here) are read from
-``p.grad``, else its entry in ``fp8_grads`` (an `FP8GradStore`), else ``p.main_grad``; a parameter with none is
+``p.grad``, else its entry in ``fp8_grads`` (an `FP8GradStore`), else ``p.main_grad`` (Megatron-LM's
+convention for FP32 gradients of low-precision parameters); a parameter with none is
 skipped. They are gradients of the loss with respect to the parameter's *true* value.
 """
 
@@ -186,7 +187,9 @@ def _unpack(packed: torch.Tensor | dict, device: torch.device) -> Stored:
 
 def read_grad(p: torch.Tensor, fp8_grads: FP8GradStore | None = None) -> torch.Tensor | None:
     """The FP32 gradient of `p`'s true value: ``p.grad``, else `p`'s entry in `fp8_grads`, else
-    ``p.main_grad`` (a data-parallel wrapper's buffer view)."""
+    ``p.main_grad``: Megatron-LM's data-parallel wrapper leaves FP32 gradients of low-precision
+    parameters there, so `fp8` users on Megatron-LM need no copy. (This project's own wrapper hands
+    its gradients over explicitly and sets no such attribute.)"""
     grad = p.grad
     if grad is None:
         grad_fp8 = fp8_grads.get(p) if fp8_grads is not None else None
@@ -340,7 +343,7 @@ class FP8AdamW(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As torch's, and drops the parameters' FP8 gradients too, which would otherwise be
-        accumulated into by the next backward. ``p.main_grad`` belongs to its grad buffer."""
+        accumulated into by the next backward."""
         super().zero_grad(set_to_none=set_to_none)
         if self.fp8_grads is not None:
             self.fp8_grads.clear(p for group in self.param_groups for p in group["params"])

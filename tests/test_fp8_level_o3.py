@@ -61,7 +61,8 @@ def build(ps: ParallelState, level: str, *, dtype=torch.float32, zero: bool = Fa
                                                exp_avg_sq_dtype=v, ddp=ddp,
                                                use_distributed_optimizer=zero)
     else:
-        optimizer = (DistributedOptimizer if zero else MixedPrecisionOptimizer)(named, config, ps, *([ddp] if zero else []))
+        optimizer = (DistributedOptimizer(named, config, ps, ddp) if zero
+                     else MixedPrecisionOptimizer(named, config, ps, grad_of=ddp.main_grad))
     return model, ddp, optimizer
 
 

@@ -58,7 +58,7 @@ def test_state_bytes_per_param_follow_the_precision_table(level, per_fp8_weight,
     ddp = DistributedDataParallel(model, ps, precision=precision)
     _, exp_avg, exp_avg_sq = fp8.optimizer_dtypes()
     optimizer = FP8MixedPrecisionOptimizer(list(model.named_parameters()), OptimizerConfig(lr=1e-3), ps,
-                                           fp8_params=ddp.fp8_grad_params, fp8_grads=ddp.fp8_grads, exp_avg_dtype=exp_avg,
+                                           fp8_params=ddp.fp8_grad_params, fp8_grads=ddp.fp8_grads, ddp=ddp, exp_avg_dtype=exp_avg,
                                            exp_avg_sq_dtype=exp_avg_sq)
     tokens = torch.randint(0, 256, (2, 33))
     model(tokens[:, :-1], tokens[:, 1:]).float().mean().backward()
@@ -80,7 +80,7 @@ def test_non_finite_fp8_gradient_skips_the_step_and_keeps_everything(level):
     ddp = DistributedDataParallel(model, ps, precision=precision)
     _, exp_avg, exp_avg_sq = fp8.optimizer_dtypes()
     optimizer = FP8MixedPrecisionOptimizer(list(model.named_parameters()), OptimizerConfig(lr=1e-3), ps,
-                                           fp8_params=ddp.fp8_grad_params, fp8_grads=ddp.fp8_grads, exp_avg_dtype=exp_avg,
+                                           fp8_params=ddp.fp8_grad_params, fp8_grads=ddp.fp8_grads, ddp=ddp, exp_avg_dtype=exp_avg,
                                            exp_avg_sq_dtype=exp_avg_sq)
     tokens = torch.randint(0, 256, (2, 33))
 

@@ -96,7 +96,7 @@ def build_optimizer(model: torch.nn.Module, args: argparse.Namespace, ps: Parall
                                           ddp=ddp, use_distributed_optimizer=use_distributed_optimizer)
     if use_distributed_optimizer:
         return DistributedOptimizer(named, config, ps, ddp)
-    return MixedPrecisionOptimizer(named, config, ps)
+    return MixedPrecisionOptimizer(named, config, ps, grad_of=ddp.main_grad)
 
 
 def fp8_autoscaler(fp8: FP8Config) -> GradientAutoScaler | None:
@@ -210,7 +210,7 @@ class Trainer:
         reported = self.forward_backward(forward_step=self.forward_step, data_iterator=self.train_iter,
                                          model=self.schedule_model, num_microbatches=self.num_microbatches)
         self.ddp.finish_grad_sync()
-        allreduce_embedding_grads(self.model, self.ps)
+        allreduce_embedding_grads(self.model, self.ps, self.ddp.main_grad)
         result = self.optimizer.step()
         return reported_mean(reported, "lm loss", self.ps), result.skipped, result.grad_norm
 

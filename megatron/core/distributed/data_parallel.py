@@ -1,8 +1,8 @@
 """Data-parallel gradient handling: contiguous FP32 gradient buffers in buckets.
 
-Every trainable parameter gets ``param.main_grad``, a view into one contiguous buffer (FP32 by
-default, whatever the parameter's dtype). A post-accumulate hook adds each backward's gradient
-into it and frees ``param.grad``, so BF16 models accumulate micro-batches in FP32 as Megatron
+Every trainable parameter gets a main gradient, a view into one contiguous buffer (FP32 by
+default, whatever the parameter's dtype), which consumers ask for with ``ddp.main_grad(param)``.
+A post-accumulate hook adds each backward's gradient into it and frees ``param.grad``, so BF16 models accumulate micro-batches in FP32 as Megatron
 does. `finish_grad_sync` then
 
 1. sums the gradients of sequence-parallel parameters (norms, row-parallel biases) across the
@@ -110,24 +110,31 @@ class GradBuffer:
         self.buckets: list[Bucket] = []
         # Where each parameter's gradient lies in `data`: the distributed optimizer's map.
         self.param_ranges: dict[nn.Parameter, tuple[int, int]] = {}
+        self._views: dict[int, torch.Tensor] = {}  # id(param) -> its view of `data`
         start = 0
         for group, size in zip(groups, sizes):
             offset = start
             for param in group:
-                param.main_grad = self.data[offset:offset + param.numel()].view_as(param)
+                self._views[id(param)] = self.data[offset:offset + param.numel()].view_as(param)
                 self.param_ranges[param] = (offset, offset + param.numel())
                 offset += param.numel()
             self.buckets.append(Bucket(group, self.data[start:start + size], start))
             start += size
+
+    def view(self, param: nn.Parameter) -> torch.Tensor:
+        """`param`'s gradient in the buffer (shaped like it)."""
+        return self._views[id(param)]
 
     @property
     def nbytes(self) -> int:
         return self.data.numel() * self.data.element_size()
 
 
-def _accumulate_into_main_grad(param: torch.Tensor) -> None:
-    param.main_grad.add_(param.grad)
-    param.grad = None
+def _accumulate_into(main_grad: torch.Tensor):
+    def hook(param: torch.Tensor) -> None:
+        main_grad.add_(param.grad)
+        param.grad = None
+    return hook
 
 
 class DistributedDataParallel(nn.Module):
@@ -154,7 +161,7 @@ class DistributedDataParallel(nn.Module):
         self.grad_buffer = GradBuffer(params, grad_dtype, device, bucket_numel, pad_to=pad_to)
         zero = precision is not None and precision.fp8_zero and self.fp8_grad_params
         self.fp8_zero = FP8ZeroLayout(self.fp8_grad_params, ps.dp_size, int(bucket_size_mb * 2**20)) if zero else None
-        self._hooks = [p.register_post_accumulate_grad_hook(_accumulate_into_main_grad) for p in params]
+        self._hooks = [p.register_post_accumulate_grad_hook(_accumulate_into(self.grad_buffer.view(p))) for p in params]
         self.sequence_parallel_params = [p for p in params if getattr(p, "sequence_parallel", False)]
 
     @staticmethod
@@ -165,6 +172,10 @@ class DistributedDataParallel(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
+
+    def main_grad(self, param: nn.Parameter) -> torch.Tensor:
+        """The accumulated (after `finish_grad_sync`, reduced) gradient of a dense parameter."""
+        return self.grad_buffer.view(param)
 
     def zero_grad_buffer(self) -> None:
         self.grad_buffer.data.zero_()
@@ -220,7 +231,7 @@ class DistributedDataParallel(nn.Module):
         buffer, or (distributed optimizer) reduce-scattered into this rank's chunk of each bucket."""
         if self.ps.tp_size > 1 and self.sequence_parallel_params:
             # One collective for all of them: they are many and small.
-            grads = [p.main_grad for p in self.sequence_parallel_params]
+            grads = [self.main_grad(p) for p in self.sequence_parallel_params]
             flat = comm.all_reduce(torch.cat([g.reshape(-1) for g in grads]), self.ps, "tp")
             for grad, summed in zip(grads, flat.split([g.numel() for g in grads])):
                 grad.copy_(summed.view_as(grad))

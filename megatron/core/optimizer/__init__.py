@@ -2,13 +2,14 @@
 
 Model parameters may be BF16 (`--bf16`) or FP32. BF16 parameters get FP32 master copies that the
 optimizer updates and copies back; FP32 parameters are their own masters (Megatron's
-Float16OptimizerWithFloat16Params / FP32Optimizer). Gradients are read from ``param.main_grad``
-(the FP32 buffers of `DistributedDataParallel`).
+Float16OptimizerWithFloat16Params / FP32Optimizer). Gradients are read through ``grad_of``, in the
+trainer `DistributedDataParallel.main_grad` (its FP32 buffers).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -76,8 +77,12 @@ def clip_coefficient(clip_grad: float, norm: float) -> float:
 
 
 class MixedPrecisionOptimizer:
-    def __init__(self, named_params: list[tuple[str, nn.Parameter]], config: OptimizerConfig, ps: ParallelState):
+    def __init__(self, named_params: list[tuple[str, nn.Parameter]], config: OptimizerConfig, ps: ParallelState,
+                 grad_of: Callable[[nn.Parameter], torch.Tensor] | None = None):
+        """`grad_of(param)`: where each parameter's gradient is (a data-parallel wrapper's
+        `main_grad`); without one, ``param.grad``."""
         self.config, self.ps = config, ps
+        self.grad_of = grad_of if grad_of is not None else (lambda p: p.grad)
         self.params = [p for _, p in named_params]
         self.masters = [p if p.dtype == torch.float32 else p.detach().float().clone() for p in self.params]
         decay, no_decay = [], []
@@ -93,7 +98,7 @@ class MixedPrecisionOptimizer:
         return self.optimizer.param_groups
 
     def grads(self) -> list[torch.Tensor]:
-        return [p.main_grad for p in self.params]
+        return [self.grad_of(p) for p in self.params]
 
     def step(self) -> StepResult:
         grads = self.grads()

@@ -92,8 +92,9 @@ def shared_embedding_params(model: nn.Module | Sequence[nn.Module]) -> list[nn.P
     return found
 
 
-def allreduce_embedding_grads(model: nn.Module | Sequence[nn.Module], ps: ParallelState) -> None:
-    """Sum the tied embedding's gradient (``param.main_grad``) over the first and last stage.
+def allreduce_embedding_grads(model: nn.Module | Sequence[nn.Module], ps: ParallelState, grad_of) -> None:
+    """Sum the tied embedding's gradient (``grad_of(param)``, the data-parallel wrapper's
+    `main_grad`) over the first and last stage.
 
     Call after the schedule's last backward, next to the data-parallel gradient sync (either
     order: both are sums) and before the optimizer step. A no-op without pipelining, with untied
@@ -103,8 +104,7 @@ def allreduce_embedding_grads(model: nn.Module | Sequence[nn.Module], ps: Parall
     params = shared_embedding_params(model)
     assert len(params) <= 1, "one tied embedding copy per rank"
     for param in params:
-        assert hasattr(param, "main_grad"), "allreduce_embedding_grads reads main_grad: wrap the model in DDP"
-        comm.all_reduce(param.main_grad, ps, "embedding")
+        comm.all_reduce(grad_of(param), ps, "embedding")
 
 
 def count_parameters(model: nn.Module | Sequence[nn.Module]) -> int:
