@@ -449,9 +449,8 @@ def build_level(ctx: Ctx, cfg: dict, variant: str):
     level, _, recipe = variant.partition("@")
     from megatron.core.distributed.data_parallel import DistributedDataParallel
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.optimizer import MixedPrecisionOptimizer, OptimizerConfig
-    from megatron.core.optimizer.fp8_optimizer import FP8MixedPrecisionOptimizer
-    from megatron.core.optimizer.fp8_zero import FP8ZeroOptimizer
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.optimizer.factory import build_optimizer
     from megatron.core.parallel_state import ParallelState
     from megatron.core.parallelize import initialize_parameters, parallelize_gpt
     from megatron.core.precision import FP8Config, apply_precision
@@ -472,16 +471,7 @@ def build_level(ctx: Ctx, cfg: dict, variant: str):
     ddp = DistributedDataParallel(model, ps, fp8_autoscaler=fp8_autoscaler(fp8_config), precision=precision)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     opt_config = OptimizerConfig(lr=cfg["lr"], weight_decay=0.1, clip_grad=1.0)
-    _, m, v = fp8_config.optimizer_dtypes()
-    if ddp.fp8_zero is not None:
-        optimizer = FP8ZeroOptimizer(named, opt_config, ps, layout=ddp.fp8_zero, exp_avg_dtype=m,
-                                     casts=[precision.cast_of(p) for p in ddp.fp8_zero.params], fp8_grads=ddp.fp8_grads,
-                                     exp_avg_sq_dtype=v, ddp=ddp)
-    elif ddp.fp8_grad_params:
-        optimizer = FP8MixedPrecisionOptimizer(named, opt_config, ps, fp8_params=ddp.fp8_grad_params, fp8_grads=ddp.fp8_grads, exp_avg_dtype=m,
-                                               exp_avg_sq_dtype=v, ddp=ddp)
-    else:
-        optimizer = MixedPrecisionOptimizer(named, opt_config, ps, grad_of=ddp.main_grad)
+    optimizer = build_optimizer(named, opt_config, ps, ddp, precision, use_distributed_optimizer=False)
     return model, ddp, optimizer, switched
 
 

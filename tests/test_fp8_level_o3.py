@@ -18,10 +18,8 @@ from fp8.autoscale import GradientAutoScaler
 from fp8.params import is_fp8_param, param_value, quantize_fp8_weight
 from megatron.core.distributed.data_parallel import DistributedDataParallel
 from megatron.core.models.gpt import GPTModel
-from megatron.core.optimizer import MixedPrecisionOptimizer, OptimizerConfig
-from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-from megatron.core.optimizer.fp8_optimizer import FP8MixedPrecisionOptimizer
-from megatron.core.optimizer.fp8_zero import FP8ZeroOptimizer
+from megatron.core.optimizer import OptimizerConfig
+from megatron.core.optimizer.factory import build_optimizer
 from megatron.core.parallel_state import ParallelState
 from megatron.core.parallelize import initialize_parameters, parallelize_gpt
 from megatron.core.precision import FP8Config, apply_precision
@@ -50,19 +48,9 @@ def build(ps: ParallelState, level: str, *, dtype=torch.float32, zero: bool = Fa
     precision = apply_precision(model, fp8)
     ddp = DistributedDataParallel(model, ps, bucket_size_mb=0.5, use_distributed_optimizer=zero,
                                   fp8_autoscaler=GradientAutoScaler() if level != "none" else None, precision=precision)
-    named, config = list(model.named_parameters()), OptimizerConfig(lr=1e-3, weight_decay=0.1, clip_grad=1.0)
-    _, m, v = fp8.optimizer_dtypes()
-    if ddp.fp8_zero is not None:
-        optimizer = FP8ZeroOptimizer(named, config, ps, layout=ddp.fp8_zero, exp_avg_dtype=m, exp_avg_sq_dtype=v,
-                                     casts=[precision.cast_of(p) for p in ddp.fp8_zero.params], fp8_grads=ddp.fp8_grads,
-                                     ddp=ddp, use_distributed_optimizer=zero)
-    elif ddp.fp8_grad_params:
-        optimizer = FP8MixedPrecisionOptimizer(named, config, ps, fp8_params=ddp.fp8_grad_params, fp8_grads=ddp.fp8_grads, exp_avg_dtype=m,
-                                               exp_avg_sq_dtype=v, ddp=ddp,
-                                               use_distributed_optimizer=zero)
-    else:
-        optimizer = (DistributedOptimizer(named, config, ps, ddp) if zero
-                     else MixedPrecisionOptimizer(named, config, ps, grad_of=ddp.main_grad))
+    config = OptimizerConfig(lr=1e-3, weight_decay=0.1, clip_grad=1.0)
+    optimizer = build_optimizer(list(model.named_parameters()), config, ps, ddp, precision,
+                                use_distributed_optimizer=zero)
     return model, ddp, optimizer
 
 

@@ -138,6 +138,9 @@ class AppliedPrecision:
     fp8_linears: tuple[str, ...] = ()                # modules running FP8 GEMMs
     fp8_grad_params: tuple[nn.Parameter, ...] = ()   # weights with FP8 gradients (O1+), model order
     casts: tuple[WeightCast, ...] = ()               # how each of those is cast to FP8 (O3)
+    # FP8AdamW for those weights: (master, exp_avg, exp_avg_sq) formats, stochastic FP16 rounding
+    optimizer_dtypes: tuple[str, str, str] = ("fp16", "fp32", "fp32")
+    stochastic_rounding: bool = False
 
     def is_fp8_grad(self, param: nn.Parameter) -> bool:
         return any(param is p for p in self.fp8_grad_params)
@@ -186,4 +189,5 @@ def precision_of(model: nn.Module, config: FP8Config) -> AppliedPrecision:
     assert not plan.fp8_zero or all(is_scaled_fp16(p) or is_fp8_param(p) for p in params), \
         "FP8Config refuses --main-params-dtype fp32 at O3"
     return AppliedPrecision(plan, next(iter(stores.values()), None), tuple(name for name, _ in linears),
-                            tuple(params), tuple(casts))
+                            tuple(params), tuple(casts), config.optimizer_dtypes(),
+                            config.fp16_master_stochastic_rounding)

@@ -17,9 +17,9 @@ import yaml
 from fp8.scaling import RECIPES
 from megatron.core.datasets.config import add_data_args
 from megatron.core.pipeline_parallel.model import virtual_pipeline_size
-from megatron.core.precision import LEVELS
-from megatron.training.lr_schedule import add_lr_schedule_args, lr_schedule_config_from_args, schedule_mismatch_policy
+from megatron.core.precision import LEVELS, FP8Config
 from megatron.core.tokenizers.tokenizer import add_tokenizer_args
+from megatron.training.lr_schedule import add_lr_schedule_args, lr_schedule_config_from_args, schedule_mismatch_policy
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -251,9 +251,22 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     # any process group exists.
     lr_schedule_config_from_args(args)
     schedule_mismatch_policy(args)
-    from megatron.training.gpt_providers import fp8_config_from_args, transformer_config_from_args
+    from megatron.training.gpt_providers import transformer_config_from_args
     fp8_config_from_args(args)
     transformer_config_from_args(args, vocab_size=1)
+
+
+def fp8_config_from_args(args: argparse.Namespace) -> FP8Config:
+    return FP8Config(level=args.fp8_level, format=args.fp8_format, recipe=args.fp8_recipe,
+                     amax_history_len=args.fp8_amax_history_len, amax_compute_algo=args.fp8_amax_compute_algo,
+                     margin=args.fp8_margin, min_features=args.fp8_min_features, output_layer=args.fp8_output_layer,
+                     wgrad_auto_scaling=args.fp8_wgrad_auto_scaling,
+                     wgrad_auto_scaling_ratio=args.fp8_wgrad_auto_scaling_ratio,
+                     wgrad_auto_scaling_window=args.fp8_wgrad_auto_scaling_window,
+                     main_params_dtype=args.main_params_dtype, exp_avg_dtype=args.exp_avg_dtype,
+                     exp_avg_sq_dtype=args.exp_avg_sq_dtype,
+                     fp16_master_stochastic_rounding=args.fp16_master_stochastic_rounding,
+                     reduce_scatter=args.fp8_reduce_scatter, pipeline_p2p=args.fp8_pipeline_p2p)
 
 
 def padded_vocab_size(vocab_size: int, args: argparse.Namespace) -> int:

@@ -13,9 +13,10 @@ from megatron.core.datasets.config import gpt_dataset_config_from_args
 from megatron.core.pipeline_parallel.model import build_gpt_stages
 from megatron.core.parallel_state import ParallelState
 from megatron.core.parallelize import initialize_parameters, parallelize_gpt
-from megatron.core.precision import FP8Config, apply_precision
+from megatron.core.precision import apply_precision
 from megatron.core.transformer.config import TransformerConfig
 from megatron.core.transformer.layer import attach_rng_tracker
+from megatron.training.arguments import fp8_config_from_args
 
 
 def transformer_config_from_args(args: argparse.Namespace, vocab_size: int) -> TransformerConfig:
@@ -32,19 +33,6 @@ def transformer_config_from_args(args: argparse.Namespace, vocab_size: int) -> T
         recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
         recompute_num_layers=args.recompute_num_layers,
     )
-
-
-def fp8_config_from_args(args: argparse.Namespace) -> FP8Config:
-    return FP8Config(level=args.fp8_level, format=args.fp8_format, recipe=args.fp8_recipe,
-                     amax_history_len=args.fp8_amax_history_len, amax_compute_algo=args.fp8_amax_compute_algo,
-                     margin=args.fp8_margin, min_features=args.fp8_min_features, output_layer=args.fp8_output_layer,
-                     wgrad_auto_scaling=args.fp8_wgrad_auto_scaling,
-                     wgrad_auto_scaling_ratio=args.fp8_wgrad_auto_scaling_ratio,
-                     wgrad_auto_scaling_window=args.fp8_wgrad_auto_scaling_window,
-                     main_params_dtype=args.main_params_dtype, exp_avg_dtype=args.exp_avg_dtype,
-                     exp_avg_sq_dtype=args.exp_avg_sq_dtype,
-                     fp16_master_stochastic_rounding=args.fp16_master_stochastic_rounding,
-                     reduce_scatter=args.fp8_reduce_scatter, pipeline_p2p=args.fp8_pipeline_p2p)
 
 
 def model_provider(args: argparse.Namespace, ps: ParallelState, rng) -> nn.Module:

@@ -25,19 +25,16 @@ from megatron.core.datasets.builder import train_valid_test_num_samples
 from megatron.core.datasets.samplers import build_pretraining_data_loader, cyclic_iterator
 from megatron.core.distributed import comm
 from megatron.core.distributed.data_parallel import DistributedDataParallel
-from megatron.core.optimizer import MixedPrecisionOptimizer, OptimizerConfig
-from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-from megatron.core.optimizer.fp8_optimizer import FP8MixedPrecisionOptimizer
-from megatron.core.optimizer.fp8_zero import FP8ZeroOptimizer
-from megatron.core.precision import AppliedPrecision, FP8Config, plan_for, precision_of
+from megatron.core.optimizer import OptimizerConfig
+from megatron.core.optimizer.factory import build_optimizer
+from megatron.core.precision import FP8Config, plan_for, precision_of
 from megatron.core.parallel_state import ParallelState, init_distributed
 from megatron.core.pipeline_parallel.model import allreduce_embedding_grads
 from megatron.core.pipeline_parallel.p2p_communication import activation_shape
 from megatron.core.pipeline_parallel.schedules import get_forward_backward_func, reported_mean
 from megatron.core.tensor_parallel.random import model_parallel_seed
 from megatron.training import resume
-from megatron.training.arguments import validate_args
-from megatron.training.gpt_providers import fp8_config_from_args
+from megatron.training.arguments import fp8_config_from_args, validate_args
 from megatron.training.lr_schedule import LRScheduler, lr_schedule_config_from_args
 from megatron.training.metrics import (
     Loggers, MetricsWriter, format_eval_line, format_log_line, peak_flops, throughput_metrics,
@@ -70,33 +67,9 @@ def setup_parallel(args: argparse.Namespace) -> ParallelState:
     return ParallelState.build(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, device=device)
 
 
-def build_optimizer(model: torch.nn.Module, args: argparse.Namespace, ps: ParallelState,
-                    ddp: DistributedDataParallel, fp8: FP8Config, use_distributed_optimizer: bool,
-                    precision: AppliedPrecision):
-    """AdamW over FP32 masters; with --use-distributed-optimizer the masters and moments are
-    sharded over the data-parallel group (ZeRO-1); at O1 / O2 the FP8 linear weights go through
-    FP8AdamW (FP16 scaled masters, FP8 gradients, the level's moment formats); at O3 those live
-    on one owner rank each and the model keeps the weights in FP8 (FP8 ZeRO)."""
-    config = OptimizerConfig(lr=args.lr, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
-                             adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if ddp.fp8_grad_params:
-        _, exp_avg, exp_avg_sq = fp8.optimizer_dtypes()
-        if ddp.fp8_zero is not None:
-            print_rank0(ps, f"> {ddp.fp8_zero.describe()}")
-            casts = [precision.cast_of(p) for p in ddp.fp8_zero.params]
-            return FP8ZeroOptimizer(named, config, ps, layout=ddp.fp8_zero, casts=casts, fp8_grads=ddp.fp8_grads,
-                                    exp_avg_dtype=exp_avg,
-                                    exp_avg_sq_dtype=exp_avg_sq, stochastic_rounding=fp8.fp16_master_stochastic_rounding,
-                                    seed=args.seed, ddp=ddp, use_distributed_optimizer=use_distributed_optimizer)
-        return FP8MixedPrecisionOptimizer(named, config, ps, fp8_params=ddp.fp8_grad_params, fp8_grads=ddp.fp8_grads,
-                                          exp_avg_dtype=exp_avg,
-                                          exp_avg_sq_dtype=exp_avg_sq,
-                                          stochastic_rounding=fp8.fp16_master_stochastic_rounding, seed=args.seed,
-                                          ddp=ddp, use_distributed_optimizer=use_distributed_optimizer)
-    if use_distributed_optimizer:
-        return DistributedOptimizer(named, config, ps, ddp)
-    return MixedPrecisionOptimizer(named, config, ps, grad_of=ddp.main_grad)
+def optimizer_config_from_args(args: argparse.Namespace) -> OptimizerConfig:
+    return OptimizerConfig(lr=args.lr, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
+                           adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad)
 
 
 def fp8_autoscaler(fp8: FP8Config) -> GradientAutoScaler | None:
@@ -171,8 +144,11 @@ class Trainer:
         self.precision = precision_of(self.model, fp8)
         self.ddp = DistributedDataParallel(self.model, ps, use_distributed_optimizer=self.use_distributed_optimizer,
                                            fp8_autoscaler=fp8_autoscaler(fp8), precision=self.precision)
-        self.optimizer = build_optimizer(self.model, args, ps, self.ddp, fp8, self.use_distributed_optimizer,
-                                         self.precision)
+        if self.ddp.fp8_zero is not None:
+            print_rank0(ps, f"> {self.ddp.fp8_zero.describe()}")
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(named, optimizer_config_from_args(args), ps, self.ddp, self.precision,
+                                         use_distributed_optimizer=self.use_distributed_optimizer, seed=args.seed)
         self.scheduler = LRScheduler(lr_schedule_config_from_args(args), train_iters=args.train_iters)
         self.state = TrainState()
         self.last_saved_iteration: int | None = None
