@@ -94,6 +94,28 @@ def test_checkpoint_of_another_model_is_one_clear_error(builtin_corpus_small, tm
     assert len(err) == 1 and "another model" in err[0] and "--hidden-size 128" in err[0], err
 
 
+@pytest.mark.slow
+def test_a_changed_schedule_is_refused_unless_a_flag_says_which_to_keep(builtin_corpus_small, tmp_path, capsys):
+    """Megatron-LM's rule: resuming with other schedule flags than the checkpoint's is an error;
+    --override-opt-param-scheduler keeps this run's, --use-checkpoint-opt-param-scheduler the
+    checkpoint's. The scheduler's state is a component the checkpointer saves and restores."""
+    args = BASE + builtin_corpus_small.training_args() + ["--train-iters", "4", "--eval-iters", "0"]
+    ckpt = str(tmp_path / "ckpt")
+    assert run(args + ["--save", ckpt, "--exit-interval", "2", "--lr", "1e-3"]) == 0
+    capsys.readouterr()
+    assert run(args + ["--load", ckpt, "--lr", "2e-3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--override-opt-param-scheduler" in err[0] and "--lr" in err[0], err
+    lrs = {}
+    for flag in ("--use-checkpoint-opt-param-scheduler", "--override-opt-param-scheduler"):
+        metrics = str(tmp_path / f"{flag}.jsonl")
+        assert run(args + ["--load", ckpt, "--lr", "2e-3", flag, "--metrics-file", metrics]) == 0
+        with open(metrics) as f:
+            lrs[flag] = [json.loads(line)["lr"] for line in f]
+    # The same point of the schedule (iteration 3 of 4), at the checkpoint's peak and at this run's.
+    assert lrs["--override-opt-param-scheduler"][0] == pytest.approx(2 * lrs["--use-checkpoint-opt-param-scheduler"][0])
+
+
 def test_finetune_takes_weights_only(builtin_corpus_small, tmp_path, capsys):
     args = BASE + builtin_corpus_small.training_args() + ["--train-iters", "2"]
     assert run(args + ["--save", str(tmp_path / "ck")]) == 0

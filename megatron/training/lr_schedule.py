@@ -124,11 +124,12 @@ class LRScheduler:
     e.g. a smaller rate for embeddings).
     """
 
-    def __init__(self, config: LRScheduleConfig, *, train_iters: int | None = None):
+    def __init__(self, config: LRScheduleConfig, *, train_iters: int | None = None, on_mismatch: str = "error"):
+        """`on_mismatch`: what `load_state_dict` does where a checkpoint's schedule differs (below)."""
         if train_iters is not None and config.train_iters != train_iters:
             config = dataclasses.replace(config, train_iters=train_iters)
         config.total_decay_iters  # noqa: B018 -- fail now, not at the first step, when neither is known
-        self.config = config
+        self.config, self.on_mismatch = config, on_mismatch
         self.last_iteration: int | None = None
         self.last_lr: float | None = None
 
@@ -176,13 +177,14 @@ class LRScheduler:
         state["last_iteration"] = self.last_iteration
         return state
 
-    def load_state_dict(self, state: dict[str, Any], *, on_mismatch: str = "error") -> None:
+    def load_state_dict(self, state: dict[str, Any], *, on_mismatch: str | None = None) -> None:
         """Restore from a checkpoint. Where the checkpoint's schedule differs from this run's:
 
         `"error"` raises ValueError naming the flags (Megatron's default), `"override"` keeps this
         run's values (Megatron's --override-opt-param-scheduler), `"use_checkpoint"` adopts the
         checkpoint's (--use-checkpoint-opt-param-scheduler).
         """
+        on_mismatch = on_mismatch or self.on_mismatch
         if on_mismatch not in MISMATCH_POLICIES:
             raise ValueError(f"on_mismatch {on_mismatch!r}: choose one of {', '.join(MISMATCH_POLICIES)}")
         current = self.state_dict()

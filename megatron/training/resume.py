@@ -17,7 +17,6 @@ from megatron.core import checkpointing
 from megatron.core.distributed import comm
 from megatron.core.parallel_state import ParallelState
 from megatron.core.parallelize import global_name
-from megatron.training.lr_schedule import schedule_mismatch_policy
 
 MODEL_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
               "kv_channels", "vocab_size", "normalization", "swiglu", "position_embedding_type",
@@ -30,10 +29,9 @@ def model_signature(model: torch.nn.Module) -> dict:
     return {key: getattr(config, key) for key in MODEL_KEYS if hasattr(config, key)}
 
 
-def layout_of(trainer) -> dict:
-    ps = trainer.ps
+def layout_of(ps: ParallelState, use_distributed_optimizer: bool) -> dict:
     return {"world_size": ps.world_size, "tp": ps.tp_size, "pp": ps.pp_size, "dp": ps.dp_size,
-            "distributed_optimizer": bool(trainer.use_distributed_optimizer)}
+            "distributed_optimizer": bool(use_distributed_optimizer)}
 
 
 def _plain(value):
@@ -45,52 +43,63 @@ def _plain(value):
     return str(value)
 
 
-def save(trainer) -> None:
-    args, ps, state = trainer.args, trainer.ps, trainer.state
-    payload = checkpointing.rank_payload(trainer.model, trainer.optimizer, ps, global_name, trainer.rng)
-    autoscaler = trainer.ddp.fp8_autoscaler
-    common = {"iteration": state.iteration, "consumed_samples": state.consumed_samples,
-              "fp8_autoscaler": autoscaler.state_dict() if autoscaler is not None else None,
-              "skipped_iterations": state.skipped_iterations, "scheduler": trainer.scheduler.state_dict(),
-              "args": {k: _plain(v) for k, v in vars(args).items()}}
-    metadata = {"format": checkpointing.FORMAT_VERSION, "iteration": state.iteration,
-                "model": model_signature(trainer.model), "layout": layout_of(trainer),
-                "fp8_level": args.fp8_level}
-    start = time.perf_counter()
-    folder = checkpointing.save_checkpoint(args.save, state.iteration, ps=ps, payload=payload, common=common,
-                                           metadata=metadata)
-    trainer.last_saved_iteration = state.iteration
-    if ps.rank == 0:
-        print(f"> saved checkpoint {folder} in {time.perf_counter() - start:.1f} s", flush=True)
+class Checkpointer:
+    """Saves and restores a run: the model, the optimizer and the RNG streams in each rank's file
+    (`megatron.core.checkpointing`), and the run's stateful components (anything with
+    `state_dict` / `load_state_dict`: the train state, the LR schedule, the FP8 auto-scaler, ...)
+    in the common file. The loop hands its components over once and calls `save` / `load`; it
+    does not know what a checkpoint holds. The train state's entries sit at the top of the common
+    file, the others under their names, as checkpoints have always been written."""
 
+    def __init__(self, args, ps: ParallelState, model: torch.nn.Module, optimizer, rng, *, train_state,
+                 components: dict, layout: dict):
+        self.args, self.ps, self.model, self.optimizer, self.rng = args, ps, model, optimizer, rng
+        self.train_state = train_state
+        self.components = {name: c for name, c in components.items() if c is not None}
+        self.layout = layout
+        self.last_saved_iteration: int | None = None
 
-def load(trainer) -> None:
-    """Resume (or, with --finetune, take the weights) from `--load`; nothing there: start fresh."""
-    args, ps = trainer.args, trainer.ps
-    finetune = args.finetune
-    result = checkpointing.load_checkpoint(
-        args.load, ps=ps, model=trainer.model, optimizer=trainer.optimizer, global_name=global_name,
-        model_config=model_signature(trainer.model), layout=layout_of(trainer),
-        load_optim=not (finetune or args.no_load_optim), load_rng=not (finetune or args.no_load_rng),
-        tracker=trainer.rng)
-    if result is None:
+    def save(self) -> None:
+        args, ps, iteration = self.args, self.ps, self.train_state.iteration
+        payload = checkpointing.rank_payload(self.model, self.optimizer, ps, global_name, self.rng)
+        common = dict(self.train_state.state_dict(), **{name: c.state_dict() for name, c in self.components.items()},
+                      args={k: _plain(v) for k, v in vars(args).items()})
+        metadata = {"format": checkpointing.FORMAT_VERSION, "iteration": iteration,
+                    "model": model_signature(self.model), "layout": self.layout, "fp8_level": args.fp8_level}
+        start = time.perf_counter()
+        folder = checkpointing.save_checkpoint(args.save, iteration, ps=ps, payload=payload, common=common,
+                                               metadata=metadata)
+        self.last_saved_iteration = iteration
         if ps.rank == 0:
-            print(f"> no checkpoint in {args.load}; training from scratch", flush=True)
-        return
-    info, common = result
-    if ps.rank == 0:
-        how = "weights for fine-tuning" if finetune else "resuming"
-        print(f"> loaded iteration {info.iteration} from {args.load} ({how})", flush=True)
-    if finetune:
-        return
-    trainer.state.iteration = info.iteration
-    trainer.state.consumed_samples = info.consumed_samples
-    trainer.state.skipped_iterations = int(common.get("skipped_iterations", 0))
-    trainer.last_saved_iteration = info.iteration
-    if not args.no_load_optim:
-        trainer.scheduler.load_state_dict(common["scheduler"], on_mismatch=schedule_mismatch_policy(args))
-    if trainer.ddp.fp8_autoscaler is not None and common.get("fp8_autoscaler"):
-        trainer.ddp.fp8_autoscaler.load_state_dict(common["fp8_autoscaler"])
+            print(f"> saved checkpoint {folder} in {time.perf_counter() - start:.1f} s", flush=True)
+
+    def load(self) -> None:
+        """Resume (or, with --finetune, take the weights) from `--load`; nothing there: start fresh."""
+        args, ps = self.args, self.ps
+        finetune = args.finetune
+        result = checkpointing.load_checkpoint(
+            args.load, ps=ps, model=self.model, optimizer=self.optimizer, global_name=global_name,
+            model_config=model_signature(self.model), layout=self.layout,
+            load_optim=not (finetune or args.no_load_optim), load_rng=not (finetune or args.no_load_rng),
+            tracker=self.rng)
+        if result is None:
+            if ps.rank == 0:
+                print(f"> no checkpoint in {args.load}; training from scratch", flush=True)
+            return
+        info, common = result
+        if ps.rank == 0:
+            how = "weights for fine-tuning" if finetune else "resuming"
+            print(f"> loaded iteration {info.iteration} from {args.load} ({how})", flush=True)
+        if finetune:
+            return
+        self.train_state.load_state_dict(dict(common, iteration=info.iteration,
+                                              consumed_samples=info.consumed_samples))
+        self.last_saved_iteration = info.iteration
+        for name, component in self.components.items():
+            # Without optimizer state the schedule restarts too; a component the checkpoint
+            # lacks (written before it existed) keeps its fresh state.
+            if common.get(name) and not (args.no_load_optim and name == "scheduler"):
+                component.load_state_dict(common[name])
 
 
 class StopConditions:

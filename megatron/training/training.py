@@ -35,7 +35,7 @@ from megatron.core.pipeline_parallel.schedules import get_forward_backward_func,
 from megatron.core.tensor_parallel.random import model_parallel_seed
 from megatron.training import resume
 from megatron.training.arguments import fp8_config_from_args, validate_args
-from megatron.training.lr_schedule import LRScheduler, lr_schedule_config_from_args
+from megatron.training.lr_schedule import LRScheduler, lr_schedule_config_from_args, schedule_mismatch_policy
 from megatron.training.metrics import (
     Loggers, MetricsWriter, format_eval_line, format_log_line, peak_flops, throughput_metrics,
 )
@@ -49,6 +49,15 @@ class TrainState:
     losses: list[float] = field(default_factory=list)
     val_losses: list[tuple[int, float]] = field(default_factory=list)
     stopped_early: bool = False
+
+    _SAVED = ("iteration", "consumed_samples", "skipped_iterations")
+
+    def state_dict(self) -> dict:
+        return {key: getattr(self, key) for key in self._SAVED}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in self._SAVED:
+            setattr(self, key, int(state.get(key, 0)))
 
 
 def print_rank0(ps: ParallelState, *values) -> None:
@@ -149,11 +158,15 @@ class Trainer:
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.optimizer = build_optimizer(named, optimizer_config_from_args(args), ps, self.ddp, self.precision,
                                          use_distributed_optimizer=self.use_distributed_optimizer, seed=args.seed)
-        self.scheduler = LRScheduler(lr_schedule_config_from_args(args), train_iters=args.train_iters)
+        self.scheduler = LRScheduler(lr_schedule_config_from_args(args), train_iters=args.train_iters,
+                                     on_mismatch=schedule_mismatch_policy(args))
         self.state = TrainState()
-        self.last_saved_iteration: int | None = None
+        self.checkpointer = resume.Checkpointer(
+            args, ps, self.model, self.optimizer, self.rng, train_state=self.state,
+            components={"scheduler": self.scheduler, "fp8_autoscaler": self.ddp.fp8_autoscaler},
+            layout=resume.layout_of(ps, self.use_distributed_optimizer))
         if args.load:
-            resume.load(self)
+            self.checkpointer.load()
         self.num_params = num_params or sum(p.numel() for p in self.model.parameters())
         self.flops_per_token = flops_per_token
         self.num_microbatches = args.global_batch_size // (args.micro_batch_size * ps.dp_size)
@@ -229,8 +242,8 @@ class Trainer:
             self._train_loop(stop)
         finally:
             stop.close()
-        if self.args.save and self.last_saved_iteration != self.state.iteration:
-            resume.save(self)
+        if self.args.save and self.checkpointer.last_saved_iteration != self.state.iteration:
+            self.checkpointer.save()
         return self.state
 
     def _train_loop(self, stop: resume.StopConditions) -> None:
@@ -260,7 +273,7 @@ class Trainer:
             if self.valid_iter is not None and state.iteration % args.eval_interval == 0:
                 self.log_eval(self.evaluate())
             if args.save_interval and state.iteration % args.save_interval == 0:
-                resume.save(self)
+                self.checkpointer.save()
             if reason is not None:
                 print_rank0(ps, f"> stopping after iteration {state.iteration}: {reason}")
                 state.stopped_early = True
