@@ -335,33 +335,6 @@ def section_fp8_linear(ctx: Ctx) -> dict:
 
 
 # ----- 6. NCCL (run before training, so the time budget cannot skip it) ---------------------------
-def _forced_transport_class():
-    import torch.distributed as dist
-    ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
-
-    class ForcedTransport(fp8.ProcessGroupTransport):
-        """ProcessGroupTransport skips its collectives at world size 1; this one always calls
-        them (the same calls it makes at size > 1), so the backend really runs them."""
-
-        def all_reduce_(self, t, op):
-            dist.all_reduce(t, op=ops[op], group=self.group)
-            return t
-
-        def all_to_all(self, chunks, output_numels=None):
-            sizes = output_numels if output_numels is not None else [c.numel() for c in chunks]
-            received = chunks[0].new_empty(sum(sizes))
-            dist.all_to_all_single(received, torch.cat(list(chunks)), sizes, [c.numel() for c in chunks],
-                                   group=self.group)
-            return list(received.split(sizes))
-
-        def all_gather(self, t):
-            parts = [torch.empty_like(t) for _ in range(self.size)]
-            dist.all_gather(parts, t, group=self.group)
-            return torch.cat(parts)
-
-    return ForcedTransport
-
-
 def _collective_checks(ctx: Ctx, transport) -> dict:
     torch.manual_seed(3)
     shapes = [(256, 128), (1000,), (64, 48)]
@@ -391,7 +364,7 @@ def section_nccl(ctx: Ctx) -> dict:
                                 timeout=datetime.timedelta(seconds=60), **kw)
         try:
             out["process_group_transport"] = _collective_checks(ctx, fp8.ProcessGroupTransport())
-            out["forced_collectives"] = _collective_checks(ctx, _forced_transport_class()())
+            out["forced_collectives"] = _collective_checks(ctx, fp8.ProcessGroupTransport(always_call=True))
 
             def raw():
                 t = torch.arange(4, dtype=torch.float64, device=ctx.device)

@@ -44,20 +44,22 @@ _OPS = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp
 
 
 class ProcessGroupTransport:
-    """A Transport over a torch.distributed process group (None: the default group)."""
+    """A Transport over a torch.distributed process group (None: the default group). A group of
+    one skips its collectives unless `always_call` (to check that a backend runs them at all)."""
 
-    def __init__(self, group=None):
+    def __init__(self, group=None, *, always_call: bool = False):
         self.group = group
         self.size = dist.get_world_size(group) if dist.is_initialized() else 1
         self.rank = dist.get_rank(group) if dist.is_initialized() else 0
+        self._skip = self.size == 1 and not always_call
 
     def all_reduce_(self, t, op):
-        if self.size > 1:
+        if not self._skip:
             dist.all_reduce(t, op=_OPS[op], group=self.group)
         return t
 
     def all_to_all(self, chunks, output_numels=None):
-        if self.size == 1:
+        if self._skip:
             return list(chunks)
         sizes = output_numels if output_numels is not None else [c.numel() for c in chunks]
         received = chunks[0].new_empty(sum(sizes))
@@ -66,7 +68,7 @@ class ProcessGroupTransport:
         return list(received.split(sizes))
 
     def all_gather(self, t):
-        if self.size == 1:
+        if self._skip:
             return t
         parts = [torch.empty_like(t) for _ in range(self.size)]
         dist.all_gather(parts, t, group=self.group)
