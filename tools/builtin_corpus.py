@@ -194,7 +194,8 @@ def _build_into(folder: Path, variant: str, sources: list[SourceFile], workers: 
             num_bytes += len(document["text"].encode("utf-8"))
     vocab_size = VARIANTS[variant].vocab_size
     log(f"training a {vocab_size}-piece SentencePiece tokenizer on {num_bytes / 1e6:.1f} MB")
-    # The thread count is recorded inside the .model file: fixed, so every build is byte-identical.
+    # The thread count is recorded inside the .model file, so it is fixed; even so SentencePiece's
+    # BPE trainer gives another model in another process (docs/data.md), so builds are not identical.
     train_sentencepiece(_jsonl_texts(files["corpus_jsonl"]), folder / "tokenizer", SentencePieceTrainingConfig(
         vocab_size=vocab_size, max_sentences=200_000, num_threads=2))
     log(f"tokenizing with {workers} worker(s)")
