@@ -75,3 +75,22 @@ def test_autoscaling_bench_compares_the_three_scalings_on_real_gradients(builtin
     # The reduction's own error is a re-rounding: far above zero, and the overflowing one is worse.
     assert rows["pre"]["sqnr_vs_fp8_in_db"] > 20 and rows["pre"]["sqnr_db"] > rows["post"]["sqnr_db"]
     assert set(saved["samples"]) == {"0", str(iters)}
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_every_section_on_cpu(tmp_path, capsys):
+    """The GPU check's script, at tiny sizes on the CPU, so it does not rot between GPU runs:
+    every section runs, per-tensor GEMMs go to _scaled_mm and equal the emulation, the collectives
+    return their input at one rank, and every level trains close to `none`."""
+    from bench import gpu_check
+    out = tmp_path / "gpu_check.json"
+    assert gpu_check.main(["--quick", "--device", "cpu", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert all(section["ok"] for section in results.values()), {k: v.get("error") for k, v in results.items()}
+    per_tensor = [c for c in results["gemm_correctness"]["cases"] if c["scaling"] == "tensor" and c["ok"]]
+    assert per_tensor and all(c["rel_err_vs_cpu_emulation"] == 0.0 for c in per_tensor if c["path"] == "scaled_mm")
+    assert results["nccl"]["all_ok"]
+    levels = results["training"]["levels"]
+    assert all(abs(levels[name]["last20_rel_vs_none"]) < 0.02 for name in levels if name != "none")
+    assert levels["O3"]["losses"] == levels["O2"]["losses"]  # O3 takes O2's steps at one rank
+    assert "level" in capsys.readouterr().out
