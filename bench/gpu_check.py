@@ -442,7 +442,7 @@ def build_level(ctx: Ctx, cfg: dict, variant: str):
     fp8_config = FP8Config(level=level, min_features=cfg["min_features"], recipe=recipe or "delayed")
     precision = apply_precision(model, fp8_config)
     switched = list(precision.fp8_linears)
-    ddp = DistributedDataParallel(model, ps, fp8_autoscaler=fp8_autoscaler(fp8_config), precision=precision)
+    ddp = DistributedDataParallel(model, ps, fp8_autoscaler=fp8_autoscaler(fp8_config, precision.plan), precision=precision)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     opt_config = OptimizerConfig(lr=cfg["lr"], weight_decay=0.1, clip_grad=1.0)
     optimizer = build_optimizer(named, opt_config, ps, ddp, precision, use_distributed_optimizer=False)

@@ -11,7 +11,7 @@ never rides on the parameter as an attribute.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import torch
 
@@ -48,14 +48,3 @@ class FP8GradStore:
 
     def __contains__(self, param: torch.Tensor) -> bool:
         return id(param) in self._entries
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def items(self) -> Iterator[tuple[torch.Tensor, ScalingTensor]]:
-        return iter(list(self._entries.values()))
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the gradients held (payloads and scales)."""
-        return sum(grad.nbytes for _, grad in self._entries.values())

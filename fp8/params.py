@@ -1,11 +1,11 @@
 """How a parameter is stored, and the value it stands for.
 
-Three kinds of parameter exist across the precision levels:
+Three kinds of parameter exist across the precision levels, each its own type:
 
-- an ordinary tensor (FP32, BF16): its value is itself;
-- an FP16 master with a per-tensor scale (levels O1, O2; see `fp8.optim.make_scaled_fp16_param`):
-  value = ``payload.float() / scale``;
-- an FP8 weight (level O3): a ``torch.float8_e4m3fn`` parameter with a 0-dim FP32 ``.scale``,
+- an ordinary ``nn.Parameter`` (FP32, BF16): its value is itself;
+- a `fp8.optim.ScaledFP16Parameter`, an FP16 master with a per-tensor scale (levels O1, O2;
+  `fp8.optim.make_scaled_fp16_param`): value = ``payload.float() / scale``;
+- an `FP8WeightParameter` (level O3): E4M3 payload, a 0-dim FP32 ``.scale`` and its `WeightCast`,
   value = ``payload.float() / scale``, one byte per element. It is what the FP8 GEMMs read
   directly; its FP16 master lives on one data-parallel rank (FP8 ZeRO), which re-quantizes it
   after every step with `quantize_fp8_weight`, using the margin and power-of-two rule the

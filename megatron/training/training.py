@@ -27,7 +27,7 @@ from megatron.core.distributed import comm
 from megatron.core.distributed.data_parallel import DistributedDataParallel
 from megatron.core.optimizer import OptimizerConfig
 from megatron.core.optimizer.factory import build_optimizer
-from megatron.core.precision import FP8Config, plan_for, precision_of
+from megatron.core.precision import FP8Config, PrecisionPlan, precision_of
 from megatron.core.parallel_state import ParallelState, init_distributed
 from megatron.core.pipeline_parallel.model import allreduce_embedding_grads
 from megatron.core.pipeline_parallel.p2p_communication import activation_shape
@@ -81,8 +81,8 @@ def optimizer_config_from_args(args: argparse.Namespace) -> OptimizerConfig:
                            adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad)
 
 
-def fp8_autoscaler(fp8: FP8Config) -> GradientAutoScaler | None:
-    if not (plan_for(fp8).fp8_wgrad and fp8.wgrad_auto_scaling):
+def fp8_autoscaler(fp8: FP8Config, plan: PrecisionPlan) -> GradientAutoScaler | None:
+    if not (plan.fp8_wgrad and fp8.wgrad_auto_scaling):
         return None
     return GradientAutoScaler(ratio=fp8.wgrad_auto_scaling_ratio, window=fp8.wgrad_auto_scaling_window)
 
@@ -148,11 +148,12 @@ class Trainer:
         self.rng = model_parallel_seed(ps, args.seed)
         self.model = model_provider(args, ps, self.rng)
         self.fp8_config = fp8 = fp8_config_from_args(args)
-        # O3 is FP8 ZeRO: with more than one data-parallel rank the dense states are sharded too.
-        self.use_distributed_optimizer = args.use_distributed_optimizer or (plan_for(fp8).fp8_zero and ps.dp_size > 1)
         self.precision = precision_of(self.model, fp8)
+        plan = self.precision.plan
+        # O3 is FP8 ZeRO: with more than one data-parallel rank the dense states are sharded too.
+        self.use_distributed_optimizer = args.use_distributed_optimizer or (plan.fp8_zero and ps.dp_size > 1)
         self.ddp = DistributedDataParallel(self.model, ps, use_distributed_optimizer=self.use_distributed_optimizer,
-                                           fp8_autoscaler=fp8_autoscaler(fp8), precision=self.precision)
+                                           fp8_autoscaler=fp8_autoscaler(fp8, plan), precision=self.precision)
         if self.ddp.fp8_zero is not None:
             print_rank0(ps, f"> {self.ddp.fp8_zero.describe()}")
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
@@ -189,7 +190,7 @@ class Trainer:
                                  sequence_parallel=args.sequence_parallel)
         schedule = get_forward_backward_func(ps, len(chunks) if chunks else None, tensor_shape=shape,
                                              dtype=torch.bfloat16 if args.bf16 else torch.float32,
-                                             fp8_p2p=plan_for(self.fp8_config).fp8_pipeline_p2p)
+                                             fp8_p2p=self.precision.plan.fp8_pipeline_p2p)
         return schedule, (chunks if chunks else self.ddp)
 
     def train_step(self) -> tuple[float, bool, float]:

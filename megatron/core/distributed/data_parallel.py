@@ -2,8 +2,8 @@
 
 Every trainable parameter gets a main gradient, a view into one contiguous buffer (FP32 by
 default, whatever the parameter's dtype), which consumers ask for with ``ddp.main_grad(param)``.
-A post-accumulate hook adds each backward's gradient into it and frees ``param.grad``, so BF16 models accumulate micro-batches in FP32 as Megatron
-does. `finish_grad_sync` then
+A post-accumulate hook adds each backward's gradient into it and frees ``param.grad``, so BF16
+models accumulate micro-batches in FP32 as Megatron does. `finish_grad_sync` then
 
 1. sums the gradients of sequence-parallel parameters (norms, row-parallel biases) across the
    tensor-parallel group, since each rank saw only its share of the tokens, and
@@ -14,12 +14,13 @@ Buckets follow reverse parameter order (the order backward produces gradients) a
 `bucket_size_mb` each; they bound the size of a single collective.
 
 The weights the precision plan gives FP8 gradients (`AppliedPrecision.fp8_grad_params`: the FP8
-linear weights at level O1 and above) are not in the buffer: their gradient arrives as an FP8 `ScalingTensor` in the plan's `FP8GradStore` (``fp8_grads``), accumulated across
-micro-batches by the FP8 linear itself, and is averaged over the data-parallel group in FP8
+linear weights at level O1 and above) are not in the buffer: their gradient arrives as an FP8
+`ScalingTensor` in the plan's `FP8GradStore` (``fp8_grads``), accumulated across micro-batches by
+the FP8 linear itself, and is averaged over the data-parallel group in FP8
 (`fp8.collectives.fp8_all_reduce`: shared scale, auto-scaling factor mu). `fp8_stats` then holds
 the mu used and the fractions of mu-scaled values that saturated and underflowed
-(`fp8.collectives.ReductionStats`), measured at every data-parallel size, 1 included. At level O3 (FP8 weights marked ``fp8_zero``) the
-FP8 gradients go instead to the rank that owns each tensor (`fp8_zero.FP8ZeroLayout`, one uneven
+(`fp8.collectives.ReductionStats`), measured at every data-parallel size, 1 included. Under FP8
+ZeRO (`AppliedPrecision.fp8_zero`, level O3) the FP8 gradients go instead to the rank that owns each tensor (`fp8_zero.FP8ZeroLayout`, one uneven
 FP8 all-to-all per bucket); the other ranks drop theirs.
 
 With ``use_distributed_optimizer=True`` (ZeRO-1, `DistributedOptimizer`), step 2 reduce-scatters
@@ -44,6 +45,7 @@ import torch.nn as nn
 
 from fp8.autoscale import GradientAutoScaler
 from fp8.collectives import ReductionStats, fp8_all_reduce, fp8_reduce_to_owners
+from fp8.params import SCALE_BYTES
 from fp8.tensor import quantize
 from megatron.core.distributed import comm
 from megatron.core.distributed.fp8_transport import CommTransport
@@ -187,12 +189,12 @@ class DistributedDataParallel(nn.Module):
         """FP8 weight gradients held between steps (1 byte per value plus a 4-byte scale each):
         all of them at O1 / O2, only the owned ones under FP8 ZeRO (the reduction drops the rest)."""
         params = self.fp8_grad_params if self.fp8_zero is None else self.fp8_zero.owned(self.ps.dp_rank)
-        return sum(p.numel() + 4 for p in params)
+        return sum(p.numel() + SCALE_BYTES for p in params)
 
     @property
     def fp8_grad_peak_bytes(self) -> int:
         """FP8 weight gradients held at the end of backward, before the reduction: all of them."""
-        return sum(p.numel() + 4 for p in self.fp8_grad_params)
+        return sum(p.numel() + SCALE_BYTES for p in self.fp8_grad_params)
 
     def _reduce_fp8_grads(self) -> None:
         store = self.fp8_grads
