@@ -16,6 +16,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.optimizer import MixedPrecisionOptimizer, OptimizerConfig
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.parallel_state import ParallelState
+from megatron.core.tensor_parallel.layout import ParamLayout, ParamLayouts
 from megatron.core.parallelize import initialize_parameters, parallelize_gpt
 from megatron.core.transformer.config import TransformerConfig
 from distributed import run_distributed
@@ -43,7 +44,7 @@ def build(ps: ParallelState, dtype_name: str, distributed: bool, seed: int = 123
     named = list(model.named_parameters())
     config = OptimizerConfig(lr=1e-2, weight_decay=0.1, clip_grad=CLIP[dtype_name])
     optimizer = (DistributedOptimizer(named, config, ps, ddp) if distributed
-                 else MixedPrecisionOptimizer(named, config, ps, grad_of=ddp.main_grad))
+                 else MixedPrecisionOptimizer(named, config, ps, grad_of=ddp.main_grad, layouts=ddp.layouts))
     return model, ddp, optimizer
 
 
@@ -348,11 +349,11 @@ def test_sharded_buckets_are_padded_and_split_by_dtype_and_shared_embedding():
     module.c = torch.nn.Parameter(torch.zeros(7, dtype=torch.bfloat16))
     module.d = torch.nn.Parameter(torch.zeros(4))
     module.e = torch.nn.Parameter(torch.zeros(6))
-    module.d.shared_embedding = True
-    plain = DistributedDataParallel(module, ParallelState.single())
+    layouts = ParamLayouts([(module.d, ParamLayout(tied_embedding=True))])
+    plain = DistributedDataParallel(module, ParallelState.single(), layouts=layouts)
     assert [len(b.params) for b in plain.grad_buffer.buckets] == [5]
     assert plain.grad_buffer.data.numel() == 42
-    sharded = DistributedDataParallel(module, ParallelState.single(), use_distributed_optimizer=True)
+    sharded = DistributedDataParallel(module, ParallelState.single(), use_distributed_optimizer=True, layouts=layouts)
     buckets = sharded.grad_buffer.buckets
     # Reverse definition order, as backward produces them: [e], [d] alone, [c] (bf16), [b, a].
     assert [[id(p) for p in b.params] for b in buckets] == \

@@ -351,9 +351,9 @@ def test_make_scaled_fp16_param_in_place():
     gen = torch.Generator().manual_seed(0)
     value = torch.randn(64, 32, generator=gen) * 1e-4
     p = torch.nn.Parameter(value.clone())
-    p.tensor_model_parallel = True
+    p.requires_grad_(False)
     same = make_scaled_fp16_param(p)
-    assert same is p and p.tensor_model_parallel and p.dtype == torch.float16
+    assert same is p and not p.requires_grad and p.dtype == torch.float16
     assert type(p) is ScaledFP16Parameter and is_scaled_fp16(p)  # the kind is the type
     copied = copy.deepcopy(p)
     assert type(copied) is ScaledFP16Parameter and torch.equal(copied.scale, p.scale) and copied.scale is not p.scale

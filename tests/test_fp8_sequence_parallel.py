@@ -23,6 +23,7 @@ from megatron.core.parallel_state import ParallelState
 from megatron.core.parallelize import global_name, initialize_parameters, parallelize_gpt
 from megatron.core.precision import FP8Config, apply_precision
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear, load_full_weights
+from megatron.core.tensor_parallel.layout import layouts_of
 from megatron.core.tensor_parallel.random import model_parallel_seed
 from megatron.core.transformer.config import TransformerConfig
 from megatron.core.transformer.layer import attach_rng_tracker
@@ -142,8 +143,9 @@ def gpt_grads(ps, level: str, reduce_scatter: bool = False, recompute: bool = Fa
     tokens = torch.randint(0, 128, (4, SEQ + 1), generator=torch.Generator().manual_seed(5))
     loss = model(tokens[:, :-1], tokens[:, 1:]).mean()
     loss.backward()
-    grads = {global_name(model, n): (_grad(p, precision.grads).detach().clone(), p.partition_dim, p.partition_parts,
-                                     p.sequence_parallel)
+    layouts = layouts_of(model)
+    grads = {global_name(model, n): (_grad(p, precision.grads).detach().clone(), layouts[p].tp_dim,
+                                     layouts[p].tp_parts, layouts[p].sequence_parallel)
              for n, p in model.named_parameters()}
     return loss.item(), grads
 

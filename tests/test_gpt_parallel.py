@@ -48,7 +48,7 @@ def train(ps: ParallelState, variant: str, sequence_parallel: bool, micro_batch:
     precision = apply_precision(model, FP8Config(level=fp8_level, recipe="current", min_features=32))
     ddp = DistributedDataParallel(model, ps, bucket_size_mb=0.01, precision=precision)  # several buckets
     optimizer = MixedPrecisionOptimizer(list(model.named_parameters()), OptimizerConfig(lr=1e-2, clip_grad=0.5), ps,
-                                        grad_of=ddp.main_grad)
+                                        grad_of=ddp.main_grad, layouts=ddp.layouts)
     per_rank = GLOBAL_BATCH // ps.dp_size
     losses, grads = [], {}
     for step, batch in enumerate(global_batches()):
@@ -64,7 +64,7 @@ def train(ps: ParallelState, variant: str, sequence_parallel: bool, micro_batch:
         if ps.dp_size > 1:
             comm.all_reduce(total, ps, "dp").div_(ps.dp_size)
         if step == 0:
-            grads = {global_name(model, n): (ddp.main_grad(p).clone(), p.partition_dim, p.partition_parts)
+            grads = {global_name(model, n): (ddp.main_grad(p).clone(), ddp.layouts[p].tp_dim, ddp.layouts[p].tp_parts)
                      for n, p in model.named_parameters()}
         result = optimizer.step()
         losses.append((total.item(), result.grad_norm))

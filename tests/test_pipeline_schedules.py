@@ -13,6 +13,7 @@ import torch
 
 from megatron.core.models.gpt import GPTModel
 from megatron.core.parallel_state import ParallelState
+from megatron.core.tensor_parallel.layout import layouts_of
 from megatron.core.parallelize import global_name, initialize_parameters, parallelize_gpt
 from megatron.core.pipeline_parallel import schedules
 from megatron.core.pipeline_parallel.model import (
@@ -222,8 +223,8 @@ def test_tied_output_weight_starts_as_the_embedding_copy(untie):
     assert torch.equal(embedding, output) != untie
     assert global_name(last, "output_layer.weight") == ("output_layer.weight" if untie
                                                         else "embedding.word_embeddings.weight")
-    assert getattr(output, "shared_embedding_duplicate", False) != untie
-    assert not getattr(embedding, "shared_embedding_duplicate", False)
+    assert layouts_of(last)[output].tied_duplicate != untie
+    assert not layouts_of(first)[embedding].tied_duplicate
     assert len(shared_embedding_params(first)) == len(shared_embedding_params(last)) == (0 if untie else 1)
     whole = GPTModel(config, device="meta")
     parallelize_gpt(whole, ParallelState.single())

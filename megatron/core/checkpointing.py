@@ -31,7 +31,7 @@ import torch.nn as nn
 
 from fp8.params import param_value, set_param_value
 from megatron.core.parallel_state import ParallelState
-from megatron.core.tensor_parallel.layers import shard_of
+from megatron.core.tensor_parallel.layout import ParamLayout, layouts_of
 
 FORMAT_VERSION = 1
 MARKER = "latest_checkpointed_iteration.txt"
@@ -52,10 +52,8 @@ def _barrier(ps: ParallelState) -> None:
 
 
 # ----- what a rank saves -------------------------------------------------------------------------
-def _shard_info(param: nn.Parameter, ps: ParallelState) -> dict:
-    sharded = getattr(param, "tensor_model_parallel", False)
-    return {"dim": param.partition_dim if sharded else None, "parts": getattr(param, "partition_parts", 1),
-            "tp_rank": ps.tp_rank, "tp_size": ps.tp_size}
+def _shard_info(layout: ParamLayout, ps: ParallelState) -> dict:
+    return {**layout.describe(), "tp_rank": ps.tp_rank, "tp_size": ps.tp_size}
 
 
 def named_global_params(model: nn.Module, global_name) -> dict[str, nn.Parameter]:
@@ -98,10 +96,11 @@ def set_rng_state(state: dict, tracker=None) -> None:
 
 def rank_payload(model: nn.Module, optimizer, ps: ParallelState, global_name, tracker=None) -> dict:
     params = named_global_params(model, global_name)
+    layouts = layouts_of(model)
     opt_state = optimizer.local_state() if optimizer is not None else {}
     model_part, optim_part = {}, {}
     for name, param in params.items():
-        model_part[name] = {"tensor": param_value(param).cpu(), "shard": _shard_info(param, ps)}
+        model_part[name] = {"tensor": param_value(param).cpu(), "shard": _shard_info(layouts[param], ps)}
         if param in opt_state:
             entry = opt_state[param]
             optim_part[name] = {"range": list(entry["range"]),
@@ -266,13 +265,7 @@ class ShardedCheckpoint:
                 for key, by_rank in flat.items()}
 
 
-def local_piece(full: torch.Tensor, param: nn.Parameter, ps: ParallelState) -> torch.Tensor:
-    if not getattr(param, "tensor_model_parallel", False):
-        return full
-    return shard_of(full, param.partition_dim, ps.tp_rank, ps.tp_size, getattr(param, "partition_parts", 1))
-
-
-def _local_states(ckpt: ShardedCheckpoint, name: str, param: nn.Parameter, ps: ParallelState,
+def _local_states(ckpt: ShardedCheckpoint, name: str, layout: ParamLayout, ps: ParallelState,
                   same_layout: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """This rank's shard of a parameter and of its optimizer states."""
     if same_layout:  # only our own file was read; its pieces are already ours
@@ -289,8 +282,8 @@ def _local_states(ckpt: ShardedCheckpoint, name: str, param: nn.Parameter, ps: P
                 states[key] = base.view(tensor.shape)
         return tensor, states
     full_states = ckpt.full_optimizer_state(name)
-    return (local_piece(ckpt.full_tensor(name), param, ps),
-            {k: local_piece(v, param, ps) for k, v in full_states.items()})
+    return (layout.shard(ckpt.full_tensor(name), ps.tp_rank, ps.tp_size),
+            {k: layout.shard(v, ps.tp_rank, ps.tp_size) for k, v in full_states.items()})
 
 
 def load_checkpoint(root: str, *, ps: ParallelState, model: nn.Module, optimizer, global_name,
@@ -314,9 +307,10 @@ def load_checkpoint(root: str, *, ps: ParallelState, model: nn.Module, optimizer
         raise CheckpointError(f"{folder} lacks {len(missing)} parameters of this model (first: {missing[0]}); "
                               f"it is of another model - use the same model settings or another --load folder")
     full_states = {}
+    layouts = layouts_of(model)
     with torch.no_grad():
         for name, param in params.items():
-            tensor, states = _local_states(ckpt, name, param, ps, same_layout)
+            tensor, states = _local_states(ckpt, name, layouts[param], ps, same_layout)
             if tuple(tensor.shape) != tuple(param.shape):
                 raise CheckpointError(f"{name} has shape {tuple(tensor.shape)} in the checkpoint, {tuple(param.shape)} "
                                       f"here; the checkpoint is of another model")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from dataclasses import replace
 
 import torch
 import torch.nn as nn
@@ -24,9 +25,8 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.parallel_state import ParallelState
 from megatron.core.tensor_parallel import mappings
 from megatron.core.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
-from megatron.core.tensor_parallel.layers import (
-    ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, _mark, shard_of,
-)
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from megatron.core.tensor_parallel.layout import ParamLayout, layouts_of
 
 NORMS = (nn.LayerNorm, nn.RMSNorm)
 
@@ -40,19 +40,15 @@ class VocabParallelCrossEntropy(nn.Module):
         return vocab_parallel_cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels, self.ps)
 
 
-def _column(linear: nn.Linear, ps, sp, **kw) -> ColumnParallelLinear:
-    layer = ColumnParallelLinear(linear.in_features, linear.out_features, ps=ps, bias=linear.bias is not None,
-                                 sequence_parallel=sp, partition_parts=getattr(linear, "partition_parts", 1),
-                                 device=linear.weight.device, dtype=linear.weight.dtype, **kw)
-    layer.weight.scaled_init = getattr(linear, "scaled_init", False)
-    return layer
+def _column(linear: nn.Linear, ps, sp, parts: int = 1) -> ColumnParallelLinear:
+    return ColumnParallelLinear(linear.in_features, linear.out_features, ps=ps, bias=linear.bias is not None,
+                                sequence_parallel=sp, partition_parts=parts,
+                                device=linear.weight.device, dtype=linear.weight.dtype)
 
 
 def _row(linear: nn.Linear, ps, sp) -> RowParallelLinear:
-    layer = RowParallelLinear(linear.in_features, linear.out_features, ps=ps, bias=linear.bias is not None,
-                              sequence_parallel=sp, device=linear.weight.device, dtype=linear.weight.dtype)
-    layer.weight.scaled_init = getattr(linear, "scaled_init", False)
-    return layer
+    return RowParallelLinear(linear.in_features, linear.out_features, ps=ps, bias=linear.bias is not None,
+                             sequence_parallel=sp, device=linear.weight.device, dtype=linear.weight.dtype)
 
 
 def parallelize_gpt(model: GPTModel, ps: ParallelState, *, sequence_parallel: bool = False, rng=None) -> GPTModel:
@@ -71,7 +67,7 @@ def parallelize_gpt(model: GPTModel, ps: ParallelState, *, sequence_parallel: bo
         attn, mlp = layer.self_attention, layer.mlp
         attn.linear_qkv = _column(attn.linear_qkv, ps, sp)
         attn.linear_proj = _row(attn.linear_proj, ps, sp)
-        mlp.linear_fc1 = _column(mlp.linear_fc1, ps, sp)
+        mlp.linear_fc1 = _column(mlp.linear_fc1, ps, sp, parts=2 if model.config.swiglu else 1)
         mlp.linear_fc2 = _row(mlp.linear_fc2, ps, sp)
         if rng is not None and ps.tp_size > 1:
             attn.rng_context = lambda: rng.fork()
@@ -82,32 +78,36 @@ def parallelize_gpt(model: GPTModel, ps: ParallelState, *, sequence_parallel: bo
         if ps.tp_size > 1:
             model.cross_entropy = VocabParallelCrossEntropy(ps)
     model.tie_output_weight()
-    _mark_replicated(model, sp)
-    _mark_split_tied_embedding(model)
+    model.param_layouts = _gpt_layouts(model, sp)
     return model
 
 
-def _mark_split_tied_embedding(model: GPTModel) -> None:
-    """A pipeline puts tied word embeddings on the first stage and the output weight on the last,
-    as two parameters that must stay one: both get ``shared_embedding`` (their gradients are summed
-    over the embedding group), the last stage's also ``shared_embedding_duplicate`` (norms and
-    parameter counts skip it)."""
-    if not model.shares_embeddings_and_output_weights or (model.embedding is None) == (model.output_layer is None):
-        return
-    if model.embedding is not None:
-        model.embedding.word_embeddings.weight.shared_embedding = True
-    else:
-        model.output_layer.weight.shared_embedding = True
-        model.output_layer.weight.shared_embedding_duplicate = True
+# Output projections take Megatron's scaled init (std / sqrt(2 * layers)).
+_SCALED_INIT = (".self_attention.linear_proj.weight", ".mlp.linear_fc2.weight")
 
 
-def _mark_replicated(model: nn.Module, sp: bool) -> None:
-    """Give every parameter not yet marked the replicated attributes; norms inside the
-    sequence-parallel region see only their rank's tokens, so their gradients are partial."""
-    for module in model.modules():
-        for param in module.parameters(recurse=False):
-            if not hasattr(param, "tensor_model_parallel"):
-                _mark(param, dim=None, sequence_parallel=sp and isinstance(module, NORMS))
+def _gpt_layouts(model: GPTModel, sp: bool) -> dict[str, ParamLayout]:
+    """Every parameter's layout by name: the parallel layers' own; norms inside the
+    sequence-parallel region see only their rank's tokens, so their gradients are partial; a
+    pipeline puts tied word embeddings on the first stage and the output weight on the last, as
+    two parameters that must stay one: both are `tied_embedding` (gradients summed over the
+    embedding group), the last stage's also `tied_duplicate` (norms and parameter counts skip it)."""
+    layouts = {}
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        own = (module.param_layouts() if isinstance(module, (ColumnParallelLinear, RowParallelLinear,
+                                                             VocabParallelEmbedding)) else {})
+        for param_name, _ in module.named_parameters(recurse=False):
+            name = prefix + param_name
+            layout = own.get(param_name, ParamLayout(sequence_parallel=sp and isinstance(module, NORMS)))
+            if name.endswith(_SCALED_INIT):
+                layout = replace(layout, scaled_init=True)
+            layouts[name] = layout
+    split_tie = model.shares_embeddings_and_output_weights and (model.embedding is None) != (model.output_layer is None)
+    if split_tie:
+        name = "embedding.word_embeddings.weight" if model.embedding is not None else "output_layer.weight"
+        layouts[name] = replace(layouts[name], tied_embedding=True, tied_duplicate=model.embedding is None)
+    return layouts
 
 
 def global_name(model: GPTModel, name: str) -> str:
@@ -126,28 +126,21 @@ def _seed_for(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
 
 
-def _init_rule(module: nn.Module, param_name: str, param: nn.Parameter, config) -> tuple[str, float]:
+def _init_rule(module: nn.Module, param_name: str, layout: ParamLayout, config) -> tuple[str, float]:
     if isinstance(module, NORMS):
         return ("ones", 0.0) if param_name == "weight" else ("zeros", 0.0)
     if param_name == "bias":
         return "zeros", 0.0
     std = config.init_method_std
-    if getattr(param, "scaled_init", False):
+    if layout.scaled_init:
         std = std / math.sqrt(2.0 * config.num_layers)
     return "normal", std
 
 
-def full_shape(param: nn.Parameter, ps: ParallelState) -> tuple[int, ...]:
-    shape = list(param.shape)
-    if getattr(param, "tensor_model_parallel", False):
-        shape[param.partition_dim] *= ps.tp_size
-    return tuple(shape)
-
-
 def materialize(model: nn.Module, device: torch.device) -> None:
     """Give meta (or other-device) parameters and buffers real, uninitialised storage on
-    `device`, keeping their attributes and any sharing between modules (tied weights).
-    (`Module.to_empty` would make new Parameter objects and drop the attributes.)"""
+    `device`, keeping their `requires_grad` and any sharing between modules (tied weights).
+    Layouts are recorded by name, so they hold for the new parameter objects."""
     replaced: dict[int, torch.Tensor] = {}
     for module in model.modules():
         for slots in (module._parameters, module._buffers):
@@ -158,7 +151,6 @@ def materialize(model: nn.Module, device: torch.device) -> None:
                     new = torch.empty_like(tensor, device=device)
                     if isinstance(tensor, nn.Parameter):
                         new = nn.Parameter(new, requires_grad=tensor.requires_grad)
-                        new.__dict__.update(tensor.__dict__)
                     replaced[id(tensor)] = new
                 slots[name] = replaced[id(tensor)]
 
@@ -169,6 +161,7 @@ def initialize_parameters(model: GPTModel, ps: ParallelState, seed: int, device=
     Full tensors are drawn one at a time, so peak extra memory is the largest single parameter."""
     device = torch.device(device) if device is not None else ps.device
     materialize(model, device)
+    layouts = layouts_of(model)
     gen_device = device if device.type == "cuda" else torch.device("cpu")
     seen = set()
     for module_name, module in model.named_modules():
@@ -177,12 +170,11 @@ def initialize_parameters(model: GPTModel, ps: ParallelState, seed: int, device=
                 continue
             seen.add(id(param))
             name = global_name(model, f"{module_name}.{param_name}" if module_name else param_name)
-            rule, std = _init_rule(module, param_name, param, model.config)
-            full = torch.empty(full_shape(param, ps), device=gen_device, dtype=torch.float32)
+            layout = layouts[param]
+            rule, std = _init_rule(module, param_name, layout, model.config)
+            full = torch.empty(layout.full_shape(param.shape, ps.tp_size), device=gen_device, dtype=torch.float32)
             if rule == "normal":
                 full.normal_(0.0, std, generator=torch.Generator(device=gen_device).manual_seed(_seed_for(seed, name)))
             else:
                 full.fill_(1.0 if rule == "ones" else 0.0)
-            if getattr(param, "tensor_model_parallel", False):
-                full = shard_of(full, param.partition_dim, ps.tp_rank, ps.tp_size, param.partition_parts)
-            param.copy_(full)
+            param.copy_(layout.shard(full, ps.tp_rank, ps.tp_size))

@@ -29,14 +29,15 @@ rank r receives the averaged gradient of chunk r of every bucket (`Bucket.shard`
 buffer keeps this rank's unreduced gradient and must not be read. The whole buffer is still
 allocated, as in Megatron: backward writes every gradient before the reduce-scatter. In this mode
 a bucket never mixes parameter dtypes (the updated parameters are all-gathered per bucket in their
-own dtype), and a parameter marked ``shared_embedding`` (a tied embedding that also lives on another
-pipeline stage) gets a bucket of its own, so both stages shard it identically and the embedding
+own dtype), and a parameter whose layout is ``tied_embedding`` (a tied embedding that also lives on
+another pipeline stage) gets a bucket of its own, so both stages shard it identically and the embedding
 all-reduce between them can run on the owned chunk after the reduce-scatter.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -51,6 +52,7 @@ from megatron.core.distributed import comm
 from megatron.core.distributed.fp8_transport import CommTransport
 from megatron.core.distributed.fp8_zero import FP8ZeroLayout
 from megatron.core.parallel_state import ParallelState
+from megatron.core.tensor_parallel.layout import ParamLayouts, layouts_of
 
 if TYPE_CHECKING:
     from megatron.core.precision import AppliedPrecision
@@ -74,17 +76,14 @@ class Bucket:
         return self.buffer[dp_rank * chunk:(dp_rank + 1) * chunk]
 
 
-def _needs_own_bucket(param: nn.Parameter) -> bool:
-    return getattr(param, "shared_embedding", False)
-
-
-def _group_into_buckets(params: list[nn.Parameter], bucket_numel: int, split_by_kind: bool) -> list[list]:
+def _group_into_buckets(params: list[nn.Parameter], bucket_numel: int, split_by_kind: bool,
+                        alone: frozenset[int] = frozenset()) -> list[list]:
     """Consecutive runs of `params`, each closed once it reaches `bucket_numel`; with `split_by_kind`
-    also before a change of dtype and around a parameter that needs its own bucket."""
+    also before a change of dtype and around a parameter that needs its own bucket (ids in `alone`)."""
     groups, current, size = [], [], 0
     for param in params:
-        if current and split_by_kind and (param.dtype != current[-1].dtype or _needs_own_bucket(param)
-                                          or _needs_own_bucket(current[-1])):
+        if current and split_by_kind and (param.dtype != current[-1].dtype or id(param) in alone
+                                          or id(current[-1]) in alone):
             groups.append(current)
             current, size = [], 0
         current.append(param)
@@ -101,12 +100,14 @@ class GradBuffer:
     """One contiguous buffer of `dtype` holding the main gradients of `params`.
 
     `pad_to` > 1 pads every bucket's end to a multiple of it (and splits buckets by dtype and around
-    shared embeddings): the layout the distributed optimizer shards."""
+    the `alone` parameters, the tied embedding's pipeline copies): the layout the distributed
+    optimizer shards."""
 
     def __init__(self, params: list[nn.Parameter], dtype: torch.dtype, device, bucket_numel: int,
-                 pad_to: int = 1):
+                 pad_to: int = 1, alone: Iterable[nn.Parameter] = ()):
         self.dtype = dtype
-        groups = _group_into_buckets(list(reversed(params)), bucket_numel, split_by_kind=pad_to > 1)
+        groups = _group_into_buckets(list(reversed(params)), bucket_numel, split_by_kind=pad_to > 1,
+                                     alone=frozenset(id(p) for p in alone))
         sizes = [math.ceil(sum(p.numel() for p in group) / pad_to) * pad_to for group in groups]
         self.data = torch.zeros(sum(sizes), dtype=dtype, device=device)
         self.buckets: list[Bucket] = []
@@ -148,7 +149,8 @@ class DistributedDataParallel(nn.Module):
 
     def __init__(self, module: nn.Module, ps: ParallelState, *, grad_dtype: torch.dtype = torch.float32,
                  bucket_size_mb: float = 40.0, use_distributed_optimizer: bool = False,
-                 fp8_autoscaler: GradientAutoScaler | None = None, precision: AppliedPrecision | None = None):
+                 fp8_autoscaler: GradientAutoScaler | None = None, precision: AppliedPrecision | None = None,
+                 layouts: ParamLayouts | None = None):
         super().__init__()
         self.module, self.ps = module, ps
         self.use_distributed_optimizer = use_distributed_optimizer
@@ -160,11 +162,13 @@ class DistributedDataParallel(nn.Module):
         bucket_numel = max(1, int(bucket_size_mb * 2**20 / torch.tensor([], dtype=grad_dtype).element_size()))
         device = params[0].device if params else ps.device
         pad_to = ps.dp_size * SHARD_ALIGN_NUMEL if use_distributed_optimizer else 1
-        self.grad_buffer = GradBuffer(params, grad_dtype, device, bucket_numel, pad_to=pad_to)
+        self.layouts = layouts if layouts is not None else layouts_of(module)
+        self.grad_buffer = GradBuffer(params, grad_dtype, device, bucket_numel, pad_to=pad_to,
+                                      alone=self.layouts.params(tied_embedding=True))
         zero = precision is not None and precision.fp8_zero and self.fp8_grad_params
         self.fp8_zero = FP8ZeroLayout(self.fp8_grad_params, ps.dp_size, int(bucket_size_mb * 2**20)) if zero else None
         self._hooks = [p.register_post_accumulate_grad_hook(_accumulate_into(self.grad_buffer.view(p))) for p in params]
-        self.sequence_parallel_params = [p for p in params if getattr(p, "sequence_parallel", False)]
+        self.sequence_parallel_params = [p for p in params if self.layouts[p].sequence_parallel]
 
     @staticmethod
     def dense_grad_params(module: nn.Module, fp8_grad_params=()) -> list[nn.Parameter]:

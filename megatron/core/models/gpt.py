@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megatron.core.tensor_parallel.layout import LaidOut, ParamLayout
 from megatron.core.transformer.config import TransformerConfig
 from megatron.core.transformer.layer import TransformerBlock
 
@@ -45,7 +46,7 @@ class LanguageModelEmbedding(nn.Module):
         return self.dropout(embeddings.transpose(0, 1).contiguous())
 
 
-class GPTModel(nn.Module):
+class GPTModel(nn.Module, LaidOut):
     """A GPT, or the part of one that a pipeline stage holds.
 
     `pre_process` / `post_process`: whether this part holds the embedding / the final norm, head
@@ -67,6 +68,8 @@ class GPTModel(nn.Module):
             self.cross_entropy = CrossEntropy()
         self.tie_output_weight()
         self.input_tensor: torch.Tensor | None = None
+        # Every parameter replicated on one device; `parallelize_gpt` records the parallel layout.
+        self.param_layouts: dict[str, ParamLayout] = {}
 
     @property
     def shares_embeddings_and_output_weights(self) -> bool:

@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from megatron.core.distributed import comm
 from megatron.core.parallel_state import ParallelState
+from megatron.core.tensor_parallel.layout import ParamLayouts
 
 
 @dataclass(kw_only=True)
@@ -50,14 +51,12 @@ def _no_weight_decay(name: str, param: nn.Parameter) -> bool:
 
 
 def global_grad_norm(params: list[nn.Parameter], grads: list[torch.Tensor], ps: ParallelState,
-                     extra_square_sum: torch.Tensor | None = None) -> float:
+                     layouts: ParamLayouts, extra_square_sum: torch.Tensor | None = None) -> float:
     """L2 norm of the whole model's gradient: each tensor-parallel shard counts once, replicated
     parameters once per model (on tensor-parallel rank 0), the tied output weight of the last
     pipeline stage not at all (the first stage counts it), summed over the tp and pp groups.
     `extra_square_sum`: this rank's sum of squares of gradients kept elsewhere (FP8 ones)."""
-    counted = [g for p, g in zip(params, grads)
-               if (getattr(p, "tensor_model_parallel", False) or ps.tp_rank == 0)
-               and not getattr(p, "shared_embedding_duplicate", False)]  # the last stage's tied copy
+    counted = [g for p, g in zip(params, grads) if layouts[p].counts_in_norm(ps.tp_rank)]
     device = grads[0].device if grads else ps.device
     total = torch.zeros((), dtype=torch.float32, device=device)
     if counted:
@@ -78,10 +77,12 @@ def clip_coefficient(clip_grad: float, norm: float) -> float:
 
 class MixedPrecisionOptimizer:
     def __init__(self, named_params: list[tuple[str, nn.Parameter]], config: OptimizerConfig, ps: ParallelState,
-                 grad_of: Callable[[nn.Parameter], torch.Tensor] | None = None):
+                 grad_of: Callable[[nn.Parameter], torch.Tensor] | None = None, layouts: ParamLayouts | None = None):
         """`grad_of(param)`: where each parameter's gradient is (a data-parallel wrapper's
-        `main_grad`); without one, ``param.grad``."""
+        `main_grad`); without one, ``param.grad``. `layouts`: how parameters are split over
+        tensor-parallel ranks (the wrapper's `layouts`); without, all are replicated."""
         self.config, self.ps = config, ps
+        self.layouts = layouts if layouts is not None else ParamLayouts()
         self.grad_of = grad_of if grad_of is not None else (lambda p: p.grad)
         self.params = [p for _, p in named_params]
         self.masters = [p if p.dtype == torch.float32 else p.detach().float().clone() for p in self.params]
@@ -102,14 +103,14 @@ class MixedPrecisionOptimizer:
 
     def step(self) -> StepResult:
         grads = self.grads()
-        norm = global_grad_norm(self.params, grads, self.ps)
+        norm = global_grad_norm(self.params, grads, self.ps, self.layouts)
         if not math.isfinite(norm):
             return StepResult(skipped=True, grad_norm=norm)
         self.update(grads, clip_coefficient(self.config.clip_grad, norm))
         return StepResult(skipped=False, grad_norm=norm)
 
     def grad_norm(self) -> float:
-        return global_grad_norm(self.params, self.grads(), self.ps)
+        return global_grad_norm(self.params, self.grads(), self.ps, self.layouts)
 
     def apply(self, coefficient: float) -> None:
         self.update(self.grads(), coefficient)

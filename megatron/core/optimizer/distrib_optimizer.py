@@ -170,7 +170,8 @@ class DistributedOptimizer:
     def _global_grad_norm(self) -> float:
         segments = self._norm_segments
         # This rank's chunks, already summed over tp and pp; the dp sum completes the model.
-        partial = global_grad_norm([s.param for s in segments], [self._grad_view(s) for s in segments], self.ps)
+        partial = global_grad_norm([s.param for s in segments], [self._grad_view(s) for s in segments], self.ps,
+                                   self.ddp.layouts)
         squares = comm.all_reduce_scalar(partial * partial, self.ps, "dp")
         return math.sqrt(squares) if math.isfinite(squares) else math.inf
 

@@ -31,7 +31,7 @@ def build_optimizer(named_params: list[tuple[str, nn.Parameter]], config: Optimi
     if not ddp.fp8_grad_params:
         if use_distributed_optimizer:
             return DistributedOptimizer(named_params, config, ps, ddp)
-        return MixedPrecisionOptimizer(named_params, config, ps, grad_of=ddp.main_grad)
+        return MixedPrecisionOptimizer(named_params, config, ps, grad_of=ddp.main_grad, layouts=ddp.layouts)
     _, exp_avg, exp_avg_sq = precision.optimizer_dtypes
     common = dict(exp_avg_dtype=exp_avg, exp_avg_sq_dtype=exp_avg_sq, fp8_grads=ddp.fp8_grads,
                   stochastic_rounding=precision.stochastic_rounding, seed=seed, ddp=ddp,

@@ -70,7 +70,9 @@ def dense_optimizer(named_params, config: OptimizerConfig, ps: ParallelState, dd
     dense = [(n, p) for n, p in named_params if id(p) not in fp8]
     if use_distributed_optimizer:
         return DistributedOptimizer(dense, config, ps, ddp)
-    return MixedPrecisionOptimizer(dense, config, ps, grad_of=ddp.main_grad if ddp is not None else None)
+    if ddp is None:
+        return MixedPrecisionOptimizer(dense, config, ps)
+    return MixedPrecisionOptimizer(dense, config, ps, grad_of=ddp.main_grad, layouts=ddp.layouts)
 
 
 class FP8MixedPrecisionOptimizer:

@@ -21,6 +21,7 @@ import torch.nn as nn
 from megatron.core.distributed import comm
 from megatron.core.models.gpt import GPTModel
 from megatron.core.parallel_state import ParallelState
+from megatron.core.tensor_parallel.layout import layouts_of
 from megatron.core.transformer.config import TransformerConfig
 
 
@@ -83,13 +84,7 @@ def _modules(model: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
 
 def shared_embedding_params(model: nn.Module | Sequence[nn.Module]) -> list[nn.Parameter]:
     """This rank's copies of a tied embedding split across stages (none on middle stages)."""
-    seen, found = set(), []
-    for module in _modules(model):
-        for param in module.parameters():
-            if getattr(param, "shared_embedding", False) and id(param) not in seen:
-                seen.add(id(param))
-                found.append(param)
-    return found
+    return layouts_of(_modules(model)).params(tied_embedding=True)
 
 
 def allreduce_embedding_grads(model: nn.Module | Sequence[nn.Module], ps: ParallelState, grad_of) -> None:
@@ -110,7 +105,8 @@ def allreduce_embedding_grads(model: nn.Module | Sequence[nn.Module], ps: Parall
 def count_parameters(model: nn.Module | Sequence[nn.Module]) -> int:
     """Parameters this rank holds, each tied embedding counted once across the pipeline."""
     params = {id(p): p for module in _modules(model) for p in module.parameters()}
-    return sum(p.numel() for p in params.values() if not getattr(p, "shared_embedding_duplicate", False))
+    layouts = layouts_of(_modules(model))
+    return sum(p.numel() for p in params.values() if not layouts[p].tied_duplicate)
 
 
 __all__ = [

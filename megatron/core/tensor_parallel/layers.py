@@ -1,12 +1,8 @@
 """Tensor-parallel layers: column- and row-parallel linears and the vocab-parallel embedding.
 
-Each holds only its shard. Sharded parameters carry attributes that the rest of the framework
-reads instead of guessing:
-
-- ``tensor_model_parallel`` (bool), ``partition_dim``, ``partition_parts``: how the full
-  parameter was split (see `shard_of`);
-- ``sequence_parallel`` (bool): replicated parameter used on sequence-parallel activations,
-  whose gradient is partial on each rank and must be summed across the tensor-parallel group.
+Each holds only its shard and says how with `param_layouts()` (`layout.ParamLayout` by
+parameter name: the split dimension and blocks, or, for the row layer's bias under sequence
+parallelism, a replicated parameter whose gradient is partial on each rank).
 
 The GEMM is `F.linear`, or `fp8.fp8_linear` once a precision plan has given the layer an
 `fp8` state. A sequence-parallel layer whose state asks for FP8 traffic (``fp8_comm``, level O3)
@@ -28,32 +24,13 @@ from fp8.sequence_parallel import column_parallel_fp8_linear, row_parallel_fp8_l
 from megatron.core.distributed.fp8_transport import CommTransport
 from megatron.core.parallel_state import ParallelState
 from megatron.core.tensor_parallel import mappings
+from megatron.core.tensor_parallel.layout import REPLICATED, ParamLayout
 from megatron.core.tensor_parallel.sequence_parallel import column_parallel_linear
 
 
-def shard_of(full: torch.Tensor, dim: int, rank: int, size: int, parts: int = 1) -> torch.Tensor:
-    """Rank `rank`'s shard of `full` along `dim`. With `parts` > 1 the dimension is `parts`
-    stacked blocks (SwiGLU's [gate; up]) and each block is split separately, so every rank
-    holds matching pieces of each."""
-    if full.shape[dim] % (parts * size):
-        raise ValueError(f"dimension {full.shape[dim]} cannot be split into {parts} x {size} tensor-parallel "
-                         f"pieces; choose sizes divisible by --tensor-model-parallel-size")
-    blocks = full.chunk(parts, dim=dim)
-    return torch.cat([b.chunk(size, dim=dim)[rank] for b in blocks], dim=dim)
-
-
-def _mark(param: nn.Parameter, *, dim: int | None, parts: int = 1, sequence_parallel: bool = False) -> None:
-    param.tensor_model_parallel = dim is not None
-    param.partition_dim = dim
-    param.partition_parts = parts
-    param.sequence_parallel = sequence_parallel
-
-
-def _copy_shard(param: nn.Parameter, full: torch.Tensor, ps: ParallelState) -> None:
-    dim = param.partition_dim
-    shard = full if dim is None else shard_of(full, dim, ps.tp_rank, ps.tp_size, param.partition_parts)
+def _copy_shard(param: nn.Parameter, layout: ParamLayout, full: torch.Tensor, ps: ParallelState) -> None:
     with torch.no_grad():
-        param.copy_(shard)
+        param.copy_(layout.shard(full, ps.tp_rank, ps.tp_size))
 
 
 def _linear(x, weight, bias, fp8_state: FP8LinearState | None):
@@ -110,10 +87,12 @@ class ColumnParallelLinear(_ParallelLinear):
                              f"--tensor-model-parallel-size {ps.tp_size}" + (" x 2 (SwiGLU)" if partition_parts > 1 else ""))
         self.input_size, self.output_size = input_size, output_size
         self.gather_output, self.sequence_parallel = gather_output, sequence_parallel
+        self.partition_parts = partition_parts
         self._init(ps, (output_size // ps.tp_size, input_size), output_size // ps.tp_size, dtype, device, bias)
-        _mark(self.weight, dim=0, parts=partition_parts)
-        if self.bias is not None:
-            _mark(self.bias, dim=0, parts=partition_parts)
+
+    def param_layouts(self) -> dict[str, ParamLayout]:
+        split = ParamLayout(tp_dim=0, tp_parts=self.partition_parts)
+        return {"weight": split} | ({"bias": split} if self.bias is not None else {})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         transport = self._fp8_transport()
@@ -146,9 +125,10 @@ class RowParallelLinear(_ParallelLinear):
         self.input_size, self.output_size = input_size, output_size
         self.sequence_parallel = sequence_parallel
         self._init(ps, (output_size, input_size // ps.tp_size), output_size, dtype, device, bias)
-        _mark(self.weight, dim=1)
-        if self.bias is not None:
-            _mark(self.bias, dim=None, sequence_parallel=sequence_parallel)
+
+    def param_layouts(self) -> dict[str, ParamLayout]:
+        bias = {"bias": ParamLayout(sequence_parallel=self.sequence_parallel)} if self.bias is not None else {}
+        return {"weight": ParamLayout(tp_dim=1)} | bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         transport = self._fp8_transport()
@@ -179,7 +159,9 @@ class VocabParallelEmbedding(nn.Module):
         per_rank = num_embeddings // ps.tp_size
         self.vocab_start, self.vocab_end = ps.tp_rank * per_rank, (ps.tp_rank + 1) * per_rank
         self.weight = nn.Parameter(torch.empty(per_rank, embedding_dim, device=device, dtype=dtype))
-        _mark(self.weight, dim=0)
+
+    def param_layouts(self) -> dict[str, ParamLayout]:
+        return {"weight": ParamLayout(tp_dim=0)}
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.ps.tp_size == 1:
@@ -193,10 +175,11 @@ class VocabParallelEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, local rows [{self.vocab_start}, {self.vocab_end})"
 
 
-def load_full_weights(module: nn.Module, full: nn.Module | dict, ps: ParallelState) -> None:
+def load_full_weights(module: "_ParallelLinear | VocabParallelEmbedding", full: nn.Module | dict, ps: ParallelState) -> None:
     """Copy this rank's shards of a full (unsharded) module's or state dict's tensors into the
     matching parameters of `module` (parameters the full one lacks are left alone)."""
     full_state = full if isinstance(full, dict) else full.state_dict()
+    layouts = module.param_layouts()
     for name, param in module.named_parameters():
         if name in full_state:
-            _copy_shard(param, full_state[name], ps)
+            _copy_shard(param, layouts.get(name, REPLICATED), full_state[name], ps)

@@ -74,7 +74,6 @@ class SelfAttention(nn.Module):
         kw = dict(bias=config.add_bias_linear, device=device, dtype=config.params_dtype)
         self.linear_qkv = nn.Linear(config.hidden_size, config.qkv_width, **kw)
         self.linear_proj = nn.Linear(config.num_attention_heads * config.kv_channels, config.hidden_size, **kw)
-        self.linear_proj.scaled_init = True
         # Set by the parallelize step to fork the tensor-parallel RNG (heads differ per rank).
         self.rng_context = contextlib.nullcontext
         self.rng_tracker = None
@@ -131,10 +130,7 @@ class MLP(nn.Module):
         kw = dict(bias=config.add_bias_linear, device=device, dtype=config.params_dtype)
         fc1_width = 2 * config.ffn_hidden_size if config.swiglu else config.ffn_hidden_size
         self.linear_fc1 = nn.Linear(config.hidden_size, fc1_width, **kw)
-        # Tells the tensor-parallel split that the output rows are two stacked halves.
-        self.linear_fc1.partition_parts = 2 if config.swiglu else 1
         self.linear_fc2 = nn.Linear(config.ffn_hidden_size, config.hidden_size, **kw)
-        self.linear_fc2.scaled_init = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.linear_fc1(x)
