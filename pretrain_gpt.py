@@ -11,15 +11,11 @@ Flags are Megatron-LM's; see `--help` and README.md.
 from __future__ import annotations
 
 import sys
-from functools import partial
 
+from megatron.core.tokenizers.tokenizer import build_tokenizer, tokenizer_config_from_args
 from megatron.training.arguments import padded_vocab_size, parse_args
 from megatron.training.cli import run_cli
-from megatron.training.gpt_providers import (
-    datasets_provider, forward_step, model_provider, transformer_config_from_args,
-)
-from megatron.training.metrics import model_flops_per_token
-from megatron.core.tokenizers.tokenizer import build_tokenizer, tokenizer_config_from_args
+from megatron.training.gpt_providers import gpt_task
 from megatron.training.training import Trainer, print_rank0, setup_parallel
 
 
@@ -30,13 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     ps = setup_parallel(args)
     tokenizer = build_tokenizer(tokenizer_config_from_args(args))
     args.padded_vocab_size = padded_vocab_size(tokenizer.vocab_size, args)
-    flops = model_flops_per_token(args.num_layers, args.hidden_size, args.ffn_hidden_size or 4 * args.hidden_size,
-                                  args.num_attention_heads, args.num_query_groups, args.seq_length,
-                                  args.padded_vocab_size, args.swiglu)
-    num_params = transformer_config_from_args(args, args.padded_vocab_size).num_parameters()
-    trainer = Trainer(args, ps, model_provider, partial(forward_step, device=ps.device),
-                      partial(datasets_provider, eod_id=tokenizer.eod), flops_per_token=flops, num_params=num_params)
-    print_rank0(ps, f"> {ps.describe()}; {num_params:,} parameters; fp8 level {args.fp8_level}")
+    task = gpt_task(args, ps, eod_id=tokenizer.eod)
+    trainer = Trainer(args, ps, task)
+    print_rank0(ps, f"> {ps.describe()}; {task.num_params:,} parameters; fp8 level {args.fp8_level}")
     try:
         state = trainer.train()
     finally:

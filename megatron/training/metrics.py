@@ -171,8 +171,9 @@ def _ends_mid_line(path: str) -> bool:
 # Console line
 
 
-def format_log_line(record: Mapping[str, Any]) -> str:
-    """Megatron's training log line for `record` (a metrics record, plus optional keys).
+def format_log_line(record: Mapping[str, Any], loss_name: str = "lm loss") -> str:
+    """Megatron's training log line for `record` (a metrics record, plus optional keys); the loss
+    is shown under `loss_name` (the task's).
 
     Optional keys shown when present: `train_iters`, `consumed_samples`, `global_batch_size`,
     `loss_scale`, `tflops_per_device`, `mfu_percent`, `fp8.mu`, `fp8.overflow_frac`, `fp8.underflow_frac`.
@@ -187,7 +188,7 @@ def format_log_line(record: Mapping[str, Any]) -> str:
     parts.append(f"learning rate: {_number(record.get('lr'), '.6E')}")
     if "global_batch_size" in record:
         parts.append(f"global batch size: {int(record['global_batch_size']):5d}")
-    parts.append(f"lm loss: {_number(record.get('loss'), '.6E')}")
+    parts.append(f"{loss_name}: {_number(record.get('loss'), '.6E')}")
     if "loss_scale" in record:
         parts.append(f"loss scale: {_number(record['loss_scale'], '.1f')}")
     parts.append(f"grad norm: {_number(record.get('grad_norm'), '.3f')}")
@@ -214,10 +215,11 @@ def _throughput_parts(record: Mapping[str, Any]) -> list[str]:
     return parts
 
 
-def format_eval_line(iteration: int, loss: float, split: str = "validation") -> str:
+def format_eval_line(iteration: int, loss: float, split: str = "validation", loss_name: str = "lm loss") -> str:
     """Megatron's evaluation line: the loss and its perplexity (exp capped so it cannot overflow)."""
     perplexity = math.exp(min(20.0, loss)) if math.isfinite(loss) else float("nan")
-    return f" {split} loss at iteration {iteration} | lm loss value: {loss:.6E} | lm loss PPL: {perplexity:.6E} |"
+    return (f" {split} loss at iteration {iteration} | {loss_name} value: {loss:.6E} | "
+            f"{loss_name} PPL: {perplexity:.6E} |")
 
 
 def _number(value: Any, spec: str, scale: float = 1.0) -> str:

@@ -16,17 +16,11 @@ import torch
 from megatron.core import checkpointing
 from megatron.core.distributed import comm
 from megatron.core.parallel_state import ParallelState
-from megatron.core.parallelize import global_name
-
-MODEL_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
-              "kv_channels", "vocab_size", "normalization", "swiglu", "position_embedding_type",
-              "untie_embeddings_and_output_weights", "add_bias_linear")
 
 
-def model_signature(model: torch.nn.Module) -> dict:
-    """What a checkpoint must agree on to load into this model."""
-    config = model[0].config if isinstance(model, torch.nn.ModuleList) else model.config
-    return {key: getattr(config, key) for key in MODEL_KEYS if hasattr(config, key)}
+def local_name(chunk: torch.nn.Module, name: str) -> str:
+    """A parameter's name in the checkpoint when the model has no global naming of its own."""
+    return name
 
 
 def layout_of(ps: ParallelState, use_distributed_optimizer: bool) -> dict:
@@ -52,8 +46,12 @@ class Checkpointer:
     file, the others under their names, as checkpoints have always been written."""
 
     def __init__(self, args, ps: ParallelState, model: torch.nn.Module, optimizer, rng, *, train_state,
-                 components: dict, layout: dict):
+                 components: dict, layout: dict, global_name=local_name, signature: dict | None = None):
+        """`global_name(chunk, name)`: a parameter's name in the checkpoint, the same under every
+        layout (pipeline stages renumber layers); `signature`: what a checkpoint must agree on
+        to load into this model (its architecture)."""
         self.args, self.ps, self.model, self.optimizer, self.rng = args, ps, model, optimizer, rng
+        self.global_name, self.signature = global_name, signature or {}
         self.train_state = train_state
         self.components = {name: c for name, c in components.items() if c is not None}
         self.layout = layout
@@ -61,11 +59,11 @@ class Checkpointer:
 
     def save(self) -> None:
         args, ps, iteration = self.args, self.ps, self.train_state.iteration
-        payload = checkpointing.rank_payload(self.model, self.optimizer, ps, global_name, self.rng)
+        payload = checkpointing.rank_payload(self.model, self.optimizer, ps, self.global_name, self.rng)
         common = dict(self.train_state.state_dict(), **{name: c.state_dict() for name, c in self.components.items()},
                       args={k: _plain(v) for k, v in vars(args).items()})
         metadata = {"format": checkpointing.FORMAT_VERSION, "iteration": iteration,
-                    "model": model_signature(self.model), "layout": self.layout, "fp8_level": args.fp8_level}
+                    "model": self.signature, "layout": self.layout, "fp8_level": args.fp8_level}
         start = time.perf_counter()
         folder = checkpointing.save_checkpoint(args.save, iteration, ps=ps, payload=payload, common=common,
                                                metadata=metadata)
@@ -78,8 +76,8 @@ class Checkpointer:
         args, ps = self.args, self.ps
         finetune = args.finetune
         result = checkpointing.load_checkpoint(
-            args.load, ps=ps, model=self.model, optimizer=self.optimizer, global_name=global_name,
-            model_config=model_signature(self.model), layout=self.layout,
+            args.load, ps=ps, model=self.model, optimizer=self.optimizer, global_name=self.global_name,
+            model_config=self.signature, layout=self.layout,
             load_optim=not (finetune or args.no_load_optim), load_rng=not (finetune or args.no_load_rng),
             tracker=self.rng)
         if result is None:

@@ -1,12 +1,19 @@
-"""The training loop, shared by pretraining, SFT and RLHF through providers.
+"""The training loop, shared by pretraining, SFT and RLHF through a `TrainingTask`.
 
-    pretrain(args, model_provider, forward_step, datasets_provider)
+    Trainer(args, ps, task).train()
 
-- ``model_provider(args, ps, rng) -> nn.Module``: the model laid out for `ps` and initialised;
+A task is the providers plus the few facts about them that the loop needs:
+
+- ``model_provider(args, ps, rng) -> nn.Module``: the model laid out for `ps`, initialised and
+  given its precision (a ModuleList of chunks with virtual pipeline stages);
 - ``forward_step(data_iterator, model) -> (output, loss_fn)``: see `pipeline_parallel.schedules`;
-- ``datasets_provider(args, num_samples) -> (train, valid, test)``: datasets of dict samples.
+  ``loss_fn(output) -> (loss, {name: value})`` reports `loss_key` (logged as `loss`);
+- ``datasets_provider(args, num_samples) -> (train, valid, test)``: datasets of dict samples;
+- what pipeline stages send each other, the tokens per sample (for throughput), and optionally
+  the model's FLOPs per token and parameter count.
 
-Library code below takes values (ParallelState, configs); `args` is only read here, at the top.
+The loop itself knows nothing of GPT: it reads the loop's settings (iterations, batch sizes,
+intervals, checkpoints, logging) from `args` and takes everything about the model from the task.
 """
 
 from __future__ import annotations
@@ -14,7 +21,9 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -30,7 +39,6 @@ from megatron.core.optimizer.factory import build_optimizer
 from megatron.core.precision import FP8Config, PrecisionPlan, precision_of
 from megatron.core.parallel_state import ParallelState, init_distributed
 from megatron.core.pipeline_parallel.model import allreduce_embedding_grads
-from megatron.core.pipeline_parallel.p2p_communication import activation_shape
 from megatron.core.pipeline_parallel.schedules import get_forward_backward_func, reported_mean
 from megatron.core.tensor_parallel.random import model_parallel_seed
 from megatron.training import resume
@@ -39,6 +47,23 @@ from megatron.training.lr_schedule import LRScheduler, lr_schedule_config_from_a
 from megatron.training.metrics import (
     Loggers, MetricsWriter, format_eval_line, format_log_line, peak_flops, throughput_metrics,
 )
+
+
+@dataclass(frozen=True)
+class TrainingTask:
+    model_provider: Callable[[argparse.Namespace, ParallelState, Any], torch.nn.Module]
+    forward_step: Callable
+    datasets_provider: Callable
+    tokens_per_sample: int
+    loss_key: str = "lm loss"
+    # The tensor every pipeline send carries ([s, b, h], sequence-sharded under SP) and its dtype.
+    pipeline_tensor_shape: tuple[int, ...] | None = None
+    pipeline_dtype: torch.dtype = torch.float32
+    flops_per_token: float | None = None
+    num_params: int | None = None
+    # Checkpoint naming: a parameter's layout-independent name, and what a checkpoint must agree on.
+    global_name: Callable[[torch.nn.Module, str], str] = resume.local_name
+    model_signature: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -142,11 +167,10 @@ def build_data_iterators(args, ps: ParallelState, datasets_provider, consumed_sa
 class Trainer:
     """One training run: model, optimizer, schedule, data and logging, wired together."""
 
-    def __init__(self, args, ps: ParallelState, model_provider, forward_step, datasets_provider,
-                 flops_per_token: float | None = None, num_params: int | None = None):
-        self.args, self.ps, self.forward_step = args, ps, forward_step
+    def __init__(self, args, ps: ParallelState, task: TrainingTask):
+        self.args, self.ps, self.task, self.forward_step = args, ps, task, task.forward_step
         self.rng = model_parallel_seed(ps, args.seed)
-        self.model = model_provider(args, ps, self.rng)
+        self.model = task.model_provider(args, ps, self.rng)
         self.fp8_config = fp8 = fp8_config_from_args(args)
         self.precision = precision_of(self.model, fp8)
         plan = self.precision.plan
@@ -165,14 +189,14 @@ class Trainer:
         self.checkpointer = resume.Checkpointer(
             args, ps, self.model, self.optimizer, self.rng, train_state=self.state,
             components={"scheduler": self.scheduler, "fp8_autoscaler": self.ddp.fp8_autoscaler},
-            layout=resume.layout_of(ps, self.use_distributed_optimizer))
+            layout=resume.layout_of(ps, self.use_distributed_optimizer), global_name=task.global_name,
+            signature=task.model_signature)
         if args.load:
             self.checkpointer.load()
-        self.num_params = num_params or sum(p.numel() for p in self.model.parameters())
-        self.flops_per_token = flops_per_token
+        self.num_params = task.num_params or sum(p.numel() for p in self.model.parameters())
         self.num_microbatches = args.global_batch_size // (args.micro_batch_size * ps.dp_size)
         self.forward_backward, self.schedule_model = self._schedule()
-        self.train_iter, self.valid_iter = build_data_iterators(args, ps, datasets_provider,
+        self.train_iter, self.valid_iter = build_data_iterators(args, ps, task.datasets_provider,
                                                                 self.state.consumed_samples, self.state.iteration)
         enabled = ps.rank == 0
         # Lines past the starting iteration belong to a run this one replaces (or redoes).
@@ -184,12 +208,10 @@ class Trainer:
     def _schedule(self):
         """The forward/backward schedule for this layout and the model object it drives (the
         list of chunks under virtual pipeline stages)."""
-        args, ps = self.args, self.ps
+        task = self.task
         chunks = list(self.model) if isinstance(self.model, torch.nn.ModuleList) else None
-        shape = activation_shape(args.seq_length, args.micro_batch_size, args.hidden_size, tp_size=ps.tp_size,
-                                 sequence_parallel=args.sequence_parallel)
-        schedule = get_forward_backward_func(ps, len(chunks) if chunks else None, tensor_shape=shape,
-                                             dtype=torch.bfloat16 if args.bf16 else torch.float32,
+        schedule = get_forward_backward_func(self.ps, len(chunks) if chunks else None,
+                                             tensor_shape=task.pipeline_tensor_shape, dtype=task.pipeline_dtype,
                                              fp8_p2p=self.precision.plan.fp8_pipeline_p2p)
         return schedule, (chunks if chunks else self.ddp)
 
@@ -202,7 +224,7 @@ class Trainer:
         self.ddp.finish_grad_sync()
         allreduce_embedding_grads(self.model, self.ps, self.ddp.main_grad)
         result = self.optimizer.step()
-        return reported_mean(reported, "lm loss", self.ps), result.skipped, result.grad_norm
+        return reported_mean(reported, self.task.loss_key, self.ps), result.skipped, result.grad_norm
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -212,13 +234,13 @@ class Trainer:
             reported += self.forward_backward(forward_step=self.forward_step, data_iterator=self.valid_iter,
                                               model=self.schedule_model, num_microbatches=self.num_microbatches,
                                               forward_only=True)
-        return reported_mean(reported, "lm loss", self.ps)
+        return reported_mean(reported, self.task.loss_key, self.ps)
 
     def record(self, loss: float, skipped: int, grad_norm: float, step_time: float, lr: float,
                comm_bytes: dict) -> dict:
         """The metrics record (docs/metrics.md): `skipped` counts the interval's skipped steps and
         `step_time_s` is the interval's mean; the rest describe the logged iteration."""
-        tokens_per_s = self.args.global_batch_size * self.args.seq_length / step_time
+        tokens_per_s = self.args.global_batch_size * self.task.tokens_per_sample / step_time
         record = {
             "iteration": self.state.iteration, "loss": loss, "lr": lr, "grad_norm": grad_norm,
             "skipped": skipped, "step_time_s": step_time, "tokens_per_s": tokens_per_s,
@@ -231,9 +253,9 @@ class Trainer:
             # The FP8 weights' data-parallel traffic: gradient reduction plus publishing the update.
             stats["weight_dp_bytes"] = stats.pop("dp_bytes", 0) + self.optimizer.publish_dp_bytes
             record["fp8"] = stats
-        if self.flops_per_token:
-            dtype = "fp8" if self.args.fp8_level != "none" else "bf16"
-            record.update(throughput_metrics(tokens_per_s, self.flops_per_token, self.ps.world_size,
+        if self.task.flops_per_token:
+            dtype = "fp8" if self.precision.plan.fp8_gemms else "bf16"
+            record.update(throughput_metrics(tokens_per_s, self.task.flops_per_token, self.ps.world_size,
                                              peak_flops(self.ps.device, dtype)))
         return record
 
@@ -283,12 +305,12 @@ class Trainer:
     def log(self, record: dict) -> None:
         self.metrics.write(record)
         self.loggers.log(record, record["iteration"])
-        print_rank0(self.ps, format_log_line(record))
+        print_rank0(self.ps, format_log_line(record, self.task.loss_key))
 
     def log_eval(self, val_loss: float) -> None:
         self.state.val_losses.append((self.state.iteration, val_loss))
         self.loggers.log({"val_loss": val_loss}, self.state.iteration)
-        print_rank0(self.ps, format_eval_line(self.state.iteration, val_loss))
+        print_rank0(self.ps, format_eval_line(self.state.iteration, val_loss, loss_name=self.task.loss_key))
 
     def close(self) -> None:
         self.metrics.close()
