@@ -15,92 +15,64 @@ model when the precision plan builds it) across backward calls, for the FP8 grad
 level O1 and above. Clear the store to start a new step.
 
 `fp8_linear(x, weight, bias, state)` is the functional core, with its casting state (scalers,
-the cached FP8 weight) in an `FP8LinearState`; `FP8Linear` is the module around it, and the
-tensor-parallel layers hold a state of their own. `fp8.sequence_parallel` builds the
-sequence-parallel variants (FP8 all-gathers around the GEMMs) from the same pieces.
+the cached FP8 weight) in an `FP8LinearState`, which is also the FP8 linear kernel: the
+tensor-parallel layers hold one and their sequence-parallel autograd functions
+(`megatron.core.tensor_parallel.sequence_parallel`) call its casts and GEMMs around their
+communication (FP8 all-gathers with `fp8.tp_comm`). `FP8Linear` is the module around it.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fp8.collectives import Transport
 from fp8.gemm import fp8_matmul
 from fp8.gradients import FP8GradStore
 from fp8.params import fp8_weight_tensor, is_fp8_param, param_value
 from fp8.scaling import BLOCK_SIZE, CurrentScaling, DelayedScaling, Recipe, resolve_tile, tile_amax
 from fp8.tensor import ScalingTensor, quantize, requantize
+from fp8.tp_comm import SequenceTransport, agreed_amax, all_gather_fp8, fp8_reduce_scatter_sum
 
 WGRAD_FORMAT = "e4m3"
 
 
 class _FP8LinearFunction(torch.autograd.Function):
+    """The FP8 linear with no communication around it; `state` is the kernel."""
+
     @staticmethod
     def forward(ctx, x, weight, bias, state):
         x_fp8 = state.cast(x.reshape(-1, x.shape[-1]), "input")
-        w_fp8 = state.fp8_weight(weight)
-        y = fprop(x_fp8, w_fp8, bias, x.dtype)
-        save_operands(ctx, state, weight, bias, x_fp8, w_fp8)
+        w_fp8 = state.weight_operand(weight)
+        y = state.fprop(x_fp8, w_fp8, bias, x.dtype)
+        state.save(ctx, weight, bias, x_fp8, w_fp8)
         ctx.x_shape = x.shape
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        state = ctx.state
-        x_fp8, w_fp8 = saved_operands(ctx)
+        state = ctx.kernel
+        x_fp8, w_fp8 = state.saved(ctx)
         dy2d = dy.reshape(-1, dy.shape[-1])
         dy_fp8 = state.cast(dy2d, "grad_output")
-        dx = dw = None
+        dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            dx = dgrad(state, dy_fp8, w_fp8, dy.dtype).reshape(ctx.x_shape)
+            dx = state.dgrad(dy_fp8, w_fp8, dy.dtype).reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            dw = wgrad(state, ctx.weight, dy_fp8, x_fp8)
-        return dx, dw, bias_grad(ctx, dy2d, 2), None
-
-
-# The pieces of the FP8 linear's autograd, shared with the sequence-parallel variants
-# (fp8.sequence_parallel), which differ only in how operands travel between ranks.
-def save_operands(ctx, state: FP8LinearState, weight: torch.Tensor, bias: torch.Tensor | None,
-                  *operands: ScalingTensor) -> None:
-    """Keeps FP8 `operands` (payloads and scales only) and what backward needs besides."""
-    ctx.save_for_backward(*[t for op in operands for t in (op.data, op.scale)])
-    ctx.fp8_layouts = [(op.spec, op.tile) for op in operands]
-    ctx.state, ctx.weight, ctx.has_bias = state, weight, bias is not None
-
-
-def saved_operands(ctx) -> list[ScalingTensor]:
-    saved = ctx.saved_tensors
-    return [ScalingTensor(saved[2 * i], saved[2 * i + 1], spec, tile)
-            for i, (spec, tile) in enumerate(ctx.fp8_layouts)]
-
-
-def fprop(x_fp8: ScalingTensor, w_fp8: ScalingTensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    return fp8_matmul(x_fp8, w_fp8.t(), out_dtype=out_dtype, bias=bias, fast_accum=True)
-
-
-def dgrad(state: FP8LinearState, dy_fp8: ScalingTensor, w_fp8: ScalingTensor, out_dtype: torch.dtype) -> torch.Tensor:
-    return fp8_matmul(dy_fp8, state.orient(w_fp8, 0), out_dtype=out_dtype)
-
-
-def wgrad(state: FP8LinearState, weight: torch.Tensor, dy_fp8: ScalingTensor,
-          x_fp8: ScalingTensor) -> torch.Tensor | None:
-    """The weight gradient, or None once `state` has kept it in FP8 on the weight."""
-    dw = fp8_matmul(state.orient(dy_fp8, 0).t(), state.orient(x_fp8, 0), out_dtype=torch.float32)
-    return state.deliver_wgrad(weight, dw)
-
-
-def bias_grad(ctx, dy2d: torch.Tensor, bias_index: int) -> torch.Tensor | None:
-    if ctx.has_bias and ctx.needs_input_grad[bias_index]:
-        return dy2d.float().sum(0).to(dy2d.dtype)
-    return None
+            dw = state.wgrad(ctx.weight, dy_fp8, x_fp8)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = state.bias_grad(dy2d)
+        return dx, dw, db, None
 
 
 class FP8LinearState:
-    """What one FP8 linear keeps between calls: its recipe, scalers and cached FP8 weight.
+    """What one FP8 linear keeps between calls: its recipe, scalers and cached FP8 weight; and the
+    FP8 linear kernel (`megatron.core.tensor_parallel.linear_kernel.LinearKernel`): the casts, the
+    three GEMMs and how its operands travel, which the framework's tensor-parallel autograd
+    functions compose with their communication.
 
     Weights are scaled from their current value under every recipe: the whole tensor is at hand
     when it is cast (once per step, thanks to the cache), and a delayed scale would clip a weight
@@ -135,16 +107,16 @@ class FP8LinearState:
         for role, scaler_state in state.items():
             self.scalers[role].load_state_dict(scaler_state)
 
-    def cast(self, x2d: torch.Tensor, role: str,
-             reduce_amax: Callable[[torch.Tensor], torch.Tensor] | None = None) -> ScalingTensor:
-        """`x2d` in the format and tiles of `role`. `reduce_amax` turns the local amax into the
-        one to scale (and, with delayed scaling, record) by: ranks that each hold a piece of one
-        tensor agree on it, so that the pieces join into one FP8 tensor and histories match."""
+    def cast(self, x2d: torch.Tensor, role: str, transport: Transport | None = None) -> ScalingTensor:
+        """`x2d` in the format and tiles of `role`. With a `transport`, `x2d` is this rank's rows
+        of a tensor split across its group: under per-tensor recipes the ranks agree on the amax
+        to scale (and, with delayed scaling, record) by, so that the pieces join into one FP8
+        tensor and histories match; row and block tiles are per row already."""
         spec = self.recipe.fmt.backward if role == "grad_output" else self.recipe.fmt.forward
         tile = resolve_tile(self.recipe.granularity, tuple(x2d.shape), "weight" if role == "weight" else "activation")
         amax = tile_amax(x2d, tile)
-        if reduce_amax is not None:
-            amax = reduce_amax(amax)
+        if transport is not None and self.recipe.granularity == "tensor":
+            amax = agreed_amax(amax, transport)
         scale = self.scalers[role].scale_for(amax)
         return quantize(x2d, spec, scale=scale, tile=tile)
 
@@ -182,11 +154,63 @@ class FP8LinearState:
         self.grads.accumulate(weight, dw, WGRAD_FORMAT)
         return None
 
+    # ----- the kernel: what the tensor-parallel autograd functions call -----------------------
+    @property
+    def gathers_operands(self) -> bool:
+        """Whether sequence-parallel gathers carry FP8 operands (cast before the gather, O3) or
+        the high-precision input (cast after)."""
+        return self.fp8_comm
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return _FP8LinearFunction.apply(x, weight, bias, self)
+
+    def weight_operand(self, weight: torch.Tensor) -> ScalingTensor:
+        return self.fp8_weight(weight)
+
+    def gather(self, x: ScalingTensor, transport: Transport) -> ScalingTensor:
+        return all_gather_fp8(x, transport)
+
+    @staticmethod
+    def fprop(x_fp8: ScalingTensor, w_fp8: ScalingTensor, bias: torch.Tensor | None,
+              out_dtype: torch.dtype) -> torch.Tensor:
+        return fp8_matmul(x_fp8, w_fp8.t(), out_dtype=out_dtype, bias=bias, fast_accum=True)
+
+    def dgrad(self, dy_fp8: ScalingTensor, w_fp8: ScalingTensor, out_dtype: torch.dtype) -> torch.Tensor:
+        return fp8_matmul(dy_fp8, self.orient(w_fp8, 0), out_dtype=out_dtype)
+
+    def wgrad(self, weight: torch.Tensor, dy_fp8: ScalingTensor, x_fp8: ScalingTensor) -> torch.Tensor | None:
+        """The weight gradient, or None once it is kept in FP8 in the gradient store."""
+        dw = fp8_matmul(self.orient(dy_fp8, 0).t(), self.orient(x_fp8, 0), out_dtype=torch.float32)
+        return self.deliver_wgrad(weight, dw)
+
+    @staticmethod
+    def bias_grad(dy2d: torch.Tensor) -> torch.Tensor:
+        return dy2d.float().sum(0).to(dy2d.dtype)
+
+    def reduce_scatter_input_grad(self, dx: torch.Tensor, transport: SequenceTransport) -> torch.Tensor:
+        if not self.fp8_reduce_scatter:
+            return transport.reduce_scatter(dx)
+        recipe = self.recipe
+        return fp8_reduce_scatter_sum(dx, transport, recipe.fmt.backward, margin=recipe.margin,
+                                      power_of_two=recipe.power_of_two)
+
+    def save(self, ctx, weight: torch.Tensor, bias: torch.Tensor | None, *operands: ScalingTensor) -> None:
+        """Keeps FP8 `operands` (payloads and scales only) and what backward needs besides."""
+        ctx.save_for_backward(*[t for op in operands for t in (op.data, op.scale)])
+        ctx.fp8_layouts = [(op.spec, op.tile) for op in operands]
+        ctx.kernel, ctx.weight, ctx.has_bias = self, weight, bias is not None
+
+    @staticmethod
+    def saved(ctx) -> list[ScalingTensor]:
+        saved = ctx.saved_tensors
+        return [ScalingTensor(saved[2 * i], saved[2 * i + 1], spec, tile)
+                for i, (spec, tile) in enumerate(ctx.fp8_layouts)]
+
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                state: FP8LinearState) -> torch.Tensor:
     """``x @ weight.T + bias`` with FP8 GEMMs in forward and backward (see the module docstring)."""
-    return _FP8LinearFunction.apply(x, weight, bias, state)
+    return state.linear(x, weight, bias)
 
 
 class FP8Linear(nn.Module):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from distributed import run_distributed
 from fp8 import Recipe, sqnr_db
 from fp8.linear import FP8LinearState
-from fp8.sequence_parallel import all_gather_fp8, cast_for_gather
+from fp8.tp_comm import all_gather_fp8
 from megatron.core.distributed import comm
 from megatron.core.distributed.fp8_transport import CommTransport
 from megatron.core.models.gpt import GPTModel
@@ -62,8 +62,8 @@ def make_pair(ps, *, recipe=None, fmt="hybrid", comm_fp8=False, reduce_scatter=F
     for layer, full in zip((col, row), full_weights()):
         load_full_weights(layer, full, ps)
         if recipe is not None:
-            layer.fp8 = FP8LinearState(Recipe(recipe=recipe, fmt=fmt), wgrad, fp8_comm=comm_fp8,
-                                       fp8_reduce_scatter=reduce_scatter)
+            layer.kernel = FP8LinearState(Recipe(recipe=recipe, fmt=fmt), wgrad, fp8_comm=comm_fp8,
+                                          fp8_reduce_scatter=reduce_scatter)
     return col, row
 
 
@@ -108,7 +108,7 @@ def gathered_payloads(ps):
         state = FP8LinearState(Recipe(recipe=recipe))
         for role, full in (("input", x_full), ("grad_output", g_full)):
             local = full.chunk(TP)[ps.tp_rank].reshape(-1, HIDDEN)
-            gathered = all_gather_fp8(cast_for_gather(state, local, role, transport), transport)
+            gathered = all_gather_fp8(state.cast(local, role, transport), transport)
             result[recipe, role] = (gathered.data.view(torch.uint8), gathered.scale)
     return result
 

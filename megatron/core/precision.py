@@ -166,8 +166,8 @@ def apply_precision(model: nn.Module, config: FP8Config) -> AppliedPrecision:
                 continue
             out_local, in_local = module.weight.shape
             if recipe.uses_fp8(in_local, out_local):
-                module.fp8 = FP8LinearState(recipe, fp8_wgrad=plan.fp8_wgrad, fp8_comm=plan.fp8_tp_comm,
-                                            fp8_reduce_scatter=plan.fp8_reduce_scatter, grads=grads)
+                module.kernel = FP8LinearState(recipe, fp8_wgrad=plan.fp8_wgrad, fp8_comm=plan.fp8_tp_comm,
+                                               fp8_reduce_scatter=plan.fp8_reduce_scatter, grads=grads)
                 if plan.fp8_wgrad and config.optimizer_dtypes()[0] == "fp16":
                     # O1 and up: the weight is its own master, FP16 with a per-tensor scale
                     # unless --main-params-dtype fp32 (refused at O3).

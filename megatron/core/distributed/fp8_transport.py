@@ -29,5 +29,5 @@ class CommTransport:
         return comm.all_gather(t, self.ps, self.group, dim=0)
 
     def reduce_scatter(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum over the group; this rank's chunk of dim 0 (`fp8.sequence_parallel.SequenceTransport`)."""
+        """Sum over the group; this rank's chunk of dim 0 (`fp8.tp_comm.SequenceTransport`)."""
         return comm.reduce_scatter(t.contiguous(), self.ps, self.group, dim=0)

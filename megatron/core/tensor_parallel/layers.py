@@ -4,13 +4,12 @@ Each holds only its shard and says how with `param_layouts()` (`layout.ParamLayo
 parameter name: the split dimension and blocks, or, for the row layer's bias under sequence
 parallelism, a replicated parameter whose gradient is partial on each rank).
 
-The GEMM is `F.linear`, or `fp8.fp8_linear` once a precision plan has given the layer an
-`fp8` state. A sequence-parallel layer whose state asks for FP8 traffic (``fp8_comm``, level O3)
-fuses the GEMM with its sequence collectives (`fp8.sequence_parallel`), so that activations and
-output gradients are all-gathered in FP8 and fed to the GEMMs as gathered. Without an FP8
-state, a sequence-parallel column layer keeps only its input chunk and gathers it again in
-backward (`tensor_parallel.sequence_parallel`), as Megatron-LM does; with an FP8 state but no
-FP8 traffic (O0-O2) it gathers first and `fp8_linear` keeps the gathered FP8 input.
+Each runs its GEMMs through a kernel (`linear_kernel`): the high-precision one, or the FP8 one
+(`fp8.linear.FP8LinearState`) that a precision plan gives the layer. `forward` branches only on
+the communication pattern: with sequence parallelism one autograd function per pattern
+(`tensor_parallel.sequence_parallel`) moves the kernel's operands; without, the kernel's own
+linear sits between the tensor-parallel mappings. Which operands travel - FP8 bytes at O3, the
+high-precision input otherwise - is the kernel's business.
 """
 
 from __future__ import annotations
@@ -19,13 +18,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fp8.linear import FP8LinearState, fp8_linear
-from fp8.sequence_parallel import column_parallel_fp8_linear, row_parallel_fp8_linear
+from fp8.linear import FP8LinearState
 from megatron.core.distributed.fp8_transport import CommTransport
 from megatron.core.parallel_state import ParallelState
 from megatron.core.tensor_parallel import mappings
 from megatron.core.tensor_parallel.layout import REPLICATED, ParamLayout
-from megatron.core.tensor_parallel.sequence_parallel import column_parallel_linear
+from megatron.core.tensor_parallel.linear_kernel import HIGH_PRECISION, LinearKernel
+from megatron.core.tensor_parallel.sequence_parallel import column_parallel_linear, row_parallel_linear
 
 
 def _copy_shard(param: nn.Parameter, layout: ParamLayout, full: torch.Tensor, ps: ParallelState) -> None:
@@ -33,30 +32,24 @@ def _copy_shard(param: nn.Parameter, layout: ParamLayout, full: torch.Tensor, ps
         param.copy_(layout.shard(full, ps.tp_rank, ps.tp_size))
 
 
-def _linear(x, weight, bias, fp8_state: FP8LinearState | None):
-    if fp8_state is not None:
-        return fp8_linear(x, weight, bias, fp8_state)
-    return F.linear(x, weight, bias)
-
-
 class _ParallelLinear(nn.Module):
-    fp8: FP8LinearState | None
+    kernel: LinearKernel
 
     def _init(self, ps: ParallelState, weight_shape, bias_size, dtype, device, bias: bool) -> None:
         self.ps = ps
         self.weight = nn.Parameter(torch.empty(weight_shape, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(bias_size, device=device, dtype=dtype)) if bias else None
-        self.fp8 = None
+        self.kernel = HIGH_PRECISION
+        self.transport = CommTransport(ps, "tp")  # the sequence-parallel traffic, counted under "tp"
+
+    @property
+    def fp8(self) -> FP8LinearState | None:
+        """The FP8 kernel's state, or None when the layer runs in high precision."""
+        return self.kernel if isinstance(self.kernel, FP8LinearState) else None
 
     @property
     def local_shape(self) -> tuple[int, int]:
         return tuple(self.weight.shape)
-
-    def _fp8_transport(self) -> CommTransport | None:
-        """Where this layer's sequence-parallel traffic goes in FP8, or None (high precision)."""
-        if self.sequence_parallel and self.ps.tp_size > 1 and self.fp8 is not None and self.fp8.fp8_comm:
-            return CommTransport(self.ps, "tp")
-        return None
 
     def get_extra_state(self) -> dict:
         return self.fp8.state_dict() if self.fp8 is not None else {}
@@ -95,19 +88,11 @@ class ColumnParallelLinear(_ParallelLinear):
         return {"weight": split} | ({"bias": split} if self.bias is not None else {})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        transport = self._fp8_transport()
-        if transport is not None:
-            y = column_parallel_fp8_linear(x, self.weight, self.bias, self.fp8, transport)
-        elif self.sequence_parallel and self.fp8 is None:
-            y = column_parallel_linear(x, self.weight, self.bias, self.ps)
+        if self.sequence_parallel and self.ps.tp_size > 1:
+            y = column_parallel_linear(x, self.weight, self.bias, self.kernel, self.transport)
         else:
-            y = _linear(self._input(x), self.weight, self.bias, self.fp8)
+            y = self.kernel.linear(mappings.copy_to_tensor_model_parallel_region(x, self.ps), self.weight, self.bias)
         return mappings.gather_from_tensor_model_parallel_region(y, self.ps) if self.gather_output else y
-
-    def _input(self, x: torch.Tensor) -> torch.Tensor:
-        if self.sequence_parallel:
-            return mappings.gather_from_sequence_parallel_region(x, self.ps)
-        return mappings.copy_to_tensor_model_parallel_region(x, self.ps)
 
 
 class RowParallelLinear(_ParallelLinear):
@@ -131,17 +116,11 @@ class RowParallelLinear(_ParallelLinear):
         return {"weight": ParamLayout(tp_dim=1)} | bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        transport = self._fp8_transport()
-        if transport is not None:
-            y = row_parallel_fp8_linear(x, self.weight, self.fp8, transport)
+        if self.sequence_parallel and self.ps.tp_size > 1:
+            y = row_parallel_linear(x, self.weight, self.kernel, self.transport)
         else:
-            y = self._reduce(_linear(x, self.weight, None, self.fp8))
+            y = mappings.reduce_from_tensor_model_parallel_region(self.kernel.linear(x, self.weight, None), self.ps)
         return y if self.bias is None else y + self.bias
-
-    def _reduce(self, y: torch.Tensor) -> torch.Tensor:
-        if self.sequence_parallel:
-            return mappings.reduce_scatter_to_sequence_parallel_region(y, self.ps)
-        return mappings.reduce_from_tensor_model_parallel_region(y, self.ps)
 
 
 class VocabParallelEmbedding(nn.Module):
