@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 import time
 
-from megatron.core.datasets.config import add_data_args, gpt_dataset_config_from_args
 from megatron.core.datasets.indexed_dataset import IndexedDataset, idx_path
-from megatron.core.tokenizers.tokenizer import add_tokenizer_args, build_tokenizer, tokenizer_config_from_args
+from megatron.core.tokenizers.tokenizer import build_tokenizer
+from megatron.training.config import parse_config
 
 OUTPUT_FILES = ("builtin_text_document.bin", "builtin_text_document.idx", "tokenizer.model", "corpus.jsonl")
 
@@ -41,10 +40,10 @@ def test_print_args_feed_the_training_flags(builtin_corpus_small, run_tool):
     completed = run_tool("builtin_corpus.py", "--variant", "small", "--data-dir", builtin_corpus_small.data_dir,
                          "--print-args")
     assert completed.returncode == 0 and completed.stdout.count("\n") == 1
-    parser = add_tokenizer_args(add_data_args(argparse.ArgumentParser()))
-    args = parser.parse_args([*shlex.split(completed.stdout), "--seq-length", "32"])
-    assert gpt_dataset_config_from_args(args).blend == [(str(builtin_corpus_small.data_prefix), None)]
-    assert build_tokenizer(tokenizer_config_from_args(args)).vocab_size == 1024
+    args = parse_config([*shlex.split(completed.stdout), "--seq-length", "32", "--num-layers", "1",
+                         "--hidden-size", "8", "--num-attention-heads", "1", "--train-iters", "1", "--lr", "1e-3"])
+    assert args.data.dataset_config(seed=1).blend == [(str(builtin_corpus_small.data_prefix), None)]
+    assert build_tokenizer(args.tokenizer.tokenizer_config()).vocab_size == 1024
 
 
 def test_rebuild_is_deterministic_and_repairs_damage(builtin_corpus_small, run_tool, tmp_path):

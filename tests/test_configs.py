@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from megatron.core.models.gpt import GPTModel
-from megatron.training.arguments import padded_vocab_size, parse_args, validate_args
-from megatron.training.gpt_providers import transformer_config_from_args
+from megatron.training.config import parse_config
+from megatron.training.gpt_providers import transformer_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPT2_VOCAB = 50257
@@ -20,9 +20,7 @@ PAPER = {"125m": (125e6, 8, 2**20, 100e9), "7b": (7e9, 32, 4 * 2**20, 100e9), "1
 
 
 def load(name: str, world_size: int):
-    args = parse_args(["--config", os.path.join(REPO, "configs", f"gpt-{name}.yaml")])
-    validate_args(args, world_size)
-    return args
+    return parse_config(["--config", os.path.join(REPO, "configs", f"gpt-{name}.yaml")]).for_world(world_size)
 
 
 @pytest.mark.parametrize("name", list(PAPER))
@@ -34,18 +32,18 @@ def test_config_matches_the_paper(name):
     assert args.fp8_level == "O3" and args.bf16 and args.adam_beta2 == 0.95 and args.weight_decay == 0.1
     assert args.min_lr == pytest.approx(args.lr / 10)
     assert args.sequence_parallel == (args.tensor_model_parallel_size > 1)
-    args.padded_vocab_size = padded_vocab_size(GPT2_VOCAB, args)
+    vocab = args.model.padded_vocab_size(GPT2_VOCAB, args.tensor_model_parallel_size)
     with torch.device("meta"):
-        model = GPTModel(transformer_config_from_args(args, args.padded_vocab_size), device="meta")
+        model = GPTModel(transformer_config(args, vocab), device="meta")
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(params, rel=0.08)
 
 
 @pytest.mark.parametrize("name", list(PAPER))
 def test_config_refuses_a_world_size_it_does_not_fit(name):
-    args = parse_args(["--config", os.path.join(REPO, "configs", f"gpt-{name}.yaml")])
+    args = parse_config(["--config", os.path.join(REPO, "configs", f"gpt-{name}.yaml")])
     gpus = PAPER[name][1]
     with pytest.raises(ValueError, match="--global-batch-size"):  # one more data-parallel replica
-        validate_args(args, gpus + args.tensor_model_parallel_size * args.pipeline_model_parallel_size)
+        args.for_world(gpus + args.tensor_model_parallel_size * args.pipeline_model_parallel_size)
 
 
 def test_slurm_script_is_valid_and_needs_a_config(tmp_path):

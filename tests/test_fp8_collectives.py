@@ -10,7 +10,6 @@ import fp8
 from distributed import run_distributed
 from fp8.autoscale import GradientAutoScaler
 from fp8.collectives import ProcessGroupTransport, fp8_all_reduce
-from megatron.core.distributed import comm
 from megatron.core.distributed.fp8_transport import CommTransport
 from megatron.core.parallel_state import ParallelState
 

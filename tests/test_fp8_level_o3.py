@@ -118,7 +118,6 @@ def weight_traffic(rank, world_size):
     out = {}
     for level in ("none", "O3"):
         model, ddp, optimizer = build(ps, level, dtype=torch.bfloat16, zero=True)
-        from megatron.core.distributed import comm
         before = ps.counter.snapshot()
         train(ps, model, ddp, optimizer)
         out[level] = ps.counter.since(before)["dp_bytes"] / STEPS

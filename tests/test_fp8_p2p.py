@@ -13,7 +13,6 @@ import torch
 import pretrain_gpt
 from distributed import run_distributed
 from fp8.tensor import quantize
-from megatron.core.distributed import comm
 from megatron.core.parallel_state import ParallelState
 from megatron.core.parallelize import global_name
 from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator

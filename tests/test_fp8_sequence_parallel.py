@@ -16,7 +16,6 @@ from distributed import run_distributed
 from fp8 import Recipe, sqnr_db
 from fp8.linear import FP8LinearState
 from fp8.tp_comm import all_gather_fp8
-from megatron.core.distributed import comm
 from megatron.core.distributed.fp8_transport import CommTransport
 from megatron.core.models.gpt import GPTModel
 from megatron.core.parallel_state import ParallelState

@@ -13,11 +13,12 @@ from megatron.core.datasets import gpt_dataset as gpt_dataset_module
 from megatron.core.datasets.blended_dataset import BlendedDataset, blending_indices
 from megatron.core.datasets.builder import build_gpt_datasets, train_valid_test_num_samples
 from megatron.core.datasets.config import (
-    GPTDatasetConfig, add_data_args, gpt_dataset_config_from_args, parse_data_path, parse_split,
+    GPTDatasetConfig, parse_data_path, parse_split,
 )
 from megatron.core.datasets.gpt_dataset import GPTDataset, build_sample_indices, split_ranges
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetError, IndexedDatasetWriter
 from megatron.core.datasets.samplers import PretrainingSampler, build_pretraining_data_loader, cyclic_iterator
+from megatron.training.config import DataArgs
 
 
 def _write_numbered_dataset(prefix, lengths, first_token=0):
@@ -146,13 +147,14 @@ def test_split_and_data_path_parsing():
 
 
 def test_config_from_command_line_and_its_checks():
-    parser = add_data_args(argparse.ArgumentParser())
+    parser = argparse.ArgumentParser()
+    DataArgs.add_to(parser)
     args = parser.parse_args(["--data-path", "0.7", "A", "0.3", "B", "--seq-length", "64", "--split", "90,10,0"])
-    config = gpt_dataset_config_from_args(args)
+    config = DataArgs.from_namespace(args).dataset_config(seed=1234)
     assert config.blend == [("A", 0.7), ("B", 0.3)] and config.split_weights == (0.9, 0.1, 0.0)
     assert (config.seq_length, config.seed, config.eod_mask_loss) == (64, 1234, False)
     with pytest.raises(ValueError, match="no training data; pass --data-path"):
-        gpt_dataset_config_from_args(parser.parse_args(["--seq-length", "64"]))
+        DataArgs.from_namespace(parser.parse_args(["--seq-length", "64"])).dataset_config(seed=1234)
     from_yaml = GPTDatasetConfig(data_path="0.5 A 0.5 B", seq_length=8, split=1)  # YAML gives strings and numbers
     assert from_yaml.blend == [("A", 0.5), ("B", 0.5)] and from_yaml.split_weights == (1.0, 0.0, 0.0)
     with pytest.raises(ValueError, match="--seq-length must be >= 1"):

@@ -8,13 +8,8 @@ import math
 import pytest
 import torch
 
-from megatron.training.lr_schedule import (
-    LRScheduleConfig,
-    LRScheduler,
-    add_lr_schedule_args,
-    lr_schedule_config_from_args,
-    schedule_mismatch_policy,
-)
+from megatron.training.config import ScheduleArgs
+from megatron.training.lr_schedule import LRScheduleConfig, LRScheduler
 
 
 def scheduler(**kwargs) -> LRScheduler:
@@ -160,24 +155,24 @@ def test_load_with_a_changed_schedule():
         changed.load_state_dict(state, on_mismatch="ignore")
 
 
-def test_flags_fill_the_config_and_respect_existing_ones():
+def schedule_args(argv: str) -> ScheduleArgs:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--lr", type=float, default=None)  # as if the training group owned it
-    parser.add_argument("--train-iters", type=int, default=None)
-    add_lr_schedule_args(parser)
-    args = parser.parse_args("--lr 3e-4 --min-lr 3e-5 --lr-decay-style cosine --lr-warmup-iters 5 --train-iters 50".split())
-    config = lr_schedule_config_from_args(args)
+    ScheduleArgs.add_to(parser)
+    return ScheduleArgs.from_namespace(parser.parse_args(argv.split()))
+
+
+def test_flags_fill_the_config():
+    args = schedule_args("--lr 3e-4 --min-lr 3e-5 --lr-decay-style cosine --lr-warmup-iters 5")
+    config = args.lr_schedule_config(train_iters=50)
     assert (config.lr, config.min_lr, config.decay_style, config.warmup_iters, config.total_decay_iters) == (
         3e-4, 3e-5, "cosine", 5, 50)
     with pytest.raises(ValueError, match="--lr is required"):
-        lr_schedule_config_from_args(parser.parse_args([]))
+        schedule_args("").lr_schedule_config(train_iters=50)
 
 
 def test_resume_flags_choose_the_mismatch_policy():
-    parser = add_lr_schedule_args(argparse.ArgumentParser())
-    assert schedule_mismatch_policy(parser.parse_args([])) == "error"
-    assert schedule_mismatch_policy(parser.parse_args(["--override-opt-param-scheduler"])) == "override"
-    assert schedule_mismatch_policy(parser.parse_args(["--use-checkpoint-opt-param-scheduler"])) == "use_checkpoint"
+    assert schedule_args("").mismatch_policy == "error"
+    assert schedule_args("--override-opt-param-scheduler").mismatch_policy == "override"
+    assert schedule_args("--use-checkpoint-opt-param-scheduler").mismatch_policy == "use_checkpoint"
     with pytest.raises(ValueError, match="contradict each other"):
-        schedule_mismatch_policy(parser.parse_args(["--override-opt-param-scheduler",
-                                                    "--use-checkpoint-opt-param-scheduler"]))
+        schedule_args("--override-opt-param-scheduler --use-checkpoint-opt-param-scheduler")

@@ -8,7 +8,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from megatron.core.distributed import comm
 from megatron.core.distributed.data_parallel import DistributedDataParallel
 from megatron.core.optimizer import MixedPrecisionOptimizer, OptimizerConfig
 from megatron.core.parallel_state import ParallelState

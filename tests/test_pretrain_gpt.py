@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import pretrain_gpt
-from megatron.training.arguments import padded_vocab_size, parse_args
+from megatron.training.config import parse_config
 from megatron.training.cli import run_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,14 +59,14 @@ def test_yaml_errors_and_overrides(tmp_path, monkeypatch, capsys):
     assert run_main(["--config", str(tmp_path / "missing.yaml")], monkeypatch) == 2
     assert "no such file" in capsys.readouterr().err
     # Flags override the file.
-    args = parse_args(TINY + ["--hidden-size", "256", "--data-path", "x"])
+    args = parse_config(TINY + ["--hidden-size", "256", "--data-path", "x"])
     assert (args.hidden_size, args.num_layers, args.lr) == (256, 2, 3.0e-3)
 
 
 def test_vocab_padding_per_tensor_parallel_rank():
-    args = parse_args(TINY + ["--tensor-model-parallel-size", "2", "--make-vocab-size-divisible-by", "128"])
-    assert padded_vocab_size(1000, args) == 1024
-    assert padded_vocab_size(1025, args) == 1280
+    args = parse_config(TINY + ["--tensor-model-parallel-size", "2", "--make-vocab-size-divisible-by", "128"])
+    assert args.model.padded_vocab_size(1000, 2) == 1024
+    assert args.model.padded_vocab_size(1025, 2) == 1280
 
 
 def test_user_errors_have_no_traceback_in_a_real_process(builtin_corpus_small):

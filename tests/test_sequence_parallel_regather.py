@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 from distributed import run_distributed
-from megatron.core.distributed import comm
 from megatron.core.parallel_state import ParallelState
 from megatron.core.tensor_parallel import mappings
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, load_full_weights

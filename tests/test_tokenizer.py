@@ -7,11 +7,11 @@ import json
 
 import pytest
 
-from megatron.core.datasets.config import add_data_args
 from megatron.core.tokenizers.tokenizer import (
     HuggingFaceTokenizer, NullTokenizer, SentencePieceTokenizer, SentencePieceTrainingConfig, TokenizerConfig,
-    add_tokenizer_args, build_tokenizer, tokenizer_config_from_args, train_sentencepiece, vocab_size_with_padding,
+    build_tokenizer, train_sentencepiece, vocab_size_with_padding,
 )
+from megatron.training.flags import TokenizerArgs
 
 UNUSUAL_TEXT = "naïve café → 世界 🚀\n\tindented\r\n  two  spaces\n\n"
 
@@ -96,15 +96,13 @@ def test_vocab_size_with_padding():
     assert vocab_size_with_padding(1024, make_vocab_size_divisible_by=128) == 1024
 
 
-def test_argument_groups_compose_with_flags_defined_elsewhere():
+def test_tokenizer_flags_build_the_config():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--seq-length", type=int, default=77)  # e.g. the model group got there first
-    add_data_args(parser)
-    add_tokenizer_args(parser)
-    add_tokenizer_args(parser)  # adding twice is harmless
-    args = parser.parse_args(["--tokenizer-type", "NullTokenizer", "--vocab-size", "9", "--data-path", "a"])
-    assert args.seq_length == 77 and args.data_path == ["a"]
-    assert tokenizer_config_from_args(args) == TokenizerConfig(tokenizer_type="NullTokenizer", vocab_size=9)
+    TokenizerArgs.add_to(parser)
+    args = TokenizerArgs.from_namespace(parser.parse_args(["--tokenizer-type", "NullTokenizer", "--vocab-size", "9"]))
+    assert args.tokenizer_config() == TokenizerConfig(tokenizer_type="NullTokenizer", vocab_size=9)
+    with pytest.raises(ValueError, match="no tokenizer given"):
+        TokenizerArgs().tokenizer_config()
 
 
 def test_sentencepiece_training_is_deterministic_and_exact(tmp_path, builtin_corpus_small):

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from distributed import run_distributed
-from megatron.core.distributed import comm
 from megatron.core.parallel_state import ParallelState
 from megatron.core.tensor_parallel import mappings
 

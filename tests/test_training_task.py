@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from megatron.core.parallel_state import ParallelState
-from megatron.training.arguments import parse_args, validate_args
+from megatron.training.config import parse_config
 from megatron.training.training import Trainer, TrainingTask
 
 FEATURES, SAMPLES, STEPS, LR = 8, 64, 6, 1e-2
@@ -44,19 +44,18 @@ def regression_task() -> TrainingTask:
             return loss, {"mse": loss.detach()}
         return output, loss_fn
 
-    return TrainingTask(model_provider=lambda args, ps, rng: make_model(), forward_step=forward_step,
-                        datasets_provider=lambda args, num_samples: (Regression(SAMPLES, 1), None, None),
+    return TrainingTask(model_provider=lambda config, ps, rng: make_model(), forward_step=forward_step,
+                        datasets_provider=lambda config, num_samples: (Regression(SAMPLES, 1), None, None),
                         tokens_per_sample=1, loss_key="mse")
 
 
 def loop_args(tmp_path, *extra):
-    args = parse_args(["--num-layers", "1", "--hidden-size", "8", "--num-attention-heads", "1", "--seq-length", "1",
+    args = parse_config(["--num-layers", "1", "--hidden-size", "8", "--num-attention-heads", "1", "--seq-length", "1",
                        "--train-iters", str(STEPS), "--lr", str(LR), "--lr-decay-style", "constant", "--lr-decay-iters", "100",
                        "--weight-decay", "0", "--clip-grad", "0", "--micro-batch-size", "4",
                        "--global-batch-size", "8", "--log-interval", "1", "--eval-iters", "0", "--device", "cpu",
                        "--metrics-file", str(tmp_path / "metrics.jsonl"), *extra])
-    validate_args(args, 1)
-    return args
+    return args.for_world(1)
 
 
 def reference_losses() -> tuple[list[float], nn.Module]:

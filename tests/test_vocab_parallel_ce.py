@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 
 from distributed import run_distributed
-from megatron.core.distributed import comm
 from megatron.core.parallel_state import ParallelState
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 

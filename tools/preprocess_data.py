@@ -18,7 +18,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 from megatron.core.datasets.corpus_readers import TXT_MODES  # noqa: E402
 from megatron.core.datasets.preprocessing import PreprocessConfig, preprocess  # noqa: E402
-from megatron.core.tokenizers.tokenizer import add_tokenizer_args, tokenizer_config_from_args  # noqa: E402
+from megatron.training.flags import TokenizerArgs  # noqa: E402
 from tools import OneLineErrorParser, run_cli  # noqa: E402
 
 
@@ -31,7 +31,7 @@ def build_parser() -> OneLineErrorParser:
     group.add_argument("--txt-mode", choices=TXT_MODES, default="line",
                        help="documents in .txt input: one per line, per blank-line paragraph, or per file")
     group.add_argument("--keep-empty", action="store_true", help="keep records whose fields are all empty")
-    add_tokenizer_args(parser)
+    TokenizerArgs.add_to(parser)
     group = parser.add_argument_group("output")
     group.add_argument("--output-prefix", required=True, help="path prefix of the output files")
     group.add_argument("--append-eod", action="store_true", help="end every document with the EOD token")
@@ -46,7 +46,7 @@ def build_parser() -> OneLineErrorParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = PreprocessConfig(
-        input=args.input, output_prefix=args.output_prefix, tokenizer=tokenizer_config_from_args(args),
+        input=args.input, output_prefix=args.output_prefix, tokenizer=TokenizerArgs.from_namespace(args).tokenizer_config(),
         json_keys=args.json_keys, append_eod=args.append_eod, keep_empty=args.keep_empty,
         workers=args.workers, txt_mode=args.txt_mode, show_progress=False if args.no_progress else None,
     )

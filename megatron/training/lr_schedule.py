@@ -17,7 +17,6 @@ Megatron starts the warm-up at 0, so with warm-up the first update (iteration 0)
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -210,50 +209,3 @@ def _anneal_coefficient(style: str, progress: float) -> float:
         return 2.0 * 0.5 ** progress - 1.0
     assert style == "minus_sqrt", style
     return 1.0 - math.sqrt(progress)
-
-
-def add_lr_schedule_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Megatron's learning-rate flags; a flag the parser already has is left alone."""
-    group = parser.add_argument_group("learning-rate schedule")
-    _add_once(parser, group, "--lr", type=float, default=None, help="peak learning rate (after warm-up)")
-    _add_once(parser, group, "--min-lr", type=float, default=0.0, help="learning rate at and after --lr-decay-iters")
-    _add_once(parser, group, "--lr-decay-style", choices=DECAY_STYLES, default="linear", help="shape of the decay")
-    _add_once(parser, group, "--lr-decay-iters", type=int, default=None,
-              help="iteration at which the decay reaches --min-lr (default: --train-iters)")
-    _add_once(parser, group, "--lr-warmup-iters", type=int, default=0, help="linear warm-up from 0 over this many iterations")
-    _add_once(parser, group, "--lr-warmup-fraction", type=float, default=None,
-              help="warm-up as a fraction of --lr-decay-iters (instead of --lr-warmup-iters)")
-    _add_once(parser, group, "--lr-wsd-decay-iters", type=int, default=None, help="WSD: length of the final anneal")
-    _add_once(parser, group, "--lr-wsd-decay-style", choices=WSD_DECAY_STYLES, default="exponential",
-              help="WSD: shape of the final anneal")
-    _add_once(parser, group, "--override-opt-param-scheduler", action="store_true",
-              help="on resume, use this run's schedule flags where they differ from the checkpoint's")
-    _add_once(parser, group, "--use-checkpoint-opt-param-scheduler", action="store_true",
-              help="on resume, use the checkpoint's schedule where it differs from this run's flags")
-    return parser
-
-
-def schedule_mismatch_policy(args: argparse.Namespace) -> str:
-    """`on_mismatch` for `LRScheduler.load_state_dict` from Megatron's two resume flags."""
-    override = getattr(args, "override_opt_param_scheduler", False)
-    use_checkpoint = getattr(args, "use_checkpoint_opt_param_scheduler", False)
-    if override and use_checkpoint:
-        raise ValueError("--override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler "
-                         "contradict each other; pass at most one")
-    return "override" if override else "use_checkpoint" if use_checkpoint else "error"
-
-
-def lr_schedule_config_from_args(args: argparse.Namespace) -> LRScheduleConfig:
-    if getattr(args, "lr", None) is None:
-        raise ValueError("--lr is required (the peak learning rate, e.g. --lr 3e-4)")
-    return LRScheduleConfig(
-        lr=args.lr, min_lr=args.min_lr, warmup_iters=args.lr_warmup_iters, warmup_fraction=args.lr_warmup_fraction,
-        decay_iters=args.lr_decay_iters, decay_style=args.lr_decay_style, wsd_decay_iters=args.lr_wsd_decay_iters,
-        wsd_decay_style=args.lr_wsd_decay_style, train_iters=getattr(args, "train_iters", None),
-    )
-
-
-def _add_once(parser: argparse.ArgumentParser, group, flag: str, **kwargs) -> None:
-    # --lr or --train-iters may already come from the training group; argparse refuses duplicates.
-    if flag not in parser._option_string_actions:
-        group.add_argument(flag, **kwargs)

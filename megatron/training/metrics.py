@@ -464,30 +464,3 @@ def _start_wandb(project: str, name: str | None, save_dir: str | None, mode: str
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"W&B could not start a run ({first_line}); run `wandb login`, "
                          "or log offline with --wandb-mode offline") from exc
-
-
-def add_logging_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The TensorBoard and W&B flags, as Megatron names them; a flag the parser has is left alone."""
-    group = parser.add_argument_group("logging backends")
-    _add_once(parser, group, "--tensorboard-dir", default=None, help="write TensorBoard event files here")
-    _add_once(parser, group, "--wandb-project", default=None, help="log to this Weights & Biases project")
-    _add_once(parser, group, "--wandb-exp-name", default=None, help="W&B run name")
-    _add_once(parser, group, "--wandb-save-dir", default=None, help="folder for W&B's local files (default ./wandb)")
-    _add_once(parser, group, "--wandb-mode", choices=WANDB_MODES, default=None,
-              help="online, offline (sync later with `wandb sync`) or disabled; default: $WANDB_MODE or online")
-    return parser
-
-
-def loggers_from_args(args: argparse.Namespace, *, enabled: bool,
-                      run_config: Mapping[str, Any] | argparse.Namespace | None = None) -> Loggers:
-    return Loggers(tensorboard_dir=getattr(args, "tensorboard_dir", None),
-                   wandb_project=getattr(args, "wandb_project", None),
-                   wandb_exp_name=getattr(args, "wandb_exp_name", None),
-                   wandb_save_dir=getattr(args, "wandb_save_dir", None),
-                   wandb_mode=getattr(args, "wandb_mode", None), enabled=enabled, run_config=run_config)
-
-
-def _add_once(parser: argparse.ArgumentParser, group, flag: str, **kwargs) -> None:
-    # The training script may define some of these flags itself; argparse refuses duplicates.
-    if flag not in parser._option_string_actions:
-        group.add_argument(flag, **kwargs)

@@ -61,7 +61,7 @@ class Checkpointer:
         args, ps, iteration = self.args, self.ps, self.train_state.iteration
         payload = checkpointing.rank_payload(self.model, self.optimizer, ps, self.global_name, self.rng)
         common = dict(self.train_state.state_dict(), **{name: c.state_dict() for name, c in self.components.items()},
-                      args={k: _plain(v) for k, v in vars(args).items()})
+                      args={k: _plain(v) for k, v in args.flat().items()})
         metadata = {"format": checkpointing.FORMAT_VERSION, "iteration": iteration,
                     "model": self.signature, "layout": self.layout, "fp8_level": args.fp8_level}
         start = time.perf_counter()

@@ -1,24 +1,25 @@
 """The training loop, shared by pretraining, SFT and RLHF through a `TrainingTask`.
 
-    Trainer(args, ps, task).train()
+    config, ps = setup_parallel(parse_config(argv))
+    Trainer(config, ps, task).train()
 
 A task is the providers plus the few facts about them that the loop needs:
 
-- ``model_provider(args, ps, rng) -> nn.Module``: the model laid out for `ps`, initialised and
+- ``model_provider(config, ps, rng) -> nn.Module``: the model laid out for `ps`, initialised and
   given its precision (a ModuleList of chunks with virtual pipeline stages);
 - ``forward_step(data_iterator, model) -> (output, loss_fn)``: see `pipeline_parallel.schedules`;
   ``loss_fn(output) -> (loss, {name: value})`` reports `loss_key` (logged as `loss`);
-- ``datasets_provider(args, num_samples) -> (train, valid, test)``: datasets of dict samples;
+- ``datasets_provider(config, num_samples) -> (train, valid, test)``: datasets of dict samples;
 - what pipeline stages send each other, the tokens per sample (for throughput), and optionally
   the model's FLOPs per token and parameter count.
 
-The loop itself knows nothing of GPT: it reads the loop's settings (iterations, batch sizes,
-intervals, checkpoints, logging) from `args` and takes everything about the model from the task.
+The loop itself knows nothing of GPT: it reads its settings (iterations, batch sizes, intervals,
+checkpoints, logging, precision) from the run's `RunConfig` (`megatron.training.config`) and takes
+everything about the model from the task.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from collections.abc import Callable
@@ -32,9 +33,7 @@ from fp8.linear import FP8LinearState
 from fp8.params import param_nbytes
 from megatron.core.datasets.builder import train_valid_test_num_samples
 from megatron.core.datasets.samplers import build_pretraining_data_loader, cyclic_iterator
-from megatron.core.distributed import comm
 from megatron.core.distributed.data_parallel import DistributedDataParallel
-from megatron.core.optimizer import OptimizerConfig
 from megatron.core.optimizer.factory import build_optimizer
 from megatron.core.precision import FP8Config, PrecisionPlan, precision_of
 from megatron.core.parallel_state import ParallelState, init_distributed
@@ -42,8 +41,8 @@ from megatron.core.pipeline_parallel.model import allreduce_embedding_grads
 from megatron.core.pipeline_parallel.schedules import get_forward_backward_func, reported_mean
 from megatron.core.tensor_parallel.random import model_parallel_seed
 from megatron.training import resume
-from megatron.training.arguments import fp8_config_from_args, validate_args
-from megatron.training.lr_schedule import LRScheduler, lr_schedule_config_from_args, schedule_mismatch_policy
+from megatron.training.config import RunConfig
+from megatron.training.lr_schedule import LRScheduler
 from megatron.training.metrics import (
     Loggers, MetricsWriter, format_eval_line, format_log_line, peak_flops, throughput_metrics,
 )
@@ -51,7 +50,7 @@ from megatron.training.metrics import (
 
 @dataclass(frozen=True)
 class TrainingTask:
-    model_provider: Callable[[argparse.Namespace, ParallelState, Any], torch.nn.Module]
+    model_provider: Callable[[RunConfig, ParallelState, Any], torch.nn.Module]
     forward_step: Callable
     datasets_provider: Callable
     tokens_per_sample: int
@@ -90,20 +89,19 @@ def print_rank0(ps: ParallelState, *values) -> None:
         print(*values, flush=True)
 
 
-def setup_parallel(args: argparse.Namespace) -> ParallelState:
-    """Validate against the launch's world size first (no process group yet, so a bad config
-    ends every rank at once), then start torch.distributed and build the groups."""
-    validate_args(args, int(os.environ.get("WORLD_SIZE", "1") or 1))
-    if args.device == "cuda" and not torch.cuda.is_available():
+def setup_parallel(config: RunConfig) -> tuple[RunConfig, ParallelState]:
+    """Check the config against the launch's world size first (no process group yet, so a bad
+    config ends every rank at once), then start torch.distributed and build the groups. Returns
+    the config for this world (`RunConfig.for_world`) and the parallel state."""
+    config = config.for_world(int(os.environ.get("WORLD_SIZE", "1") or 1))
+    device = config.training.device
+    if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but no GPU is visible; use --device cpu or auto")
-    init_distributed(backend="gloo" if args.device == "cpu" else None)
-    device = None if args.device == "auto" else args.device
-    return ParallelState.build(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, device=device)
-
-
-def optimizer_config_from_args(args: argparse.Namespace) -> OptimizerConfig:
-    return OptimizerConfig(lr=args.lr, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
-                           adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad)
+    init_distributed(backend="gloo" if device == "cpu" else None)
+    parallel = config.parallel
+    ps = ParallelState.build(parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
+                             device=None if device == "auto" else device)
+    return config, ps
 
 
 def fp8_autoscaler(fp8: FP8Config, plan: PrecisionPlan) -> GradientAutoScaler | None:
@@ -145,65 +143,65 @@ def memory_record(model: torch.nn.Module, ddp: DistributedDataParallel, optimize
     return record
 
 
-def build_data_iterators(args, ps: ParallelState, datasets_provider, consumed_samples: int, iteration: int):
+def build_data_iterators(config: RunConfig, ps: ParallelState, datasets_provider, consumed_samples: int, iteration: int):
     """Train and validation iterators positioned where a run at `iteration` stands: validation
     continues after the evaluations already done (as Megatron), so a resumed run sees the same
     validation batches as an uninterrupted one."""
-    num_samples = train_valid_test_num_samples(train_iters=args.train_iters, global_batch_size=args.global_batch_size,
-                                               eval_interval=args.eval_interval, eval_iters=args.eval_iters)
-    train_ds, valid_ds, _ = datasets_provider(args, num_samples)
-    loader_kw = dict(micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
-                     data_parallel_rank=ps.dp_rank, data_parallel_size=ps.dp_size, num_workers=args.num_workers)
+    num_samples = train_valid_test_num_samples(train_iters=config.train_iters, global_batch_size=config.global_batch_size,
+                                               eval_interval=config.eval_interval, eval_iters=config.eval_iters)
+    train_ds, valid_ds, _ = datasets_provider(config, num_samples)
+    loader_kw = dict(micro_batch_size=config.micro_batch_size, global_batch_size=config.global_batch_size,
+                     data_parallel_rank=ps.dp_rank, data_parallel_size=ps.dp_size, num_workers=config.num_workers)
     train_iter = iter(build_pretraining_data_loader(train_ds, consumed_samples=consumed_samples, **loader_kw))
     valid_iter = None
-    if valid_ds is not None and args.eval_iters > 0:
-        consumed_valid = (iteration // args.eval_interval) * args.eval_iters * args.global_batch_size
+    if valid_ds is not None and config.eval_iters > 0:
+        consumed_valid = (iteration // config.eval_interval) * config.eval_iters * config.global_batch_size
         valid_iter = cyclic_iterator(build_pretraining_data_loader(
-            valid_ds, consumed_samples=consumed_valid % max(len(valid_ds), 1) // args.global_batch_size
-            * args.global_batch_size, **loader_kw))
+            valid_ds, consumed_samples=consumed_valid % max(len(valid_ds), 1) // config.global_batch_size
+            * config.global_batch_size, **loader_kw))
     return train_iter, valid_iter
 
 
 class Trainer:
     """One training run: model, optimizer, schedule, data and logging, wired together."""
 
-    def __init__(self, args, ps: ParallelState, task: TrainingTask):
-        self.args, self.ps, self.task, self.forward_step = args, ps, task, task.forward_step
-        self.rng = model_parallel_seed(ps, args.seed)
-        self.model = task.model_provider(args, ps, self.rng)
-        self.fp8_config = fp8 = fp8_config_from_args(args)
+    def __init__(self, config: RunConfig, ps: ParallelState, task: TrainingTask):
+        self.config, self.ps, self.task, self.forward_step = config, ps, task, task.forward_step
+        self.rng = model_parallel_seed(ps, config.seed)
+        self.model = task.model_provider(config, ps, self.rng)
+        self.fp8_config = fp8 = config.precision.fp8_config()
         self.precision = precision_of(self.model, fp8)
         plan = self.precision.plan
         # O3 is FP8 ZeRO: with more than one data-parallel rank the dense states are sharded too.
-        self.use_distributed_optimizer = args.use_distributed_optimizer or (plan.fp8_zero and ps.dp_size > 1)
+        self.use_distributed_optimizer = config.use_distributed_optimizer or (plan.fp8_zero and ps.dp_size > 1)
         self.ddp = DistributedDataParallel(self.model, ps, use_distributed_optimizer=self.use_distributed_optimizer,
                                            fp8_autoscaler=fp8_autoscaler(fp8, plan), precision=self.precision)
         if self.ddp.fp8_zero is not None:
             print_rank0(ps, f"> {self.ddp.fp8_zero.describe()}")
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(named, optimizer_config_from_args(args), ps, self.ddp, self.precision,
-                                         use_distributed_optimizer=self.use_distributed_optimizer, seed=args.seed)
-        self.scheduler = LRScheduler(lr_schedule_config_from_args(args), train_iters=args.train_iters,
-                                     on_mismatch=schedule_mismatch_policy(args))
+        self.optimizer = build_optimizer(named, config.optimizer.optimizer_config(config.lr), ps, self.ddp, self.precision,
+                                         use_distributed_optimizer=self.use_distributed_optimizer, seed=config.seed)
+        self.scheduler = LRScheduler(config.schedule.lr_schedule_config(config.train_iters), train_iters=config.train_iters,
+                                     on_mismatch=config.schedule.mismatch_policy)
         self.state = TrainState()
         self.checkpointer = resume.Checkpointer(
-            args, ps, self.model, self.optimizer, self.rng, train_state=self.state,
+            config, ps, self.model, self.optimizer, self.rng, train_state=self.state,
             components={"scheduler": self.scheduler, "fp8_autoscaler": self.ddp.fp8_autoscaler},
             layout=resume.layout_of(ps, self.use_distributed_optimizer), global_name=task.global_name,
             signature=task.model_signature)
-        if args.load:
+        if config.load:
             self.checkpointer.load()
         self.num_params = task.num_params or sum(p.numel() for p in self.model.parameters())
-        self.num_microbatches = args.global_batch_size // (args.micro_batch_size * ps.dp_size)
+        self.num_microbatches = config.global_batch_size // (config.micro_batch_size * ps.dp_size)
         self.forward_backward, self.schedule_model = self._schedule()
-        self.train_iter, self.valid_iter = build_data_iterators(args, ps, task.datasets_provider,
+        self.train_iter, self.valid_iter = build_data_iterators(config, ps, task.datasets_provider,
                                                                 self.state.consumed_samples, self.state.iteration)
         enabled = ps.rank == 0
         # Lines past the starting iteration belong to a run this one replaces (or redoes).
-        self.metrics = MetricsWriter(args.metrics_file, enabled, resume_from_iteration=self.state.iteration)
-        self.loggers = Loggers(tensorboard_dir=args.tensorboard_dir, wandb_project=args.wandb_project,
-                               wandb_exp_name=args.wandb_exp_name, wandb_save_dir=args.wandb_save_dir,
-                               wandb_mode=args.wandb_mode, enabled=enabled, run_config=vars(args))
+        self.metrics = MetricsWriter(config.metrics_file, enabled, resume_from_iteration=self.state.iteration)
+        self.loggers = Loggers(tensorboard_dir=config.tensorboard_dir, wandb_project=config.wandb_project,
+                               wandb_exp_name=config.wandb_exp_name, wandb_save_dir=config.wandb_save_dir,
+                               wandb_mode=config.wandb_mode, enabled=enabled, run_config=config.flat())
 
     def _schedule(self):
         """The forward/backward schedule for this layout and the model object it drives (the
@@ -230,7 +228,7 @@ class Trainer:
     def evaluate(self) -> float:
         self.ddp.module.eval()
         reported = []
-        for _ in range(self.args.eval_iters):
+        for _ in range(self.config.eval_iters):
             reported += self.forward_backward(forward_step=self.forward_step, data_iterator=self.valid_iter,
                                               model=self.schedule_model, num_microbatches=self.num_microbatches,
                                               forward_only=True)
@@ -240,13 +238,13 @@ class Trainer:
                comm_bytes: dict) -> dict:
         """The metrics record (docs/metrics.md): `skipped` counts the interval's skipped steps and
         `step_time_s` is the interval's mean; the rest describe the logged iteration."""
-        tokens_per_s = self.args.global_batch_size * self.task.tokens_per_sample / step_time
+        tokens_per_s = self.config.global_batch_size * self.task.tokens_per_sample / step_time
         record = {
             "iteration": self.state.iteration, "loss": loss, "lr": lr, "grad_norm": grad_norm,
             "skipped": skipped, "step_time_s": step_time, "tokens_per_s": tokens_per_s,
             "memory": memory_record(self.model, self.ddp, self.optimizer, self.num_params),
             "comm": comm_bytes, "consumed_samples": self.state.consumed_samples,
-            "train_iters": self.args.train_iters, "global_batch_size": self.args.global_batch_size,
+            "train_iters": self.config.train_iters, "global_batch_size": self.config.global_batch_size,
         }
         if self.ddp.fp8_grad_params:
             stats = dict(self.ddp.fp8_stats)
@@ -260,20 +258,20 @@ class Trainer:
         return record
 
     def train(self) -> TrainState:
-        stop = resume.StopConditions(self.args, self.ps)
+        stop = resume.StopConditions(self.config, self.ps)
         try:
             self._train_loop(stop)
         finally:
             stop.close()
-        if self.args.save and self.checkpointer.last_saved_iteration != self.state.iteration:
+        if self.config.save and self.checkpointer.last_saved_iteration != self.state.iteration:
             self.checkpointer.save()
         return self.state
 
     def _train_loop(self, stop: resume.StopConditions) -> None:
-        args, ps, state = self.args, self.ps, self.state
+        config, ps, state = self.config, self.ps, self.state
         counter = ps.counter
         interval_time, interval_steps, interval_skipped = 0.0, 0, 0
-        while state.iteration < args.train_iters:
+        while state.iteration < config.train_iters:
             lr = self.scheduler.step(self.optimizer, state.iteration)
             counter.reset()
             start = time.perf_counter()
@@ -285,17 +283,17 @@ class Trainer:
             reason = stop.reason(state.iteration + 1)
             comm_bytes = counter.snapshot()
             state.iteration += 1
-            state.consumed_samples += args.global_batch_size
+            state.consumed_samples += config.global_batch_size
             state.skipped_iterations += int(skipped)
             state.losses.append(loss)
             interval_time, interval_steps = interval_time + step_time, interval_steps + 1
             interval_skipped += int(skipped)
-            if state.iteration % args.log_interval == 0 or state.iteration == args.train_iters:
+            if state.iteration % config.log_interval == 0 or state.iteration == config.train_iters:
                 self.log(self.record(loss, interval_skipped, grad_norm, interval_time / interval_steps, lr, comm_bytes))
                 interval_time, interval_steps, interval_skipped = 0.0, 0, 0
-            if self.valid_iter is not None and state.iteration % args.eval_interval == 0:
+            if self.valid_iter is not None and state.iteration % config.eval_interval == 0:
                 self.log_eval(self.evaluate())
-            if args.save_interval and state.iteration % args.save_interval == 0:
+            if config.save_interval and state.iteration % config.save_interval == 0:
                 self.checkpointer.save()
             if reason is not None:
                 print_rank0(ps, f"> stopping after iteration {state.iteration}: {reason}")

@@ -14,8 +14,6 @@ _EXPORTS = {
     "PreprocessConfig": "preprocessing",
     "preprocess": "preprocessing",
     "GPTDatasetConfig": "config",
-    "add_data_args": "config",
-    "gpt_dataset_config_from_args": "config",
     "parse_data_path": "config",
     "parse_split": "config",
     "GPTDataset": "gpt_dataset",

@@ -7,9 +7,8 @@ train / valid / test shares of each dataset's documents ("969,30,1", or "98/2/0"
 
 from __future__ import annotations
 
-import argparse
 import re
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field
 
 SPLIT_NAMES = ("train", "valid", "test")
 
@@ -75,38 +74,3 @@ def _as_float(text: str) -> float | None:
         return float(text)
     except ValueError:
         return None
-
-
-def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add Megatron's data flags; defaults come from GPTDatasetConfig so the two cannot drift.
-
-    A flag that the parser already has (e.g. --seq-length from the model group) is left alone.
-    """
-    defaults = {f.name: f.default for f in fields(GPTDatasetConfig) if f.default is not MISSING}
-    group = parser.add_argument_group("data")
-    _add_once(parser, group, "--data-path", nargs="*", default=None,
-              help="dataset prefixes (A B) or weight/prefix pairs (0.7 A 0.3 B)")
-    _add_once(parser, group, "--split", default=defaults["split"],
-              help="train,valid,test shares of each dataset's documents, e.g. 969,30,1")
-    _add_once(parser, group, "--seq-length", type=int, default=None, help="tokens per training sample")
-    _add_once(parser, group, "--seed", type=int, default=defaults["seed"], help="random seed")
-    _add_once(parser, group, "--data-cache-path", default=None,
-              help="folder for the cached sample indices (default: cache/ beside each dataset)")
-    _add_once(parser, group, "--eod-mask-loss", action="store_true", help="no loss where the input token is EOD")
-    _add_once(parser, group, "--num-workers", type=int, default=2, help="data loader worker processes")
-    return parser
-
-
-def gpt_dataset_config_from_args(args: argparse.Namespace) -> GPTDatasetConfig:
-    if not getattr(args, "data_path", None):
-        raise ValueError("no training data; pass --data-path PREFIX (tools/builtin_corpus.py --print-args gives one)")
-    if getattr(args, "seq_length", None) is None:
-        raise ValueError("--seq-length is required")
-    names = [f.name for f in fields(GPTDatasetConfig) if f.init]
-    return GPTDatasetConfig(**{name: getattr(args, name) for name in names if hasattr(args, name)})
-
-
-def _add_once(parser: argparse.ArgumentParser, group, flag: str, **kwargs) -> None:
-    # Shared flags (--seq-length, --seed) may come from another group first; argparse would refuse a duplicate.
-    if flag not in parser._option_string_actions:
-        group.add_argument(flag, **kwargs)

@@ -11,14 +11,13 @@ This module imports neither torch nor megatron.core, so the preprocessing worker
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer", "NullTokenizer")
@@ -228,31 +227,6 @@ def vocab_size_with_padding(vocab_size: int, *, make_vocab_size_divisible_by: in
         raise ValueError("--make-vocab-size-divisible-by and the tensor-parallel size must be >= 1")
     multiple = make_vocab_size_divisible_by * tensor_model_parallel_size
     return -(-vocab_size // multiple) * multiple
-
-
-def add_tokenizer_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add Megatron's tokenizer flags; flags another group already defined are left as they are."""
-    group = parser.add_argument_group("tokenizer")
-    _add_once(parser, group, "--tokenizer-type", choices=TOKENIZER_TYPES, default=None,
-              help="which tokenizer reads --tokenizer-model")
-    _add_once(parser, group, "--tokenizer-model", default=None,
-              help="SentencePiece .model file, or tokenizer.json (or its folder) for HuggingFaceTokenizer")
-    _add_once(parser, group, "--vocab-size", type=int, default=None,
-              help="number of ids for NullTokenizer (EOD is one more)")
-    return parser
-
-
-def tokenizer_config_from_args(args: argparse.Namespace) -> TokenizerConfig:
-    if getattr(args, "tokenizer_type", None) is None:
-        raise ValueError("no tokenizer given; pass --tokenizer-type and --tokenizer-model")
-    return TokenizerConfig(**{f.name: getattr(args, f.name) for f in fields(TokenizerConfig) if hasattr(args, f.name)})
-
-
-def _add_once(parser: argparse.ArgumentParser, group, flag: str, **kwargs) -> None:
-    # The training arguments also define shared flags such as --seq-length; whichever group is
-    # added first owns the flag, so the groups compose in any order without argparse conflicts.
-    if flag not in parser._option_string_actions:
-        group.add_argument(flag, **kwargs)
 
 
 def _special_tokens_from_config(path: Path) -> dict[str, str]:

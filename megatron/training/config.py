@@ -1,0 +1,427 @@
+"""One typed configuration of a run, from which the command line and the YAML loader are made.
+
+    config = parse_config(argv)                  # RunConfig: frozen, checked
+    config = config.for_world(world_size)        # + the checks and defaults that need the world size
+    config.model.num_layers, config.precision.fp8_config(), ...
+    config.num_layers                            # the same field by its flag name (Megatron's `args.x`)
+
+Every flag is one field of one section (`ModelArgs`, `ParallelArgs`, `PrecisionArgs`,
+`OptimizerArgs`, `ScheduleArgs`, `DataArgs`, `TokenizerArgs`, `TrainingArgs`, `CheckpointArgs`,
+`LoggingArgs`), named as Megatron-LM names the flag (``--num-layers`` is ``num_layers``), with its
+type, default, help and choices. `build_parser` generates argparse from the sections; `--config
+FILE.yaml` supplies defaults under the same names (``-`` or ``_``), flags on the command line
+override it, and unknown flags or keys are errors. Checks live in the sections' ``__post_init__``
+and `RunConfig.__post_init__` (across sections); defaults that follow other flags
+(``--max-position-embeddings`` from ``--seq-length``, ``--num-query-groups``) are resolved while
+the config is built, ``--global-batch-size`` by `for_world`. Nothing changes a config afterwards:
+sections are frozen, and a contradiction is an error. All errors are `ValueError`s with the fix in
+the message; `megatron.training.cli` turns them into one line on stderr and exit code 2.
+
+Entry points with flags of their own (SFT, RLHF) add sections: ``parse_config(argv,
+extra_sections={"sft": SFTArgs})``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import MISSING, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import yaml
+
+from fp8.scaling import RECIPES
+from megatron.core.datasets.config import GPTDatasetConfig
+from megatron.core.optimizer import OptimizerConfig
+from megatron.core.pipeline_parallel.model import virtual_pipeline_size
+from megatron.core.precision import LEVELS, FP8Config
+from megatron.training.flags import ArgumentParser, Section, TokenizerArgs, check_positive, flag
+from megatron.training.lr_schedule import DECAY_STYLES, WSD_DECAY_STYLES, LRScheduleConfig
+from megatron.training.metrics import WANDB_MODES
+
+
+# ----- the sections ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelArgs(Section):
+    title: ClassVar[str] = "model"
+    num_layers: int | None = flag(None)
+    hidden_size: int | None = flag(None)
+    ffn_hidden_size: int | None = flag(None, "default 4 x hidden size")
+    num_attention_heads: int | None = flag(None)
+    group_query_attention: bool = flag(
+        False, "grouped-query attention with --num-query-groups key/value heads (default 1), as Megatron-LM")
+    num_query_groups: int | None = flag(None, "needs --group-query-attention")
+    kv_channels: int | None = flag(None, "head dimension; default hidden / heads")
+    max_position_embeddings: int | None = flag(None, "default --seq-length")
+    normalization: str = flag("LayerNorm", choices=("LayerNorm", "RMSNorm"))
+    norm_epsilon: float = flag(1e-5)
+    swiglu: bool = flag(False)
+    position_embedding_type: str = flag("learned_absolute", choices=("learned_absolute", "rope"))
+    rotary_base: float = flag(10000.0)
+    hidden_dropout: float = flag(0.1)
+    attention_dropout: float = flag(0.1)
+    init_method_std: float = flag(0.02)
+    untie_embeddings_and_output_weights: bool = flag(False)
+    disable_bias_linear: bool = flag(False)
+    make_vocab_size_divisible_by: int = flag(128)
+    recompute_granularity: str | None = flag(None, choices=("full", "selective"))
+    recompute_method: str | None = flag(None, choices=("uniform", "block"))
+    recompute_num_layers: int | None = flag(None)
+
+    def __post_init__(self) -> None:
+        check_positive(self, "num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+                  "make_vocab_size_divisible_by")
+        if self.num_query_groups is not None and not self.group_query_attention:
+            raise ValueError(f"--num-query-groups {self.num_query_groups} takes effect only with "
+                             "--group-query-attention (as in Megatron-LM); add --group-query-attention or "
+                             "drop --num-query-groups")
+
+    @property
+    def query_groups(self) -> int | None:
+        """Key/value heads: --num-query-groups with --group-query-attention (default 1), else one per head."""
+        if self.group_query_attention:
+            return self.num_query_groups or 1
+        return self.num_attention_heads
+
+    def padded_vocab_size(self, vocab_size: int, tp_size: int) -> int:
+        """Pad so that every tensor-parallel shard of the vocabulary has a multiple of
+        --make-vocab-size-divisible-by rows (Megatron's rule)."""
+        multiple = self.make_vocab_size_divisible_by * tp_size
+        return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+@dataclass(frozen=True)
+class ParallelArgs(Section):
+    title: ClassVar[str] = "parallelism"
+    tensor_model_parallel_size: int = flag(1)
+    pipeline_model_parallel_size: int = flag(1)
+    num_layers_per_virtual_pipeline_stage: int | None = flag(
+        None, "interleaved 1F1B: layers per model chunk (several chunks per stage)")
+    sequence_parallel: bool = flag(False, "split activations along the sequence across the tensor-parallel "
+                                          "group (no effect at --tensor-model-parallel-size 1)")
+    use_distributed_optimizer: bool = flag(False)
+
+    def __post_init__(self) -> None:
+        check_positive(self, "tensor_model_parallel_size", "pipeline_model_parallel_size",
+                  "num_layers_per_virtual_pipeline_stage")
+
+
+@dataclass(frozen=True)
+class PrecisionArgs(Section):
+    title: ClassVar[str] = "precision"
+    bf16: bool = flag(False, "BF16 parameters and activations (FP32 masters)")
+    fp8_level: str = flag("none", choices=LEVELS)
+    fp8_format: str = flag("hybrid", choices=("hybrid", "e4m3"))
+    fp8_recipe: str = flag("delayed", choices=RECIPES)
+    fp8_amax_history_len: int = flag(1024)
+    fp8_amax_compute_algo: str = flag("max", choices=("max", "most_recent"))
+    fp8_margin: int = flag(0)
+    fp8_min_features: int = flag(128, "linears narrower than this (per rank) stay in high precision")
+    fp8_output_layer: bool = flag(False, "FP8 GEMMs in the output head too")
+    fp8_wgrad_auto_scaling: bool = flag(
+        True, "O1+: adapt the gradient pre-scaling factor mu (FP8-LM 2.1); off: divide by DP first")
+    fp8_wgrad_auto_scaling_ratio: float = flag(1e-5, "overflow fraction above which mu halves")
+    fp8_wgrad_auto_scaling_window: int = flag(1000, "steps below the ratio after which mu doubles (up to 2)")
+    main_params_dtype: str | None = flag(
+        None, "O1+: master of the FP8 linear weights (default fp16 with a per-tensor scale)", choices=("fp32", "fp16"))
+    exp_avg_dtype: str | None = flag(
+        None, "Adam first moment of the FP8 linear weights (default: fp32 at O1, fp8 at O2)",
+        choices=("fp32", "fp16", "bf16", "fp8"))
+    exp_avg_sq_dtype: str | None = flag(
+        None, "Adam second moment of the FP8 linear weights (default: fp32 at O1, fp16 at O2)",
+        choices=("fp32", "fp16", "bf16", "fp8"))
+    fp16_master_stochastic_rounding: bool = flag(
+        False, "round FP16 master updates stochastically (long runs, small late updates)")
+    fp8_reduce_scatter: bool | None = flag(
+        None, "O3 with --sequence-parallel: the backward reduce-scatter of input gradients in FP8 "
+              "(default: the level's choice, see README)", negatable=True)
+    fp8_pipeline_p2p: bool | None = flag(
+        None, "pipeline sends in FP8: activations E4M3, gradients E5M2, with scales "
+              "(default: the level's choice, see README)", negatable=True)
+
+    def __post_init__(self) -> None:
+        self.fp8_config()  # FP8Config checks the combination
+
+    def fp8_config(self) -> FP8Config:
+        return FP8Config(level=self.fp8_level, format=self.fp8_format, recipe=self.fp8_recipe,
+                         amax_history_len=self.fp8_amax_history_len, amax_compute_algo=self.fp8_amax_compute_algo,
+                         margin=self.fp8_margin, min_features=self.fp8_min_features,
+                         output_layer=self.fp8_output_layer, wgrad_auto_scaling=self.fp8_wgrad_auto_scaling,
+                         wgrad_auto_scaling_ratio=self.fp8_wgrad_auto_scaling_ratio,
+                         wgrad_auto_scaling_window=self.fp8_wgrad_auto_scaling_window,
+                         main_params_dtype=self.main_params_dtype, exp_avg_dtype=self.exp_avg_dtype,
+                         exp_avg_sq_dtype=self.exp_avg_sq_dtype,
+                         fp16_master_stochastic_rounding=self.fp16_master_stochastic_rounding,
+                         reduce_scatter=self.fp8_reduce_scatter, pipeline_p2p=self.fp8_pipeline_p2p)
+
+    @property
+    def params_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.bf16 else torch.float32
+
+
+@dataclass(frozen=True)
+class OptimizerArgs(Section):
+    title: ClassVar[str] = "optimizer"
+    weight_decay: float = flag(0.01)
+    adam_beta1: float = flag(0.9)
+    adam_beta2: float = flag(0.999)
+    adam_eps: float = flag(1e-8)
+    clip_grad: float = flag(1.0, "clip the global gradient norm to this (0: off)")
+
+    def optimizer_config(self, lr: float) -> OptimizerConfig:
+        return OptimizerConfig(lr=lr, weight_decay=self.weight_decay, adam_beta1=self.adam_beta1,
+                               adam_beta2=self.adam_beta2, adam_eps=self.adam_eps, clip_grad=self.clip_grad)
+
+
+@dataclass(frozen=True)
+class ScheduleArgs(Section):
+    title: ClassVar[str] = "learning-rate schedule"
+    lr: float | None = flag(None, "peak learning rate (after warm-up)")
+    min_lr: float = flag(0.0, "learning rate at and after --lr-decay-iters")
+    lr_decay_style: str = flag("linear", "shape of the decay", choices=DECAY_STYLES)
+    lr_decay_iters: int | None = flag(None, "iteration at which the decay reaches --min-lr (default: --train-iters)")
+    lr_warmup_iters: int = flag(0, "linear warm-up from 0 over this many iterations")
+    lr_warmup_fraction: float | None = flag(None, "warm-up as a fraction of --lr-decay-iters (instead of "
+                                                  "--lr-warmup-iters)")
+    lr_wsd_decay_iters: int | None = flag(None, "WSD: length of the final anneal")
+    lr_wsd_decay_style: str = flag("exponential", "WSD: shape of the final anneal", choices=WSD_DECAY_STYLES)
+    override_opt_param_scheduler: bool = flag(
+        False, "on resume, use this run's schedule flags where they differ from the checkpoint's")
+    use_checkpoint_opt_param_scheduler: bool = flag(
+        False, "on resume, use the checkpoint's schedule where it differs from this run's flags")
+
+    def __post_init__(self) -> None:
+        if self.override_opt_param_scheduler and self.use_checkpoint_opt_param_scheduler:
+            raise ValueError("--override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler "
+                             "contradict each other; pass at most one")
+
+    def lr_schedule_config(self, train_iters: int | None) -> LRScheduleConfig:
+        if self.lr is None:
+            raise ValueError("--lr is required (the peak learning rate, e.g. --lr 3e-4)")
+        return LRScheduleConfig(lr=self.lr, min_lr=self.min_lr, warmup_iters=self.lr_warmup_iters,
+                                warmup_fraction=self.lr_warmup_fraction, decay_iters=self.lr_decay_iters,
+                                decay_style=self.lr_decay_style, wsd_decay_iters=self.lr_wsd_decay_iters,
+                                wsd_decay_style=self.lr_wsd_decay_style, train_iters=train_iters)
+
+    @property
+    def mismatch_policy(self) -> str:
+        """`on_mismatch` for `LRScheduler.load_state_dict` from Megatron's two resume flags."""
+        if self.override_opt_param_scheduler:
+            return "override"
+        return "use_checkpoint" if self.use_checkpoint_opt_param_scheduler else "error"
+
+
+_DATASET_DEFAULTS = {f.name: f.default for f in fields(GPTDatasetConfig) if f.default is not MISSING}
+
+
+@dataclass(frozen=True)
+class DataArgs(Section):
+    title: ClassVar[str] = "data"
+    data_path: list[str] | None = flag(None, "dataset prefixes (A B) or weight/prefix pairs (0.7 A 0.3 B)")
+    split: str = flag(_DATASET_DEFAULTS["split"], "train,valid,test shares of each dataset's documents, e.g. 969,30,1")
+    seq_length: int | None = flag(None, "tokens per training sample")
+    data_cache_path: str | None = flag(None, "folder for the cached sample indices (default: cache/ beside each "
+                                             "dataset)")
+    eod_mask_loss: bool = flag(False, "no loss where the input token is EOD")
+    num_workers: int = flag(2, "data loader worker processes")
+
+    def __post_init__(self) -> None:
+        check_positive(self, "seq_length")
+        if self.num_workers < 0:
+            raise ValueError(f"--num-workers must be >= 0, got {self.num_workers}")
+
+    def dataset_config(self, seed: int) -> GPTDatasetConfig:
+        if not self.data_path:
+            raise ValueError("no training data; pass --data-path PREFIX (tools/builtin_corpus.py --print-args "
+                             "gives one)")
+        if self.seq_length is None:
+            raise ValueError("--seq-length is required")
+        return GPTDatasetConfig(data_path=self.data_path, seq_length=self.seq_length, split=self.split, seed=seed,
+                                data_cache_path=self.data_cache_path, eod_mask_loss=self.eod_mask_loss)
+
+
+@dataclass(frozen=True)
+class TrainingArgs(Section):
+    title: ClassVar[str] = "training"
+    micro_batch_size: int = flag(1)
+    global_batch_size: int | None = flag(None, "default micro batch x data-parallel size")
+    train_iters: int | None = flag(None)
+    seed: int = flag(_DATASET_DEFAULTS["seed"], "random seed")
+    device: str = flag("auto", choices=("auto", "cpu", "cuda"))
+    log_interval: int = flag(100)
+    eval_interval: int = flag(1000)
+    eval_iters: int = flag(100)
+
+    def __post_init__(self) -> None:
+        check_positive(self, "micro_batch_size", "global_batch_size", "train_iters", "log_interval", "eval_interval")
+        if self.eval_iters < 0 or self.seed < 0:
+            raise ValueError("--eval-iters and --seed must be >= 0")
+
+
+@dataclass(frozen=True)
+class CheckpointArgs(Section):
+    title: ClassVar[str] = "checkpointing"
+    save: str | None = flag(None, "folder to write checkpoints to")
+    save_interval: int | None = flag(None, "save every N iterations (and at the end)")
+    load: str | None = flag(None, "folder to resume from (its latest checkpoint)")
+    finetune: bool = flag(False, "load weights only: fresh optimizer, iteration 0")
+    no_load_optim: bool = flag(False, "do not load the optimizer state")
+    no_load_rng: bool = flag(False, "do not load the random-number states")
+    exit_interval: int | None = flag(None, "stop after an iteration divisible by N")
+    exit_duration_in_mins: float | None = flag(None, "stop (saving first) after this long")
+
+    def __post_init__(self) -> None:
+        check_positive(self, "save_interval", "exit_interval")
+        if self.save_interval and not self.save:
+            raise ValueError("--save-interval needs --save DIR")
+
+
+@dataclass(frozen=True)
+class LoggingArgs(Section):
+    title: ClassVar[str] = "logging"
+    metrics_file: str | None = flag(None, "JSON lines, one per logged iteration (rank 0)")
+    loss_plot: str | None = flag(None, "write a loss-curve PNG here at the end of training")
+    tensorboard_dir: str | None = flag(None, "write TensorBoard event files here")
+    wandb_project: str | None = flag(None, "log to this Weights & Biases project")
+    wandb_exp_name: str | None = flag(None, "W&B run name")
+    wandb_save_dir: str | None = flag(None, "folder for W&B's local files (default ./wandb)")
+    wandb_mode: str | None = flag(None, "online, offline (sync later with `wandb sync`) or disabled; default: "
+                                        "$WANDB_MODE or online", choices=WANDB_MODES)
+
+    def __post_init__(self) -> None:
+        if self.loss_plot and not self.metrics_file:
+            raise ValueError("--loss-plot needs --metrics-file (the plot is drawn from it)")
+
+
+SECTIONS: dict[str, type[Section]] = {
+    "model": ModelArgs, "parallel": ParallelArgs, "precision": PrecisionArgs, "optimizer": OptimizerArgs,
+    "schedule": ScheduleArgs, "data": DataArgs, "tokenizer": TokenizerArgs, "training": TrainingArgs,
+    "checkpoint": CheckpointArgs, "logging": LoggingArgs,
+}
+_REQUIRED = ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "train_iters", "lr")
+
+
+# ----- the run -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunConfig:
+    """Every section of a run; ``config.<flag name>`` reads a field of whichever section has it."""
+
+    model: ModelArgs
+    parallel: ParallelArgs
+    precision: PrecisionArgs
+    optimizer: OptimizerArgs
+    schedule: ScheduleArgs
+    data: DataArgs
+    tokenizer: TokenizerArgs
+    training: TrainingArgs
+    checkpoint: CheckpointArgs
+    logging: LoggingArgs
+    extra: dict[str, Section] = field(default_factory=dict)  # sections an entry point adds
+
+    def __post_init__(self) -> None:
+        missing = [name for name in _REQUIRED if getattr(self, name) is None]
+        if missing:
+            flags = ", ".join("--" + m.replace("_", "-") for m in missing)
+            raise ValueError(f"missing {flags}: give them on the command line or in --config")
+        model = self.model
+        if model.max_position_embeddings is None:  # a default that follows another flag
+            object.__setattr__(self, "model", replace(model, max_position_embeddings=self.data.seq_length))
+        elif self.data.seq_length > model.max_position_embeddings:
+            raise ValueError(f"--seq-length ({self.data.seq_length}) exceeds --max-position-embeddings "
+                             f"({model.max_position_embeddings})")
+        tp = self.parallel.tensor_model_parallel_size
+        if model.num_attention_heads % tp:
+            raise ValueError(f"--num-attention-heads ({model.num_attention_heads}) must be divisible by "
+                             f"--tensor-model-parallel-size ({tp})")
+        if model.query_groups % tp:
+            raise ValueError(f"--num-query-groups ({model.query_groups}) must be divisible by "
+                             f"--tensor-model-parallel-size ({tp})")
+        if self.parallel.sequence_parallel and self.data.seq_length % tp:
+            raise ValueError(f"--seq-length ({self.data.seq_length}) must be divisible by "
+                             f"--tensor-model-parallel-size ({tp}) with --sequence-parallel")
+        self.schedule.lr_schedule_config(self.training.train_iters)  # the schedule checks itself
+        self.optimizer.optimizer_config(self.schedule.lr)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        for section in self.sections().values():
+            if name in section.__dataclass_fields__:
+                return getattr(section, name)
+        raise AttributeError(f"no flag or section named {name!r} in this run's configuration")
+
+    def sections(self) -> dict[str, Section]:
+        own = {name: object.__getattribute__(self, name) for name in SECTIONS}
+        return {**own, **object.__getattribute__(self, "extra")}
+
+    def flat(self) -> dict[str, Any]:
+        """Every flag's value by flag name (the checkpoint's and the W&B run's record)."""
+        return {f.name: getattr(section, f.name) for section in self.sections().values() for f in fields(section)}
+
+    def for_world(self, world_size: int) -> RunConfig:
+        """This config for a launch of `world_size` processes: the checks that need it, and
+        --global-batch-size's default (micro batch x data-parallel size)."""
+        tp, pp = self.parallel.tensor_model_parallel_size, self.parallel.pipeline_model_parallel_size
+        if world_size % (tp * pp):
+            raise ValueError(f"world size {world_size} is not divisible by tensor-parallel size {tp} x "
+                             f"pipeline-parallel size {pp}; launch a multiple of {tp * pp} processes or change the "
+                             "parallel sizes")
+        dp = world_size // (tp * pp)
+        training = self.training
+        global_batch = training.global_batch_size or training.micro_batch_size * dp
+        if global_batch % (training.micro_batch_size * dp):
+            raise ValueError(f"--global-batch-size ({global_batch}) must be a multiple of --micro-batch-size "
+                             f"({training.micro_batch_size}) x data-parallel size ({dp})")
+        virtual = virtual_pipeline_size(self.model.num_layers, pp, self.parallel.num_layers_per_virtual_pipeline_stage)
+        num_microbatches = global_batch // (training.micro_batch_size * dp)
+        if virtual and num_microbatches % pp:
+            raise ValueError(f"the interleaved schedule needs the micro-batches per step ({num_microbatches}) to "
+                             f"be a multiple of --pipeline-model-parallel-size ({pp}); change --global-batch-size")
+        return replace(self, training=replace(training, global_batch_size=global_batch))
+
+
+def build_parser(description: str = "FP8-LM training", extra_sections: dict[str, type[Section]] | None = None
+                 ) -> ArgumentParser:
+    parser = ArgumentParser(description=description, allow_abbrev=False)
+    parser.add_argument("--config", default=None, help="YAML file of flag values; flags override it")
+    for section in {**SECTIONS, **(extra_sections or {})}.values():
+        section.add_to(parser)
+    return parser
+
+
+def load_yaml_defaults(path: str, parser: argparse.ArgumentParser) -> dict:
+    """The YAML file's values keyed by flag name; unknown keys are an error."""
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"--config {path}: no such file")
+    try:
+        values = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path}: expected a mapping of flag names to values")
+    dests = {a.dest for a in parser._actions}
+    defaults = {}
+    for key, value in values.items():
+        dest = str(key).replace("-", "_")
+        if dest not in dests or dest == "config":
+            raise ValueError(f"--config {path}: unknown key {key!r}; keys are flag names such as num_layers")
+        defaults[dest] = value
+    return defaults
+
+
+def parse_config(argv: list[str] | None = None, extra_sections: dict[str, type[Section]] | None = None,
+                 description: str = "FP8-LM training") -> RunConfig:
+    """The run's configuration from `argv` (and the --config file it names)."""
+    parser = build_parser(description, extra_sections)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        parser.set_defaults(**load_yaml_defaults(known.config, parser))
+    namespace = parser.parse_args(argv)
+    built = {name: section.from_namespace(namespace) for name, section in SECTIONS.items()}
+    extra = {name: section.from_namespace(namespace) for name, section in (extra_sections or {}).items()}
+    return RunConfig(**built, extra=extra)
