@@ -429,7 +429,6 @@ def build_level(ctx: Ctx, cfg: dict, variant: str):
     from megatron.core.parallelize import initialize_parameters, parallelize_gpt
     from megatron.core.precision import FP8Config, apply_precision
     from megatron.core.transformer.config import TransformerConfig
-    from megatron.training.training import fp8_autoscaler
 
     ps = ParallelState.single(ctx.device)
     config = TransformerConfig(num_layers=cfg["num_layers"], hidden_size=cfg["hidden_size"],
@@ -440,9 +439,9 @@ def build_level(ctx: Ctx, cfg: dict, variant: str):
     parallelize_gpt(model, ps)
     initialize_parameters(model, ps, seed=1234, device=ctx.device)
     fp8_config = FP8Config(level=level, min_features=cfg["min_features"], recipe=recipe or "delayed")
-    precision = apply_precision(model, fp8_config)
+    precision = apply_precision(model, fp8_config, ps)
     switched = list(precision.fp8_linears)
-    ddp = DistributedDataParallel(model, ps, fp8_autoscaler=fp8_autoscaler(fp8_config, precision.plan), precision=precision)
+    ddp = DistributedDataParallel(model, ps, precision=precision)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     opt_config = OptimizerConfig(lr=cfg["lr"], weight_decay=0.1, clip_grad=1.0)
     optimizer = build_optimizer(named, opt_config, ps, ddp, precision, use_distributed_optimizer=False)

@@ -30,16 +30,17 @@ values, so checkpoints that store FP32 values resume bit-exactly. It costs at mo
 of range at the top, which neither FP16 nor E4M3 needs.
 
 Gradients (reduced and clipped by the caller; no clipping or finite checks here) are read from
-``p.grad``, else its entry in ``fp8_grads`` (an `FP8GradStore`), else ``p.main_grad`` (Megatron-LM's
-convention for FP32 gradients of low-precision parameters); a parameter with none is
-skipped. They are gradients of the loss with respect to the parameter's *true* value.
+``p.grad``, else its entry in ``fp8_grads`` (an `FP8GradStore`), else ``grad_of(p)``: an FP32
+gradient kept elsewhere, since autograd refuses an FP32 ``.grad`` on an FP16 parameter (on
+Megatron-LM, ``grad_of=lambda p: p.main_grad``). A parameter with none is skipped. They are
+gradients of the loss with respect to the parameter's *true* value.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -185,15 +186,16 @@ def _unpack(packed: torch.Tensor | dict, device: torch.device) -> Stored:
 # Gradients
 # ----------------------------------------------------------------------------------------------
 
-def read_grad(p: torch.Tensor, fp8_grads: FP8GradStore | None = None) -> torch.Tensor | None:
+def read_grad(p: torch.Tensor, fp8_grads: FP8GradStore | None = None,
+              grad_of: Callable[[torch.Tensor], torch.Tensor | None] | None = None) -> torch.Tensor | None:
     """The FP32 gradient of `p`'s true value: ``p.grad``, else `p`'s entry in `fp8_grads`, else
-    ``p.main_grad``: Megatron-LM's data-parallel wrapper leaves FP32 gradients of low-precision
-    parameters there, so `fp8` users on Megatron-LM need no copy. (This project's own wrapper hands
-    its gradients over explicitly and sets no such attribute.)"""
+    ``grad_of(p)``."""
     grad = p.grad
-    if grad is None:
-        grad_fp8 = fp8_grads.get(p) if fp8_grads is not None else None
-        grad = grad_fp8.dequantize() if grad_fp8 is not None else getattr(p, "main_grad", None)
+    if grad is None and fp8_grads is not None:
+        stored = fp8_grads.get(p)
+        grad = stored.dequantize() if stored is not None else None
+    if grad is None and grad_of is not None:
+        grad = grad_of(p)
     if grad is None:
         return None
     return grad.float().reshape(p.shape)
@@ -236,13 +238,15 @@ class FP8AdamW(torch.optim.Optimizer):
     default is the paper's FP8 first moment and FP16 second moment); `stochastic_rounding` for
     the write-back of FP16 (scaled or not) and BF16 parameters, drawn from a generator per device
     seeded with `seed` - the same on every rank, so data-parallel replicas stay identical;
-    `power_of_two_scales` (see the module docstring).
+    `power_of_two_scales` (see the module docstring); `fp8_grads` and `grad_of`: where gradients not
+    in `.grad` are (see the module docstring).
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.01, *, exp_avg_dtype: str = "fp8",
                  exp_avg_sq_dtype: str = "fp16", stochastic_rounding: bool = False, seed: int = 0,
-                 power_of_two_scales: bool = True, fp8_grads: FP8GradStore | None = None):
+                 power_of_two_scales: bool = True, fp8_grads: FP8GradStore | None = None,
+                 grad_of: Callable[[torch.Tensor], torch.Tensor | None] | None = None):
         _check_hparams(lr, betas, eps, weight_decay)
         self.exp_avg_dtype = _check_state_dtype("exp_avg_dtype", exp_avg_dtype)
         self.exp_avg_sq_dtype = _check_state_dtype("exp_avg_sq_dtype", exp_avg_sq_dtype)
@@ -251,6 +255,7 @@ class FP8AdamW(torch.optim.Optimizer):
         self.stochastic_rounding, self.seed = bool(stochastic_rounding), int(seed)
         self.power_of_two_scales = bool(power_of_two_scales)
         self.fp8_grads = fp8_grads  # where FP8 gradients of the parameters are found (level O1+)
+        self.grad_of = grad_of      # where other gradients kept outside `.grad` are found
         self._generators: dict[str, torch.Generator] = {}
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
         super().__init__(params, defaults)
@@ -268,7 +273,7 @@ class FP8AdamW(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             for p in group["params"]:
-                grad = read_grad(p, self.fp8_grads)
+                grad = read_grad(p, self.fp8_grads, self.grad_of)
                 if grad is not None:
                     self._step_param(p, grad, group)
         return loss

@@ -44,7 +44,7 @@ def build(ps: ParallelState, dtype_name: str, distributed: bool, seed: int = 123
     named = list(model.named_parameters())
     config = OptimizerConfig(lr=1e-2, weight_decay=0.1, clip_grad=CLIP[dtype_name])
     optimizer = (DistributedOptimizer(named, config, ps, ddp) if distributed
-                 else MixedPrecisionOptimizer(named, config, ps, grad_of=ddp.main_grad, layouts=ddp.layouts))
+                 else MixedPrecisionOptimizer(named, config, ps, grad_of=ddp.dense_grad, layouts=ddp.layouts))
     return model, ddp, optimizer
 
 
@@ -63,7 +63,7 @@ def train(ps, ddp, optimizer, steps: range, inject_inf: bool = False) -> list[tu
         ddp.zero_grad_buffer()
         ddp(mine[:, :-1], mine[:, 1:]).float().mean().backward()
         if inject_inf and ps.dp_rank == 1:
-            ddp.main_grad(next(ddp.module.parameters())).view(-1)[3] = math.inf
+            ddp.dense_grad(next(ddp.module.parameters())).view(-1)[3] = math.inf
         ddp.finish_grad_sync()
         result = optimizer.step()
         results.append((result.skipped, result.grad_norm))
@@ -360,5 +360,5 @@ def test_sharded_buckets_are_padded_and_split_by_dtype_and_shared_embedding():
         [[id(module.e)], [id(module.d)], [id(module.c)], [id(module.b), id(module.a)]]
     assert all(b.buffer.numel() == SHARD_ALIGN_NUMEL for b in buckets)
     for param, (start, end) in sharded.grad_buffer.param_ranges.items():
-        assert sharded.main_grad(param).data_ptr() == sharded.grad_buffer.data[start:end].data_ptr()
-        assert not hasattr(param, "main_grad")  # handed over by the wrapper, not left on the parameter
+        assert sharded.dense_grad(param).data_ptr() == sharded.grad_buffer.data[start:end].data_ptr()
+        assert not vars(param)  # handed over by the wrapper, nothing left on the parameter

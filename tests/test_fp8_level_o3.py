@@ -14,7 +14,6 @@ import torch
 
 import pretrain_gpt
 from distributed import run_distributed
-from fp8.autoscale import GradientAutoScaler
 from fp8.params import is_fp8_param, param_value, quantize_fp8_weight
 from megatron.core.distributed.data_parallel import DistributedDataParallel
 from megatron.core.models.gpt import GPTModel
@@ -45,9 +44,8 @@ def build(ps: ParallelState, level: str, *, dtype=torch.float32, zero: bool = Fa
     parallelize_gpt(model, ps)
     initialize_parameters(model, ps, seed=5)
     fp8 = FP8Config(level=level, recipe="current", min_features=64)
-    precision = apply_precision(model, fp8)
-    ddp = DistributedDataParallel(model, ps, bucket_size_mb=0.5, use_distributed_optimizer=zero,
-                                  fp8_autoscaler=GradientAutoScaler() if level != "none" else None, precision=precision)
+    precision = apply_precision(model, fp8, ps, bucket_size_mb=0.5)
+    ddp = DistributedDataParallel(model, ps, bucket_size_mb=0.5, use_distributed_optimizer=zero, precision=precision)
     config = OptimizerConfig(lr=1e-3, weight_decay=0.1, clip_grad=1.0)
     optimizer = build_optimizer(list(model.named_parameters()), config, ps, ddp, precision,
                                 use_distributed_optimizer=zero)
@@ -92,11 +90,11 @@ def o3_against_o2(rank, world_size):
         weight_mismatch += int(not torch.equal(param.view(torch.uint8), expected.view(torch.uint8))
                                or not torch.equal(param.scale, scale))
         payloads[name] = param.detach().view(torch.uint8).clone()
-    for param, master in o3.masters.items():
+    for param, master in o3.parts[1].masters.items():
         name = next(n for n, p in weights3.items() if p is param)
         master_err = max(master_err, (param_value(master) - param_value(weights2[name])).abs().max().item())
     result.update(master_err=master_err, weight_mismatch=weight_mismatch, payloads=payloads,
-                  owned=len(o3.owned), loads=d3.fp8_zero.owner_state_bytes(),
+                  owned=len(o3.parts[1].owned), loads=d3.fp8_zero.owner_state_bytes(),
                   memory=memory_record(m3, d3, o3, sum(p.numel() for p in m3.parameters())),
                   memory_o2=memory_record(m2, d2, o2, sum(p.numel() for p in m2.parameters())),
                   skip=skipped_step_changes_nothing(ps, m3, d3, o3))
@@ -105,10 +103,10 @@ def o3_against_o2(rank, world_size):
 
 def skipped_step_changes_nothing(ps, model, ddp, optimizer) -> bool:
     before = {n: param_value(p).clone() for n, p in model.named_parameters()}
-    masters = {p: param_value(m).clone() for p, m in optimizer.masters.items()}
+    masters = {p: param_value(m).clone() for p, m in optimizer.parts[1].masters.items()}
     results = train(ps, model, ddp, optimizer, poison_step=0, steps=1)
     unchanged = all(torch.equal(param_value(p), before[n]) for n, p in model.named_parameters())
-    unchanged &= all(torch.equal(param_value(m), masters[p]) for p, m in optimizer.masters.items())
+    unchanged &= all(torch.equal(param_value(m), masters[p]) for p, m in optimizer.parts[1].masters.items())
     return results[0][1] and unchanged
 
 

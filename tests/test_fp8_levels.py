@@ -14,7 +14,7 @@ from distributed import run_distributed
 from megatron.core.distributed.data_parallel import DistributedDataParallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.optimizer import OptimizerConfig
-from megatron.core.optimizer.fp8_optimizer import FP8MixedPrecisionOptimizer
+from megatron.core.optimizer.factory import build_optimizer
 from megatron.core.parallel_state import ParallelState
 from megatron.core.parallelize import initialize_parameters, parallelize_gpt
 from megatron.core.precision import FP8Config, apply_precision
@@ -56,10 +56,8 @@ def test_state_bytes_per_param_follow_the_precision_table(level, per_fp8_weight,
     scales; every other parameter 16 (FP32 model) or 2 + 4 + 4 + 8 = 18 (BF16 with FP32 masters)."""
     model, ps, fp8, precision = tiny_model(level, dtype)
     ddp = DistributedDataParallel(model, ps, precision=precision)
-    _, exp_avg, exp_avg_sq = fp8.optimizer_dtypes()
-    optimizer = FP8MixedPrecisionOptimizer(list(model.named_parameters()), OptimizerConfig(lr=1e-3), ps,
-                                           fp8_params=ddp.fp8_grad_params, fp8_grads=ddp.fp8_grads, ddp=ddp, exp_avg_dtype=exp_avg,
-                                           exp_avg_sq_dtype=exp_avg_sq)
+    optimizer = build_optimizer(list(model.named_parameters()), OptimizerConfig(lr=1e-3), ps, ddp, precision,
+                                use_distributed_optimizer=False)
     tokens = torch.randint(0, 256, (2, 33))
     model(tokens[:, :-1], tokens[:, 1:]).float().mean().backward()
     ddp.finish_grad_sync()
@@ -78,10 +76,8 @@ def test_state_bytes_per_param_follow_the_precision_table(level, per_fp8_weight,
 def test_non_finite_fp8_gradient_skips_the_step_and_keeps_everything(level):
     model, ps, fp8, precision = tiny_model(level)
     ddp = DistributedDataParallel(model, ps, precision=precision)
-    _, exp_avg, exp_avg_sq = fp8.optimizer_dtypes()
-    optimizer = FP8MixedPrecisionOptimizer(list(model.named_parameters()), OptimizerConfig(lr=1e-3), ps,
-                                           fp8_params=ddp.fp8_grad_params, fp8_grads=ddp.fp8_grads, ddp=ddp, exp_avg_dtype=exp_avg,
-                                           exp_avg_sq_dtype=exp_avg_sq)
+    optimizer = build_optimizer(list(model.named_parameters()), OptimizerConfig(lr=1e-3), ps, ddp, precision,
+                                use_distributed_optimizer=False)
     tokens = torch.randint(0, 256, (2, 33))
 
     def step(poison: bool):
@@ -94,13 +90,13 @@ def test_non_finite_fp8_gradient_skips_the_step_and_keeps_everything(level):
 
     assert not step(False).skipped
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    states_before = {p: {k: v.clone() for k, v in optimizer.fp8.state_fp32(p).items()} for p in ddp.fp8_grad_params}
+    states_before = {p: {k: v.clone() for k, v in optimizer.parts[1].fp8.state_fp32(p).items()} for p in ddp.fp8_grad_params}
     result = step(True)
     assert result.skipped and not math.isfinite(result.grad_norm)
     for name, param in model.named_parameters():
         assert torch.equal(param, before[name]), name
     for param, states in states_before.items():
-        for key, value in optimizer.fp8.state_fp32(param).items():
+        for key, value in optimizer.parts[1].fp8.state_fp32(param).items():
             assert torch.equal(value, states[key])
     assert not step(False).skipped  # and training goes on
 

@@ -15,8 +15,32 @@ import torch
 
 import fp8
 from fp8.gradients import FP8GradStore
-from fp8.optim import FP8AdamW, ScaledFP16Parameter, is_scaled_fp16, make_scaled_fp16_param, scaled_value, to_scaled_fp16
+from fp8.optim import FP8AdamW as _FP8AdamW
+from fp8.optim import ScaledFP16Parameter, is_scaled_fp16, make_scaled_fp16_param, scaled_value, to_scaled_fp16
 from fp8.stochastic import step_toward, stochastic_round
+
+# FP32 gradients of FP16 / BF16 parameters, which autograd will not take as `.grad`: handed to the
+# optimizer through `grad_of` (as a data-parallel wrapper's buffer would be), keyed by parameter.
+_HELD: dict[int, torch.Tensor] = {}
+
+
+def held(p: torch.Tensor) -> torch.Tensor | None:
+    return _HELD.get(id(p))
+
+
+def hold(p: torch.Tensor, grad: torch.Tensor) -> None:
+    _HELD[id(p)] = grad
+
+
+@pytest.fixture(autouse=True)
+def _no_held_gradients():
+    _HELD.clear()
+    yield
+    _HELD.clear()
+
+
+def FP8AdamW(*args, **kwargs):  # noqa: N802 -- the optimizer, reading held gradients
+    return _FP8AdamW(*args, grad_of=held, **kwargs)
 
 FP32_STATES = {"exp_avg_dtype": "fp32", "exp_avg_sq_dtype": "fp32"}
 
@@ -51,14 +75,14 @@ def _mse(x, y, weights):
     return ((x @ weights[0].T + weights[1] - y) ** 2).mean()
 
 
-def _train(opt, params, x, y, steps: int, *, use_main_grad: bool) -> float:
+def _train(opt, params, x, y, steps: int, *, use_held: bool) -> float:
     """`steps` full-batch steps on the least-squares loss of the parameters' true values."""
     for _ in range(steps):
         weights = [scaled_value(p).requires_grad_() for p in params]
         _mse(x, y, weights).backward()
         for p, w in zip(params, weights):
-            if use_main_grad:
-                p.main_grad = w.grad
+            if use_held:
+                hold(p, w.grad)
             else:
                 p.grad = w.grad
         opt.step()
@@ -68,7 +92,7 @@ def _train(opt, params, x, y, steps: int, *, use_main_grad: bool) -> float:
 def _reference(init, x, y, steps, lr, weight_decay=0.0):
     params = _params(*init)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=False)
-    loss = _train(opt, params, x, y, steps, use_main_grad=False)
+    loss = _train(opt, params, x, y, steps, use_held=False)
     return [p.detach() for p in params], loss
 
 
@@ -83,7 +107,7 @@ def _fp8_run(init, x, y, steps, lr, *, weight_kind="scaled", weight_decay=0.0, *
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the FP8 second-moment warning, tested on its own
         opt = FP8AdamW(params, lr=lr, weight_decay=weight_decay, **opt_kwargs)
-    loss = _train(opt, params, x, y, steps, use_main_grad=True)
+    loss = _train(opt, params, x, y, steps, use_held=True)
     return [scaled_value(p) for p in params], loss, opt
 
 
@@ -161,7 +185,7 @@ def test_default_precision_trains_an_mlp_like_adamw():
             ws = [scaled_value(p).requires_grad_() for p in params]
             loss_of(ws).backward()
             for p, w in zip(params, ws):
-                p.main_grad = w.grad
+                hold(p, w.grad)
                 if name == "torch":
                     p.grad = w.grad
             opt.step()
@@ -268,7 +292,7 @@ def _tiny_update_run(*, stochastic_rounding: bool, steps: int, seed: int = 0):
                    **FP32_STATES)
     start = [scaled_value(p).clone() for p in params]
     for p in params:
-        p.main_grad = torch.ones(4096)
+        hold(p, torch.ones(4096))
     for _ in range(steps):
         opt.step()
     return params, start
@@ -305,22 +329,24 @@ def test_stochastic_rounding_is_reproducible_per_seed():
 
 # ----------------------------------------------------------------------------- gradients
 
-@pytest.mark.parametrize("source", ["grad", "grad_fp8", "main_grad", "none"])
+@pytest.mark.parametrize("source", ["grad", "grad_fp8", "held", "none"])
 def test_gradient_sources_in_order(source):
     gen = torch.Generator().manual_seed(0)
     init = torch.randn(8, 16, generator=gen)
     candidates = {"grad": torch.randn(8, 16, generator=gen),
                   "grad_fp8": fp8.quantize(torch.randn(8, 16, generator=gen), "e4m3"),
-                  "main_grad": torch.randn(8, 16, generator=gen)}
+                  "held": torch.randn(8, 16, generator=gen)}
     p = _params(init)[0]
-    order = ["grad", "grad_fp8", "main_grad"]
+    order = ["grad", "grad_fp8", "held"]
     present = order[order.index(source):] if source != "none" else []
     store = FP8GradStore()
     for name in present:
         if name == "grad_fp8":
             store.set(p, candidates[name])
+        elif name == "held":
+            hold(p, candidates[name])
         else:
-            setattr(p, name, candidates[name])
+            p.grad = candidates[name]
     opt = FP8AdamW([p], lr=1e-2, fp8_grads=store, **FP32_STATES)
     opt.step()
     if source == "none":
@@ -380,7 +406,7 @@ def test_make_scaled_fp16_param_in_place():
 def test_fp16_master_rescales_when_its_range_changes():
     p = make_scaled_fp16_param(torch.nn.Parameter(torch.tensor([1.0, 0.25, -0.5])))
     scale_before = p.scale.item()
-    p.main_grad = torch.tensor([-1.0, 0.0, 0.0])
+    hold(p, torch.tensor([-1.0, 0.0, 0.0]))
     opt = FP8AdamW([p], lr=1.5, weight_decay=0.0, **FP32_STATES)
     opt.step()  # the first element grows to 2.5: the scale must halve at least
     assert p.scale.item() <= scale_before / 2
@@ -392,7 +418,7 @@ def test_fp16_master_rescales_when_its_range_changes():
 
 def test_exact_formula_scales_without_power_of_two_rounding():
     p = make_scaled_fp16_param(torch.nn.Parameter(torch.tensor([0.3, -0.1, 0.2])), power_of_two=False)
-    p.main_grad = torch.tensor([1.0, 1.0, -1.0])
+    hold(p, torch.tensor([1.0, 1.0, -1.0]))
     opt = FP8AdamW([p], lr=1e-2, power_of_two_scales=False)
     opt.step()
     value = scaled_value(p)
@@ -429,7 +455,7 @@ def _clone_params(params):
 def _steps(opt, params, grads):
     for step_grads in grads:
         for p, g in zip(params, step_grads):
-            p.main_grad = g.clone()
+            hold(p, g.clone())
         opt.step()
 
 

@@ -138,7 +138,7 @@ def gpt_grads(ps, level: str, reduce_scatter: bool = False, recompute: bool = Fa
     attach_rng_tracker(model, rng)
     initialize_parameters(model, ps, seed=7)
     precision = apply_precision(model, FP8Config(level=level, recipe="current", min_features=32,
-                                                 reduce_scatter=reduce_scatter))
+                                                 reduce_scatter=reduce_scatter), ps)
     tokens = torch.randint(0, 128, (4, SEQ + 1), generator=torch.Generator().manual_seed(5))
     loss = model(tokens[:, :-1], tokens[:, 1:]).mean()
     loss.backward()

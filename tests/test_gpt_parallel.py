@@ -45,10 +45,10 @@ def train(ps: ParallelState, variant: str, sequence_parallel: bool, micro_batch:
     model = GPTModel(make_config(variant), device="meta")
     parallelize_gpt(model, ps, sequence_parallel=sequence_parallel, rng=rng)
     initialize_parameters(model, ps, seed=1234)
-    precision = apply_precision(model, FP8Config(level=fp8_level, recipe="current", min_features=32))
+    precision = apply_precision(model, FP8Config(level=fp8_level, recipe="current", min_features=32), ps)
     ddp = DistributedDataParallel(model, ps, bucket_size_mb=0.01, precision=precision)  # several buckets
     optimizer = MixedPrecisionOptimizer(list(model.named_parameters()), OptimizerConfig(lr=1e-2, clip_grad=0.5), ps,
-                                        grad_of=ddp.main_grad, layouts=ddp.layouts)
+                                        grad_of=ddp.dense_grad, layouts=ddp.layouts)
     per_rank = GLOBAL_BATCH // ps.dp_size
     losses, grads = [], {}
     for step, batch in enumerate(global_batches()):
@@ -64,7 +64,7 @@ def train(ps: ParallelState, variant: str, sequence_parallel: bool, micro_batch:
         if ps.dp_size > 1:
             comm.all_reduce(total, ps, "dp").div_(ps.dp_size)
         if step == 0:
-            grads = {global_name(model, n): (ddp.main_grad(p).clone(), ddp.layouts[p].tp_dim, ddp.layouts[p].tp_parts)
+            grads = {global_name(model, n): (ddp.dense_grad(p).clone(), ddp.layouts[p].tp_dim, ddp.layouts[p].tp_parts)
                      for n, p in model.named_parameters()}
         result = optimizer.step()
         losses.append((total.item(), result.grad_norm))

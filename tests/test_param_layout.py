@@ -70,7 +70,7 @@ def test_nothing_rides_on_parameters(level):
     model = GPTModel(swiglu_config(), device="meta")
     parallelize_gpt(model, ps, sequence_parallel=False)
     initialize_parameters(model, ps, seed=3, device="cpu")
-    apply_precision(model, FP8Config(level=level, recipe="current", min_features=16))
+    apply_precision(model, FP8Config(level=level, recipe="current", min_features=16), ps)
     for name, param in model.named_parameters():
         declared = {"scale", "cast"} if type(param) is not torch.nn.Parameter else set()
         assert set(vars(param)) <= declared, (name, type(param).__name__, sorted(vars(param)))

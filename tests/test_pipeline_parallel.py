@@ -65,7 +65,7 @@ def train(ps: ParallelState, variant: str, num_layers: int, micro_batch: int, *,
     ddp = DistributedDataParallel(chunks[0] if len(chunks) == 1 else nn.ModuleList(chunks), ps, bucket_size_mb=0.01)
     model = ddp if len(chunks) == 1 else chunks
     adam_config = OptimizerConfig(lr=1e-2, clip_grad=0.5)
-    optimizer = MixedPrecisionOptimizer(list(ddp.module.named_parameters()), adam_config, ps, grad_of=ddp.main_grad,
+    optimizer = MixedPrecisionOptimizer(list(ddp.module.named_parameters()), adam_config, ps, grad_of=ddp.dense_grad,
                                         layouts=ddp.layouts)
     shape = activation_shape(SEQ, micro_batch, HIDDEN, tp_size=ps.tp_size, sequence_parallel=sequence_parallel)
     schedule = get_forward_backward_func(ps, len(chunks), tensor_shape=shape)
@@ -85,9 +85,9 @@ def train(ps: ParallelState, variant: str, num_layers: int, micro_batch: int, *,
             pp_bytes = ps.counter.since(before)["pp_bytes"]
         loss = reported_mean(reported, "loss", ps)
         ddp.finish_grad_sync()
-        allreduce_embedding_grads(chunks, ps, ddp.main_grad)
+        allreduce_embedding_grads(chunks, ps, ddp.dense_grad)
         if step == 0:
-            grads = {global_name(chunk, n): (ddp.main_grad(p).clone(), ddp.layouts[p].tp_dim, ddp.layouts[p].tp_parts)
+            grads = {global_name(chunk, n): (ddp.dense_grad(p).clone(), ddp.layouts[p].tp_dim, ddp.layouts[p].tp_parts)
                      for chunk in chunks for n, p in chunk.named_parameters()}
         losses.append((loss, optimizer.step().grad_norm))
     with torch.no_grad():

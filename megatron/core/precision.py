@@ -10,22 +10,26 @@
 
 At O3 the linear weights are stored as FP8 E4M3 with a per-tensor scale (`fp8.params`); their
 FP16 masters and Adam states live only on the data-parallel rank that owns each whole tensor
-(`megatron.core.optimizer.fp8_zero`). With sequence parallelism the activations entering FP8
+(`megatron.core.distributed.fp8_zero.FP8ZeroLayout`; `megatron.core.optimizer.fp8_zero`). With sequence parallelism the activations entering FP8
 linears are all-gathered in FP8, and with `reduce_scatter` the input gradients are reduce-scattered
 in FP8. `pipeline_p2p` sends pipeline activations / gradients as E4M3 / E5M2 with scales.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch.nn as nn
 
+from fp8.autoscale import GradientAutoScaler
 from fp8.gradients import FP8GradStore
 from fp8.linear import FP8LinearState
-from fp8.optim import is_scaled_fp16, make_scaled_fp16_param
-from fp8.params import WeightCast, is_fp8_param
+from fp8.optim import ScaledFP16Parameter, make_scaled_fp16_param, to_scaled_fp16
+from fp8.params import WeightCast, make_fp8_param, param_value
 from fp8.scaling import RECIPES, Recipe
+from megatron.core.distributed.data_parallel import BUCKET_SIZE_MB
+from megatron.core.distributed.fp8_zero import FP8ZeroLayout
+from megatron.core.parallel_state import ParallelState
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
 LEVELS = ("none", "O0", "O1", "O2", "O3")
@@ -129,65 +133,77 @@ def _wants_fp8(name: str, config: FP8Config) -> bool:
 @dataclass(frozen=True, eq=False)
 class AppliedPrecision:
     """What the precision plan changed in a model, handed to the consumers that need it: the
-    data-parallel wrapper (which gradients arrive in FP8, whether they go to owners) and the
-    optimizers (which weights FP8AdamW updates, how O3 casts each to FP8). Read from the FP8
-    linears' own state (`precision_of`), never from attributes on parameters."""
+    data-parallel wrapper (which gradients arrive in FP8, the auto-scaler of their reduction,
+    whether they go to owners), the optimizers (which weights FP8AdamW updates, their O3 masters)
+    and the trainer (the plan: pipeline codec, sharding)."""
 
     plan: PrecisionPlan
     grads: FP8GradStore | None = None                # where the FP8 linears leave FP8 weight gradients
     fp8_linears: tuple[str, ...] = ()                # modules running FP8 GEMMs
     fp8_grad_params: tuple[nn.Parameter, ...] = ()   # weights with FP8 gradients (O1+), model order
-    casts: tuple[WeightCast, ...] = ()               # how each of those is cast to FP8 (O3)
+    casts: tuple[WeightCast, ...] = ()               # how each of those is cast to FP8
     # FP8AdamW for those weights: (master, exp_avg, exp_avg_sq) formats, stochastic FP16 rounding
     optimizer_dtypes: tuple[str, str, str] = ("fp16", "fp32", "fp32")
     stochastic_rounding: bool = False
+    autoscaler: GradientAutoScaler | None = None     # mu of the FP8 gradient reduction (O1+)
+    zero: FP8ZeroLayout | None = None                # O3: which data-parallel rank owns each FP8 weight
+    masters: dict = field(default_factory=dict)      # O3: this rank's owned weights -> FP16 masters
 
     def is_fp8_grad(self, param: nn.Parameter) -> bool:
         return any(param is p for p in self.fp8_grad_params)
 
-    def cast_of(self, param: nn.Parameter) -> WeightCast:
-        return next(cast for p, cast in zip(self.fp8_grad_params, self.casts) if p is param)
-
     @property
     def fp8_zero(self) -> bool:
-        return self.plan.fp8_zero and bool(self.fp8_grad_params)
+        return self.zero is not None
 
 
-def apply_precision(model: nn.Module, config: FP8Config) -> AppliedPrecision:
-    """Give the transformer linears of a parallelized model FP8 state as the level asks, and
-    return what changed. The size filter looks at each rank's local shard, which is what the
-    GEMM kernels see."""
+def apply_precision(model: nn.Module, config: FP8Config, ps: ParallelState | None = None, *,
+                    bucket_size_mb: float = BUCKET_SIZE_MB) -> AppliedPrecision:
+    """Give the transformer linears of a parallelized model (every pipeline chunk of it) the FP8
+    kernel the level asks for, turn their weights into the level's kinds, and return what
+    changed. The size filter looks at each rank's local shard, which is what the GEMM kernels see.
+
+    O1 and up: each FP8-gradient weight becomes its own FP16 master with a scale. O3 (needs `ps`):
+    the weights are given owners over the data-parallel ranks (`FP8ZeroLayout`, buckets of
+    `bucket_size_mb`), each owner keeps an FP16 master of its weights, and every weight becomes
+    FP8 - cast from the same FP16 values on every rank, so no collective is needed to start."""
     plan = plan_for(config)
     grads = FP8GradStore() if plan.fp8_wgrad else None
+    recipe = config.to_recipe()
+    names, params, casts = [], [], []
     if plan.fp8_gemms:
-        recipe = config.to_recipe()
         for name, module in model.named_modules():
             if not isinstance(module, (ColumnParallelLinear, RowParallelLinear)) or not _wants_fp8(name, config):
                 continue
             out_local, in_local = module.weight.shape
-            if recipe.uses_fp8(in_local, out_local):
-                module.kernel = FP8LinearState(recipe, fp8_wgrad=plan.fp8_wgrad, fp8_comm=plan.fp8_tp_comm,
-                                               fp8_reduce_scatter=plan.fp8_reduce_scatter, grads=grads)
-                if plan.fp8_wgrad and config.optimizer_dtypes()[0] == "fp16":
-                    # O1 and up: the weight is its own master, FP16 with a per-tensor scale
-                    # unless --main-params-dtype fp32 (refused at O3).
+            if not recipe.uses_fp8(in_local, out_local):
+                continue
+            module.kernel = FP8LinearState(recipe, fp8_wgrad=plan.fp8_wgrad, fp8_comm=plan.fp8_tp_comm,
+                                           fp8_reduce_scatter=plan.fp8_reduce_scatter, grads=grads)
+            names.append(name)
+            if plan.fp8_wgrad:
+                params.append(module.weight)
+                casts.append(WeightCast(recipe.margin, recipe.power_of_two))
+                if config.optimizer_dtypes()[0] == "fp16":
+                    # The weight is its own master, FP16 with a per-tensor scale, unless
+                    # --main-params-dtype fp32 (refused at O3).
                     make_scaled_fp16_param(module.weight)
-    return precision_of(model, config)
+    zero, masters = None, {}
+    if plan.fp8_zero and params:
+        if ps is None:
+            raise ValueError("FP8 ZeRO (level O3) needs the parallel state: apply_precision(model, config, ps)")
+        zero = FP8ZeroLayout(params, ps.dp_size, int(bucket_size_mb * 2**20))
+        masters = {p: _fp16_master(p) for p in zero.owned(ps.dp_rank)}
+        for param, cast in zip(params, casts):
+            make_fp8_param(param, cast)
+    autoscaler = None
+    if plan.fp8_wgrad and config.wgrad_auto_scaling:
+        autoscaler = GradientAutoScaler(ratio=config.wgrad_auto_scaling_ratio, window=config.wgrad_auto_scaling_window)
+    return AppliedPrecision(plan, grads, tuple(names), tuple(params), tuple(casts), config.optimizer_dtypes(),
+                            config.fp16_master_stochastic_rounding, autoscaler, zero, masters)
 
 
-def precision_of(model: nn.Module, config: FP8Config) -> AppliedPrecision:
-    """The `AppliedPrecision` of a model `apply_precision` has changed (every pipeline chunk of
-    it when `model` holds several): read from its FP8 linears' state."""
-    plan = plan_for(config)
-    linears = [(name, module) for name, module in model.named_modules()
-               if isinstance(getattr(module, "fp8", None), FP8LinearState)]
-    with_fp8_grad = {id(module.weight): module.fp8.recipe for _, module in linears if module.fp8.fp8_wgrad}
-    stores = {id(module.fp8.grads): module.fp8.grads for _, module in linears if module.fp8.fp8_wgrad}
-    assert len(stores) <= 1, "the FP8 linears of one model share one FP8GradStore"
-    params = [p for p in model.parameters() if id(p) in with_fp8_grad]
-    casts = [WeightCast(with_fp8_grad[id(p)].margin, with_fp8_grad[id(p)].power_of_two) for p in params]
-    assert not plan.fp8_zero or all(is_scaled_fp16(p) or is_fp8_param(p) for p in params), \
-        "FP8Config refuses --main-params-dtype fp32 at O3"
-    return AppliedPrecision(plan, next(iter(stores.values()), None), tuple(name for name, _ in linears),
-                            tuple(params), tuple(casts), config.optimizer_dtypes(),
-                            config.fp16_master_stochastic_rounding)
+def _fp16_master(param: nn.Parameter) -> ScaledFP16Parameter:
+    """A separate FP16 master with a scale, holding `param`'s value."""
+    payload, scale = to_scaled_fp16(param_value(param).float())
+    return ScaledFP16Parameter.new(payload, scale)

@@ -13,7 +13,6 @@ from megatron.core.pipeline_parallel.model import build_gpt_stages
 from megatron.core.pipeline_parallel.p2p_communication import activation_shape
 from megatron.core.parallel_state import ParallelState
 from megatron.core.parallelize import global_name, initialize_parameters, parallelize_gpt
-from megatron.core.precision import apply_precision
 from megatron.core.transformer.config import TransformerConfig
 from megatron.core.transformer.layer import attach_rng_tracker
 from megatron.training.config import RunConfig
@@ -52,16 +51,14 @@ def model_signature(config: TransformerConfig) -> dict:
 
 def model_provider(config: RunConfig, ps: ParallelState, rng, *, transformer: TransformerConfig) -> nn.Module:
     """This rank's part of the GPT (its pipeline stage; a ModuleList of chunks with virtual
-    stages): built on the meta device, laid out, initialised, given its precision."""
+    stages): built on the meta device, laid out and initialised (the trainer applies precision)."""
     chunks = build_gpt_stages(transformer, ps, device="meta",
                               num_layers_per_virtual_stage=config.parallel.num_layers_per_virtual_pipeline_stage)
     for chunk in chunks:
         parallelize_gpt(chunk, ps, sequence_parallel=config.parallel.sequence_parallel, rng=rng)
         attach_rng_tracker(chunk, rng)
         initialize_parameters(chunk, ps, seed=config.training.seed, device=ps.device)
-    model = chunks[0] if len(chunks) == 1 else nn.ModuleList(chunks)
-    apply_precision(model, config.precision.fp8_config())  # once for every chunk: one FP8 gradient store
-    return model
+    return chunks[0] if len(chunks) == 1 else nn.ModuleList(chunks)
 
 
 def datasets_provider(config: RunConfig, num_samples, *, eod_id: int | None = None):

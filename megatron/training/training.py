@@ -5,8 +5,8 @@
 
 A task is the providers plus the few facts about them that the loop needs:
 
-- ``model_provider(config, ps, rng) -> nn.Module``: the model laid out for `ps`, initialised and
-  given its precision (a ModuleList of chunks with virtual pipeline stages);
+- ``model_provider(config, ps, rng) -> nn.Module``: the model laid out for `ps` and initialised
+  (a ModuleList of chunks with virtual pipeline stages); the trainer applies the precision plan;
 - ``forward_step(data_iterator, model) -> (output, loss_fn)``: see `pipeline_parallel.schedules`;
   ``loss_fn(output) -> (loss, {name: value})`` reports `loss_key` (logged as `loss`);
 - ``datasets_provider(config, num_samples) -> (train, valid, test)``: datasets of dict samples;
@@ -28,14 +28,13 @@ from typing import Any
 
 import torch
 
-from fp8.autoscale import GradientAutoScaler
 from fp8.linear import FP8LinearState
 from fp8.params import param_nbytes
 from megatron.core.datasets.builder import train_valid_test_num_samples
 from megatron.core.datasets.samplers import build_pretraining_data_loader, cyclic_iterator
 from megatron.core.distributed.data_parallel import DistributedDataParallel
 from megatron.core.optimizer.factory import build_optimizer
-from megatron.core.precision import FP8Config, PrecisionPlan, precision_of
+from megatron.core.precision import apply_precision
 from megatron.core.parallel_state import ParallelState, init_distributed
 from megatron.core.pipeline_parallel.model import allreduce_embedding_grads
 from megatron.core.pipeline_parallel.schedules import get_forward_backward_func, reported_mean
@@ -104,12 +103,6 @@ def setup_parallel(config: RunConfig) -> tuple[RunConfig, ParallelState]:
     return config, ps
 
 
-def fp8_autoscaler(fp8: FP8Config, plan: PrecisionPlan) -> GradientAutoScaler | None:
-    if not (plan.fp8_wgrad and fp8.wgrad_auto_scaling):
-        return None
-    return GradientAutoScaler(ratio=fp8.wgrad_auto_scaling_ratio, window=fp8.wgrad_auto_scaling_window)
-
-
 def fp8_weight_cache_bytes(model: torch.nn.Module) -> int:
     """Bytes of the FP8 weight copies that FP8 linears keep between steps (O0 to O2; at O3 the
     weight is stored in FP8 and used as stored, so nothing is cached under per-tensor recipes)."""
@@ -169,13 +162,13 @@ class Trainer:
         self.config, self.ps, self.task, self.forward_step = config, ps, task, task.forward_step
         self.rng = model_parallel_seed(ps, config.seed)
         self.model = task.model_provider(config, ps, self.rng)
-        self.fp8_config = fp8 = config.precision.fp8_config()
-        self.precision = precision_of(self.model, fp8)
+        # Once for the whole model (every pipeline chunk): one FP8 gradient store, one ZeRO layout.
+        self.precision = apply_precision(self.model, config.precision.fp8_config(), ps)
         plan = self.precision.plan
         # O3 is FP8 ZeRO: with more than one data-parallel rank the dense states are sharded too.
         self.use_distributed_optimizer = config.use_distributed_optimizer or (plan.fp8_zero and ps.dp_size > 1)
         self.ddp = DistributedDataParallel(self.model, ps, use_distributed_optimizer=self.use_distributed_optimizer,
-                                           fp8_autoscaler=fp8_autoscaler(fp8, plan), precision=self.precision)
+                                           precision=self.precision)
         if self.ddp.fp8_zero is not None:
             print_rank0(ps, f"> {self.ddp.fp8_zero.describe()}")
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
@@ -220,7 +213,7 @@ class Trainer:
         reported = self.forward_backward(forward_step=self.forward_step, data_iterator=self.train_iter,
                                          model=self.schedule_model, num_microbatches=self.num_microbatches)
         self.ddp.finish_grad_sync()
-        allreduce_embedding_grads(self.model, self.ps, self.ddp.main_grad)
+        allreduce_embedding_grads(self.model, self.ps, self.ddp.dense_grad)
         result = self.optimizer.step()
         return reported_mean(reported, self.task.loss_key, self.ps), result.skipped, result.grad_norm
 

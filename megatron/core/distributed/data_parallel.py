@@ -1,7 +1,7 @@
 """Data-parallel gradient handling: contiguous FP32 gradient buffers in buckets.
 
 Every trainable parameter gets a main gradient, a view into one contiguous buffer (FP32 by
-default, whatever the parameter's dtype), which consumers ask for with ``ddp.main_grad(param)``.
+default, whatever the parameter's dtype), which consumers ask for with ``ddp.dense_grad(param)``.
 A post-accumulate hook adds each backward's gradient into it and frees ``param.grad``, so BF16
 models accumulate micro-batches in FP32 as Megatron does. `finish_grad_sync` then
 
@@ -20,8 +20,9 @@ the FP8 linear itself, and is averaged over the data-parallel group in FP8
 (`fp8.collectives.fp8_all_reduce`: shared scale, auto-scaling factor mu). `fp8_stats` then holds
 the mu used and the fractions of mu-scaled values that saturated and underflowed
 (`fp8.collectives.ReductionStats`), measured at every data-parallel size, 1 included. Under FP8
-ZeRO (`AppliedPrecision.fp8_zero`, level O3) the FP8 gradients go instead to the rank that owns each tensor (`fp8_zero.FP8ZeroLayout`, one uneven
-FP8 all-to-all per bucket); the other ranks drop theirs.
+ZeRO (level O3) the FP8 gradients go instead to the rank that owns each tensor (the plan's
+`AppliedPrecision.zero`, an `fp8_zero.FP8ZeroLayout`: one uneven FP8 all-to-all per bucket); the
+other ranks drop theirs.
 
 With ``use_distributed_optimizer=True`` (ZeRO-1, `DistributedOptimizer`), step 2 reduce-scatters
 instead: every bucket is padded to a multiple of ``dp_size * SHARD_ALIGN_NUMEL`` and data-parallel
@@ -44,13 +45,11 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
-from fp8.autoscale import GradientAutoScaler
 from fp8.collectives import ReductionStats, fp8_all_reduce, fp8_reduce_to_owners
 from fp8.params import SCALE_BYTES
 from fp8.tensor import quantize
 from megatron.core.distributed import comm
 from megatron.core.distributed.fp8_transport import CommTransport
-from megatron.core.distributed.fp8_zero import FP8ZeroLayout
 from megatron.core.parallel_state import ParallelState
 from megatron.core.tensor_parallel.layout import ParamLayouts, layouts_of
 
@@ -58,6 +57,8 @@ if TYPE_CHECKING:
     from megatron.core.precision import AppliedPrecision
 
 
+# The default size of a bucket of gradient collectives, dense and FP8 ZeRO alike.
+BUCKET_SIZE_MB = 40.0
 # Each rank's chunk of a bucket is a multiple of this many elements, so chunks start on 512-byte
 # (FP32) / 256-byte (BF16) boundaries, which NCCL's collectives run fastest on.
 SHARD_ALIGN_NUMEL = 128
@@ -133,9 +134,9 @@ class GradBuffer:
         return self.data.numel() * self.data.element_size()
 
 
-def _accumulate_into(main_grad: torch.Tensor):
+def _accumulate_into(dense_grad: torch.Tensor):
     def hook(param: torch.Tensor) -> None:
-        main_grad.add_(param.grad)
+        dense_grad.add_(param.grad)
         param.grad = None
     return hook
 
@@ -148,16 +149,17 @@ class DistributedDataParallel(nn.Module):
     reduce-scatter them; pair it with `megatron.core.optimizer.distrib_optimizer.DistributedOptimizer`."""
 
     def __init__(self, module: nn.Module, ps: ParallelState, *, grad_dtype: torch.dtype = torch.float32,
-                 bucket_size_mb: float = 40.0, use_distributed_optimizer: bool = False,
-                 fp8_autoscaler: GradientAutoScaler | None = None, precision: AppliedPrecision | None = None,
-                 layouts: ParamLayouts | None = None):
+                 bucket_size_mb: float = BUCKET_SIZE_MB, use_distributed_optimizer: bool = False,
+                 precision: AppliedPrecision | None = None, layouts: ParamLayouts | None = None):
         super().__init__()
         self.module, self.ps = module, ps
         self.use_distributed_optimizer = use_distributed_optimizer
         self.fp8_grad_params = [p for p in precision.fp8_grad_params if p.requires_grad] if precision else []
         self.fp8_grads = precision.grads if self.fp8_grad_params else None
         params = self.dense_grad_params(module, self.fp8_grad_params)
-        self.fp8_autoscaler = fp8_autoscaler
+        # The FP8 reduction's auto-scaler and, at O3, the owners of the FP8 weights: the plan's.
+        self.fp8_autoscaler = precision.autoscaler if self.fp8_grad_params else None
+        self.fp8_zero = precision.zero if self.fp8_grad_params else None
         self.fp8_stats: dict[str, float] = {}
         bucket_numel = max(1, int(bucket_size_mb * 2**20 / torch.tensor([], dtype=grad_dtype).element_size()))
         device = params[0].device if params else ps.device
@@ -165,8 +167,6 @@ class DistributedDataParallel(nn.Module):
         self.layouts = layouts if layouts is not None else layouts_of(module)
         self.grad_buffer = GradBuffer(params, grad_dtype, device, bucket_numel, pad_to=pad_to,
                                       alone=self.layouts.params(tied_embedding=True))
-        zero = precision is not None and precision.fp8_zero and self.fp8_grad_params
-        self.fp8_zero = FP8ZeroLayout(self.fp8_grad_params, ps.dp_size, int(bucket_size_mb * 2**20)) if zero else None
         self._hooks = [p.register_post_accumulate_grad_hook(_accumulate_into(self.grad_buffer.view(p))) for p in params]
         self.sequence_parallel_params = [p for p in params if self.layouts[p].sequence_parallel]
 
@@ -179,7 +179,7 @@ class DistributedDataParallel(nn.Module):
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
 
-    def main_grad(self, param: nn.Parameter) -> torch.Tensor:
+    def dense_grad(self, param: nn.Parameter) -> torch.Tensor:
         """The accumulated (after `finish_grad_sync`, reduced) gradient of a dense parameter."""
         return self.grad_buffer.view(param)
 
@@ -237,7 +237,7 @@ class DistributedDataParallel(nn.Module):
         buffer, or (distributed optimizer) reduce-scattered into this rank's chunk of each bucket."""
         if self.ps.tp_size > 1 and self.sequence_parallel_params:
             # One collective for all of them: they are many and small.
-            grads = [self.main_grad(p) for p in self.sequence_parallel_params]
+            grads = [self.dense_grad(p) for p in self.sequence_parallel_params]
             flat = comm.all_reduce(torch.cat([g.reshape(-1) for g in grads]), self.ps, "tp")
             for grad, summed in zip(grads, flat.split([g.numel() for g in grads])):
                 grad.copy_(summed.view_as(grad))

@@ -3,7 +3,14 @@
 Model parameters may be BF16 (`--bf16`) or FP32. BF16 parameters get FP32 master copies that the
 optimizer updates and copies back; FP32 parameters are their own masters (Megatron's
 Float16OptimizerWithFloat16Params / FP32Optimizer). Gradients are read through ``grad_of``, in the
-trainer `DistributedDataParallel.main_grad` (its FP32 buffers).
+trainer `DistributedDataParallel.dense_grad` (its FP32 buffers).
+
+Every optimizer here follows one protocol (`Optimizer`): ``step() -> StepResult``; as a part of a
+`ChainedOptimizer`, ``grad_norm_squared()`` and ``apply(coefficient)`` (clip by the chain's
+coefficient and update); ``param_groups`` (the LR schedule sets ``lr``); the bytes it holds; and
+``local_state`` / ``load_local_state`` / ``step_count`` for checkpoints. A model whose weights need
+different optimizers (FP8 weights with FP8AdamW, the rest with AdamW) gets one part per kind,
+chained: one global gradient norm, one clipping coefficient, one skip decision.
 """
 
 from __future__ import annotations
@@ -75,11 +82,84 @@ def clip_coefficient(clip_grad: float, norm: float) -> float:
     return clip_grad / (norm + 1e-6) if clip_grad > 0 and norm > clip_grad else 1.0
 
 
-class MixedPrecisionOptimizer:
+class Optimizer:
+    """The protocol's defaults. A part computes its own norm (`grad_norm`), applies a coefficient
+    (`apply`), and steps alone with its own norm, clip and skip (`step`)."""
+
+    publish_dp_bytes: int = 0  # data-parallel bytes the last step sent to publish updated weights
+
+    def grad_norm(self) -> float:
+        raise NotImplementedError
+
+    def grad_norm_squared(self) -> float:
+        """This part's share of the global squared norm (summed over the groups it spans)."""
+        return self.grad_norm() ** 2
+
+    def apply(self, coefficient: float) -> None:
+        raise NotImplementedError
+
+    def fp8_state_bytes(self) -> int:
+        """Masters and moments of FP8 weights held here (the weights themselves excluded)."""
+        return 0
+
+
+class ChainedOptimizer(Optimizer):
+    """Optimizers over disjoint parameters stepped as one (Megatron-Core's ChainedOptimizer): the
+    global norm sums the parts' squares in order; a non-finite norm skips every part; otherwise
+    every part applies the same clipping coefficient, in order."""
+
+    def __init__(self, parts: list[Optimizer], config: OptimizerConfig):
+        self.parts, self.config = list(parts), config
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [group for part in self.parts for group in part.param_groups]
+
+    def grad_norm_squared(self) -> float:
+        return sum(part.grad_norm_squared() for part in self.parts)
+
+    def grad_norm(self) -> float:
+        squared = self.grad_norm_squared()
+        return math.sqrt(squared) if math.isfinite(squared) else math.inf
+
+    def step(self) -> StepResult:
+        norm = self.grad_norm()
+        self.publish_dp_bytes = 0
+        if not math.isfinite(norm):
+            return StepResult(skipped=True, grad_norm=norm)
+        self.apply(clip_coefficient(self.config.clip_grad, norm))
+        return StepResult(skipped=False, grad_norm=norm)
+
+    def apply(self, coefficient: float) -> None:
+        for part in self.parts:
+            part.apply(coefficient)
+            self.publish_dp_bytes += part.publish_dp_bytes
+
+    def master_bytes(self) -> int:
+        return sum(part.master_bytes() for part in self.parts)
+
+    def optim_bytes(self) -> int:
+        return sum(part.optim_bytes() for part in self.parts)
+
+    def fp8_state_bytes(self) -> int:
+        return sum(part.fp8_state_bytes() for part in self.parts)
+
+    def step_count(self) -> int:
+        return max(part.step_count() for part in self.parts)
+
+    def local_state(self) -> dict[nn.Parameter, dict]:
+        return {param: entry for part in self.parts for param, entry in part.local_state().items()}
+
+    def load_local_state(self, full_states: dict[nn.Parameter, dict[str, torch.Tensor]], step: int) -> None:
+        for part in self.parts:
+            part.load_local_state(full_states, step)
+
+
+class MixedPrecisionOptimizer(Optimizer):
     def __init__(self, named_params: list[tuple[str, nn.Parameter]], config: OptimizerConfig, ps: ParallelState,
                  grad_of: Callable[[nn.Parameter], torch.Tensor] | None = None, layouts: ParamLayouts | None = None):
         """`grad_of(param)`: where each parameter's gradient is (a data-parallel wrapper's
-        `main_grad`); without one, ``param.grad``. `layouts`: how parameters are split over
+        `dense_grad`); without one, ``param.grad``. `layouts`: how parameters are split over
         tensor-parallel ranks (the wrapper's `layouts`); without, all are replicated."""
         self.config, self.ps = config, ps
         self.layouts = layouts if layouts is not None else ParamLayouts()

@@ -30,7 +30,7 @@ import torch.nn as nn
 from megatron.core.distributed import comm
 from megatron.core.distributed.data_parallel import DistributedDataParallel
 from megatron.core.optimizer import (
-    OptimizerConfig, StepResult, _no_weight_decay, clip_coefficient, global_grad_norm,
+    Optimizer, OptimizerConfig, StepResult, _no_weight_decay, clip_coefficient, global_grad_norm,
 )
 from megatron.core.parallel_state import ParallelState
 
@@ -95,7 +95,7 @@ def _check_pairing(named_params: list[tuple[str, nn.Parameter]], ddp) -> None:
             raise ValueError(f"parameter {name} is not contiguous; make it contiguous before building the optimizer")
 
 
-class DistributedOptimizer:
+class DistributedOptimizer(Optimizer):
     """AdamW over data-parallel shards of the FP32 masters; the interface of MixedPrecisionOptimizer."""
 
     def __init__(self, named_params: list[tuple[str, nn.Parameter]], config: OptimizerConfig,

@@ -1,12 +1,13 @@
-"""The optimizer of levels O1 and O2: FP8 weight gradients, FP16 masters with scales.
+"""The FP8 weights' part of the optimizer at levels O1 and O2: FP8 weight gradients, FP16 masters
+with scales.
 
-The transformer linear weights with FP8 gradients (`fp8_params`, from the precision plan) are their own masters, FP16
-with a per-tensor scale, and get their gradient as an FP8 `ScalingTensor` (from the plan's `FP8GradStore`,
-already averaged over data parallel in FP8). `fp8.optim.FP8AdamW` updates them with Adam moments
-in FP32 (O1) or FP8 / FP16 (O2, precision decoupling). Every other parameter goes through the
-dense optimizer: `MixedPrecisionOptimizer`, or `DistributedOptimizer` with
-``--use-distributed-optimizer``. Both parts share one global gradient norm, one clipping
-coefficient and one skip decision: a non-finite gradient anywhere skips the step everywhere.
+The transformer linear weights with FP8 gradients (`fp8_params`, from the precision plan) are their
+own masters, FP16 with a per-tensor scale, and get their gradient as an FP8 `ScalingTensor` (from
+the plan's `FP8GradStore`, already averaged over data parallel in FP8). `fp8.optim.FP8AdamW`
+updates them with Adam moments in FP32 (O1) or FP8 / FP16 (O2, precision decoupling). Every other
+parameter goes through the dense optimizer (`MixedPrecisionOptimizer`, or `DistributedOptimizer`
+with ``--use-distributed-optimizer``); `factory.build_optimizer` chains the two parts
+(`ChainedOptimizer`): one global gradient norm, one clipping coefficient and one skip decision.
 
 With the distributed optimizer the FP8 weights are not split: each is given whole, with its
 scale, to one data-parallel rank (`fp8.greedy_partition`, FP8-LM's Algorithm 1), which alone keeps
@@ -24,8 +25,7 @@ from fp8.gradients import FP8GradStore
 from fp8.optim import FP8AdamW, is_scaled_fp16, scaled_value
 from fp8.zero import greedy_partition
 from megatron.core.distributed import comm
-from megatron.core.optimizer import MixedPrecisionOptimizer, OptimizerConfig, StepResult, clip_coefficient
-from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from megatron.core.optimizer import Optimizer, OptimizerConfig, StepResult, clip_coefficient
 from megatron.core.parallel_state import ParallelState
 
 
@@ -63,26 +63,16 @@ def fp8_adamw(params: list[torch.Tensor], grads: FP8GradStore, config: Optimizer
                     stochastic_rounding=stochastic_rounding, seed=seed + 7919 * (ps.tp_rank + ps.tp_size * ps.pp_rank))
 
 
-def dense_optimizer(named_params, config: OptimizerConfig, ps: ParallelState, ddp, use_distributed_optimizer: bool,
-                    fp8_params=()):
-    """The optimizer of every parameter that is not among `fp8_params`."""
-    fp8 = {id(p) for p in fp8_params}
-    dense = [(n, p) for n, p in named_params if id(p) not in fp8]
-    if use_distributed_optimizer:
-        return DistributedOptimizer(dense, config, ps, ddp)
-    if ddp is None:
-        return MixedPrecisionOptimizer(dense, config, ps)
-    return MixedPrecisionOptimizer(dense, config, ps, grad_of=ddp.main_grad, layouts=ddp.layouts)
+class FP8WeightOptimizer(Optimizer):
+    """FP8AdamW over the FP8-gradient weights this rank owns (all of them, or its share of whole
+    tensors with the distributed optimizer); a part of a `ChainedOptimizer`."""
 
-
-class FP8MixedPrecisionOptimizer:
-    def __init__(self, named_params: list[tuple[str, nn.Parameter]], config: OptimizerConfig, ps: ParallelState,
-                 *, fp8_params, fp8_grads: FP8GradStore, exp_avg_dtype: str, exp_avg_sq_dtype: str,
-                 stochastic_rounding: bool = False, seed: int = 0, ddp=None, use_distributed_optimizer: bool = False):
+    def __init__(self, fp8_params, config: OptimizerConfig, ps: ParallelState, *, fp8_grads: FP8GradStore,
+                 exp_avg_dtype: str, exp_avg_sq_dtype: str, stochastic_rounding: bool = False, seed: int = 0,
+                 use_distributed_optimizer: bool = False):
         self.config, self.ps, self.fp8_grads = config, ps, fp8_grads
         self.publish_dp_bytes = 0  # data-parallel bytes the last step sent to publish the FP8 weights
         self.fp8_params = list(fp8_params)
-        self.dense = dense_optimizer(named_params, config, ps, ddp, use_distributed_optimizer, self.fp8_params)
         if use_distributed_optimizer:
             self.owners = greedy_partition([p.numel() for p in self.fp8_params], ps.dp_size)
         else:
@@ -94,27 +84,33 @@ class FP8MixedPrecisionOptimizer:
 
     @property
     def param_groups(self) -> list[dict]:
-        return self.dense.param_groups + (self.fp8.param_groups if self.fp8 is not None else [])
+        return self.fp8.param_groups if self.fp8 is not None else []
 
-    def step(self) -> StepResult:
-        norm_squared = self.dense.grad_norm() ** 2 + self._fp8_grad_norm_squared()
-        norm = math.sqrt(norm_squared) if math.isfinite(norm_squared) else math.inf
-        self.publish_dp_bytes = 0
-        if not math.isfinite(norm):
-            return StepResult(skipped=True, grad_norm=norm)
-        coefficient = clip_coefficient(self.config.clip_grad, norm)
-        self.dense.apply(coefficient)
+    def grad_norm_squared(self) -> float:
+        return _fp8_grad_norm_squared(self.fp8_params, self.fp8_grads, self.ps)
+
+    def grad_norm(self) -> float:
+        squared = self.grad_norm_squared()
+        return math.sqrt(squared) if math.isfinite(squared) else math.inf
+
+    def apply(self, coefficient: float) -> None:
+        """Clip (dividing the gradients' scales multiplies their values: exact, in place), update
+        the owned weights, publish them to every data-parallel rank."""
         if self.fp8 is not None:
-            for param in self.owned:  # dividing the scale multiplies the value: exact, in place
+            for param in self.owned:
                 self.fp8_grads.get(param).scale.div_(coefficient)
             self._fp8_step()
         before = self.ps.counter.snapshot()
         self._publish()
         self.publish_dp_bytes = self.ps.counter.since(before)["dp_bytes"]
-        return StepResult(skipped=False, grad_norm=norm)
 
-    def _fp8_grad_norm_squared(self) -> float:
-        return _fp8_grad_norm_squared(self.fp8_params, self.fp8_grads, self.ps)
+    def step(self) -> StepResult:
+        norm = self.grad_norm()
+        self.publish_dp_bytes = 0
+        if not math.isfinite(norm):
+            return StepResult(skipped=True, grad_norm=norm)
+        self.apply(clip_coefficient(self.config.clip_grad, norm))
+        return StepResult(skipped=False, grad_norm=norm)
 
     def _fp8_step(self) -> None:
         self.fp8.step()
@@ -144,10 +140,10 @@ class FP8MixedPrecisionOptimizer:
 
     # ----- memory accounting ---------------------------------------------------------------------
     def master_bytes(self) -> int:
-        return self.dense.master_bytes() + (self.fp8.master_bytes() if self.fp8 is not None else 0)
+        return self.fp8.master_bytes() if self.fp8 is not None else 0
 
     def optim_bytes(self) -> int:
-        return self.dense.optim_bytes() + (self.fp8.state_bytes() if self.fp8 is not None else 0)
+        return self.fp8.state_bytes() if self.fp8 is not None else 0
 
     def fp8_state_bytes(self) -> int:
         """Masters and moments of the FP8 weights held here (the weights themselves excluded)."""
@@ -155,11 +151,11 @@ class FP8MixedPrecisionOptimizer:
 
     # ----- checkpoints -------------------------------------------------------------------------
     def step_count(self) -> int:
-        return max([self.dense.step_count()] + ([self.fp8.step_count()] if self.fp8 is not None else []))
+        return self.fp8.step_count() if self.fp8 is not None else 0
 
     def local_state(self) -> dict[nn.Parameter, dict]:
-        """The dense part's, plus each owned FP8 weight's true value and FP32 moments."""
-        out = self.dense.local_state()
+        """Each owned FP8 weight's true value and FP32 moments."""
+        out = {}
         for param in self.owned:
             entry = {"range": (0, param.numel()), "master": scaled_value(param).reshape(-1)}
             entry.update({k: v.reshape(-1) for k, v in self.fp8.state_fp32(param).items()})
@@ -167,7 +163,6 @@ class FP8MixedPrecisionOptimizer:
         return out
 
     def load_local_state(self, full_states: dict[nn.Parameter, dict[str, torch.Tensor]], step: int) -> None:
-        self.dense.load_local_state(full_states, step)
         for param in self.owned:
             given = full_states.get(param)
             if given and "exp_avg" in given and "exp_avg_sq" in given:

@@ -1,68 +1,52 @@
-"""The optimizer of level O3: FP8 ZeRO with greedy whole-tensor distribution.
+"""The FP8 weights' part of the optimizer at level O3: FP8 ZeRO with greedy whole-tensor
+distribution.
 
 Every rank stores the transformer linear weights in FP8 E4M3 with a per-tensor scale (one byte
 each, `fp8.params`), which is what the FP8 GEMMs read. Each weight has one owner among the
-data-parallel ranks (`megatron.core.distributed.fp8_zero.FP8ZeroLayout`, shared with the DDP
-wrapper that delivers the reduced FP8 gradients to the owners); only the owner keeps its FP16
-master with a scale and its Adam moments (FP8 / FP16 at the defaults), and updates it with
-`fp8.optim.FP8AdamW`. After the step each owner re-quantizes its weights from their masters, and
-one uneven FP8 all-gather per bucket (payloads and scales in one message) gives every rank the
-new weights. Parameters that are not FP8 weights go through the dense optimizer, sharded by the
-distributed optimizer as at any level.
+data-parallel ranks (`megatron.core.distributed.fp8_zero.FP8ZeroLayout`); the precision plan
+(`megatron.core.precision.apply_precision`) decides the owners, makes the weights FP8 and gives
+each owner an FP16 master with a scale of its weights; the DDP wrapper delivers the reduced FP8
+gradients to the owners. Here the owners update their masters and Adam moments (FP8 / FP16 at the
+defaults) with `fp8.optim.FP8AdamW`, re-quantize their weights from the masters, and one uneven
+FP8 all-gather per bucket (payloads and scales in one message) gives every rank the new weights.
 
-Gradient norm, clipping and the skip decision are those of `FP8MixedPrecisionOptimizer`: one
-norm over the dense part and the owners' FP8 gradients (summed over dp as well, since each
-owner holds its tensors alone); a skipped step publishes nothing.
+As a part of a `ChainedOptimizer` (with the dense optimizer, sharded by the distributed optimizer
+as at any level): one norm over the dense part and the owners' FP8 gradients (summed over dp as
+well, since each owner holds its tensors alone); a skipped step publishes nothing.
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 
 from fp8.gradients import FP8GradStore
 from fp8.optim import ScaledFP16Parameter, scaled_value, to_scaled_fp16
-from fp8.params import SCALE_BYTES, WeightCast, make_fp8_param, param_value, quantize_fp8_weight
+from fp8.params import SCALE_BYTES, param_value, quantize_fp8_weight
 from megatron.core.distributed import comm
 from megatron.core.distributed.fp8_zero import FP8ZeroLayout
 from megatron.core.optimizer import OptimizerConfig
-from megatron.core.optimizer.fp8_optimizer import (
-    FP8MixedPrecisionOptimizer, _fp8_grad_norm_squared, dense_optimizer, fp8_adamw,
-)
+from megatron.core.optimizer.fp8_optimizer import FP8WeightOptimizer, _fp8_grad_norm_squared, fp8_adamw
 from megatron.core.parallel_state import ParallelState
 
 
-
-def _fp16_master(param: nn.Parameter) -> ScaledFP16Parameter:
-    """A separate FP16 master with a scale, holding `param`'s value."""
-    payload, scale = to_scaled_fp16(param_value(param).float())
-    return ScaledFP16Parameter.new(payload, scale)
-
-
-class FP8ZeroOptimizer(FP8MixedPrecisionOptimizer):
-    def __init__(self, named_params: list[tuple[str, nn.Parameter]], config: OptimizerConfig, ps: ParallelState, *,
-                 layout: FP8ZeroLayout, casts: Sequence[WeightCast], fp8_grads: FP8GradStore, exp_avg_dtype: str,
-                 exp_avg_sq_dtype: str, stochastic_rounding: bool = False, seed: int = 0, ddp=None,
-                 use_distributed_optimizer: bool = False):
-        """`casts[i]`: how `layout.params[i]` is cast to FP8 (its linear's recipe, from the plan);
-        `fp8_grads`: where the reduction leaves the owned tensors' FP8 gradients."""
+class FP8ZeroWeightOptimizer(FP8WeightOptimizer):
+    def __init__(self, config: OptimizerConfig, ps: ParallelState, *, layout: FP8ZeroLayout,
+                 masters: dict[nn.Parameter, ScaledFP16Parameter], fp8_grads: FP8GradStore, exp_avg_dtype: str,
+                 exp_avg_sq_dtype: str, stochastic_rounding: bool = False, seed: int = 0):
+        """`layout` and `masters` (this rank's owned weights -> FP16 masters) are the precision
+        plan's; `fp8_grads`: where the reduction leaves the owned tensors' FP8 gradients."""
         self.config, self.ps, self.layout, self.fp8_grads = config, ps, layout, fp8_grads
         self.master_grads = FP8GradStore()  # the owned gradients, filed under their masters for FP8AdamW
         self.publish_dp_bytes = 0
         self.fp8_params, self.owners = layout.params, layout.owners
-        self.dense = dense_optimizer(named_params, config, ps, ddp, use_distributed_optimizer, self.fp8_params)
         self.owned = layout.owned(ps.dp_rank)
-        # Masters first, from the FP16 values the precision plan left; then the weights become FP8,
-        # cast from those same values on every rank, so no collective is needed to start.
-        self.masters = {p: _fp16_master(p) for p in self.owned}
-        for param, cast in zip(self.fp8_params, casts, strict=True):
-            make_fp8_param(param, cast)
+        assert [id(p) for p in masters] == [id(p) for p in self.owned], "masters are the owned weights'"
+        self.masters = masters
         self.fp8 = fp8_adamw(list(self.masters.values()), self.master_grads, config, ps, exp_avg_dtype=exp_avg_dtype,
                              exp_avg_sq_dtype=exp_avg_sq_dtype, stochastic_rounding=stochastic_rounding, seed=seed)
 
-    def _fp8_grad_norm_squared(self) -> float:
+    def grad_norm_squared(self) -> float:
         return _fp8_grad_norm_squared(self.fp8_params, self.fp8_grads, self.ps, owned=self.owned)
 
     def _fp8_step(self) -> None:
@@ -97,15 +81,15 @@ class FP8ZeroOptimizer(FP8MixedPrecisionOptimizer):
         return sum(m.numel() * m.element_size() + SCALE_BYTES for m in self.masters.values())
 
     def master_bytes(self) -> int:
-        return self.dense.master_bytes() + self._master_bytes()
+        return self._master_bytes()
 
     def fp8_state_bytes(self) -> int:
         return self._master_bytes() + (self.fp8.state_bytes() if self.fp8 is not None else 0)
 
     # ----- checkpoints -------------------------------------------------------------------------
     def local_state(self) -> dict[nn.Parameter, dict]:
-        """The dense part's, plus each owned FP8 weight's master value and FP32 moments, whole."""
-        out = self.dense.local_state()
+        """Each owned FP8 weight's master value and FP32 moments, whole."""
+        out = {}
         for param, master in self.masters.items():
             entry = {"range": (0, param.numel()), "master": scaled_value(master).reshape(-1)}
             entry.update({k: v.reshape(-1) for k, v in self.fp8.state_fp32(master).items()})
@@ -116,7 +100,6 @@ class FP8ZeroOptimizer(FP8MixedPrecisionOptimizer):
     def load_local_state(self, full_states: dict[nn.Parameter, dict[str, torch.Tensor]], step: int) -> None:
         """Owners take masters (else the loaded weight's value) and moments, then publish the
         weights re-quantized from the masters, so every rank holds what the saved run held."""
-        self.dense.load_local_state(full_states, step)
         for param, master in self.masters.items():
             given = full_states.get(param) or {}
             value = given["master"] if "master" in given else param_value(param)

@@ -89,7 +89,7 @@ def shared_embedding_params(model: nn.Module | Sequence[nn.Module]) -> list[nn.P
 
 def allreduce_embedding_grads(model: nn.Module | Sequence[nn.Module], ps: ParallelState, grad_of) -> None:
     """Sum the tied embedding's gradient (``grad_of(param)``, the data-parallel wrapper's
-    `main_grad`) over the first and last stage.
+    `dense_grad`) over the first and last stage.
 
     Call after the schedule's last backward, next to the data-parallel gradient sync (either
     order: both are sums) and before the optimizer step. A no-op without pipelining, with untied
