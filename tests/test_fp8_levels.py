@@ -46,7 +46,7 @@ def tiny_model(level: str, dtype=torch.float32):
     parallelize_gpt(model, ps)
     initialize_parameters(model, ps, seed=3)
     fp8 = FP8Config(level=level, recipe="current", min_features=64)
-    return model, ps, fp8, apply_precision(model, fp8)
+    return model, ps, fp8, apply_precision(model, fp8, ps)
 
 
 @pytest.mark.parametrize("dtype,per_other", [(torch.float32, 16), (torch.bfloat16, 18)])

@@ -28,6 +28,7 @@ from fp8.optim import ScaledFP16Parameter, make_scaled_fp16_param, to_scaled_fp1
 from fp8.params import WeightCast, make_fp8_param, param_value
 from fp8.scaling import RECIPES, Recipe
 from megatron.core.distributed.data_parallel import BUCKET_SIZE_MB
+from megatron.core.distributed.fp8_reducer import FP8GradReducer
 from megatron.core.distributed.fp8_zero import FP8ZeroLayout
 from megatron.core.parallel_state import ParallelState
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -133,9 +134,9 @@ def _wants_fp8(name: str, config: FP8Config) -> bool:
 @dataclass(frozen=True, eq=False)
 class AppliedPrecision:
     """What the precision plan changed in a model, handed to the consumers that need it: the
-    data-parallel wrapper (which gradients arrive in FP8, the auto-scaler of their reduction,
-    whether they go to owners), the optimizers (which weights FP8AdamW updates, their O3 masters)
-    and the trainer (the plan: pipeline codec, sharding)."""
+    data-parallel wrapper (the FP8 gradients' reducer, with its auto-scaler and owners), the
+    optimizers (which weights FP8AdamW updates, their O3 masters) and the trainer (the plan:
+    pipeline codec, sharding)."""
 
     plan: PrecisionPlan
     grads: FP8GradStore | None = None                # where the FP8 linears leave FP8 weight gradients
@@ -145,7 +146,7 @@ class AppliedPrecision:
     # FP8AdamW for those weights: (master, exp_avg, exp_avg_sq) formats, stochastic FP16 rounding
     optimizer_dtypes: tuple[str, str, str] = ("fp16", "fp32", "fp32")
     stochastic_rounding: bool = False
-    autoscaler: GradientAutoScaler | None = None     # mu of the FP8 gradient reduction (O1+)
+    reducer: FP8GradReducer | None = None            # O1+: the FP8 gradients' data-parallel mean (auto-scaler, owners)
     zero: FP8ZeroLayout | None = None                # O3: which data-parallel rank owns each FP8 weight
     masters: dict = field(default_factory=dict)      # O3: this rank's owned weights -> FP16 masters
 
@@ -157,16 +158,17 @@ class AppliedPrecision:
         return self.zero is not None
 
 
-def apply_precision(model: nn.Module, config: FP8Config, ps: ParallelState | None = None, *,
+def apply_precision(model: nn.Module, config: FP8Config, ps: ParallelState, *,
                     bucket_size_mb: float = BUCKET_SIZE_MB) -> AppliedPrecision:
     """Give the transformer linears of a parallelized model (every pipeline chunk of it) the FP8
     kernel the level asks for, turn their weights into the level's kinds, and return what
     changed. The size filter looks at each rank's local shard, which is what the GEMM kernels see.
 
-    O1 and up: each FP8-gradient weight becomes its own FP16 master with a scale. O3 (needs `ps`):
-    the weights are given owners over the data-parallel ranks (`FP8ZeroLayout`, buckets of
-    `bucket_size_mb`), each owner keeps an FP16 master of its weights, and every weight becomes
-    FP8 - cast from the same FP16 values on every rank, so no collective is needed to start."""
+    O1 and up: each FP8-gradient weight becomes its own FP16 master with a scale, and their
+    gradients get a reducer (`FP8GradReducer`, with the auto-scaler). O3: the weights are given
+    owners over the data-parallel ranks (`FP8ZeroLayout`, buckets of `bucket_size_mb`), each owner
+    keeps an FP16 master of its weights, and every weight becomes FP8 - cast from the same FP16
+    values on every rank, so no collective is needed to start."""
     plan = plan_for(config)
     grads = FP8GradStore() if plan.fp8_wgrad else None
     recipe = config.to_recipe()
@@ -190,17 +192,20 @@ def apply_precision(model: nn.Module, config: FP8Config, ps: ParallelState | Non
                     make_scaled_fp16_param(module.weight)
     zero, masters = None, {}
     if plan.fp8_zero and params:
-        if ps is None:
-            raise ValueError("FP8 ZeRO (level O3) needs the parallel state: apply_precision(model, config, ps)")
         zero = FP8ZeroLayout(params, ps.dp_size, int(bucket_size_mb * 2**20))
         masters = {p: _fp16_master(p) for p in zero.owned(ps.dp_rank)}
         for param, cast in zip(params, casts):
             make_fp8_param(param, cast)
-    autoscaler = None
-    if plan.fp8_wgrad and config.wgrad_auto_scaling:
-        autoscaler = GradientAutoScaler(ratio=config.wgrad_auto_scaling_ratio, window=config.wgrad_auto_scaling_window)
+    reducer = None
+    trainable = [p for p in params if p.requires_grad]
+    if trainable:
+        autoscaler = None
+        if config.wgrad_auto_scaling:
+            autoscaler = GradientAutoScaler(ratio=config.wgrad_auto_scaling_ratio,
+                                            window=config.wgrad_auto_scaling_window)
+        reducer = FP8GradReducer(trainable, grads, ps, autoscaler=autoscaler, zero=zero)
     return AppliedPrecision(plan, grads, tuple(names), tuple(params), tuple(casts), config.optimizer_dtypes(),
-                            config.fp16_master_stochastic_rounding, autoscaler, zero, masters)
+                            config.fp16_master_stochastic_rounding, reducer, zero, masters)
 
 
 def _fp16_master(param: nn.Parameter) -> ScaledFP16Parameter:

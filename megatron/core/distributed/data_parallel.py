@@ -13,16 +13,12 @@ models accumulate micro-batches in FP32 as Megatron does. `finish_grad_sync` the
 Buckets follow reverse parameter order (the order backward produces gradients) and hold about
 `bucket_size_mb` each; they bound the size of a single collective.
 
-The weights the precision plan gives FP8 gradients (`AppliedPrecision.fp8_grad_params`: the FP8
-linear weights at level O1 and above) are not in the buffer: their gradient arrives as an FP8
-`ScalingTensor` in the plan's `FP8GradStore` (``fp8_grads``), accumulated across micro-batches by
-the FP8 linear itself, and is averaged over the data-parallel group in FP8
-(`fp8.collectives.fp8_all_reduce`: shared scale, auto-scaling factor mu). `fp8_stats` then holds
-the mu used and the fractions of mu-scaled values that saturated and underflowed
-(`fp8.collectives.ReductionStats`), measured at every data-parallel size, 1 included. Under FP8
-ZeRO (level O3) the FP8 gradients go instead to the rank that owns each tensor (the plan's
-`AppliedPrecision.zero`, an `fp8_zero.FP8ZeroLayout`: one uneven FP8 all-to-all per bucket); the
-other ranks drop theirs.
+The weights the precision plan gives FP8 gradients (the FP8 linear weights at level O1 and above)
+are not in the buffer: their gradient arrives as an FP8 `ScalingTensor` in the plan's
+`FP8GradStore` (``fp8_grads``), and the plan's `FP8GradReducer` (``fp8_reducer``,
+`fp8_reducer.py`) averages them over the data-parallel group in FP8 - all-reduced at O1 / O2, to
+their owners under FP8 ZeRO (O3). `fp8_stats` then holds what it measured (mu, the saturated and
+underflowed fractions, its data-parallel bytes).
 
 With ``use_distributed_optimizer=True`` (ZeRO-1, `DistributedOptimizer`), step 2 reduce-scatters
 instead: every bucket is padded to a multiple of ``dp_size * SHARD_ALIGN_NUMEL`` and data-parallel
@@ -45,11 +41,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
-from fp8.collectives import ReductionStats, fp8_all_reduce, fp8_reduce_to_owners
-from fp8.params import SCALE_BYTES
-from fp8.tensor import quantize
 from megatron.core.distributed import comm
-from megatron.core.distributed.fp8_transport import CommTransport
 from megatron.core.parallel_state import ParallelState
 from megatron.core.tensor_parallel.layout import ParamLayouts, layouts_of
 
@@ -154,12 +146,14 @@ class DistributedDataParallel(nn.Module):
         super().__init__()
         self.module, self.ps = module, ps
         self.use_distributed_optimizer = use_distributed_optimizer
-        self.fp8_grad_params = [p for p in precision.fp8_grad_params if p.requires_grad] if precision else []
-        self.fp8_grads = precision.grads if self.fp8_grad_params else None
+        # The plan's reduction of FP8 weight gradients (O1+): their store, auto-scaler and owners.
+        self.fp8_reducer = precision.reducer if precision is not None else None
+        reducer = self.fp8_reducer
+        self.fp8_grad_params = reducer.params if reducer is not None else []
+        self.fp8_grads = reducer.store if reducer is not None else None
+        self.fp8_autoscaler = reducer.autoscaler if reducer is not None else None
+        self.fp8_zero = reducer.zero if reducer is not None else None
         params = self.dense_grad_params(module, self.fp8_grad_params)
-        # The FP8 reduction's auto-scaler and, at O3, the owners of the FP8 weights: the plan's.
-        self.fp8_autoscaler = precision.autoscaler if self.fp8_grad_params else None
-        self.fp8_zero = precision.zero if self.fp8_grad_params else None
         self.fp8_stats: dict[str, float] = {}
         bucket_numel = max(1, int(bucket_size_mb * 2**20 / torch.tensor([], dtype=grad_dtype).element_size()))
         device = params[0].device if params else ps.device
@@ -190,47 +184,11 @@ class DistributedDataParallel(nn.Module):
 
     @property
     def fp8_grad_bytes(self) -> int:
-        """FP8 weight gradients held between steps (1 byte per value plus a 4-byte scale each):
-        all of them at O1 / O2, only the owned ones under FP8 ZeRO (the reduction drops the rest)."""
-        params = self.fp8_grad_params if self.fp8_zero is None else self.fp8_zero.owned(self.ps.dp_rank)
-        return sum(p.numel() + SCALE_BYTES for p in params)
+        return self.fp8_reducer.held_bytes if self.fp8_reducer is not None else 0
 
     @property
     def fp8_grad_peak_bytes(self) -> int:
-        """FP8 weight gradients held at the end of backward, before the reduction: all of them."""
-        return sum(p.numel() + SCALE_BYTES for p in self.fp8_grad_params)
-
-    def _reduce_fp8_grads(self) -> None:
-        store = self.fp8_grads
-        for param in self.fp8_grad_params:
-            if param not in store:  # unused this step: a zero gradient
-                store.set(param, quantize(torch.zeros(param.shape, device=param.device), "e4m3"))
-        grads = [store.get(param) for param in self.fp8_grad_params]
-        # Without auto-scaling: divide before the sum (pre-scaling), which cannot overflow.
-        mu = self.fp8_autoscaler.mu if self.fp8_autoscaler is not None else 1.0 / self.ps.dp_size
-        transport = CommTransport(self.ps, "dp")
-        if self.fp8_zero is not None:
-            stats = self._reduce_fp8_grads_to_owners(transport, mu)
-        else:
-            result = fp8_all_reduce(grads, transport, mu=mu)
-            for param, reduced in zip(self.fp8_grad_params, result.tensors):
-                store.set(param, reduced)
-            stats = result.stats
-        if self.fp8_autoscaler is not None:
-            self.fp8_autoscaler.update(stats.overflow_frac)
-        self.fp8_stats = {"mu": mu, "overflow_frac": stats.overflow_frac, "underflow_frac": stats.underflow_frac}
-
-    def _reduce_fp8_grads_to_owners(self, transport: CommTransport, mu: float) -> ReductionStats:
-        """Each FP8 gradient's mean to its owner (None elsewhere); returns the whole reduction's stats."""
-        layout, stats = self.fp8_zero, ReductionStats()
-        for bucket in layout.buckets:
-            params = [layout.params[i] for i in bucket]
-            result = fp8_reduce_to_owners([self.fp8_grads.get(p) for p in params], [layout.owners[i] for i in bucket],
-                                          transport, mu=mu)
-            for param, reduced in zip(params, result.tensors):
-                self.fp8_grads.set(param, reduced)  # None where another rank owns the tensor
-            stats = stats + result.stats
-        return stats
+        return self.fp8_reducer.peak_bytes if self.fp8_reducer is not None else 0
 
     def finish_grad_sync(self) -> None:
         """Sequence-parallel sums over tp, then the data-parallel mean: all-reduced into the whole
@@ -241,10 +199,8 @@ class DistributedDataParallel(nn.Module):
             flat = comm.all_reduce(torch.cat([g.reshape(-1) for g in grads]), self.ps, "tp")
             for grad, summed in zip(grads, flat.split([g.numel() for g in grads])):
                 grad.copy_(summed.view_as(grad))
-        if self.fp8_grad_params:
-            before = self.ps.counter.snapshot()
-            self._reduce_fp8_grads()
-            self.fp8_stats["dp_bytes"] = self.ps.counter.since(before)["dp_bytes"]
+        if self.fp8_reducer is not None:
+            self.fp8_stats = self.fp8_reducer.reduce()
         if self.ps.dp_size == 1:
             return
         for bucket in self.grad_buffer.buckets:

@@ -10,8 +10,9 @@ with ``--use-distributed-optimizer``); `factory.build_optimizer` chains the two 
 (`ChainedOptimizer`): one global gradient norm, one clipping coefficient and one skip decision.
 
 With the distributed optimizer the FP8 weights are not split: each is given whole, with its
-scale, to one data-parallel rank (`fp8.greedy_partition`, FP8-LM's Algorithm 1), which alone keeps
-its Adam moments and updates it; the owners then broadcast the new FP16 masters and scales.
+scale, to one data-parallel rank (`fp8.greedy_partition`, FP8-LM's Algorithm 1 - the ownership
+model of FP8 ZeRO's `FP8ZeroLayout` at O3 as well), which alone keeps its Adam moments and
+updates it; the owners then broadcast the new FP16 masters and scales.
 """
 
 from __future__ import annotations

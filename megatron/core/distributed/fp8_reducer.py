@@ -1,0 +1,84 @@
+"""The data-parallel reduction of FP8 weight gradients (levels O1 and up), a part of the precision
+plan that the data-parallel wrapper runs after backward.
+
+Each FP8 weight's gradient is an E4M3 `ScalingTensor` in the plan's `FP8GradStore`, accumulated
+across micro-batches by the FP8 linear itself. `reduce()` averages them over the data-parallel
+group in FP8 (`fp8.collectives`: shared minimum scale, auto-scaling factor mu, FP8 payloads, FP32
+sums): all-reduced into every rank's store (O1, O2), or, under FP8 ZeRO (O3, an `FP8ZeroLayout`),
+reduced to the rank that owns each tensor, one uneven all-to-all per bucket, the others dropping
+theirs. It returns what it measured: the mu used, the fractions of mu-scaled values that
+saturated and underflowed (`ReductionStats`, at every data-parallel size, 1 included) and the
+data-parallel bytes it sent; the auto-scaler then picks the next step's mu.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from fp8.autoscale import GradientAutoScaler
+from fp8.collectives import ReductionStats, fp8_all_reduce, fp8_reduce_to_owners
+from fp8.gradients import FP8GradStore
+from fp8.params import SCALE_BYTES
+from fp8.tensor import quantize
+from megatron.core.distributed.fp8_transport import CommTransport
+from megatron.core.distributed.fp8_zero import FP8ZeroLayout
+from megatron.core.parallel_state import ParallelState
+
+
+class FP8GradReducer:
+    def __init__(self, params: list[nn.Parameter], store: FP8GradStore, ps: ParallelState, *,
+                 autoscaler: GradientAutoScaler | None = None, zero: FP8ZeroLayout | None = None):
+        """`params`: the trainable weights with FP8 gradients, in model order; without an
+        `autoscaler` the gradients are divided by the data-parallel size before the sum
+        (pre-scaling, which cannot overflow)."""
+        self.params, self.store, self.ps = list(params), store, ps
+        self.autoscaler, self.zero = autoscaler, zero
+
+    def clear(self) -> None:
+        self.store.clear()
+
+    def reduce(self) -> dict[str, float]:
+        """The data-parallel mean of every FP8 gradient, in place in the store; returns
+        ``{"mu", "overflow_frac", "underflow_frac", "dp_bytes"}``."""
+        before = self.ps.counter.snapshot()
+        for param in self.params:
+            if param not in self.store:  # unused this step: a zero gradient
+                self.store.set(param, quantize(torch.zeros(param.shape, device=param.device), "e4m3"))
+        mu = self.autoscaler.mu if self.autoscaler is not None else 1.0 / self.ps.dp_size
+        transport = CommTransport(self.ps, "dp")
+        stats = self._to_owners(transport, mu) if self.zero is not None else self._all_reduce(transport, mu)
+        if self.autoscaler is not None:
+            self.autoscaler.update(stats.overflow_frac)
+        return {"mu": mu, "overflow_frac": stats.overflow_frac, "underflow_frac": stats.underflow_frac,
+                "dp_bytes": self.ps.counter.since(before)["dp_bytes"]}
+
+    def _all_reduce(self, transport: CommTransport, mu: float) -> ReductionStats:
+        result = fp8_all_reduce([self.store.get(p) for p in self.params], transport, mu=mu)
+        for param, reduced in zip(self.params, result.tensors):
+            self.store.set(param, reduced)
+        return result.stats
+
+    def _to_owners(self, transport: CommTransport, mu: float) -> ReductionStats:
+        """Each FP8 gradient's mean to its owner (dropped elsewhere); the whole reduction's stats."""
+        layout, stats = self.zero, ReductionStats()
+        for bucket in layout.buckets:
+            params = [layout.params[i] for i in bucket]
+            result = fp8_reduce_to_owners([self.store.get(p) for p in params], [layout.owners[i] for i in bucket],
+                                          transport, mu=mu)
+            for param, reduced in zip(params, result.tensors):
+                self.store.set(param, reduced)  # None where another rank owns the tensor
+            stats = stats + result.stats
+        return stats
+
+    @property
+    def held_bytes(self) -> int:
+        """FP8 gradients held between steps (1 byte per value plus a 4-byte scale each): all of
+        them at O1 / O2, only the owned ones under FP8 ZeRO (the reduction drops the rest)."""
+        params = self.params if self.zero is None else self.zero.owned(self.ps.dp_rank)
+        return sum(p.numel() + SCALE_BYTES for p in params)
+
+    @property
+    def peak_bytes(self) -> int:
+        """FP8 gradients held at the end of backward, before the reduction: all of them."""
+        return sum(p.numel() + SCALE_BYTES for p in self.params)
