@@ -155,16 +155,95 @@ def fp32_sum(segments: list[torch.Tensor], spec: FormatSpec) -> torch.Tensor:
     return torch.stack([s.view(spec.dtype).float() for s in segments]).sum(0)
 
 
-def _sum_received(segments: list[torch.Tensor], spec: FormatSpec, transport: Transport, presum_counts: torch.Tensor,
-                  numel: int) -> tuple[torch.Tensor, ReductionStats]:
-    """FP32 sum of every rank's FP8 bytes for one segment, its FP8 cast (sums beyond the maximum
-    saturate) and the group's statistics, agreed with one small all-reduce."""
-    summed = fp32_sum(segments, spec)
-    sum_counts = torch.stack([(summed.abs() > spec.max).sum(), torch.isnan(summed).sum()]).double()
-    counts = transport.all_reduce_(torch.cat([presum_counts, sum_counts]), "sum")
+# ----- the gradient reduction in bounded chunks -------------------------------------------------
+# Gradient values one rank re-casts and sends per round (1 byte each): the reduction's FP32
+# working set is a few times this many bytes whatever the model's size, never a whole bucket.
+CHUNK_NUMEL = 1 << 20
+
+
+class _Flat:
+    """FP8 gradients read and written as one flat sequence of values (in their order)."""
+
+    def __init__(self, grads: Sequence[ScalingTensor], spec: FormatSpec):
+        self.grads, self.spec = list(grads), spec
+        self.offsets = [0]
+        for g in self.grads:
+            assert g.data.is_contiguous(), "FP8 gradients must be contiguous"
+            self.offsets.append(self.offsets[-1] + g.numel())
+        self.numel = self.offsets[-1]
+
+    def pieces(self, start: int, end: int):
+        """(tensor index, local start, local end) covering the flat range [start, end)."""
+        for i, g in enumerate(self.grads):
+            lo, hi = max(start, self.offsets[i]), min(end, self.offsets[i + 1])
+            if lo < hi:
+                yield i, lo - self.offsets[i], hi - self.offsets[i]
+
+    def recast(self, start: int, end: int, factors: Sequence[torch.Tensor], counts: torch.Tensor) -> torch.Tensor:
+        """The values in [start, end) times their tensor's factor, cast to FP8 (saturating), as
+        bytes; past the end, zero bytes (+0.0). Adds [saturated, flushed, non-zero] to `counts`."""
+        spec, parts = self.spec, []
+        for i, lo, hi in self.pieces(start, end):
+            scaled = self.grads[i].data.reshape(-1)[lo:hi].float() * factors[i]
+            payload = cast_saturate(scaled, spec, inf_to_nan=True)
+            nonzero = scaled != 0
+            counts += torch.stack([(scaled.abs() > spec.max).sum(), (nonzero & (payload.float() == 0)).sum(),
+                                   nonzero.sum()]).double()
+            parts.append(payload.view(torch.uint8))
+        pad = (end - start) - sum(p.numel() for p in parts)
+        device = self.grads[0].data.device if self.grads else None
+        return torch.cat(parts + [torch.zeros(pad, dtype=torch.uint8, device=device)])
+
+    def count(self, start: int, end: int, factors: Sequence[torch.Tensor], counts: torch.Tensor) -> None:
+        """What `recast` would add to `counts` (and NaNs as the sum would see them, in
+        ``counts[3]``), with no payload: a group of one sends nothing."""
+        spec = self.spec
+        for i, lo, hi in self.pieces(start, end):
+            scaled = self.grads[i].data.reshape(-1)[lo:hi].float() * factors[i]
+            nonzero = scaled != 0
+            flushed = nonzero & (cast_saturate(scaled, spec, inf_to_nan=True).float() == 0)
+            counts += torch.stack([(scaled.abs() > spec.max).sum(), flushed.sum(), nonzero.sum(),
+                                   (~torch.isfinite(scaled)).sum()]).double()
+
+    def write(self, start: int, payload: torch.Tensor, outputs: Sequence[torch.Tensor]) -> None:
+        """FP8 bytes of the flat range starting at `start` into `outputs` (shaped like the grads)."""
+        for i, lo, hi in self.pieces(start, min(start + payload.numel(), self.numel)):
+            at = self.offsets[i] + lo - start
+            outputs[i].view(-1)[lo:hi].view(torch.uint8).copy_(payload[at:at + hi - lo])
+
+
+def _factors(grads: Sequence[ScalingTensor], transport: Transport, mu: float) -> tuple[torch.Tensor, list]:
+    """The group's minimum scale of each tensor and each rank's re-cast factor to mu x it."""
+    scales = torch.stack([g.scale.reshape(()).float() for g in grads])
+    shared = transport.all_reduce_(scales.clone(), "min")
+    return shared, [mu * common / own for own, common in zip(scales, shared)]
+
+
+def _sum_rounds(received: list[torch.Tensor], spec: FormatSpec, sum_counts: torch.Tensor) -> torch.Tensor:
+    """FP32 sum of every rank's FP8 bytes for one round's values, cast back to FP8 bytes (sums
+    beyond the maximum saturate); adds [saturated sums, NaN sums] to `sum_counts`."""
+    summed = fp32_sum(received, spec)
+    sum_counts += torch.stack([(summed.abs() > spec.max).sum(), torch.isnan(summed).sum()]).double()
+    return cast_saturate(summed, spec, inf_to_nan=True).view(torch.uint8)
+
+
+def _group_stats(transport: Transport, presum: torch.Tensor, sums: torch.Tensor, numel: int) -> ReductionStats:
+    """The group's statistics from this rank's counts: one small all-reduce."""
+    counts = transport.all_reduce_(torch.cat([presum, sums]), "sum")
     saturated, flushed, nonzero, sum_saturated, nan = (int(c) for c in counts.tolist())
-    stats = ReductionStats(numel, transport.size, saturated, sum_saturated, flushed, nonzero, nan)
-    return cast_saturate(summed, spec, inf_to_nan=True), stats
+    return ReductionStats(numel, transport.size, saturated, sum_saturated, flushed, nonzero, nan)
+
+
+def _alone(flat: _Flat, mu: float, chunk_numel: int) -> ReductionStats:
+    """A group of one: the mean is the gradient itself, left as it is; the statistics of the
+    re-cast to mu are still counted (the auto-scaler needs them at every size)."""
+    counts = torch.zeros(4, dtype=torch.float64, device=flat.grads[0].data.device if flat.grads else None)
+    scales = [g.scale.reshape(()).float() for g in flat.grads]
+    factors = [mu * own / own for own in scales]  # the re-cast factor with the group's scale = own
+    for start in range(0, flat.numel, chunk_numel):
+        flat.count(start, min(start + chunk_numel, flat.numel), factors, counts)
+    saturated, flushed, nonzero, nan = (int(c) for c in counts.tolist())
+    return ReductionStats(flat.numel, 1, saturated, 0, flushed, nonzero, nan)
 
 
 @dataclass
@@ -186,23 +265,40 @@ class ReduceScatterResult:
         return self.segment.float() / per_element[self.start:self.end].to(self.segment.device)
 
 
+def _scatter_rounds(flat: _Flat, transport: Transport, factors, spec: FormatSpec, chunk_numel: int,
+                    presum: torch.Tensor, sums: torch.Tensor):
+    """The reduce-scatter in rounds: rank r's segment of the flat sequence is [r S, (r+1) S)
+    (the last padded with zeros); each round every rank sends every rank one piece of that rank's
+    segment, so the FP32 working set is a round's, not a segment's. Yields (offset in the
+    segment, this rank's summed FP8 bytes there)."""
+    n = transport.size
+    size = -(-flat.numel // n)
+    piece = max(1, -(-chunk_numel // n))
+    for offset in range(0, size, piece):
+        length = min(piece, size - offset)
+        chunks = [flat.recast(r * size + offset, r * size + offset + length, factors, presum) for r in range(n)]
+        yield offset, _sum_rounds(transport.all_to_all(chunks), spec, sums)
+
+
 def fp8_reduce_scatter(grads: Sequence[ScalingTensor], transport: Transport, *, mu: float = 1.0,
-                       fmt: str = "e4m3") -> ReduceScatterResult:
+                       fmt: str = "e4m3", chunk_numel: int = CHUNK_NUMEL) -> ReduceScatterResult:
     """Steps 1-3 of the module docstring up to the reduce-scatter: each rank ends with one of N
-    equal segments (the last padded with zeros) of the flattened mean, in FP8."""
+    equal segments (the last padded with zeros) of the flattened mean, in FP8. Works in rounds
+    of `chunk_numel` values per rank."""
     spec = get_spec(fmt)
     assert all(g.tile is None for g in grads), "the FP8 gradient reduction takes per-tensor scales"
-    n = transport.size
-    payloads, shared, presum_counts = shared_scale_payloads(grads, transport, mu, spec)
-    flat = torch.cat(payloads)
-    numel = flat.numel()
-    padded = -(-numel // n) * n
-    flat = torch.cat([flat, flat.new_zeros(padded - numel)])  # zero bytes are +0.0 in both formats
-    reduced, stats = _sum_received(transport.all_to_all(list(flat.chunk(n))), spec, transport, presum_counts, numel)
-    size = padded // n
-    rank = transport.rank
-    start, end = min(rank * size, numel), min((rank + 1) * size, numel)
-    return ReduceScatterResult(reduced[:end - start], start, end, (n * mu * shared).float(), stats)
+    n, rank = transport.size, transport.rank
+    flat = _Flat(grads, spec)
+    shared, factors = _factors(grads, transport, mu)
+    presum = torch.zeros(3, dtype=torch.float64, device=shared.device)
+    sums = torch.zeros(2, dtype=torch.float64, device=shared.device)
+    size = -(-flat.numel // n)
+    segment = torch.empty(size, dtype=torch.uint8, device=shared.device)
+    for offset, reduced in _scatter_rounds(flat, transport, factors, spec, chunk_numel, presum, sums):
+        segment[offset:offset + reduced.numel()] = reduced
+    stats = _group_stats(transport, presum, sums, flat.numel)
+    start, end = min(rank * size, flat.numel), min((rank + 1) * size, flat.numel)
+    return ReduceScatterResult(segment[:end - start].view(spec.dtype), start, end, (n * mu * shared).float(), stats)
 
 
 @dataclass
@@ -215,40 +311,84 @@ class OwnerReduceResult:
 
 
 def fp8_reduce_to_owners(grads: Sequence[ScalingTensor], owners: Sequence[int], transport: Transport, *,
-                         mu: float = 1.0, fmt: str = "e4m3") -> OwnerReduceResult:
+                         mu: float = 1.0, fmt: str = "e4m3", chunk_numel: int = CHUNK_NUMEL,
+                         in_place: bool = False) -> OwnerReduceResult:
     """The reduce-scatter of FP8 ZeRO: as `fp8_reduce_scatter`, but the segments follow tensor
     ownership (`fp8.greedy_partition`) instead of an even split, so each tensor is summed whole
-    by its owner. One uneven all-to-all: rank r receives, from every rank, the payloads of the
-    tensors r owns."""
+    by its owner. Rank r's stream is the payloads of the tensors r owns, in order; each round
+    every rank sends every owner the next piece of its stream (one uneven all-to-all), so the
+    FP32 working set is a round's. With `in_place` the owned means are written into the owned
+    gradients' own bytes (their scales are replaced); otherwise into new tensors. In a group of
+    one the gradients are returned as they are."""
     spec = get_spec(fmt)
     assert len(owners) == len(grads) and all(g.tile is None for g in grads)
     n, rank = transport.size, transport.rank
-    payloads, shared, presum_counts = shared_scale_payloads(grads, transport, mu, spec)
-    chunks = [torch.cat([p for p, o in zip(payloads, owners) if o == r] or [payloads[0][:0]]) for r in range(n)]
-    mine = [i for i, o in enumerate(owners) if o == rank]
-    numel = sum(g.numel() for g in grads)
-    received = transport.all_to_all(chunks, [chunks[rank].numel()] * n)
-    reduced, stats = _sum_received(received, spec, transport, presum_counts, numel)
+    flat = _Flat(grads, spec)
+    if n == 1:
+        return OwnerReduceResult(list(grads), _alone(flat, mu, chunk_numel))
+    shared, factors = _factors(grads, transport, mu)
+    presum = torch.zeros(3, dtype=torch.float64, device=shared.device)
+    sums = torch.zeros(2, dtype=torch.float64, device=shared.device)
+    streams = [[i for i, o in enumerate(owners) if o == r] for r in range(n)]
+    lengths = [sum(grads[i].numel() for i in stream) for stream in streams]
+    mine = streams[rank]
+    outputs = {i: grads[i].data if in_place else torch.empty_like(grads[i].data) for i in mine}
+    mine_flat = _Flat([grads[i] for i in mine], spec)
+    piece = max(1, -(-chunk_numel // n))
+    for offset in range(0, max(lengths, default=0), piece):
+        chunks = [_stream_piece(flat, streams[r], offset, min(piece, max(lengths[r] - offset, 0)), factors, presum)
+                  for r in range(n)]
+        length = min(piece, max(lengths[rank] - offset, 0))
+        received = transport.all_to_all(chunks, [length] * n)
+        if length:
+            mine_flat.write(offset, _sum_rounds(received, spec, sums), [outputs[i] for i in mine])
+    stats = _group_stats(transport, presum, sums, flat.numel)
     tensors: list[ScalingTensor | None] = [None] * len(grads)
-    for i, payload in zip(mine, reduced.split([grads[i].numel() for i in mine])):
-        tensors[i] = ScalingTensor(payload.view(grads[i].shape), (n * mu * shared[i]).float(), spec)
+    for i in mine:
+        tensors[i] = ScalingTensor(outputs[i], (n * mu * shared[i]).float(), spec)
     return OwnerReduceResult(tensors, stats)
 
 
+def _stream_piece(flat: _Flat, stream: list[int], offset: int, length: int, factors, presum) -> torch.Tensor:
+    """Bytes [offset, offset + length) of the stream of tensors `stream`, re-cast."""
+    if length == 0:
+        return torch.empty(0, dtype=torch.uint8, device=presum.device)
+    parts, position = [], 0
+    for i in stream:
+        size = flat.grads[i].numel()
+        lo, hi = max(offset, position), min(offset + length, position + size)
+        if lo < hi:
+            start = flat.offsets[i] + lo - position
+            parts.append(flat.recast(start, start + hi - lo, factors, presum))
+        position += size
+    return torch.cat(parts)
+
+
 def fp8_all_reduce(grads: Sequence[ScalingTensor], transport: Transport, *, mu: float = 1.0,
-                   fmt: str = "e4m3") -> ReduceResult:
+                   fmt: str = "e4m3", chunk_numel: int = CHUNK_NUMEL, in_place: bool = False) -> ReduceResult:
     """Mean of every rank's `grads` (per-tensor-scaled FP8, same shapes on every rank), in FP8:
-    the reduce-scatter above, then an all-gather of the FP8 segments."""
+    the reduce-scatter above, then an all-gather of the FP8 segments, round by round. With
+    `in_place` the means are written into the gradients' own bytes (each round's values after
+    they were sent); otherwise into new tensors. In a group of one the gradients are returned as
+    they are (the statistics are still counted)."""
     spec = get_spec(fmt)
-    scattered = fp8_reduce_scatter(grads, transport, mu=mu, fmt=fmt)
-    numel = sum(g.numel() for g in grads)
-    segment = scattered.segment.view(torch.uint8)
-    per_rank = -(-numel // transport.size)
-    segment = torch.cat([segment, segment.new_zeros(per_rank - segment.numel())])
-    full = transport.all_gather(segment)[:numel]
-    tensors, offset = [], 0
-    for g, scale in zip(grads, scattered.scales):
-        payload = full[offset:offset + g.numel()].view(spec.dtype).view(g.shape)
-        tensors.append(ScalingTensor(payload, scale, spec))
-        offset += g.numel()
-    return ReduceResult(tensors, scattered.stats)
+    assert all(g.tile is None for g in grads), "the FP8 gradient reduction takes per-tensor scales"
+    n = transport.size
+    flat = _Flat(grads, spec)
+    if n == 1:
+        return ReduceResult(list(grads), _alone(flat, mu, chunk_numel))
+    shared, factors = _factors(grads, transport, mu)
+    presum = torch.zeros(3, dtype=torch.float64, device=shared.device)
+    sums = torch.zeros(2, dtype=torch.float64, device=shared.device)
+    outputs = [g.data if in_place else torch.empty_like(g.data) for g in grads]
+    size = -(-flat.numel // n)
+    for offset, reduced in _scatter_rounds(flat, transport, factors, spec, chunk_numel, presum, sums):
+        gathered = transport.all_gather(reduced)  # every rank's piece of this round, in rank order
+        length = reduced.numel()
+        for r in range(n):
+            start = r * size + offset
+            if start < flat.numel:
+                flat.write(start, gathered[r * length:(r + 1) * length], outputs)
+    stats = _group_stats(transport, presum, sums, flat.numel)
+    tensors = [ScalingTensor(out, (n * mu * common).float(), spec) for out, common in zip(outputs, shared)]
+    return ReduceResult(tensors, stats)

@@ -44,7 +44,9 @@ def compute_scale(
     kept (1.0 when there is none): such a tensor carries no information about its range.
     """
     amax = amax.float()
-    scale = (fmt_max / 2.0**margin) / amax
+    # A tensor numerator: `number / tensor` would take amax's reciprocal and then multiply, rounding
+    # twice; this is the correctly rounded quotient (what Transformer Engine and torchao compute).
+    scale = torch.full_like(amax, fmt_max / 2.0**margin) / amax
     if power_of_two:
         scale = torch.exp2(torch.floor(torch.log2(scale)))
     valid = torch.isfinite(amax) & (amax > 0) & torch.isfinite(scale)

@@ -197,8 +197,8 @@ def test_all_to_all_and_broadcast(four_ranks):
             assert received.dtype == torch.float8_e4m3fn
             assert torch.equal(received.view(torch.uint8), sent.view(torch.uint8))
         assert out["all_to_all:bytes"] == _bytes(dp=48)  # 3/4 * 64
-        sent_bytes = (rank + 1) * (1 + 2 + 3 + 4)
-        assert out["all_to_all_fp8:bytes"] == _bytes(dp=3 * sent_bytes // 4)
+        sent_bytes = (rank + 1) * (1 + 2 + 3 + 4 - (rank + 1))  # to the other ranks; its own stays
+        assert out["all_to_all_fp8:bytes"] == _bytes(dp=sent_bytes)
         expected = _data(_tp_peers(rank)[1], (3,), torch.float8_e5m2)
         assert torch.equal(out["broadcast"].view(torch.uint8), expected.view(torch.uint8))
         assert out["broadcast:bytes"] == _bytes(tp=3)

@@ -8,7 +8,8 @@ PP 2 (FP8 pipeline sends). One process start runs all seven trainings, two itera
 
 What a call is, is read from the tensors, except where `comm` emulates one collective with another
 on gloo; there the call site says which collective the bytes stand for (the ring model charges
-the collective asked for), and the test checks what gloo is handed instead:
+the collective asked for), and the test checks what gloo is handed instead (an all-to-all is
+charged what leaves the rank: every piece but its own):
 - `comm.reduce_scatter` on CPU is an `all_reduce` of the full tensor: 2x the ring figure;
 - `comm.all_gather_uneven` (FP8 ZeRO's weight all-gather) is an `all_to_all_single` that sends
   this rank's piece to every rank: S is the total of all ranks' pieces (the output), and gloo
@@ -161,6 +162,7 @@ class Tracer:
             call["in_bytes"], call["out_bytes"] = _nbytes(a["input_list"]), _nbytes([a["output"]])
         elif name == "all_to_all":
             call["in_bytes"], call["out_bytes"] = _nbytes(a["input_tensor_list"]), _nbytes(a["output_tensor_list"])
+            call["own_bytes"] = _nbytes([a["input_tensor_list"][dist.get_rank(a.get("group"))]])
         elif name == "all_to_all_single":
             sent = _chunks(a["input"], a.get("input_split_sizes"), a.get("group"))
             call["in_bytes"], call["out_bytes"] = _nbytes([a["input"]]), _nbytes([a["output"]])
@@ -204,7 +206,8 @@ class Tracer:
             if site == "all_gather_uneven":  # every rank's piece to every rank: an all-gather of the output
                 assert call["uniform"], call
                 return [(bucket, "all_gather", ring("all_gather", call["out_bytes"], n), made)]
-            return [(bucket, "all_to_all", made, made)]
+            sent = call["in_bytes"] - call["own_bytes"]  # what leaves the rank: every piece but its own
+            return [(bucket, "all_to_all", sent, sent)]
         if fn == "broadcast":
             return [(bucket, "broadcast", *[ring("broadcast", call["in_bytes"], n)] * 2)]
         if fn in SENDS:

@@ -195,3 +195,80 @@ def test_auto_scaling_beats_pre_and_post_scaling():
         combined[name] = overflow + underflow
     assert results[0][0]["post"][0] > 1e-5      # post-scaling saturates
     assert combined["auto"] < combined["pre"] and combined["auto"] < combined["post"], combined
+
+
+# ----- bounded rounds --------------------------------------------------------------------------
+CHUNKS = (7, 64, 1 << 30)  # values per rank per round; the last is one round for everything
+
+
+def _copies(grads):
+    return [fp8.ScalingTensor(g.data.clone(), g.scale.clone(), "e4m3") for g in grads]
+
+
+def chunk_worker(rank, world_size):
+    """Every reduction at every chunk size, copied and in place: bytes, scales, stats, traffic."""
+    from dataclasses import astuple
+
+    from fp8.collectives import fp8_reduce_to_owners
+    grads = [fp8.quantize(x, "e4m3") for x in rank_grads(rank)]
+    owners = fp8.greedy_partition([g.numel() for g in grads], world_size)
+    ps = ParallelState.build(1, 1)
+    transport = CommTransport(ps, "dp")
+    out = {}
+    for chunk in CHUNKS:
+        for in_place in (False, True):
+            for kind in ("all", "owners"):
+                inputs = _copies(grads)
+                before = ps.counter.snapshot()
+                if kind == "all":
+                    result = fp8_all_reduce(inputs, transport, mu=0.5, chunk_numel=chunk, in_place=in_place)
+                else:
+                    result = fp8_reduce_to_owners(inputs, owners, transport, mu=0.5, chunk_numel=chunk,
+                                                  in_place=in_place)
+                sent = ps.counter.since(before)["dp_bytes"]
+                tensors = [(t.data.view(torch.uint8).clone(), t.scale.clone()) if t is not None else None
+                           for t in result.tensors]
+                shared = [t is not None and t.data.data_ptr() == x.data.data_ptr()
+                          for t, x in zip(result.tensors, inputs)]
+                out[kind, chunk, in_place] = (tensors, astuple(result.stats), sent, shared)
+    return out
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world", [2, 3])
+def test_rounds_of_any_size_give_the_same_bits_and_bytes(world):
+    """The reduction in rounds of 7 or 64 values per rank equals one round of everything: the
+    same FP8 bytes, scales, statistics and bytes sent; in place, the means sit in the inputs'
+    own storage."""
+    for rank, out in enumerate(run_distributed(chunk_worker, world)):
+        for kind in ("all", "owners"):
+            reference = out[kind, CHUNKS[-1], False]
+            for chunk in CHUNKS:
+                for in_place in (False, True):
+                    tensors, stats, sent, shared = out[kind, chunk, in_place]
+                    assert stats == reference[1] and sent == reference[2], (rank, kind, chunk, in_place)
+                    for got, want in zip(tensors, reference[0]):
+                        assert (got is None) == (want is None)
+                        if got is not None:
+                            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+                    held = [t is not None for t in tensors]
+                    assert shared == (held if in_place else [False] * len(held))
+
+
+def test_one_rank_copies_nothing_and_still_counts():
+    """A group of one: the gradients are their own mean, returned as they are; the re-cast to mu
+    is still counted (float64 reference), for the auto-scaler."""
+    from fp8.collectives import fp8_reduce_to_owners
+    grads = [fp8.quantize(x, "e4m3") for x in rank_grads(0)]
+    grads[2].data[0, 0, 0] = float("nan")
+    for mu in (0.25, 1.0, 2.0):
+        for result in (fp8_all_reduce(grads, ProcessGroupTransport(), mu=mu, chunk_numel=50),
+                       fp8_reduce_to_owners(grads, [0, 0, 0], ProcessGroupTransport(), mu=mu, chunk_numel=50)):
+            assert all(t is g for t, g in zip(result.tensors, grads))
+            values = torch.cat([g.data.double().reshape(-1) for g in grads]) * mu
+            finite = torch.isfinite(values)
+            saturated = int((values.abs() > 448).sum())
+            stats = result.stats
+            assert (stats.numel, stats.ranks, stats.sum_saturated) == (values.numel(), 1, 0)
+            assert stats.presum_saturated == saturated and stats.nan == int((~finite).sum())
+            assert stats.nonzero == int((values != 0).sum())

@@ -178,7 +178,8 @@ def all_to_all(tensors: Sequence[torch.Tensor], ps: ParallelState, group: str,
     """Sends ``tensors[i]`` to group rank i; returns what each group rank sent here, in rank order.
 
     Received tensors have this rank's dtype and, unless `output_shapes` says otherwise, the shape of
-    the tensor sent to the same rank (the symmetric exchange of equal chunks).
+    the tensor sent to the same rank (the symmetric exchange of equal chunks). Counted as the bytes
+    sent to the other ranks.
     """
     process_group, size = _resolve(ps, group)
     if len(tensors) != size:
@@ -196,7 +197,8 @@ def all_to_all(tensors: Sequence[torch.Tensor], ps: ParallelState, group: str,
     recv_splits = [math.prod(shape) * dtype.itemsize for shape in shapes]
     recv_bytes = send_bytes.new_empty(sum(recv_splits))
     dist.all_to_all_single(recv_bytes, send_bytes, recv_splits, send_splits, group=process_group)
-    _count(ps, group, "all_to_all", send_bytes.numel(), size)
+    # Exactly what leaves this rank (its own split stays): (n-1)/n of the total for equal splits.
+    ps.counter.add(group, send_bytes.numel() - send_splits[ps.group_rank(group)])
     return [part.view(dtype).view(shape) for part, shape in zip(recv_bytes.split(recv_splits), shapes)]
 
 

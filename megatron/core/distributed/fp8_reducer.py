@@ -4,9 +4,10 @@ plan that the data-parallel wrapper runs after backward.
 Each FP8 weight's gradient is an E4M3 `ScalingTensor` in the plan's `FP8GradStore`, accumulated
 across micro-batches by the FP8 linear itself. `reduce()` averages them over the data-parallel
 group in FP8 (`fp8.collectives`: shared minimum scale, auto-scaling factor mu, FP8 payloads, FP32
-sums): all-reduced into every rank's store (O1, O2), or, under FP8 ZeRO (O3, an `FP8ZeroLayout`),
-reduced to the rank that owns each tensor, one uneven all-to-all per bucket, the others dropping
-theirs. It returns what it measured: the mu used, the fractions of mu-scaled values that
+sums), in place and in rounds of bounded size (`fp8.collectives.CHUNK_NUMEL` values per rank):
+all-reduced into every rank's store (O1, O2), or, under FP8 ZeRO (O3, an `FP8ZeroLayout`),
+reduced to the rank that owns each tensor, the others dropping theirs. With one data-parallel
+rank nothing is copied: the gradients are their own mean. It returns what it measured: the mu used, the fractions of mu-scaled values that
 saturated and underflowed (`ReductionStats`, at every data-parallel size, 1 included) and the
 data-parallel bytes it sent; the auto-scaler then picks the next step's mu.
 """
@@ -20,7 +21,8 @@ from fp8.autoscale import GradientAutoScaler
 from fp8.collectives import ReductionStats, fp8_all_reduce, fp8_reduce_to_owners
 from fp8.gradients import FP8GradStore
 from fp8.params import SCALE_BYTES
-from fp8.tensor import quantize
+from fp8.formats import E4M3
+from fp8.tensor import ScalingTensor
 from megatron.core.distributed.fp8_transport import CommTransport
 from megatron.core.distributed.fp8_zero import FP8ZeroLayout
 from megatron.core.parallel_state import ParallelState
@@ -43,8 +45,9 @@ class FP8GradReducer:
         ``{"mu", "overflow_frac", "underflow_frac", "dp_bytes"}``."""
         before = self.ps.counter.snapshot()
         for param in self.params:
-            if param not in self.store:  # unused this step: a zero gradient
-                self.store.set(param, quantize(torch.zeros(param.shape, device=param.device), "e4m3"))
+            if param not in self.store:  # unused this step: a zero gradient (as quantizing zeros gives)
+                zeros = torch.zeros(param.shape, dtype=E4M3.dtype, device=param.device)
+                self.store.set(param, ScalingTensor(zeros, torch.ones((), device=param.device), E4M3))
         mu = self.autoscaler.mu if self.autoscaler is not None else 1.0 / self.ps.dp_size
         transport = CommTransport(self.ps, "dp")
         stats = self._to_owners(transport, mu) if self.zero is not None else self._all_reduce(transport, mu)
@@ -54,7 +57,7 @@ class FP8GradReducer:
                 "dp_bytes": self.ps.counter.since(before)["dp_bytes"]}
 
     def _all_reduce(self, transport: CommTransport, mu: float) -> ReductionStats:
-        result = fp8_all_reduce([self.store.get(p) for p in self.params], transport, mu=mu)
+        result = fp8_all_reduce([self.store.get(p) for p in self.params], transport, mu=mu, in_place=True)
         for param, reduced in zip(self.params, result.tensors):
             self.store.set(param, reduced)
         return result.stats
@@ -65,7 +68,7 @@ class FP8GradReducer:
         for bucket in layout.buckets:
             params = [layout.params[i] for i in bucket]
             result = fp8_reduce_to_owners([self.store.get(p) for p in params], [layout.owners[i] for i in bucket],
-                                          transport, mu=mu)
+                                          transport, mu=mu, in_place=True)
             for param, reduced in zip(params, result.tensors):
                 self.store.set(param, reduced)  # None where another rank owns the tensor
             stats = stats + result.stats
