@@ -62,6 +62,9 @@ FP8_SECOND_MOMENT_WARNING = (
 )
 
 Stored = torch.Tensor | ScalingTensor
+# Values of one tensor updated at once: the step's FP32 temporaries are a few times this many
+# 4-byte values, whatever the tensor's size.
+CHUNK_NUMEL = 1 << 20
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,6 +137,12 @@ def scaled_value(p: torch.Tensor) -> torch.Tensor:
     return p.detach().float()
 
 
+def _weight_chunk(p: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """`scaled_value` of values [start, end) of `p`."""
+    piece = p.detach().view(-1)[start:end].float()
+    return piece * p.scale.reciprocal() if is_scaled_fp16(p) else piece
+
+
 # ----------------------------------------------------------------------------------------------
 # Moment storage
 # ----------------------------------------------------------------------------------------------
@@ -158,6 +167,14 @@ def decode_state(stored: Stored) -> torch.Tensor:
     if isinstance(stored, ScalingTensor):
         return stored.dequantize()
     return stored.float()
+
+
+def _decode_chunk(stored: Stored, start: int, end: int, copy: bool) -> torch.Tensor:
+    """`decode_state` of values [start, end); an FP32 moment's own storage unless `copy`."""
+    if isinstance(stored, ScalingTensor):
+        return stored.data.view(-1)[start:end].float() * stored.scale_inv()
+    piece = stored.view(-1)[start:end]
+    return piece.clone() if copy and piece.dtype == torch.float32 else piece.float()
 
 
 def stored_kind(stored: Stored) -> str:
@@ -190,15 +207,28 @@ def read_grad(p: torch.Tensor, fp8_grads: FP8GradStore | None = None,
               grad_of: Callable[[torch.Tensor], torch.Tensor | None] | None = None) -> torch.Tensor | None:
     """The FP32 gradient of `p`'s true value: ``p.grad``, else `p`'s entry in `fp8_grads`, else
     ``grad_of(p)``."""
+    source = grad_source(p, fp8_grads, grad_of)
+    return source(0, p.numel()).reshape(p.shape) if source is not None else None
+
+
+def grad_source(p: torch.Tensor, fp8_grads: FP8GradStore | None = None,
+                grad_of: Callable[[torch.Tensor], torch.Tensor | None] | None = None):
+    """``fn(start, end)``: the FP32 gradient of `p`'s flattened values [start, end), from where
+    `read_grad` finds it (None when there is none); an FP8 gradient is dequantized a piece at a
+    time, as `ScalingTensor.dequantize` does it."""
     grad = p.grad
     if grad is None and fp8_grads is not None:
         stored = fp8_grads.get(p)
-        grad = stored.dequantize() if stored is not None else None
+        if stored is not None:
+            assert stored.tile is None, "FP8 weight gradients have per-tensor scales"
+            data, inv = stored.data.reshape(-1), stored.scale_inv()
+            return lambda start, end: data[start:end].float() * inv
     if grad is None and grad_of is not None:
         grad = grad_of(p)
     if grad is None:
         return None
-    return grad.float().reshape(p.shape)
+    flat = grad.reshape(-1)
+    return lambda start, end: flat[start:end].float()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,7 +276,8 @@ class FP8AdamW(torch.optim.Optimizer):
                  eps: float = 1e-8, weight_decay: float = 0.01, *, exp_avg_dtype: str = "fp8",
                  exp_avg_sq_dtype: str = "fp16", stochastic_rounding: bool = False, seed: int = 0,
                  power_of_two_scales: bool = True, fp8_grads: FP8GradStore | None = None,
-                 grad_of: Callable[[torch.Tensor], torch.Tensor | None] | None = None):
+                 grad_of: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
+                 chunk_numel: int = CHUNK_NUMEL):
         _check_hparams(lr, betas, eps, weight_decay)
         self.exp_avg_dtype = _check_state_dtype("exp_avg_dtype", exp_avg_dtype)
         self.exp_avg_sq_dtype = _check_state_dtype("exp_avg_sq_dtype", exp_avg_sq_dtype)
@@ -256,6 +287,9 @@ class FP8AdamW(torch.optim.Optimizer):
         self.power_of_two_scales = bool(power_of_two_scales)
         self.fp8_grads = fp8_grads  # where FP8 gradients of the parameters are found (level O1+)
         self.grad_of = grad_of      # where other gradients kept outside `.grad` are found
+        if chunk_numel < 1:
+            raise ValueError(f"chunk_numel must be >= 1, got {chunk_numel}")
+        self.chunk_numel = int(chunk_numel)  # values updated at once: bounds the FP32 working set
         self._generators: dict[str, torch.Generator] = {}
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
         super().__init__(params, defaults)
@@ -273,59 +307,98 @@ class FP8AdamW(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             for p in group["params"]:
-                grad = read_grad(p, self.fp8_grads, self.grad_of)
+                grad = grad_source(p, self.fp8_grads, self.grad_of)
                 if grad is not None:
                     self._step_param(p, grad, group)
         return loss
 
-    def _step_param(self, p: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
+    def _step_param(self, p: torch.Tensor, grad, group: dict) -> None:
+        """One AdamW step of `p`, `chunk_numel` values at a time, so its FP32 working set is
+        bounded whatever the tensor's size. Where a new per-tensor scale is needed (scaled
+        moments, an FP16 master) a first pass finds the new values' amaxes and a second one
+        stores them; both compute the same values, since nothing is written before the second."""
         state = self.state[p]
         if not state:
             self._init_state(p, state)
         state["step"] += 1
         step, (beta1, beta2) = state["step"], group["betas"]
-        # The same operations, in the same order, as torch.optim.AdamW's single-tensor path, so
-        # that FP32 states reproduce it bit for bit.
-        exp_avg, exp_avg_sq = decode_state(state["exp_avg"]), decode_state(state["exp_avg_sq"])
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        step_size = group["lr"] / (1 - beta1 ** step)
-        denom = (exp_avg_sq.sqrt() / ((1 - beta2 ** step) ** 0.5)).add_(group["eps"])
-        self._update_param(p, exp_avg, denom, step_size, group["lr"], group["weight_decay"])
-        self._store_moments(state, exp_avg, exp_avg_sq)
+        hp = dict(beta1=beta1, beta2=beta2, step_size=group["lr"] / (1 - beta1 ** step),
+                  correction2=(1 - beta2 ** step) ** 0.5, eps=group["eps"], lr=group["lr"],
+                  weight_decay=group["weight_decay"])
+        numel, chunk = p.numel(), self.chunk_numel
+        stored = {key: state[key] for key in _MOMENTS}
+        scaled = [key for key in _MOMENTS if isinstance(stored[key], ScalingTensor)]
+        amax = {}
+        if scaled or is_scaled_fp16(p):
+            zero = torch.zeros((), device=p.device)
+            amax = {key: zero for key in [*scaled, "param"]}
+            for start in range(0, numel, chunk):
+                end = min(start + chunk, numel)
+                m, v, w_old, delta = self._chunk_update(p, stored, grad, start, end, hp, copy=True)
+                for key, value in (("exp_avg", m), ("exp_avg_sq", v)):
+                    if key in amax:
+                        amax[key] = torch.maximum(amax[key], value.abs().amax())
+                if w_old is not None and is_scaled_fp16(p):
+                    amax["param"] = torch.maximum(amax["param"], (w_old + delta).abs().amax())
+        pow2 = self.power_of_two_scales
+        scales = {key: compute_scale(amax[key], _SCALED_STATE_SPECS[dtype].max, 0, pow2, stored[key].scale)
+                  for key, dtype in zip(_MOMENTS, (self.exp_avg_dtype, self.exp_avg_sq_dtype)) if key in scaled}
+        param_scale = compute_scale(amax["param"], FP16.max, 0, pow2, p.scale) if is_scaled_fp16(p) else None
+        for start in range(0, numel, chunk):
+            end = min(start + chunk, numel)
+            m, v, w_old, delta = self._chunk_update(p, stored, grad, start, end, hp, copy=False)
+            if w_old is not None:
+                self._write_back(p, w_old, delta, start, end, param_scale)
+            for key, value in (("exp_avg", m), ("exp_avg_sq", v)):
+                self._store_chunk(stored[key], value, start, end, scales.get(key))
+        for key in scaled:  # each piece was read at the old scale; the new one holds from now on
+            stored[key].scale.copy_(scales[key])
+        if param_scale is not None:
+            p.scale.copy_(param_scale)
 
-    def _update_param(self, p, exp_avg, denom, step_size, lr, weight_decay) -> None:
+    def _chunk_update(self, p, stored: dict, grad, start: int, end: int, hp: dict, *, copy: bool):
+        """The new first and second moments of values [start, end) and the weight update, in the
+        same operations and order as torch.optim.AdamW's single-tensor path (so that FP32 states
+        reproduce it bit for bit). An FP32 weight or moment is updated in place unless `copy`;
+        returns (exp_avg, exp_avg_sq, old weight, update), the last two None for an FP32 weight
+        (already updated)."""
+        g = grad(start, end)
+        m, v = (_decode_chunk(stored[key], start, end, copy) for key in _MOMENTS)
+        m.lerp_(g, 1 - hp["beta1"])
+        v.mul_(hp["beta2"]).addcmul_(g, g, value=1 - hp["beta2"])
+        denom = (v.sqrt() / hp["correction2"]).add_(hp["eps"])
         if p.dtype == torch.float32:
-            if weight_decay != 0:
-                p.mul_(1 - lr * weight_decay)
-            p.addcdiv_(exp_avg, denom, value=-step_size)
-            return
-        w_old = scaled_value(p)
+            if not copy:
+                w = p.detach().view(-1)[start:end]
+                if hp["weight_decay"] != 0:
+                    w.mul_(1 - hp["lr"] * hp["weight_decay"])
+                w.addcdiv_(m, denom, value=-hp["step_size"])
+            return m, v, None, None
+        w_old = _weight_chunk(p, start, end)
         # The update is kept apart from the weight so that stochastic rounding sees all of it.
-        delta = torch.addcdiv(w_old * (-lr * weight_decay), exp_avg, denom, value=-step_size)
-        self._write_back(p, w_old, delta)
+        delta = torch.addcdiv(w_old * (-hp["lr"] * hp["weight_decay"]), m, denom, value=-hp["step_size"])
+        return m, v, w_old, delta
 
-    def _write_back(self, p: torch.Tensor, w_old: torch.Tensor, delta: torch.Tensor) -> None:
+    def _write_back(self, p: torch.Tensor, w_old: torch.Tensor, delta: torch.Tensor, start: int, end: int,
+                    scale: torch.Tensor | None) -> None:
         generator = self._generator(p.device) if self.stochastic_rounding else None
-        scale = None
-        if is_scaled_fp16(p):
-            w_new = w_old + delta
-            amax = w_new.abs().amax() if w_new.numel() else torch.zeros((), device=p.device)
-            scale = compute_scale(amax, FP16.max, 0, self.power_of_two_scales, p.scale)
+        if scale is not None:
             w_old, delta = w_old * scale, delta * scale
         if generator is not None:
-            p.copy_(stochastic_round(w_old, delta, p.dtype, generator))
+            new = stochastic_round(w_old, delta, p.dtype, generator)
         elif p.dtype == torch.float16:
-            p.copy_(cast_saturate(w_old + delta, FP16))
+            new = cast_saturate(w_old + delta, FP16)
         else:
-            p.copy_(w_old + delta)
-        if scale is not None:
-            p.scale.copy_(scale)
+            new = (w_old + delta).to(p.dtype)
+        p.detach().view(-1)[start:end].copy_(new)
 
-    def _store_moments(self, state: dict, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> None:
-        pow2 = self.power_of_two_scales
-        state["exp_avg"] = encode_state(exp_avg, self.exp_avg_dtype, state["exp_avg"], pow2)
-        state["exp_avg_sq"] = encode_state(exp_avg_sq, self.exp_avg_sq_dtype, state["exp_avg_sq"], pow2)
+    @staticmethod
+    def _store_chunk(stored: Stored, value: torch.Tensor, start: int, end: int, scale: torch.Tensor | None) -> None:
+        """Values [start, end) of a moment written back in its format (FP32: already in place)."""
+        if isinstance(stored, ScalingTensor):
+            stored.data.view(-1)[start:end].copy_(cast_saturate(value * scale, stored.spec))
+        elif stored.dtype != torch.float32:
+            stored.view(-1)[start:end].copy_(value)
 
     def _init_state(self, p: torch.Tensor, state: dict) -> None:
         state["step"] = 0

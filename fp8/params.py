@@ -25,7 +25,7 @@ import torch.nn as nn
 from fp8.formats import E4M3
 from fp8.optim import is_scaled_fp16, scaled_value, to_scaled_fp16
 from fp8.scaling import compute_scale
-from fp8.tensor import ScalingTensor, cast_saturate
+from fp8.tensor import CHUNK_NUMEL, ScalingTensor, cast_saturate
 
 SCALE_BYTES = 4
 
@@ -66,6 +66,29 @@ def quantize_fp8_weight(value: torch.Tensor, cast: WeightCast,
     amax = x.abs().amax() if x.numel() else torch.zeros((), device=x.device)
     scale = compute_scale(amax, E4M3.max, cast.margin, cast.power_of_two, prev_scale)
     return cast_saturate(x * scale, E4M3), scale.reshape(())
+
+
+def fp8_weight_from_master(master: torch.Tensor, cast: WeightCast, prev_scale: torch.Tensor | None = None,
+                           chunk_numel: int = CHUNK_NUMEL) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_fp8_weight` of a master's true value (`scaled_value`), read `chunk_numel` values
+    at a time, twice (the amax, then the cast): the same bytes and scale without an FP32 copy of
+    the whole tensor."""
+    flat, numel = master.detach().reshape(-1), master.numel()
+    inv = master.scale.reciprocal() if is_scaled_fp16(master) else None
+
+    def value(start: int, end: int) -> torch.Tensor:
+        piece = flat[start:end].float()
+        return piece * inv if inv is not None else piece
+
+    amax = torch.zeros((), device=master.device)
+    for start in range(0, numel, chunk_numel):
+        amax = torch.maximum(amax, value(start, min(start + chunk_numel, numel)).abs().amax())
+    scale = compute_scale(amax, E4M3.max, cast.margin, cast.power_of_two, prev_scale)
+    payload = torch.empty(numel, dtype=E4M3.dtype, device=master.device)
+    for start in range(0, numel, chunk_numel):
+        end = min(start + chunk_numel, numel)
+        payload[start:end] = cast_saturate(value(start, end) * scale, E4M3)
+    return payload.view(master.shape), scale.reshape(())
 
 
 def make_fp8_param(param: nn.Parameter, cast: WeightCast) -> FP8WeightParameter:

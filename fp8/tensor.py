@@ -162,14 +162,39 @@ def requantize(x: ScalingTensor, *, fmt: str | FormatSpec | None = None, tile: T
     return quantize(x.dequantize(), fmt or x.spec, tile=tile, margin=margin, power_of_two=power_of_two)
 
 
-def accumulate(acc: ScalingTensor | None, x: torch.Tensor, fmt: str | FormatSpec = "e4m3") -> ScalingTensor:
+# Values handled at once by the chunked operations below: their FP32 temporaries are a few times
+# this many 4-byte values, whatever the tensor's size.
+CHUNK_NUMEL = 1 << 20
+
+
+def accumulate(acc: ScalingTensor | None, x: torch.Tensor, fmt: str | FormatSpec = "e4m3",
+               chunk_numel: int = CHUNK_NUMEL) -> ScalingTensor:
     """``acc + x`` kept in `fmt`: dequantize, add in fp32, re-quantize with a fresh scale.
 
     Used for FP8 weight gradients across micro-batches. The scale is per tensor. An overflow
     (inf or NaN anywhere) leaves NaN in the result, so the optimizer sees it and skips the step.
+    With an `acc` (per-tensor) the sum is formed `chunk_numel` values at a time, twice (its amax,
+    then the cast, written over `acc`'s bytes), so no FP32 copy of the whole tensor is made.
     """
-    total = x.float() if acc is None else acc.dequantize() + x.float()
-    return quantize(total, fmt, inf_to_nan=True)
+    if acc is None:
+        return quantize(x.float(), fmt, inf_to_nan=True)
+    assert acc.tile is None and acc.shape == x.shape, (acc.tile, acc.shape, x.shape)
+    spec = get_spec(fmt)
+    data, inv, flat_x = acc.data.reshape(-1), acc.scale_inv(), x.reshape(-1)
+
+    def total(start: int, end: int) -> torch.Tensor:
+        return data[start:end].float() * inv + flat_x[start:end].float()
+
+    numel = flat_x.numel()
+    amax = torch.zeros((), device=x.device)
+    for start in range(0, numel, chunk_numel):
+        amax = torch.maximum(amax, total(start, min(start + chunk_numel, numel)).abs().amax())
+    scale = compute_scale(amax, spec.max)
+    out = data if acc.spec is spec else torch.empty(numel, dtype=spec.dtype, device=x.device)
+    for start in range(0, numel, chunk_numel):
+        end = min(start + chunk_numel, numel)
+        out[start:end] = cast_saturate(total(start, end) * scale, spec, inf_to_nan=True)
+    return ScalingTensor(out.view(x.shape), scale, spec)
 
 
 def dequantize(x: ScalingTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

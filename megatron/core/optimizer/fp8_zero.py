@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from fp8.gradients import FP8GradStore
 from fp8.optim import ScaledFP16Parameter, scaled_value, to_scaled_fp16
-from fp8.params import SCALE_BYTES, param_value, quantize_fp8_weight
+from fp8.params import SCALE_BYTES, fp8_weight_from_master, param_value
 from megatron.core.distributed import comm
 from megatron.core.distributed.fp8_zero import FP8ZeroLayout
 from megatron.core.optimizer import OptimizerConfig
@@ -61,7 +61,7 @@ class FP8ZeroWeightOptimizer(FP8WeightOptimizer):
         layout, rank = self.layout, self.ps.dp_rank
         for by_rank in layout.bucket_owned:
             numels = [sum(p.numel() for p in params) + SCALE_BYTES * len(params) for params in by_rank]
-            pieces = [quantize_fp8_weight(scaled_value(self.masters[p]), p.cast, p.scale) for p in by_rank[rank]]
+            pieces = [fp8_weight_from_master(self.masters[p], p.cast, p.scale) for p in by_rank[rank]]
             local = torch.cat([payload.reshape(-1).view(torch.uint8) for payload, _ in pieces]
                               + [torch.stack([scale.float() for _, scale in pieces]).view(torch.uint8)
                                  if pieces else torch.empty(0, dtype=torch.uint8, device=self.ps.device)])
