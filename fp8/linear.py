@@ -1,8 +1,9 @@
 """FP8 linear layer: ``y = x W^T + b`` with all three GEMMs (fprop, dgrad, wgrad) in FP8.
 
 Forward casts x and W to the forward format (E4M3); backward casts the output gradient to the
-backward format (E5M2 for `hybrid`, E4M3 for `e4m3`). Only the FP8 copies of x and W are saved for
-backward. Bias, output and input gradient stay in the input's dtype.
+backward format (E5M2 for `hybrid`, E4M3 for `e4m3`). Only the FP8 copy of x is saved for backward;
+W is cast again there (the same bytes), so no layer's FP8 weight copy outlives its use. Bias,
+output and input gradient stay in the input's dtype.
 
 Row- and block-scaled operands must have constant scales along the contraction dimension of each
 GEMM (that is what the kernels implement). Backward contracts over other dimensions than forward,
@@ -14,8 +15,8 @@ E4M3 with a per-tensor scale, into the state's `FP8GradStore` (``state.grads``, 
 model when the precision plan builds it) across backward calls, for the FP8 gradient reduction of
 level O1 and above. Clear the store to start a new step.
 
-`fp8_linear(x, weight, bias, state)` is the functional core, with its casting state (scalers,
-the cached FP8 weight) in an `FP8LinearState`, which is also the FP8 linear kernel: the
+`fp8_linear(x, weight, bias, state)` is the functional core, with its casting state (recipe,
+scalers) in an `FP8LinearState`, which is also the FP8 linear kernel: the
 tensor-parallel layers hold one and their sequence-parallel autograd functions
 (`megatron.core.tensor_parallel.sequence_parallel`) call its casts and GEMMs around their
 communication (FP8 all-gathers with `fp8.tp_comm`). `FP8Linear` is the module around it.
@@ -46,16 +47,16 @@ class _FP8LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, state):
         x_fp8 = state.cast(x.reshape(-1, x.shape[-1]), "input")
-        w_fp8 = state.weight_operand(weight)
-        y = state.fprop(x_fp8, w_fp8, bias, x.dtype)
-        state.save(ctx, weight, bias, x_fp8, w_fp8)
+        y = state.fprop(x_fp8, state.weight_operand(weight), bias, x.dtype)
+        state.save(ctx, weight, bias, x_fp8)
         ctx.x_shape = x.shape
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
         state = ctx.kernel
-        x_fp8, w_fp8 = state.saved(ctx)
+        (x_fp8,) = state.saved(ctx)
+        w_fp8 = state.weight_operand(ctx.weight)  # cast again: the same bytes, not kept in between
         dy2d = dy.reshape(-1, dy.shape[-1])
         dy_fp8 = state.cast(dy2d, "grad_output")
         dx = dw = db = None
@@ -69,15 +70,13 @@ class _FP8LinearFunction(torch.autograd.Function):
 
 
 class FP8LinearState:
-    """What one FP8 linear keeps between calls: its recipe, scalers and cached FP8 weight; and the
+    """What one FP8 linear keeps between calls: its recipe and scalers; and the
     FP8 linear kernel (`megatron.core.tensor_parallel.linear_kernel.LinearKernel`): the casts, the
     three GEMMs and how its operands travel, which the framework's tensor-parallel autograd
     functions compose with their communication.
 
     Weights are scaled from their current value under every recipe: the whole tensor is at hand
-    when it is cast (once per step, thanks to the cache), and a delayed scale would clip a weight
-    that grew since the last step. The cache is keyed on the weight's version counter, which
-    every in-place update (an optimizer step) moves, so micro-batches of one step share it.
+    when it is cast, and a delayed scale would clip a weight that grew since the last step.
     """
 
     def __init__(self, recipe: Recipe | None = None, fp8_wgrad: bool = False, *, fp8_comm: bool = False,
@@ -93,7 +92,6 @@ class FP8LinearState:
         self.scalers = {"input": self.recipe.make_scaler(fmt.forward),
                         "weight": CurrentScaling(fmt.forward, self.recipe.margin, self.recipe.power_of_two),
                         "grad_output": self.recipe.make_scaler(fmt.backward)}
-        self._weight_cache: tuple[tuple, ScalingTensor] | None = None
 
     def describe(self) -> str:
         return f"fp8 {self.recipe.recipe}/{self.recipe.fmt.value}" + (", fp8 wgrad" if self.fp8_wgrad else "")
@@ -120,22 +118,16 @@ class FP8LinearState:
         scale = self.scalers[role].scale_for(amax)
         return quantize(x2d, spec, scale=scale, tile=tile)
 
+    @torch.no_grad()
     def fp8_weight(self, weight: torch.Tensor) -> ScalingTensor:
-        """The FP8 copy of `weight`. An FP8 weight (level O3) is used as stored under per-tensor
+        """The FP8 copy of `weight`, cast where it is used and not kept: forward casts it, backward
+        casts it again (the same bytes: the weight does not change within a step), so at most one
+        layer's copy exists at a time. An FP8 weight (level O3) is used as stored under per-tensor
         recipes and re-cast to the recipe's tiles otherwise; an FP16 master with a per-tensor
         ``scale`` (levels O1, O2) is cast from its true value, payload / scale."""
         if is_fp8_param(weight) and self.recipe.granularity == "tensor":
             return fp8_weight_tensor(weight)
-        key = (weight._version, weight.data_ptr(), weight.device, weight.dtype)
-        if self._weight_cache is None or self._weight_cache[0] != key:
-            with torch.no_grad():
-                self._weight_cache = (key, self.cast(param_value(weight), "weight"))
-        return self._weight_cache[1]
-
-    @property
-    def cache_bytes(self) -> int:
-        """Bytes of the cached FP8 weight copy (payload and scales); it stays until the next cast."""
-        return self._weight_cache[1].nbytes if self._weight_cache is not None else 0
+        return self.cast(param_value(weight), "weight")
 
     def orient(self, x: ScalingTensor, contraction_dim: int) -> ScalingTensor:
         """`x` with scales constant along `contraction_dim` (whole for row, 128 for block)."""

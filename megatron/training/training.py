@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 
-from fp8.linear import FP8LinearState
 from fp8.params import param_nbytes
 from megatron.core.datasets.builder import train_valid_test_num_samples
 from megatron.core.datasets.samplers import build_pretraining_data_loader, cyclic_iterator
@@ -103,30 +102,19 @@ def setup_parallel(config: RunConfig) -> tuple[RunConfig, ParallelState]:
     return config, ps
 
 
-def fp8_weight_cache_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the FP8 weight copies that FP8 linears keep between steps (O0 to O2; at O3 the
-    weight is stored in FP8 and used as stored, so nothing is cached under per-tensor recipes)."""
-    return sum(module.fp8.cache_bytes for module in model.modules()
-               if isinstance(getattr(module, "fp8", None), FP8LinearState))
-
-
 def memory_record(model: torch.nn.Module, ddp: DistributedDataParallel, optimizer, num_params: int) -> dict:
-    """Bytes this rank holds persistently (scales included), per DESIGN.md's metrics contract.
-    `weight_bytes` counts the FP8 weight copies the FP8 linears cache as well (reported alone
-    as `fp8_weight_cache_bytes`); `fp8_grad_peak_bytes` is what the FP8 gradients take at the
-    end of backward, before FP8 ZeRO hands them to their owners."""
-    cache = fp8_weight_cache_bytes(model)
-    weight = sum(param_nbytes(p) for p in model.parameters()) + cache  # scaled kinds carry a 4-byte scale
+    """Bytes this rank holds persistently (scales included), per DESIGN.md's metrics contract
+    (FP8 linears keep no FP8 weight copy between uses); `fp8_grad_peak_bytes` is what the FP8
+    gradients take at the end of backward, before FP8 ZeRO hands them to their owners."""
+    weight = sum(param_nbytes(p) for p in model.parameters())  # scaled kinds carry a 4-byte scale
     grad = ddp.grad_buffer.nbytes + ddp.fp8_grad_bytes
     master, optim = optimizer.master_bytes(), optimizer.optim_bytes()
     record = {"num_params": num_params, "weight_bytes": weight, "grad_bytes": grad, "master_bytes": master,
               "optim_bytes": optim, "state_bytes_per_param": (weight + grad + master + optim) / num_params}
-    if cache:
-        record["fp8_weight_cache_bytes"] = cache
     if ddp.fp8_grad_params:
         # The FP8 linear weights alone (this rank's shards): the part the precision table is about.
         numel = sum(p.numel() for p in ddp.fp8_grad_params)
-        held = (sum(param_nbytes(p) for p in ddp.fp8_grad_params) + cache + ddp.fp8_grad_bytes
+        held = (sum(param_nbytes(p) for p in ddp.fp8_grad_params) + ddp.fp8_grad_bytes
                 + optimizer.fp8_state_bytes())
         record.update(fp8_params=numel, fp8_state_bytes_per_param=held / numel,
                       fp8_grad_peak_bytes=ddp.fp8_grad_peak_bytes)

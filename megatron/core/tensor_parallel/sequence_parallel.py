@@ -44,16 +44,16 @@ class _ColumnFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, kernel: LinearKernel, transport: SequenceTransport):
         x_full, kept = _gathered(kernel, _rows(x), "input", transport)
-        w_op = kernel.weight_operand(weight)
-        y = kernel.fprop(x_full, w_op, bias, x.dtype)
-        kernel.save(ctx, weight, bias, kept, w_op)
+        y = kernel.fprop(x_full, kernel.weight_operand(weight), bias, x.dtype)
+        kernel.save(ctx, weight, bias, kept)
         ctx.transport, ctx.x_shape = transport, x.shape
         return y.reshape(transport.size * x.shape[0], *x.shape[1:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
         kernel, transport = ctx.kernel, ctx.transport
-        kept, w_op = kernel.saved(ctx)
+        (kept,) = kernel.saved(ctx)
+        w_op = kernel.weight_operand(ctx.weight)  # cast again rather than kept since forward
         dy2d = _rows(dy)
         dy_op = kernel.cast(dy2d, "grad_output")
         dx = dw = db = None
@@ -72,16 +72,16 @@ class _RowFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, kernel: LinearKernel, transport: SequenceTransport):
         x_op = kernel.cast(_rows(x), "input")
-        w_op = kernel.weight_operand(weight)
-        y = kernel.fprop(x_op, w_op, None, x.dtype)
-        kernel.save(ctx, weight, None, x_op, w_op)
+        y = kernel.fprop(x_op, kernel.weight_operand(weight), None, x.dtype)
+        kernel.save(ctx, weight, None, x_op)
         ctx.transport, ctx.x_shape = transport, x.shape
         return transport.reduce_scatter(y.reshape(*x.shape[:-1], y.shape[-1]))
 
     @staticmethod
     def backward(ctx, dy):
         kernel, transport = ctx.kernel, ctx.transport
-        x_op, w_op = kernel.saved(ctx)
+        (x_op,) = kernel.saved(ctx)
+        w_op = kernel.weight_operand(ctx.weight)
         dy_op, _ = _gathered(kernel, _rows(dy), "grad_output", transport)
         dx = dw = None
         if ctx.needs_input_grad[0]:
