@@ -212,11 +212,15 @@ class _Flat:
             outputs[i].view(-1)[lo:hi].view(torch.uint8).copy_(payload[at:at + hi - lo])
 
 
-def _factors(grads: Sequence[ScalingTensor], transport: Transport, mu: float) -> tuple[torch.Tensor, list]:
-    """The group's minimum scale of each tensor and each rank's re-cast factor to mu x it."""
+def _begin(grads: Sequence[ScalingTensor], transport: Transport, mu: float):
+    """Step 1: the group's minimum scale of each tensor and this rank's re-cast factor to mu x it;
+    with zeroed counters for the re-cast ([saturated, flushed, non-zero]) and the sums
+    ([saturated, NaN])."""
     scales = torch.stack([g.scale.reshape(()).float() for g in grads])
     shared = transport.all_reduce_(scales.clone(), "min")
-    return shared, [mu * common / own for own, common in zip(scales, shared)]
+    factors = [mu * common / own for own, common in zip(scales, shared)]
+    presum = torch.zeros(3, dtype=torch.float64, device=shared.device)
+    return shared, factors, presum, torch.zeros(2, dtype=torch.float64, device=shared.device)
 
 
 def _sum_rounds(received: list[torch.Tensor], spec: FormatSpec, sum_counts: torch.Tensor) -> torch.Tensor:
@@ -289,9 +293,7 @@ def fp8_reduce_scatter(grads: Sequence[ScalingTensor], transport: Transport, *, 
     assert all(g.tile is None for g in grads), "the FP8 gradient reduction takes per-tensor scales"
     n, rank = transport.size, transport.rank
     flat = _Flat(grads, spec)
-    shared, factors = _factors(grads, transport, mu)
-    presum = torch.zeros(3, dtype=torch.float64, device=shared.device)
-    sums = torch.zeros(2, dtype=torch.float64, device=shared.device)
+    shared, factors, presum, sums = _begin(grads, transport, mu)
     size = -(-flat.numel // n)
     segment = torch.empty(size, dtype=torch.uint8, device=shared.device)
     for offset, reduced in _scatter_rounds(flat, transport, factors, spec, chunk_numel, presum, sums):
@@ -326,9 +328,7 @@ def fp8_reduce_to_owners(grads: Sequence[ScalingTensor], owners: Sequence[int], 
     flat = _Flat(grads, spec)
     if n == 1:
         return OwnerReduceResult(list(grads), _alone(flat, mu, chunk_numel))
-    shared, factors = _factors(grads, transport, mu)
-    presum = torch.zeros(3, dtype=torch.float64, device=shared.device)
-    sums = torch.zeros(2, dtype=torch.float64, device=shared.device)
+    shared, factors, presum, sums = _begin(grads, transport, mu)
     streams = [[i for i, o in enumerate(owners) if o == r] for r in range(n)]
     lengths = [sum(grads[i].numel() for i in stream) for stream in streams]
     mine = streams[rank]
@@ -377,9 +377,7 @@ def fp8_all_reduce(grads: Sequence[ScalingTensor], transport: Transport, *, mu: 
     flat = _Flat(grads, spec)
     if n == 1:
         return ReduceResult(list(grads), _alone(flat, mu, chunk_numel))
-    shared, factors = _factors(grads, transport, mu)
-    presum = torch.zeros(3, dtype=torch.float64, device=shared.device)
-    sums = torch.zeros(2, dtype=torch.float64, device=shared.device)
+    shared, factors, presum, sums = _begin(grads, transport, mu)
     outputs = [g.data if in_place else torch.empty_like(g.data) for g in grads]
     size = -(-flat.numel // n)
     for offset, reduced in _scatter_rounds(flat, transport, factors, spec, chunk_numel, presum, sums):

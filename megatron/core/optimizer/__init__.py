@@ -82,10 +82,15 @@ def clip_coefficient(clip_grad: float, norm: float) -> float:
     return clip_grad / (norm + 1e-6) if clip_grad > 0 and norm > clip_grad else 1.0
 
 
-class Optimizer:
-    """The protocol's defaults. A part computes its own norm (`grad_norm`), applies a coefficient
-    (`apply`), and steps alone with its own norm, clip and skip (`step`)."""
+def norm_from_squares(squared: float) -> float:
+    return math.sqrt(squared) if math.isfinite(squared) else math.inf
 
+
+class Optimizer:
+    """The protocol's defaults. A part computes its own norm (`grad_norm`) and applies a
+    coefficient (`apply`); alone, it steps with its own norm, clip and skip (`step`)."""
+
+    config: OptimizerConfig
     publish_dp_bytes: int = 0  # data-parallel bytes the last step sent to publish updated weights
 
     def grad_norm(self) -> float:
@@ -97,6 +102,15 @@ class Optimizer:
 
     def apply(self, coefficient: float) -> None:
         raise NotImplementedError
+
+    def step(self) -> StepResult:
+        """The global norm; a non-finite one skips the step; else clip and update."""
+        norm = self.grad_norm()
+        self.publish_dp_bytes = 0
+        if not math.isfinite(norm):
+            return StepResult(skipped=True, grad_norm=norm)
+        self.apply(clip_coefficient(self.config.clip_grad, norm))
+        return StepResult(skipped=False, grad_norm=norm)
 
     def fp8_state_bytes(self) -> int:
         """Masters and moments of FP8 weights held here (the weights themselves excluded)."""
@@ -119,16 +133,7 @@ class ChainedOptimizer(Optimizer):
         return sum(part.grad_norm_squared() for part in self.parts)
 
     def grad_norm(self) -> float:
-        squared = self.grad_norm_squared()
-        return math.sqrt(squared) if math.isfinite(squared) else math.inf
-
-    def step(self) -> StepResult:
-        norm = self.grad_norm()
-        self.publish_dp_bytes = 0
-        if not math.isfinite(norm):
-            return StepResult(skipped=True, grad_norm=norm)
-        self.apply(clip_coefficient(self.config.clip_grad, norm))
-        return StepResult(skipped=False, grad_norm=norm)
+        return norm_from_squares(self.grad_norm_squared())
 
     def apply(self, coefficient: float) -> None:
         for part in self.parts:

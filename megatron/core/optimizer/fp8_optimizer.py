@@ -17,7 +17,6 @@ updates it; the owners then broadcast the new FP16 masters and scales.
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn as nn
@@ -26,7 +25,7 @@ from fp8.gradients import FP8GradStore
 from fp8.optim import FP8AdamW, is_scaled_fp16, scaled_value
 from fp8.zero import greedy_partition
 from megatron.core.distributed import comm
-from megatron.core.optimizer import Optimizer, OptimizerConfig, StepResult, clip_coefficient
+from megatron.core.optimizer import Optimizer, OptimizerConfig, norm_from_squares
 from megatron.core.parallel_state import ParallelState
 
 
@@ -91,8 +90,7 @@ class FP8WeightOptimizer(Optimizer):
         return _fp8_grad_norm_squared(self.fp8_params, self.fp8_grads, self.ps)
 
     def grad_norm(self) -> float:
-        squared = self.grad_norm_squared()
-        return math.sqrt(squared) if math.isfinite(squared) else math.inf
+        return norm_from_squares(self.grad_norm_squared())
 
     def apply(self, coefficient: float) -> None:
         """Clip (dividing the gradients' scales multiplies their values: exact, in place), update
@@ -104,14 +102,6 @@ class FP8WeightOptimizer(Optimizer):
         before = self.ps.counter.snapshot()
         self._publish()
         self.publish_dp_bytes = self.ps.counter.since(before)["dp_bytes"]
-
-    def step(self) -> StepResult:
-        norm = self.grad_norm()
-        self.publish_dp_bytes = 0
-        if not math.isfinite(norm):
-            return StepResult(skipped=True, grad_norm=norm)
-        self.apply(clip_coefficient(self.config.clip_grad, norm))
-        return StepResult(skipped=False, grad_norm=norm)
 
     def _fp8_step(self) -> None:
         self.fp8.step()
