@@ -16,6 +16,7 @@ chained: one global gradient norm, one clipping coefficient, one skip decision.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -86,22 +87,24 @@ def norm_from_squares(squared: float) -> float:
     return math.sqrt(squared) if math.isfinite(squared) else math.inf
 
 
-class Optimizer:
+class Optimizer(ABC):
     """The protocol's defaults. A part computes its own norm (`grad_norm`) and applies a
     coefficient (`apply`); alone, it steps with its own norm, clip and skip (`step`)."""
 
     config: OptimizerConfig
     publish_dp_bytes: int = 0  # data-parallel bytes the last step sent to publish updated weights
 
+    @abstractmethod
     def grad_norm(self) -> float:
-        raise NotImplementedError
+        """The global gradient norm of this part's parameters."""
 
     def grad_norm_squared(self) -> float:
         """This part's share of the global squared norm (summed over the groups it spans)."""
         return self.grad_norm() ** 2
 
+    @abstractmethod
     def apply(self, coefficient: float) -> None:
-        raise NotImplementedError
+        """Multiply the gradients by the clipping `coefficient` and update the parameters."""
 
     def step(self) -> StepResult:
         """The global norm; a non-finite one skips the step; else clip and update."""
