@@ -29,3 +29,33 @@ def save_results(out: str | Path, meta: dict, **payload) -> Path:
     os.replace(tmp, out)
     print(f"\nwrote {out}")
     return out
+
+
+def build_gpt_training(model: dict, ps, device, fp8_config, *, lr: float, use_distributed_optimizer: bool = False):
+    """A single-device-layout GPT of `model` (num_layers, hidden_size, num_attention_heads,
+    vocab_size, seq_length, ffn_hidden_size) in BF16, initialised, given `fp8_config`'s precision,
+    wrapped for data parallelism, with its optimizer (weight decay 0.1, clip 1.0):
+    (model, ddp, optimizer, precision)."""
+    import torch
+
+    from megatron.core.distributed.data_parallel import DistributedDataParallel
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.optimizer.factory import build_optimizer
+    from megatron.core.parallelize import initialize_parameters, parallelize_gpt
+    from megatron.core.precision import apply_precision
+    from megatron.core.transformer.config import TransformerConfig
+
+    config = TransformerConfig(num_layers=model["num_layers"], hidden_size=model["hidden_size"],
+                               num_attention_heads=model["num_attention_heads"], vocab_size=model["vocab_size"],
+                               max_position_embeddings=model["seq_length"], ffn_hidden_size=model["ffn_hidden_size"],
+                               hidden_dropout=0.0, attention_dropout=0.0, params_dtype=torch.bfloat16)
+    gpt = GPTModel(config, device="meta")
+    parallelize_gpt(gpt, ps)
+    initialize_parameters(gpt, ps, seed=1234, device=device)
+    precision = apply_precision(gpt, fp8_config, ps)
+    ddp = DistributedDataParallel(gpt, ps, use_distributed_optimizer=use_distributed_optimizer, precision=precision)
+    named = [(n, p) for n, p in gpt.named_parameters() if p.requires_grad]
+    optimizer = build_optimizer(named, OptimizerConfig(lr=lr, weight_decay=0.1, clip_grad=1.0), ps, ddp, precision,
+                                use_distributed_optimizer=use_distributed_optimizer)
+    return gpt, ddp, optimizer, precision

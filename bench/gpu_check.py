@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import fp8  # noqa: E402
 import fp8.linear  # noqa: E402
-from bench.common import run_meta, save_results  # noqa: E402
+from bench.common import build_gpt_training, run_meta, save_results  # noqa: E402
 from bench.gpu_report import print_summary  # noqa: E402
 from fp8.collectives import fp8_all_reduce, fp8_reduce_to_owners  # noqa: E402
 from fp8.gemm import device_info, emulated_matmul, fp8_matmul, select_path  # noqa: E402
@@ -421,30 +421,13 @@ def build_level(ctx: Ctx, cfg: dict, variant: str):
     """As tests/test_fp8_level_o3.py's build(), single process, BF16 parameters (like --bf16).
     `variant` is a level, or LEVEL@RECIPE for another --fp8-recipe than the default (delayed)."""
     level, _, recipe = variant.partition("@")
-    from megatron.core.distributed.data_parallel import DistributedDataParallel
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.optimizer import OptimizerConfig
-    from megatron.core.optimizer.factory import build_optimizer
     from megatron.core.parallel_state import ParallelState
-    from megatron.core.parallelize import initialize_parameters, parallelize_gpt
-    from megatron.core.precision import FP8Config, apply_precision
-    from megatron.core.transformer.config import TransformerConfig
+    from megatron.core.precision import FP8Config
 
     ps = ParallelState.single(ctx.device)
-    config = TransformerConfig(num_layers=cfg["num_layers"], hidden_size=cfg["hidden_size"],
-                               num_attention_heads=cfg["num_attention_heads"], vocab_size=cfg["vocab_size"],
-                               max_position_embeddings=cfg["seq_length"], ffn_hidden_size=cfg["ffn_hidden_size"],
-                               hidden_dropout=0.0, attention_dropout=0.0, params_dtype=torch.bfloat16)
-    model = GPTModel(config, device="meta")
-    parallelize_gpt(model, ps)
-    initialize_parameters(model, ps, seed=1234, device=ctx.device)
     fp8_config = FP8Config(level=level, min_features=cfg["min_features"], recipe=recipe or "delayed")
-    precision = apply_precision(model, fp8_config, ps)
+    model, ddp, optimizer, precision = build_gpt_training(cfg, ps, ctx.device, fp8_config, lr=cfg["lr"])
     switched = list(precision.fp8_linears)
-    ddp = DistributedDataParallel(model, ps, precision=precision)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    opt_config = OptimizerConfig(lr=cfg["lr"], weight_decay=0.1, clip_grad=1.0)
-    optimizer = build_optimizer(named, opt_config, ps, ddp, precision, use_distributed_optimizer=False)
     return model, ddp, optimizer, switched
 
 

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import RESULTS, run_meta, save_results  # noqa: E402
+from bench.common import RESULTS, build_gpt_training, run_meta, save_results  # noqa: E402
 
 LEVELS = ("none", "O0", "O1", "O2", "O3")
 PHASES = ("forward", "backward", "reduction", "optimizer")
@@ -60,29 +60,13 @@ class PeakMeter:
 
 
 def build(level: str, ps, device):
-    import torch
+    from megatron.core.precision import FP8Config, plan_for
 
-    from megatron.core.distributed.data_parallel import DistributedDataParallel
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.optimizer import OptimizerConfig
-    from megatron.core.optimizer.factory import build_optimizer
-    from megatron.core.parallelize import initialize_parameters, parallelize_gpt
-    from megatron.core.precision import FP8Config, apply_precision
-    from megatron.core.transformer.config import TransformerConfig
-
-    config = TransformerConfig(num_layers=MODEL["num_layers"], hidden_size=MODEL["hidden_size"],
-                               num_attention_heads=MODEL["num_attention_heads"], vocab_size=MODEL["vocab_size"],
-                               max_position_embeddings=MODEL["seq_length"], ffn_hidden_size=MODEL["ffn_hidden_size"],
-                               hidden_dropout=0.0, attention_dropout=0.0, params_dtype=torch.bfloat16)
-    model = GPTModel(config, device="meta")
-    parallelize_gpt(model, ps)
-    initialize_parameters(model, ps, seed=1234, device=device)
-    precision = apply_precision(model, FP8Config(level=level, recipe="current"), ps)
-    use_dist_opt = precision.fp8_zero and ps.dp_size > 1
-    ddp = DistributedDataParallel(model, ps, use_distributed_optimizer=use_dist_opt, precision=precision)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    optimizer = build_optimizer(named, OptimizerConfig(lr=1e-4, weight_decay=0.1), ps, ddp, precision,
-                                use_distributed_optimizer=use_dist_opt)
+    fp8 = FP8Config(level=level, recipe="current")
+    # FP8 ZeRO with several data-parallel ranks shards the dense states too, as the trainer does.
+    use_dist_opt = plan_for(fp8).fp8_zero and ps.dp_size > 1
+    model, ddp, optimizer, _ = build_gpt_training(MODEL, ps, device, fp8, lr=1e-4,
+                                                  use_distributed_optimizer=use_dist_opt)
     return model, ddp, optimizer
 
 

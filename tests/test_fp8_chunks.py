@@ -9,7 +9,9 @@ import torch
 
 import fp8
 from fp8.optim import make_scaled_fp16_param, scaled_value
-from test_fp8_optim import FP32_STATES, FP8AdamW, _no_held_gradients, _params, _steps  # noqa: F401 (fixture)
+from fp8_optim_support import FP32_STATES, FP8AdamW, no_held_gradients  # noqa: F401 (fixture)
+from fp8_optim_support import params_of as _params
+from fp8_optim_support import take_steps as _steps
 
 
 @pytest.mark.parametrize("states", [FP32_STATES, {"exp_avg_dtype": "fp8", "exp_avg_sq_dtype": "fp16"},

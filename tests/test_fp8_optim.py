@@ -15,34 +15,11 @@ import torch
 
 import fp8
 from fp8.gradients import FP8GradStore
-from fp8.optim import FP8AdamW as _FP8AdamW
 from fp8.optim import ScaledFP16Parameter, is_scaled_fp16, make_scaled_fp16_param, scaled_value, to_scaled_fp16
 from fp8.stochastic import step_toward, stochastic_round
-
-# FP32 gradients of FP16 / BF16 parameters, which autograd will not take as `.grad`: handed to the
-# optimizer through `grad_of` (as a data-parallel wrapper's buffer would be), keyed by parameter.
-_HELD: dict[int, torch.Tensor] = {}
-
-
-def held(p: torch.Tensor) -> torch.Tensor | None:
-    return _HELD.get(id(p))
-
-
-def hold(p: torch.Tensor, grad: torch.Tensor) -> None:
-    _HELD[id(p)] = grad
-
-
-@pytest.fixture(autouse=True)
-def _no_held_gradients():
-    _HELD.clear()
-    yield
-    _HELD.clear()
-
-
-def FP8AdamW(*args, **kwargs):  # noqa: N802 -- the optimizer, reading held gradients
-    return _FP8AdamW(*args, grad_of=held, **kwargs)
-
-FP32_STATES = {"exp_avg_dtype": "fp32", "exp_avg_sq_dtype": "fp32"}
+from fp8_optim_support import FP32_STATES, FP8AdamW, hold, no_held_gradients  # noqa: F401 (fixture)
+from fp8_optim_support import params_of as _params
+from fp8_optim_support import take_steps as _steps
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -55,10 +32,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def _params(*tensors: torch.Tensor) -> list[torch.nn.Parameter]:
-    return [torch.nn.Parameter(t.clone()) for t in tensors]
 
 
 def _least_squares(seed: int, w_mag: float, col_decades: float = 0.0):
@@ -450,13 +423,6 @@ def _clone_params(params):
             q = torch.nn.Parameter(p.detach().clone())
         clones.append(q)
     return clones
-
-
-def _steps(opt, params, grads):
-    for step_grads in grads:
-        for p, g in zip(params, step_grads):
-            hold(p, g.clone())
-        opt.step()
 
 
 def _assert_same(params_a, params_b, opt_a, opt_b):
