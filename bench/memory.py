@@ -3,6 +3,7 @@ where a GPU is present, on the GPU (`torch.cuda.max_memory_allocated`).
 
     python bench/memory.py                       # DP 1 and 2, levels none and O0-O3
     python bench/memory.py --dp 1 --levels none O3 --steps 2
+    python bench/memory.py --mmap-threshold-mb 0  # glibc's adaptive default instead of the trainer's 4 MiB
 
 The model is the one the memory issue measured: GPT, hidden 1024, 4 layers, vocabulary 512,
 sequence 128, micro-batch 8, BF16 parameters (51M parameters, 50M of them in FP8 linears). Each
@@ -10,7 +11,8 @@ data-parallel rank is its own process (gloo on CPU). A step is split into its ph
 backward, the gradient reduction (`finish_grad_sync`), the optimizer step (which publishes the
 updated weights) - and each phase's peak is read with the peak reset at its start: on CPU by
 clearing the kernel's high-water mark (``/proc/self/clear_refs``) and reading ``VmHWM``; the
-figure is the resident set, so it includes what the allocator keeps. The step's peak is the
+figure is the resident set, so it includes what the allocator keeps: glibc's mmap threshold is
+fixed as the trainer fixes it on CPU (`megatron.training.host_memory`), unless told otherwise. The step's peak is the
 largest phase peak over `--steps` steps (the first step allocates the optimizer states).
 """
 
@@ -19,10 +21,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import RESULTS, build_gpt_training, run_meta, save_results  # noqa: E402
+from megatron.training.host_memory import DEFAULT_THRESHOLD_MB  # noqa: E402
 
 LEVELS = ("none", "O0", "O1", "O2", "O3")
 PHASES = ("forward", "backward", "reduction", "optimizer")
@@ -70,11 +74,15 @@ def build(level: str, ps, device):
     return model, ddp, optimizer
 
 
-def measure(rank: int, world_size: int, level: str, steps: int, device_name: str, port: int) -> dict:
+def measure(rank: int, world_size: int, level: str, steps: int, device_name: str, port: int,
+            mmap_threshold_mb: float) -> dict:
     import torch
     import torch.distributed as dist
 
     from megatron.core.parallel_state import ParallelState
+    from megatron.training.host_memory import configure_host_allocator
+
+    allocator = configure_host_allocator(mmap_threshold_mb) if device_name == "cpu" else "CUDA caching allocator"
 
     if world_size > 1 or device_name == "cuda":
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -88,8 +96,9 @@ def measure(rank: int, world_size: int, level: str, steps: int, device_name: str
     meter = PeakMeter(device)
     gen = torch.Generator().manual_seed(100 + rank)
     peaks = {phase: 0 for phase in PHASES}
-    start_of_step = []
+    start_of_step, step_times = [], []
     for _ in range(steps):
+        started = time.perf_counter()
         tokens = torch.randint(0, MODEL["vocab_size"], (MODEL["micro_batch_size"], MODEL["seq_length"] + 1),
                                generator=gen).to(device)
         ddp.zero_grad_buffer()
@@ -107,23 +116,26 @@ def measure(rank: int, world_size: int, level: str, steps: int, device_name: str
         meter.reset()
         optimizer.step()
         peaks["optimizer"] = max(peaks["optimizer"], meter.peak())
+        step_times.append(time.perf_counter() - started)
     if dist.is_initialized():
         dist.destroy_process_group()
-    return {"level": level, "dp": world_size, "rank": rank, "device": device_name, "peaks": peaks,
-            "step_peak": max(peaks.values()), "between_steps": start_of_step[-1]}
+    return {"level": level, "dp": world_size, "rank": rank, "device": device_name, "allocator": allocator, "peaks": peaks,
+            "step_peak": max(peaks.values()), "between_steps": start_of_step[-1],
+            # after the first step (which allocates the optimizer's states); meter reads included
+            "step_s": sum(step_times[1:]) / max(1, len(step_times) - 1)}
 
 
-def _worker(rank, world_size, level, steps, device_name, port, queue):
-    queue.put(measure(rank, world_size, level, steps, device_name, port))
+def _worker(rank, world_size, level, steps, device_name, port, mmap_threshold_mb, queue):
+    queue.put(measure(rank, world_size, level, steps, device_name, port, mmap_threshold_mb))
 
 
-def run(level: str, dp: int, steps: int, device_name: str, port: int) -> list[dict]:
+def run(level: str, dp: int, steps: int, device_name: str, port: int, mmap_threshold_mb: float) -> list[dict]:
     """One fresh process per rank (so no run inherits another's allocations)."""
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, dp, level, steps, device_name, port, queue)) for r in range(dp)]
+    procs = [ctx.Process(target=_worker, args=(r, dp, level, steps, device_name, port, mmap_threshold_mb, queue)) for r in range(dp)]
     for p in procs:
         p.start()
     results = [queue.get(timeout=1800) for _ in procs]
@@ -140,22 +152,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dp", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--mmap-threshold-mb", type=float, default=DEFAULT_THRESHOLD_MB,
+                        help="glibc's mmap threshold on CPU, as the trainer's --malloc-mmap-threshold-mb sets it "
+                             "(0: glibc's adaptive default)")
     parser.add_argument("--out", default=str(RESULTS / "memory.json"))
     args = parser.parse_args(argv)
     rows, port = [], 29611
     for dp in args.dp:
         for level in args.levels:
             port += 1
-            rows += run(level, dp, args.steps, args.device, port)
+            rows += run(level, dp, args.steps, args.device, port, args.mmap_threshold_mb)
     unit = "MB"
-    print(f"\npeak memory of rank 0 per phase ({'resident set' if args.device == 'cpu' else 'GPU allocated'}, {unit})")
-    print(f"{'DP':>3} {'level':<6}" + "".join(f"{p:>11}" for p in PHASES) + f"{'step':>11}{'vs none':>9}{'between':>11}")
+    print(f"\npeak memory of rank 0 per phase ({'resident set' if args.device == 'cpu' else 'GPU allocated'}, {unit}); "
+          f"{rows[0]['allocator']}")
+    print(f"{'DP':>3} {'level':<6}" + "".join(f"{p:>11}" for p in PHASES) + f"{'step':>11}{'vs none':>9}{'between':>11}{'step s':>9}")
     for dp in args.dp:
         base = next((r["step_peak"] for r in rows if r["dp"] == dp and r["rank"] == 0 and r["level"] == "none"), None)
         for r in (r for r in rows if r["dp"] == dp and r["rank"] == 0):
             ratio = f"{r['step_peak'] / base:9.2f}" if base else f"{'-':>9}"
             print(f"{dp:>3} {r['level']:<6}" + "".join(f"{r['peaks'][p] / 2**20:11.0f}" for p in PHASES)
-                  + f"{r['step_peak'] / 2**20:11.0f}{ratio}{r['between_steps'] / 2**20:11.0f}")
+                  + f"{r['step_peak'] / 2**20:11.0f}{ratio}{r['between_steps'] / 2**20:11.0f}{r['step_s']:9.2f}")
     save_results(args.out, run_meta("memory.py", argv, model=MODEL, steps=args.steps, device=args.device), rows=rows)
     return 0
 

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from fp8.formats import FormatSpec, get_spec
+from fp8.scaling import CHUNK_NUMEL
 from fp8.tensor import ScalingTensor, cast_saturate
 
 
@@ -156,9 +157,8 @@ def fp32_sum(segments: list[torch.Tensor], spec: FormatSpec) -> torch.Tensor:
 
 
 # ----- the gradient reduction in bounded chunks -------------------------------------------------
-# Gradient values one rank re-casts and sends per round (1 byte each): the reduction's FP32
-# working set is a few times this many bytes whatever the model's size, never a whole bucket.
-CHUNK_NUMEL = 1 << 20
+# Gradient values one rank re-casts and sends per round (1 byte each) are `CHUNK_NUMEL`: the
+# reduction's FP32 working set is a few times that many bytes whatever the model's size.
 
 
 class _Flat:

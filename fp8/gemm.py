@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fp8.scaling import BLOCK_SIZE
+from fp8.scaling import BLOCK_SIZE, CHUNK_NUMEL
 from fp8.tensor import ScalingTensor
 
 PATHS = ("scaled_mm", "blockwise", "emulate")
@@ -139,12 +139,32 @@ def _col_major(x: torch.Tensor) -> torch.Tensor:
 def _native_scaled_mm(a: ScalingTensor, b: ScalingTensor, out_dtype, bias, fast_accum) -> torch.Tensor:
     # _scaled_mm takes dequantization multipliers: per-tensor (0-dim), or (M, 1) and (1, N),
     # contiguous fp32. Fast accumulation exists on Hopper only.
-    out = torch._scaled_mm(
-        _row_major(a.data), _col_major(b.data),
-        scale_a=a.scale_inv().contiguous(), scale_b=b.scale_inv().contiguous(),
-        out_dtype=out_dtype, use_fast_accum=fast_accum and a.device.type == "cuda",
-    )
-    return out if bias is None else out + bias.to(out_dtype)
+    scale_a, scale_b = a.scale_inv().contiguous(), b.scale_inv().contiguous()
+
+    def gemm(a_data: torch.Tensor, b_data: torch.Tensor) -> torch.Tensor:
+        return torch._scaled_mm(_row_major(a_data), _col_major(b_data), scale_a=scale_a, scale_b=scale_b,
+                                out_dtype=out_dtype, use_fast_accum=fast_accum and a.device.type == "cuda")
+
+    out = _cpu_blocks(gemm, a.data, b.data, out_dtype) if a.device.type == "cpu" else gemm(a.data, b.data)
+    return out if bias is None else out.add_(bias.to(out_dtype))
+
+
+def _cpu_blocks(gemm, a: torch.Tensor, b: torch.Tensor, out_dtype, chunk_numel: int = CHUNK_NUMEL) -> torch.Tensor:
+    """``a @ b`` by `gemm` on blocks of `a`'s rows and `b`'s columns, each about `chunk_numel`
+    values. The CPU kernel converts its operands to FP32 before multiplying (a GPU reads FP8
+    directly), which would make FP32 copies of a whole activation and weight per call; per block
+    those copies stay bounded. Each output block is the same dot products over the whole of K;
+    on the CPUs tried (AMD EPYC, ATen's default, AVX2 and AVX-512 kernels) blocks of 256 rows
+    and more give one call's bits (the CPU GEMM picks other kernels for very small blocks)."""
+    (rows, inner), cols = a.shape, b.shape[1]
+    step = max(1, chunk_numel // max(inner, 1))
+    if step >= rows and step >= cols:
+        return gemm(a, b)
+    out = torch.empty(rows, cols, dtype=out_dtype, device=a.device)
+    for r in range(0, rows, step):
+        for c in range(0, cols, step):
+            out[r:r + step, c:c + step] = gemm(a[r:r + step], b[:, c:c + step])
+    return out
 
 
 def _native_blockwise(a: ScalingTensor, b: ScalingTensor, out_dtype, bias, fast_accum) -> torch.Tensor:
@@ -163,12 +183,12 @@ def _native_blockwise(a: ScalingTensor, b: ScalingTensor, out_dtype, bias, fast_
         # DeepSeek's recipe promotes partial sums to FP32 on purpose: always the precise one.
         output_dtype=out_dtype, use_fast_accum=False,
     )
-    return out if bias is None else out + bias.to(out_dtype)
+    return out if bias is None else out.add_(bias.to(out_dtype))
 
 
 def emulated_matmul(a: ScalingTensor, b: ScalingTensor, out_dtype=torch.float32, bias=None) -> torch.Tensor:
     out = (a.dequantize(torch.float32) @ b.dequantize(torch.float32)).to(out_dtype)
-    return out if bias is None else out + bias.to(out_dtype)
+    return out if bias is None else out.add_(bias.to(out_dtype))
 
 
 _NATIVE = {"scaled_mm": _native_scaled_mm, "blockwise": _native_blockwise}

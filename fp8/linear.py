@@ -171,13 +171,18 @@ class FP8LinearState:
         return fp8_matmul(dy_fp8, self.orient(w_fp8, 0), out_dtype=out_dtype)
 
     def wgrad(self, weight: torch.Tensor, dy_fp8: ScalingTensor, x_fp8: ScalingTensor) -> torch.Tensor | None:
-        """The weight gradient, or None once it is kept in FP8 in the gradient store."""
-        dw = fp8_matmul(self.orient(dy_fp8, 0).t(), self.orient(x_fp8, 0), out_dtype=torch.float32)
+        """The weight gradient, or None once it is kept in FP8 in the gradient store. Without FP8
+        gradients the GEMM writes the weight's dtype itself (one rounding of the FP32 sum, as
+        writing FP32 and converting would do), so no FP32 copy of the gradient is made."""
+        out_dtype = torch.float32 if self.fp8_wgrad else weight.dtype
+        dw = fp8_matmul(self.orient(dy_fp8, 0).t(), self.orient(x_fp8, 0), out_dtype=out_dtype)
         return self.deliver_wgrad(weight, dw)
 
     @staticmethod
     def bias_grad(dy2d: torch.Tensor) -> torch.Tensor:
-        return dy2d.float().sum(0).to(dy2d.dtype)
+        # A BF16/FP16 sum accumulates in FP32 and rounds once: the value of summing an FP32 copy
+        # (checked to the bit), without making one.
+        return dy2d.sum(0)
 
     def reduce_scatter_input_grad(self, dx: torch.Tensor, transport: SequenceTransport) -> torch.Tensor:
         if not self.fp8_reduce_scatter:

@@ -47,7 +47,7 @@ import torch.nn as nn
 
 from fp8.formats import E4M3, FP16
 from fp8.gradients import FP8GradStore
-from fp8.scaling import compute_scale
+from fp8.scaling import CHUNK_NUMEL, compute_scale
 from fp8.stochastic import stochastic_round
 from fp8.tensor import ScalingTensor, cast_saturate, quantize
 
@@ -62,9 +62,6 @@ FP8_SECOND_MOMENT_WARNING = (
 )
 
 Stored = torch.Tensor | ScalingTensor
-# Values of one tensor updated at once: the step's FP32 temporaries are a few times this many
-# 4-byte values, whatever the tensor's size.
-CHUNK_NUMEL = 1 << 20
 
 
 # ----------------------------------------------------------------------------------------------

@@ -25,7 +25,8 @@ import torch.nn as nn
 from fp8.formats import E4M3
 from fp8.optim import is_scaled_fp16, scaled_value, to_scaled_fp16
 from fp8.scaling import compute_scale
-from fp8.tensor import CHUNK_NUMEL, ScalingTensor, cast_saturate
+from fp8.scaling import CHUNK_NUMEL
+from fp8.tensor import ScalingTensor, cast_saturate
 
 SCALE_BYTES = 4
 

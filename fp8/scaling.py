@@ -30,6 +30,19 @@ GRANULARITIES = ("tensor", "row", "block")
 RECIPES = ("delayed", "current", "rowwise", "blockwise")
 BLOCK_SIZE = 128
 
+# Values handled at once by the chunked casts, reductions and optimizer steps: their FP32
+# temporaries are a few times this many 4-byte values, whatever the tensor's size.
+CHUNK_NUMEL = 1 << 20
+
+
+def row_chunks(rows: int, cols: int, row_multiple: int = 1, chunk_numel: int = CHUNK_NUMEL):
+    """``(start, end)`` row ranges of a ``rows x cols`` matrix, each about `chunk_numel` values
+    (at least one row) and a multiple of `row_multiple` rows, so that tiles of that many rows
+    never straddle two chunks."""
+    step = max(1, chunk_numel // max(cols, 1) // row_multiple) * row_multiple
+    for start in range(0, rows, step):
+        yield start, min(start + step, rows)
+
 
 def compute_scale(
     amax: torch.Tensor,
@@ -73,18 +86,27 @@ def num_tiles(shape2d: tuple[int, int], tile: Tile) -> tuple[int, int]:
     return (math.ceil(shape2d[0] / tile[0]), math.ceil(shape2d[1] / tile[1]))
 
 
-def tile_amax(x2d: torch.Tensor, tile: Tile) -> torch.Tensor:
-    """amax of |x| per tile: 0-dim for `tile=None`, else shape `num_tiles(x2d.shape, tile)`."""
-    if tile is None:
-        return x2d.abs().amax().float() if x2d.numel() else torch.zeros((), device=x2d.device)
+def tile_amax(x2d: torch.Tensor, tile: Tile, chunk_numel: int = CHUNK_NUMEL) -> torch.Tensor:
+    """amax of |x| per tile: 0-dim for `tile=None`, else shape `num_tiles(x2d.shape, tile)`.
+    Computed a bounded chunk of rows at a time, so no copy of the whole tensor is made."""
     rows, cols = x2d.shape
+    if tile is None:
+        amax = torch.zeros((), device=x2d.device)
+        if x2d.numel() == 0:
+            return amax
+        for start, end in row_chunks(rows, cols, 1, chunk_numel):
+            amax = torch.maximum(amax, x2d[start:end].abs().amax().float())
+        return amax
     tr, tc = tile
     nr, nc = num_tiles((rows, cols), tile)
-    pad_r, pad_c = nr * tr - rows, nc * tc - cols
-    x = x2d.abs().float()
-    if pad_r or pad_c:
-        x = torch.nn.functional.pad(x, (0, pad_c, 0, pad_r))
-    return x.reshape(nr, tr, nc, tc).amax(dim=(1, 3))
+    out = torch.empty(nr, nc, device=x2d.device)
+    for start, end in row_chunks(rows, cols, tr, chunk_numel):
+        x = x2d[start:end].abs().float()
+        pad_r, pad_c = -(end - start) % tr, nc * tc - cols
+        if pad_r or pad_c:
+            x = torch.nn.functional.pad(x, (0, pad_c, 0, pad_r))
+        out[start // tr:start // tr + x.shape[0] // tr] = x.reshape(-1, tr, nc, tc).amax(dim=(1, 3))
+    return out
 
 
 def expand_tiles(scale: torch.Tensor, shape2d: tuple[int, int], tile: Tile) -> torch.Tensor:

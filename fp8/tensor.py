@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from fp8.formats import FormatSpec, get_spec
-from fp8.scaling import Tile, compute_scale, expand_tiles, num_tiles, resolve_tile, tile_amax
+from fp8.scaling import (CHUNK_NUMEL, Tile, compute_scale, expand_tiles, num_tiles, resolve_tile, row_chunks,
+                         tile_amax)
 
 
 class ScalingTensor:
@@ -120,6 +121,14 @@ def cast_saturate(x: torch.Tensor, spec: FormatSpec, inf_to_nan: bool = False) -
     return x.clamp(-spec.max, spec.max).to(spec.dtype)
 
 
+def _scaled_cast(x: torch.Tensor, scale: torch.Tensor, spec: FormatSpec, inf_to_nan: bool) -> torch.Tensor:
+    """``cast_saturate(x * scale)`` with one FP32 temporary (multiplied and clamped in place)."""
+    y = x.float() * scale
+    if inf_to_nan:
+        y.masked_fill_(torch.isinf(y), float("nan"))
+    return y.clamp_(-spec.max, spec.max).to(spec.dtype)
+
+
 def quantize(
     x: torch.Tensor,
     fmt: str | FormatSpec = "e4m3",
@@ -131,12 +140,14 @@ def quantize(
     margin: int = 0,
     power_of_two: bool = False,
     inf_to_nan: bool = False,
+    chunk_numel: int = CHUNK_NUMEL,
 ) -> ScalingTensor:
     """Cast `x` to `fmt` with one scale per tile of `granularity` ("tensor", "row", "block").
 
     With `scale=None` the scale comes from the tensor itself (current scaling). `role="weight"`
     picks 128x128 blocks for the block granularity; `tile` overrides the tile outright.
     `inf_to_nan` turns infinities into NaN instead of saturating them (see `cast_saturate`).
+    The amax and the cast take about `chunk_numel` values (whole tiles) at a time.
     """
     spec = get_spec(fmt)
     shape2d = _shape2d(x.shape)
@@ -144,14 +155,20 @@ def quantize(
         tile = resolve_tile(granularity, shape2d, role)
     x2d = x.reshape(shape2d)
     if scale is None:
-        scale = compute_scale(tile_amax(x2d, tile), spec.max, margin, power_of_two)
+        scale = compute_scale(tile_amax(x2d, tile, chunk_numel), spec.max, margin, power_of_two)
     else:
         scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
         expected = torch.Size(()) if tile is None else torch.Size(num_tiles(shape2d, tile))
         if scale.shape != expected:
             raise ValueError(f"scale of shape {tuple(scale.shape)} does not fit tile {tile} of a "
                              f"{tuple(x.shape)} tensor; expected {tuple(expected)}")
-    data = cast_saturate(x2d.float() * expand_tiles(scale, shape2d, tile), spec, inf_to_nan)
+    # A bounded chunk of rows at a time (whole tiles each): no FP32 copy of all of `x` exists.
+    data = torch.empty(shape2d, dtype=spec.dtype, device=x.device)
+    rows_per_tile = 1 if tile is None else tile[0]
+    for start, end in row_chunks(*shape2d, rows_per_tile, chunk_numel):
+        chunk_scale = scale if tile is None else scale[start // rows_per_tile:-(-end // rows_per_tile)]
+        chunk_scale = expand_tiles(chunk_scale, (end - start, shape2d[1]), tile)
+        data[start:end] = _scaled_cast(x2d[start:end], chunk_scale, spec, inf_to_nan)
     return ScalingTensor(data.reshape(x.shape), scale, spec, tile)
 
 
@@ -160,11 +177,6 @@ def requantize(x: ScalingTensor, *, fmt: str | FormatSpec | None = None, tile: T
     """Re-cast a ScalingTensor with other tiles or another format, from its dequantized value."""
     tile = x.tile if tile == "same" else tile
     return quantize(x.dequantize(), fmt or x.spec, tile=tile, margin=margin, power_of_two=power_of_two)
-
-
-# Values handled at once by the chunked operations below: their FP32 temporaries are a few times
-# this many 4-byte values, whatever the tensor's size.
-CHUNK_NUMEL = 1 << 20
 
 
 def accumulate(acc: ScalingTensor | None, x: torch.Tensor, fmt: str | FormatSpec = "e4m3",

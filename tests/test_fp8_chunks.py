@@ -62,3 +62,84 @@ def test_chunked_casts_equal_whole_tensor_casts():
         want = quantize(acc_in.dequantize() + x_in.float(), "e4m3", inf_to_nan=True)
         got = accumulate(fp8.ScalingTensor(acc_in.data.clone(), acc_in.scale.clone(), "e4m3"), x_in, chunk_numel=7)
         assert torch.equal(got.data.view(torch.uint8), want.data.view(torch.uint8)) and torch.equal(got.scale, want.scale)
+
+
+# ----- activation and weight casts, CPU GEMM blocks ---------------------------------------------
+def _whole_quantize(x, fmt, tile, inf_to_nan):
+    """The cast as one whole-tensor formula (amax of all of |x|, one multiply, one cast)."""
+    from fp8.scaling import compute_scale, expand_tiles
+    from fp8.tensor import _shape2d, cast_saturate
+
+    spec = fp8.get_spec(fmt)
+    x2d = x.reshape(_shape2d(x.shape)).float()
+    if tile is None:
+        amax = x2d.abs().amax()
+    else:
+        rows, cols = x2d.shape
+        nr, nc = -(-rows // tile[0]), -(-cols // tile[1])
+        padded = torch.nn.functional.pad(x2d.abs(), (0, nc * tile[1] - cols, 0, nr * tile[0] - rows))
+        amax = padded.reshape(nr, tile[0], nc, tile[1]).amax(dim=(1, 3))
+    scale = compute_scale(amax, spec.max)
+    return cast_saturate(x2d * expand_tiles(scale, x2d.shape, tile), spec, inf_to_nan).reshape(x.shape), scale
+
+
+@pytest.mark.parametrize("tile", [None, (1, 37), (1, 16), (16, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_casts_in_chunks_of_rows_are_bit_identical(tile, dtype):
+    """Casting a bounded number of rows at a time (whole tiles each, ragged edges included) gives
+    the payload and scales of the whole-tensor cast, infinities and NaN included."""
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(3, 45, 37, generator=gen) * torch.logspace(-3, 3, 37)).to(dtype)
+    x[1, 7, 3], x[2, 40, 0] = float("inf"), float("-inf")
+    x[0, 0, 5] = 3e4
+    for inf_to_nan in (False, True):
+        want, want_scale = _whole_quantize(x, "e4m3", tile, inf_to_nan)
+        for chunk in (1, 40, 37 * 16 + 5, 1 << 30):
+            got = fp8.quantize(x, "e4m3", tile=tile, inf_to_nan=inf_to_nan, chunk_numel=chunk)
+            assert torch.equal(got.scale, want_scale), (tile, chunk)
+            assert torch.equal(got.data.view(torch.uint8), want.view(torch.uint8)), (tile, chunk, inf_to_nan)
+    with_nan = x.clone()
+    with_nan[2, 44, 36] = float("nan")
+    assert torch.isnan(fp8.scaling.tile_amax(with_nan.reshape(-1, 37), None, chunk_numel=40))
+
+
+def test_cpu_gemm_in_blocks_matches_float64():
+    """The CPU FP8 GEMM runs on blocks of rows and columns (so its FP32 operand copies stay
+    bounded). Every block is placed right: the product matches the float64 one to FP32 rounding
+    for any block size (ragged edges included), with and without bias; one block is one
+    `torch._scaled_mm` call. (Whether blocks give one call's bits is the CPU kernel's business:
+    on the machines tried they do for blocks of 256 and more; bench/memory.py's model uses such.)"""
+    from fp8.gemm import _cpu_blocks, fp8_matmul
+
+    gen = torch.Generator().manual_seed(6)
+    a = fp8.quantize(torch.randn(300, 96, generator=gen), "e4m3")
+    b = fp8.quantize(torch.randn(200, 96, generator=gen), "e4m3").t()
+    bias = torch.randn(200, generator=gen).bfloat16()
+    exact = a.dequantize(torch.float64) @ b.dequantize(torch.float64)
+    for out_dtype, rtol in ((torch.float32, 1e-5), (torch.bfloat16, 2**-7)):
+        one = torch._scaled_mm(a.data, b.data, scale_a=a.scale_inv(), scale_b=b.scale_inv(), out_dtype=out_dtype)
+        assert torch.equal(fp8_matmul(a, b, out_dtype=out_dtype), one)
+        assert torch.equal(fp8_matmul(a, b, out_dtype=out_dtype, bias=bias), one + bias.to(out_dtype))
+
+        def gemm(x, y):
+            return torch._scaled_mm(x, y, scale_a=a.scale_inv(), scale_b=b.scale_inv(), out_dtype=out_dtype)
+        assert torch.equal(_cpu_blocks(gemm, a.data, b.data, out_dtype, chunk_numel=1 << 30), one)
+        for chunk in (96 * 7, 96 * 64, 96 * 250):
+            got = _cpu_blocks(gemm, a.data, b.data, out_dtype, chunk_numel=chunk).double()
+            torch.testing.assert_close(got, exact, rtol=rtol, atol=rtol * exact.abs().max().item() * 1e-2)
+
+
+def test_fp8_linear_bias_and_weight_gradients_round_once():
+    """The FP8 linear's bias gradient (a BF16 sum) and its weight gradient written in BF16 equal
+    the FP32 sum and the FP32 GEMM rounded once to BF16."""
+    from fp8.gemm import fp8_matmul
+    from fp8.linear import FP8LinearState
+
+    gen = torch.Generator().manual_seed(7)
+    dy = (torch.randn(333, 64, generator=gen) * 5).bfloat16()
+    assert torch.equal(FP8LinearState.bias_grad(dy), dy.float().sum(0).bfloat16())
+    state = FP8LinearState()
+    weight = torch.nn.Parameter(torch.randn(64, 48, generator=gen).bfloat16())
+    dy8, x8 = state.cast(dy, "grad_output"), state.cast(torch.randn(333, 48, generator=gen).bfloat16(), "input")
+    want = fp8_matmul(dy8.t(), x8, out_dtype=torch.float32).bfloat16()
+    assert torch.equal(state.wgrad(weight, dy8, x8), want)

@@ -75,6 +75,7 @@ def test_defaults_that_follow_other_flags_are_resolved_once():
     (["--fp8-reduce-scatter", "--fp8-level", "O2"], "O3"),
     (["--adam-beta2", "1.5"], "--adam-beta2"),
     (["--micro-batch-size", "0"], "--micro-batch-size must be >= 1"),
+    (["--malloc-mmap-threshold-mb", "-1"], "--malloc-mmap-threshold-mb must be >= 0"),
 ])
 def test_contradictions_are_errors_naming_the_flags(extra, message):
     with pytest.raises(ValueError, match=message):
@@ -101,3 +102,19 @@ def test_entry_points_add_sections():
     config = parse_config(BASE + ["--demo-epochs", "3"], extra_sections={"demo": DemoArgs})
     assert isinstance(config, RunConfig) and config.extra["demo"].demo_epochs == 3 and config.demo_epochs == 3
     assert config.flat()["demo_epochs"] == 3
+
+
+def test_cpu_runs_fix_the_allocators_threshold_unless_told_otherwise(monkeypatch):
+    from megatron.training import host_memory
+
+    calls = []
+    monkeypatch.setattr(host_memory, "set_mmap_threshold", lambda nbytes: calls.append(nbytes) or True)
+    monkeypatch.delenv(host_memory.ENV_VAR, raising=False)
+    assert parse_config(BASE).training.malloc_mmap_threshold_mb == 4
+    assert host_memory.configure_host_allocator(4) == "glibc mmap threshold fixed at 4 MiB"
+    assert host_memory.configure_host_allocator(0.5) == "glibc mmap threshold fixed at 0.5 MiB"
+    assert calls == [4 << 20, 1 << 19]
+    assert "adaptive" in host_memory.configure_host_allocator(0)
+    monkeypatch.setenv(host_memory.ENV_VAR, "65536")
+    assert "MALLOC_MMAP_THRESHOLD_=65536" in host_memory.configure_host_allocator(4)
+    assert calls == [4 << 20, 1 << 19]  # the environment's setting stands

@@ -38,6 +38,7 @@ from megatron.core.optimizer import OptimizerConfig
 from megatron.core.pipeline_parallel.model import virtual_pipeline_size
 from megatron.core.precision import LEVELS, FP8Config
 from megatron.training.flags import ArgumentParser, Section, TokenizerArgs, check_positive, flag
+from megatron.training.host_memory import DEFAULT_THRESHOLD_MB
 from megatron.training.lr_schedule import DECAY_STYLES, WSD_DECAY_STYLES, LRScheduleConfig
 from megatron.training.metrics import WANDB_MODES
 
@@ -250,6 +251,10 @@ class TrainingArgs(Section):
     train_iters: int | None = flag(None)
     seed: int = flag(_DATASET_DEFAULTS["seed"], "random seed")
     device: str = flag("auto", choices=("auto", "cpu", "cuda"))
+    malloc_mmap_threshold_mb: float = flag(
+        DEFAULT_THRESHOLD_MB, "on CPU: glibc returns freed blocks of this many MiB and more to the system at once "
+        "(0: glibc's adaptive default, which keeps a step's peak resident; MALLOC_MMAP_THRESHOLD_ in the "
+        "environment wins)")
     log_interval: int = flag(100)
     eval_interval: int = flag(1000)
     eval_iters: int = flag(100)
@@ -258,6 +263,8 @@ class TrainingArgs(Section):
         check_positive(self, "micro_batch_size", "global_batch_size", "train_iters", "log_interval", "eval_interval")
         if self.eval_iters < 0 or self.seed < 0:
             raise ValueError("--eval-iters and --seed must be >= 0")
+        if self.malloc_mmap_threshold_mb < 0:
+            raise ValueError("--malloc-mmap-threshold-mb must be >= 0 (0 keeps glibc's adaptive default)")
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ from megatron.core.pipeline_parallel.schedules import get_forward_backward_func,
 from megatron.core.tensor_parallel.random import model_parallel_seed
 from megatron.training import resume
 from megatron.training.config import RunConfig
+from megatron.training.host_memory import configure_host_allocator
 from megatron.training.lr_schedule import LRScheduler
 from megatron.training.metrics import (
     Loggers, MetricsWriter, format_eval_line, format_log_line, peak_flops, throughput_metrics,
@@ -99,6 +100,8 @@ def setup_parallel(config: RunConfig) -> tuple[RunConfig, ParallelState]:
     parallel = config.parallel
     ps = ParallelState.build(parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
                              device=None if device == "auto" else device)
+    if ps.device.type == "cpu":
+        print_rank0(ps, f"> host memory: {configure_host_allocator(config.training.malloc_mmap_threshold_mb)}")
     return config, ps
 
 
