@@ -88,16 +88,26 @@ class GPTModel(nn.Module, LaidOut):
         self.input_tensor = input_tensor
 
     def forward(self, input_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None, *,
-                hidden_states: torch.Tensor | None = None, position_ids: torch.Tensor | None = None):
+                hidden_states: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                kv_cache=None, last_only: bool = False):
         """`input_ids` [b, s] on the first stage; `hidden_states` [s, b, h] (or the tensor given to
-        `set_input_tensor`) otherwise. Returns hidden states when this part has no head."""
+        `set_input_tensor`) otherwise. Returns hidden states when this part has no head.
+
+        Generation (`megatron.core.inference`): with `kv_cache`, `input_ids` are the positions
+        after those cached (the caller advances the cache); `last_only` computes the logits of
+        the last position only, [b, 1, V]."""
         if self.pre_process:
+            if kv_cache is not None and position_ids is None:
+                position_ids = torch.arange(kv_cache.length, kv_cache.length + input_ids.shape[1],
+                                            device=input_ids.device)[None, :]
             hidden_states = self.embedding(input_ids, position_ids)
         elif hidden_states is None:
             hidden_states = self.input_tensor
-        hidden_states = self.decoder(hidden_states)
+        hidden_states = self.decoder(hidden_states, kv_cache)
         if not self.post_process:
             return hidden_states
+        if last_only:
+            hidden_states = hidden_states[-1:]
         logits = self.output_layer(hidden_states)
         if labels is None:
             return logits.transpose(0, 1)

@@ -81,7 +81,8 @@ class SelfAttention(nn.Module):
         self._rotary_cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def rotary(self, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """RoPE tables for the full sequence (the QKV projection has gathered it by now)."""
+        """RoPE tables for positions 0 .. seq_len - 1 (the QKV projection has gathered the whole
+        sequence by now); a table's rows do not depend on its length."""
         cfg = self.config
         if cfg.position_embedding_type != "rope":
             return None
@@ -90,7 +91,10 @@ class SelfAttention(nn.Module):
             self._rotary_cache = (key, rotary_tables(seq_len, cfg.kv_channels, cfg.rotary_base, device))
         return self._rotary_cache[1]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache=None, layer_number: int = 0) -> torch.Tensor:
+        """`kv_cache` (`megatron.core.inference.KVCache`): `x` holds the tokens after those cached,
+        which its queries attend to as well; their keys and values join the cache under
+        `layer_number`."""
         cfg = self.config
         qkv = self.linear_qkv(x)
         seq, batch, width = qkv.shape
@@ -99,9 +103,13 @@ class SelfAttention(nn.Module):
         qkv = qkv.view(seq, batch, groups, per_group, cfg.kv_channels)
         query = qkv[:, :, :, : cfg.heads_per_group].reshape(seq, batch, groups * cfg.heads_per_group, cfg.kv_channels)
         key, value = qkv[:, :, :, -2], qkv[:, :, :, -1]
-        rotary = self.rotary(seq, qkv.device)
+        offset = kv_cache.length if kv_cache is not None else 0
+        rotary = self.rotary(seq if kv_cache is None else kv_cache.max_length, qkv.device)
         if rotary is not None:
+            rotary = tuple(table[offset:offset + seq] for table in rotary)
             query, key = apply_rotary(query, *rotary), apply_rotary(key, *rotary)
+        if kv_cache is not None:
+            key, value = kv_cache.update(layer_number, key, value)
         # [s, b, n, d] -> [b, n, s, d]; each key/value head serves heads_per_group query heads.
         query = query.permute(1, 2, 0, 3)
         key = key.permute(1, 2, 0, 3).repeat_interleave(cfg.heads_per_group, dim=1)
@@ -109,16 +117,22 @@ class SelfAttention(nn.Module):
         if self.recompute_core_attention and self.training and torch.is_grad_enabled():
             context = recomputed(self._core_attention, query, key, value, tracker=self.rng_tracker)
         else:
-            context = self._core_attention(query, key, value)
+            context = self._core_attention(query, key, value, offset)
         context = context.permute(2, 0, 1, 3).reshape(seq, batch, -1)
         return self.linear_proj(context)
 
-    def _core_attention(self, query, key, value):
+    def _core_attention(self, query, key, value, offset: int = 0):
         """Softmax(QK^T) V with dropout: what selective recomputation recomputes (cheap to
-        redo, large to keep: the scores are s x s per head)."""
+        redo, large to keep: the scores are s x s per head). Query i sits at position
+        `offset + i` and sees keys 0 .. offset + i."""
         dropout = self.config.attention_dropout if self.training else 0.0
+        causal, mask = offset == 0, None
+        if offset and query.shape[2] > 1:  # several new tokens after cached ones
+            positions = torch.arange(key.shape[2], device=query.device)
+            mask = positions[None, :] <= offset + torch.arange(query.shape[2], device=query.device)[:, None]
         with self.rng_context():
-            return F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, is_causal=True)
+            return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout,
+                                                  is_causal=causal)
 
 
 class MLP(nn.Module):
@@ -158,8 +172,8 @@ class TransformerLayer(nn.Module):
         with self.rng_context():
             return residual + F.dropout(update, p=self.hidden_dropout, training=self.training)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._dropout_add(x, self.self_attention(self.input_layernorm(x)))
+    def forward(self, x: torch.Tensor, kv_cache=None) -> torch.Tensor:
+        x = self._dropout_add(x, self.self_attention(self.input_layernorm(x), kv_cache, self.layer_number))
         return self._dropout_add(x, self.mlp(self.pre_mlp_layernorm(x)))
 
 
@@ -186,8 +200,11 @@ class TransformerBlock(nn.Module):
             return x
         return run
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.recompute is None or not (self.training and torch.is_grad_enabled()):
+    def forward(self, x: torch.Tensor, kv_cache=None) -> torch.Tensor:
+        if kv_cache is not None:
+            for layer in self.layers:
+                x = layer(x, kv_cache)
+        elif self.recompute is None or not (self.training and torch.is_grad_enabled()):
             x = self._run(0, len(self.layers))(x)
         elif self.recompute[0] == "uniform":  # every chunk of N layers, keeping only its input
             chunk = self.recompute[1]
