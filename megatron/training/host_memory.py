@@ -6,9 +6,10 @@ every large block freed (up to 32 MiB), so after a few steps of a training run n
 comes from the heap, and the process's resident set after a step's peak stays near that peak,
 fragmented. A fixed boundary (``mallopt(M_MMAP_THRESHOLD)``, or the ``MALLOC_MMAP_THRESHOLD_``
 environment variable) stops that: the resident set then follows what is allocated. Measured on
-`bench/memory.py`'s model (docs/benchmarks.md), 4 MiB keeps every FP8 level at or below `none`;
-much smaller thresholds make every chunk's FP32 temporaries a fresh mapping, which costs time
-(the `step s` column of `bench/memory.py` compares settings).
+`bench/memory.py`'s 51M-parameter model (docs/benchmarks.md): at 4 MiB every FP8 level peaks at or
+below `none` (with the adaptive default O0 reaches 1.03-1.04 of it), but FP8 steps take about 1.5x
+as long on CPU, as the FP8 code's chunk temporaries (exactly 4 MiB) become fresh mappings at every
+use; thresholds above 4 MiB keep the speed and lose the bound. GPU runs are unaffected.
 """
 
 from __future__ import annotations
