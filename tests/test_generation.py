@@ -29,7 +29,7 @@ VOCAB, PADDED, MAX_POS = 100, 128, 48
 PROMPTS = [[5, 17, 3, 99, 42], [7], [11, 12, 13, 14, 15, 16, 17, 18, 19], [1, 2]]
 
 
-def build(ps: ParallelState, variant: str = "llama", dtype=torch.float32) -> GPTModel:
+def build(ps: ParallelState, variant: str = "llama", dtype=torch.float32, gain: float = 4.0) -> GPTModel:
     config = TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=PADDED,
                                max_position_embeddings=MAX_POS, ffn_hidden_size=96, hidden_dropout=0.0,
                                attention_dropout=0.0, params_dtype=dtype, **VARIANTS[variant])
@@ -38,7 +38,7 @@ def build(ps: ParallelState, variant: str = "llama", dtype=torch.float32) -> GPT
     initialize_parameters(model, ps, seed=7)
     with torch.no_grad():  # larger weights than the init's, so that logits are far from uniform
         for param in model.parameters():
-            param.mul_(4.0)
+            param.mul_(gain)
     return model.eval()
 
 
@@ -192,3 +192,41 @@ def test_tensor_parallel_generation_gives_the_tokens_of_one_process():
             for (_, lp2), (_, lp1) in zip(rank_out[key], results):
                 assert lp2 == pytest.approx(lp1, abs=1e-4)
             assert not math.isnan(sum(sum(lp) for _, lp in results))
+
+
+@pytest.mark.parametrize("level", ["O0", "O3"])
+def test_fp8_generation(level):
+    """At O0 the FP8 linears cast their BF16/FP32 weights per GEMM; at O3 they hold them in FP8
+    (one byte each, plus a scale) and read them as stored. Logits stay close to the FP32 model's,
+    and with row-wise scales (one per token) the cache still equals recomputation to rounding."""
+    from fp8 import sqnr_db
+    from fp8.params import fp8_weight_tensor, is_fp8_param, quantize_fp8_weight, WeightCast
+    from megatron.core.precision import FP8Config, apply_inference_precision
+
+    ps = ParallelState.single("cpu")
+    reference = build(ps, "llama", gain=1.0)
+    tokens = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(2))
+    want = next_logits(reference, tokens, None, VOCAB)
+    for recipe in ("current", "rowwise"):
+        model = build(ps, "llama", gain=1.0)
+        originals = {n: p.detach().clone() for n, p in model.named_parameters()}
+        config = FP8Config(level=level, recipe=recipe, min_features=32)
+        names = apply_inference_precision(model, config)
+        cast = WeightCast(config.to_recipe().margin, config.to_recipe().power_of_two)
+        assert len(names) == 8  # qkv, proj, fc1, fc2 of both layers
+        for name in names:
+            weight = model.get_submodule(name).weight
+            assert is_fp8_param(weight) == (level == "O3")
+            if level == "O3":
+                assert weight.element_size() == 1
+                payload, scale = quantize_fp8_weight(originals[name + ".weight"], cast)
+                stored = fp8_weight_tensor(weight)
+                assert torch.equal(stored.data.view(torch.uint8), payload.view(torch.uint8))
+                assert torch.equal(stored.scale, scale)
+        got = next_logits(model, tokens, None, VOCAB)
+        assert sqnr_db(want, got) > 20, (recipe, sqnr_db(want, got))
+        if recipe == "rowwise":
+            cache = KVCache.for_model(model, batch=2, max_length=10)
+            next_logits(model, tokens[:, :6], None, VOCAB, cache)
+            step = next_logits(model, tokens[:, 6:7], None, VOCAB, cache)
+            torch.testing.assert_close(step, next_logits(model, tokens[:, :7], None, VOCAB), rtol=1e-4, atol=1e-4)

@@ -174,12 +174,7 @@ def apply_precision(model: nn.Module, config: FP8Config, ps: ParallelState, *,
     recipe = config.to_recipe()
     names, params, casts = [], [], []
     if plan.fp8_gemms:
-        for name, module in model.named_modules():
-            if not isinstance(module, (ColumnParallelLinear, RowParallelLinear)) or not _wants_fp8(name, config):
-                continue
-            out_local, in_local = module.weight.shape
-            if not recipe.uses_fp8(in_local, out_local):
-                continue
+        for name, module in _fp8_linears(model, config, recipe):
             module.kernel = FP8LinearState(recipe, fp8_wgrad=plan.fp8_wgrad, fp8_comm=plan.fp8_tp_comm,
                                            fp8_reduce_scatter=plan.fp8_reduce_scatter, grads=grads)
             names.append(name)
@@ -206,6 +201,35 @@ def apply_precision(model: nn.Module, config: FP8Config, ps: ParallelState, *,
         reducer = FP8GradReducer(trainable, grads, ps, autoscaler=autoscaler, zero=zero)
     return AppliedPrecision(plan, grads, tuple(names), tuple(params), tuple(casts), config.optimizer_dtypes(),
                             config.fp16_master_stochastic_rounding, reducer, zero, masters)
+
+
+def _fp8_linears(model: nn.Module, config: FP8Config, recipe):
+    """(name, module) of the tensor-parallel linears that run FP8 GEMMs under `config`: the
+    transformer's (and the head with `output_layer`), where the size filter admits the local shard."""
+    for name, module in model.named_modules():
+        if isinstance(module, (ColumnParallelLinear, RowParallelLinear)) and _wants_fp8(name, config):
+            out_local, in_local = module.weight.shape
+            if recipe.uses_fp8(in_local, out_local):
+                yield name, module
+
+
+def apply_inference_precision(model: nn.Module, config: FP8Config) -> tuple[str, ...]:
+    """The level's GEMMs for a model that only runs forward (generation, evaluation): FP8 GEMMs
+    in the transformer linears from O0 up, and from O3 weights stored in FP8 (one byte each plus
+    a scale) and read by the GEMMs as stored. Nothing for training: no FP8 gradients, masters or
+    reducers. Call before loading weights: `set_param_value` then casts each loaded value straight
+    into its FP8 weight, so no high-precision copy of the model exists. Returns the FP8 linears."""
+    plan = plan_for(config)
+    if not plan.fp8_gemms:
+        return ()
+    recipe = config.to_recipe()
+    names = []
+    for name, module in _fp8_linears(model, config, recipe):
+        module.kernel = FP8LinearState(recipe)
+        if plan.fp8_zero:
+            make_fp8_param(module.weight, WeightCast(recipe.margin, recipe.power_of_two))
+        names.append(name)
+    return tuple(names)
 
 
 def _fp16_master(param: nn.Parameter) -> ScaledFP16Parameter:
