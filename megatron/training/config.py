@@ -328,7 +328,8 @@ class RunConfig:
     extra: dict[str, Section] = field(default_factory=dict)  # sections an entry point adds
 
     def __post_init__(self) -> None:
-        missing = [name for name in _REQUIRED if getattr(self, name) is None]
+        later = set().union(*(section.fills_later() for section in self.extra.values()))
+        missing = [name for name in _REQUIRED if getattr(self, name) is None and name not in later]
         if missing:
             flags = ", ".join("--" + m.replace("_", "-") for m in missing)
             raise ValueError(f"missing {flags}: give them on the command line or in --config")

@@ -40,6 +40,12 @@ class Section:
         for f in fields(cls):
             group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **_argparse_kwargs(f, hints[f.name]))
 
+    def fills_later(self) -> set[str]:
+        """Required flags of the run that this section will work out itself once the run knows
+        more (an entry point's --num-epochs sets --train-iters from the data): the run
+        configuration does not ask for them."""
+        return set()
+
     @classmethod
     def from_namespace(cls, values: argparse.Namespace | dict) -> Section:
         values = vars(values) if isinstance(values, argparse.Namespace) else values

@@ -71,8 +71,21 @@ class Checkpointer:
         if ps.rank == 0:
             print(f"> saved checkpoint {folder} in {time.perf_counter() - start:.1f} s", flush=True)
 
-    def load(self) -> None:
-        """Resume (or, with --finetune, take the weights) from `--load`; nothing there: start fresh."""
+    def load_weights(self, root: str) -> None:
+        """Take only the weights of the checkpoint in `root` (any layout): a fresh optimizer whose
+        masters follow them, iteration 0 - where a fine-tuning run starts."""
+        result = checkpointing.load_checkpoint(
+            root, ps=self.ps, model=self.model, optimizer=self.optimizer, global_name=self.global_name,
+            model_config=self.signature, layout=self.layout, load_optim=False, load_rng=False, tracker=self.rng)
+        if result is None:
+            raise ValueError(f"{root} holds no checkpoint to start from; pass a folder that --save (or "
+                             f"tools/checkpoint/convert.py import) wrote")
+        if self.ps.rank == 0:
+            print(f"> starting from the weights of {root} (iteration {result[0].iteration})", flush=True)
+
+    def load(self) -> bool:
+        """Resume (or, with --finetune, take the weights) from `--load`; nothing there: start
+        fresh. Returns whether a checkpoint was loaded."""
         args, ps = self.args, self.ps
         finetune = args.finetune
         result = checkpointing.load_checkpoint(
@@ -82,14 +95,14 @@ class Checkpointer:
             tracker=self.rng)
         if result is None:
             if ps.rank == 0:
-                print(f"> no checkpoint in {args.load}; training from scratch", flush=True)
-            return
+                print(f"> nothing to resume in {args.load}", flush=True)
+            return False
         info, common = result
         if ps.rank == 0:
             how = "weights for fine-tuning" if finetune else "resuming"
             print(f"> loaded iteration {info.iteration} from {args.load} ({how})", flush=True)
         if finetune:
-            return
+            return True
         self.train_state.load_state_dict(dict(common, iteration=info.iteration,
                                               consumed_samples=info.consumed_samples))
         self.last_saved_iteration = info.iteration
@@ -98,6 +111,7 @@ class Checkpointer:
             # lacks (written before it existed) keeps its fresh state.
             if common.get(name) and not (args.no_load_optim and name == "scheduler"):
                 component.load_state_dict(common[name])
+        return True
 
 
 class StopConditions:

@@ -62,6 +62,9 @@ class TrainingTask:
     # Checkpoint naming: a parameter's layout-independent name, and what a checkpoint must agree on.
     global_name: Callable[[torch.nn.Module, str], str] = resume.local_name
     model_signature: dict = field(default_factory=dict)
+    # A checkpoint folder whose weights the model starts from when --load has nothing to resume
+    # (fine-tuning from a pretrained model).
+    initial_weights: str | None = None
 
 
 @dataclass
@@ -173,8 +176,9 @@ class Trainer:
             components={"scheduler": self.scheduler, "fp8_autoscaler": self.ddp.fp8_autoscaler},
             layout=resume.layout_of(ps, self.use_distributed_optimizer), global_name=task.global_name,
             signature=task.model_signature)
-        if config.load:
-            self.checkpointer.load()
+        resumed = self.checkpointer.load() if config.load else False
+        if not resumed and task.initial_weights:
+            self.checkpointer.load_weights(task.initial_weights)
         self.num_params = task.num_params or sum(p.numel() for p in self.model.parameters())
         self.num_microbatches = config.global_batch_size // (config.micro_batch_size * ps.dp_size)
         self.forward_backward, self.schedule_model = self._schedule()

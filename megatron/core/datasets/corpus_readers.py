@@ -94,7 +94,9 @@ def check_keys_for_sources(sources: Sequence[Source], keys: Sequence[str]) -> No
             _check_columns(source.path, _parquet_columns(source.path), keys)
 
 
-def read_record_batches(sources: Sequence[Source], keys: Sequence[str], txt_mode: str = "line") -> Iterator[RecordBatch]:
+def read_record_batches(sources: Sequence[Source], keys: Sequence[str] | None,
+                        txt_mode: str = "line") -> Iterator[RecordBatch]:
+    """Raw records, source by source; `keys` None reads every column of Parquet and saved datasets."""
     for source in sources:
         if source.kind == "jsonl":
             yield from _json_batches(source.path)
@@ -121,15 +123,27 @@ def count_records(sources: Sequence[Source]) -> int | None:
     return total
 
 
+def record_location(batch: RecordBatch, position: int) -> str:
+    """How error messages name record `position` of `batch`: `FILE:LINE`, or `FILE row N` / `item N`."""
+    if batch.unit == "line":
+        return f"{batch.source}:{batch.locations[position]}"
+    return f"{batch.source} {batch.unit} {batch.locations[position]}"
+
+
+def load_record(batch: RecordBatch, position: int) -> dict:
+    """Record `position` of `batch` as a dict of all its fields; raises CorpusError naming the line."""
+    payload = batch.payloads[position]
+    if isinstance(payload, bytes):
+        payload = _decode_json_line(payload, record_location(batch, position))
+    if not isinstance(payload, dict):
+        raise CorpusError(f"{record_location(batch, position)}: expected a JSON object, found {type(payload).__name__}")
+    return payload
+
+
 def parse_record(batch: RecordBatch, position: int, keys: Sequence[str]) -> list[str]:
     """The text of each key for record `position` of `batch`; raises CorpusError naming the line."""
-    payload = batch.payloads[position]
-    where = f"{batch.source}:{batch.locations[position]}" if batch.unit == "line" else (
-        f"{batch.source} {batch.unit} {batch.locations[position]}")
-    if isinstance(payload, bytes):
-        payload = _decode_json_line(payload, where)
-    if not isinstance(payload, dict):
-        raise CorpusError(f"{where}: expected a JSON object, found {type(payload).__name__}")
+    payload = load_record(batch, position)
+    where = record_location(batch, position)
     texts = []
     for key in keys:
         if key not in payload:
@@ -245,20 +259,21 @@ def _parquet_columns(path: str) -> list[str]:
         raise CorpusError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
 
 
-def _check_columns(path: str, columns: Sequence[str], keys: Sequence[str]) -> None:
-    missing = [key for key in keys if key not in columns]
+def _check_columns(path: str, columns: Sequence[str], keys: Sequence[str] | None) -> None:
+    missing = [key for key in keys or () if key not in columns]
     if missing:
         raise CorpusError(
             f"{path}: no column {missing[0]!r} (columns: {', '.join(columns)}); pass --json-keys with the right name"
         )
 
 
-def _parquet_batches(path: str, keys: Sequence[str]) -> Iterator[RecordBatch]:
+def _parquet_batches(path: str, keys: Sequence[str] | None) -> Iterator[RecordBatch]:
     import pyarrow.parquet as pq
 
     _check_columns(path, _parquet_columns(path), keys)
     next_row = 1
-    for table in pq.ParquetFile(path).iter_batches(batch_size=_BATCH_ROWS, columns=list(keys)):
+    columns = None if keys is None else list(keys)
+    for table in pq.ParquetFile(path).iter_batches(batch_size=_BATCH_ROWS, columns=columns):
         rows = table.to_pylist()
         yield RecordBatch(path, "row", list(range(next_row, next_row + len(rows))), rows)
         next_row += len(rows)
@@ -273,11 +288,14 @@ def _load_hf_dataset(path: str):
         raise CorpusError(f"{path}: not a readable saved Hugging Face dataset ({str(exc).splitlines()[0]})") from None
 
 
-def _hf_batches(path: str, keys: Sequence[str]) -> Iterator[RecordBatch]:
+def _hf_batches(path: str, keys: Sequence[str] | None) -> Iterator[RecordBatch]:
     dataset = _load_hf_dataset(path)
     _check_columns(path, dataset.column_names, keys)
+    keys = list(dataset.column_names if keys is None else keys)
+    if not keys:  # a dataset without columns has no records to read
+        return
     next_row = 1
-    for columns in dataset.select_columns(list(keys)).iter(batch_size=_BATCH_ROWS):
+    for columns in dataset.select_columns(keys).iter(batch_size=_BATCH_ROWS):
         count = len(columns[keys[0]])
         rows = [{key: columns[key][i] for key in keys} for i in range(count)]
         yield RecordBatch(path, "row", list(range(next_row, next_row + count)), rows)

@@ -117,17 +117,17 @@ class _Encoder:
         return encoded
 
 
-_worker_encoder: _Encoder | None = None
+_worker_encoder = None  # in a worker process: what `make_encoder` built there
 
 
-def _start_worker(config: PreprocessConfig) -> None:
+def _start_worker(make_encoder: Callable, arguments: tuple) -> None:
     global _worker_encoder
     # Each worker is one process; the Rust tokenizer's own thread pool would only oversubscribe.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _worker_encoder = _Encoder(config)
+    _worker_encoder = make_encoder(*arguments)
 
 
-def _encode_in_worker(batch: RecordBatch) -> EncodedBatch:
+def _encode_in_worker(batch: RecordBatch):
     assert _worker_encoder is not None
     return _worker_encoder.encode_batch(batch)
 
@@ -144,7 +144,8 @@ def preprocess(config: PreprocessConfig) -> PreprocessResult:
         writers = _open_writers(config, prefixes, encoder.dtype, cleanup)
         batches = read_record_batches(sources, config.json_keys, config.txt_mode)
         with _progress_bar(config, sources) as progress:
-            for encoded in _encode_all(config, encoder, batches):
+            for encoded in encode_in_order(batches, encoder, workers=config.workers, make_encoder=_Encoder,
+                                           arguments=(config,)):
                 _write_encoded(writers, encoded, result)
                 progress(len(encoded.lengths[0]) + encoded.num_skipped, result)
         if result.num_documents == 0:
@@ -166,14 +167,17 @@ def _open_writers(config: PreprocessConfig, prefixes: dict[str, str], dtype, cle
                          "choose a writable folder") from None
 
 
-def _encode_all(config: PreprocessConfig, encoder: _Encoder, batches: Iterable[RecordBatch]) -> Iterator[EncodedBatch]:
-    if config.workers == 1:
+def encode_in_order(batches: Iterable[RecordBatch], encoder, *, workers: int, make_encoder: Callable,
+                    arguments: tuple) -> Iterator:
+    """`encode_batch(batch)` of every batch, in input order: by `encoder` here when `workers` is 1, else
+    by `workers` processes that each build `make_encoder(*arguments)` (both picklable) once."""
+    if workers == 1:
         yield from map(encoder.encode_batch, batches)
         return
     # "spawn" starts clean interpreters: safe whatever threads or libraries the caller has running.
     context = multiprocessing.get_context("spawn")
-    with context.Pool(config.workers, initializer=_start_worker, initargs=(config,)) as pool:
-        yield from _ordered_map(pool, _encode_in_worker, batches, config.workers * _BATCHES_IN_FLIGHT_PER_WORKER)
+    with context.Pool(workers, initializer=_start_worker, initargs=(make_encoder, arguments)) as pool:
+        yield from _ordered_map(pool, _encode_in_worker, batches, workers * _BATCHES_IN_FLIGHT_PER_WORKER)
 
 
 def _ordered_map(pool, function: Callable, items: Iterable, max_in_flight: int) -> Iterator:

@@ -89,9 +89,13 @@ class GPTModel(nn.Module, LaidOut):
 
     def forward(self, input_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None, *,
                 hidden_states: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                kv_cache=None, last_only: bool = False):
+                segment_ids: torch.Tensor | None = None, kv_cache=None, last_only: bool = False):
         """`input_ids` [b, s] on the first stage; `hidden_states` [s, b, h] (or the tensor given to
         `set_input_tensor`) otherwise. Returns hidden states when this part has no head.
+
+        Packed sequences (supervised fine-tuning): `position_ids` [b, s] restart at each sample and
+        `segment_ids` [b, s] number the samples; attention stays within each sample. Every
+        pipeline stage takes them (the rotary embedding and the attention mask need them).
 
         Generation (`megatron.core.inference`): with `kv_cache`, `input_ids` are the positions
         after those cached (the caller advances the cache); `last_only` computes the logits of
@@ -103,7 +107,8 @@ class GPTModel(nn.Module, LaidOut):
             hidden_states = self.embedding(input_ids, position_ids)
         elif hidden_states is None:
             hidden_states = self.input_tensor
-        hidden_states = self.decoder(hidden_states, kv_cache)
+        packed = segment_ids is not None
+        hidden_states = self.decoder(hidden_states, kv_cache, position_ids if packed else None, segment_ids)
         if not self.post_process:
             return hidden_states
         if last_only:

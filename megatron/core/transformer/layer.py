@@ -91,10 +91,13 @@ class SelfAttention(nn.Module):
             self._rotary_cache = (key, rotary_tables(seq_len, cfg.kv_channels, cfg.rotary_base, device))
         return self._rotary_cache[1]
 
-    def forward(self, x: torch.Tensor, kv_cache=None, layer_number: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache=None, layer_number: int = 0, position_ids=None,
+                segment_ids=None) -> torch.Tensor:
         """`kv_cache` (`megatron.core.inference.KVCache`): `x` holds the tokens after those cached,
         which its queries attend to as well; their keys and values join the cache under
-        `layer_number`."""
+        `layer_number`. Packed sequences (`megatron.core.datasets.sft_dataset`): `position_ids`
+        [b, s] place each token for the rotary embedding (restarting per sample) and a token
+        attends only to earlier tokens of its own segment (`segment_ids` [b, s])."""
         cfg = self.config
         qkv = self.linear_qkv(x)
         seq, batch, width = qkv.shape
@@ -104,29 +107,40 @@ class SelfAttention(nn.Module):
         query = qkv[:, :, :, : cfg.heads_per_group].reshape(seq, batch, groups * cfg.heads_per_group, cfg.kv_channels)
         key, value = qkv[:, :, :, -2], qkv[:, :, :, -1]
         offset = kv_cache.length if kv_cache is not None else 0
-        rotary = self.rotary(seq if kv_cache is None else kv_cache.max_length, qkv.device)
-        if rotary is not None:
-            rotary = tuple(table[offset:offset + seq] for table in rotary)
+        if position_ids is not None and cfg.position_embedding_type == "rope":
+            tables = self.rotary(max(cfg.max_position_embeddings, int(position_ids.max()) + 1), qkv.device)
+            # [b, s] positions -> [s, b, 1, d] tables, one row per token
+            rotary = tuple(table[:, 0, 0][position_ids.t()][:, :, None, :] for table in tables)
             query, key = apply_rotary(query, *rotary), apply_rotary(key, *rotary)
+        else:
+            rotary = self.rotary(seq if kv_cache is None else kv_cache.max_length, qkv.device)
+            if rotary is not None:
+                rotary = tuple(table[offset:offset + seq] for table in rotary)
+                query, key = apply_rotary(query, *rotary), apply_rotary(key, *rotary)
         if kv_cache is not None:
             key, value = kv_cache.update(layer_number, key, value)
         # [s, b, n, d] -> [b, n, s, d]; each key/value head serves heads_per_group query heads.
         query = query.permute(1, 2, 0, 3)
         key = key.permute(1, 2, 0, 3).repeat_interleave(cfg.heads_per_group, dim=1)
         value = value.permute(1, 2, 0, 3).repeat_interleave(cfg.heads_per_group, dim=1)
+        mask = None
+        if segment_ids is not None:
+            # causal within each segment: [b, 1, s, s], True where a query may attend
+            same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+            mask = same & torch.ones(seq, seq, dtype=torch.bool, device=qkv.device).tril()
         if self.recompute_core_attention and self.training and torch.is_grad_enabled():
-            context = recomputed(self._core_attention, query, key, value, tracker=self.rng_tracker)
+            context = recomputed(self._core_attention, query, key, value, offset, mask, tracker=self.rng_tracker)
         else:
-            context = self._core_attention(query, key, value, offset)
+            context = self._core_attention(query, key, value, offset, mask)
         context = context.permute(2, 0, 1, 3).reshape(seq, batch, -1)
         return self.linear_proj(context)
 
-    def _core_attention(self, query, key, value, offset: int = 0):
+    def _core_attention(self, query, key, value, offset: int = 0, mask=None):
         """Softmax(QK^T) V with dropout: what selective recomputation recomputes (cheap to
         redo, large to keep: the scores are s x s per head). Query i sits at position
-        `offset + i` and sees keys 0 .. offset + i."""
+        `offset + i` and sees keys 0 .. offset + i; or, with a boolean `mask`, the keys it allows."""
         dropout = self.config.attention_dropout if self.training else 0.0
-        causal, mask = offset == 0, None
+        causal = offset == 0 and mask is None
         if offset and query.shape[2] > 1:  # several new tokens after cached ones
             positions = torch.arange(key.shape[2], device=query.device)
             mask = positions[None, :] <= offset + torch.arange(query.shape[2], device=query.device)[:, None]
@@ -172,8 +186,9 @@ class TransformerLayer(nn.Module):
         with self.rng_context():
             return residual + F.dropout(update, p=self.hidden_dropout, training=self.training)
 
-    def forward(self, x: torch.Tensor, kv_cache=None) -> torch.Tensor:
-        x = self._dropout_add(x, self.self_attention(self.input_layernorm(x), kv_cache, self.layer_number))
+    def forward(self, x: torch.Tensor, kv_cache=None, position_ids=None, segment_ids=None) -> torch.Tensor:
+        attention = self.self_attention(self.input_layernorm(x), kv_cache, self.layer_number, position_ids, segment_ids)
+        x = self._dropout_add(x, attention)
         return self._dropout_add(x, self.mlp(self.pre_mlp_layernorm(x)))
 
 
@@ -193,25 +208,26 @@ class TransformerBlock(nn.Module):
         self.final_layernorm = make_norm(config, device) if post_process else None
         self.rng_tracker = None  # set by the parallelize step, for recomputation
 
-    def _run(self, start: int, end: int):
+    def _run(self, start: int, end: int, position_ids=None, segment_ids=None):
         def run(x):
             for layer in self.layers[start:end]:
-                x = layer(x)
+                x = layer(x, None, position_ids, segment_ids)
             return x
         return run
 
-    def forward(self, x: torch.Tensor, kv_cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache=None, position_ids=None, segment_ids=None) -> torch.Tensor:
+        """`position_ids`, `segment_ids` [b, s]: packed sequences (see `SelfAttention.forward`)."""
         if kv_cache is not None:
             for layer in self.layers:
                 x = layer(x, kv_cache)
         elif self.recompute is None or not (self.training and torch.is_grad_enabled()):
-            x = self._run(0, len(self.layers))(x)
+            x = self._run(0, len(self.layers), position_ids, segment_ids)(x)
         elif self.recompute[0] == "uniform":  # every chunk of N layers, keeping only its input
             chunk = self.recompute[1]
             for start in range(0, len(self.layers), chunk):
-                x = recomputed(self._run(start, start + chunk), x, tracker=self.rng_tracker)
+                x = recomputed(self._run(start, start + chunk, position_ids, segment_ids), x, tracker=self.rng_tracker)
         else:  # "block": the first N layers of this stage one by one, the rest kept
             for index in range(len(self.layers)):
-                run = self._run(index, index + 1)
+                run = self._run(index, index + 1, position_ids, segment_ids)
                 x = recomputed(run, x, tracker=self.rng_tracker) if index < self.recompute[1] else run(x)
         return self.final_layernorm(x) if self.final_layernorm is not None else x
