@@ -33,25 +33,29 @@ def corpus_args() -> list[str]:
     return out.stdout.split()
 
 
-def launch(nproc: int, flags: list[str], iters: int, label: str, interval: int | None = None) -> dict:
-    """One `torchrun` run of pretrain_gpt.py on the tiny config plus `flags`; the mean step time
-    of the logged intervals after the first, the last record's figures, and all records."""
+def launch(nproc: int, flags: list[str], iters: int, label: str, interval: int | None = None, *,
+           script: str = "pretrain_gpt.py", warmup: int = 2, eval_iters: int = 0) -> dict:
+    """One `torchrun` run of `script` (pretrain_gpt.py, finetune_sft.py) on the tiny config plus
+    `flags`; the mean step time of the logged intervals after the first, the last record's
+    figures, and all records (validation records included when `eval_iters`)."""
     interval = interval or max(1, iters // 3)
     with tempfile.TemporaryDirectory() as tmp:
         metrics = Path(tmp) / "metrics.jsonl"
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-                   "pretrain_gpt.py", "--config", "configs/gpt-tiny.yaml", *flags, "--train-iters", str(iters),
-                   "--lr-warmup-iters", "2", "--log-interval", str(interval), "--eval-iters", "0",
+                   script, "--config", "configs/gpt-tiny.yaml", *flags, "--train-iters", str(iters),
+                   "--lr-warmup-iters", str(warmup), "--log-interval", str(interval), "--eval-iters", str(eval_iters),
                    "--metrics-file", str(metrics)]
         proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{label} failed:\n{proc.stderr[-2000:]}")
-        records = [json.loads(line) for line in metrics.read_text().splitlines()]
+        everything = [json.loads(line) for line in metrics.read_text().splitlines()]
+    records = [r for r in everything if "loss" in r]
     steady = records[1:] or records
     step = sum(r["step_time_s"] for r in steady) / len(steady)
     last = records[-1]
     return {"step_time_s": step, "tokens_per_s": last["tokens_per_s"] * last["step_time_s"] / step,
-            "final_loss": last["loss"], "memory": last["memory"], "comm": last["comm"], "records": records}
+            "final_loss": last["loss"], "memory": last["memory"], "comm": last["comm"], "records": records,
+            "validation": [(r["iteration"], r["val_loss"]) for r in everything if "val_loss" in r]}
 
 
 def run_one(size: str, level: str, tp: int, iters: int, device: str, data: list[str]) -> dict:

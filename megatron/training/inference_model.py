@@ -239,9 +239,12 @@ def load_gpt_for_inference(load_dir: str, ps: ParallelState, *, params_dtype: to
 
 
 def _inference_fp8_config(args: dict, level: str, recipe: str | None) -> FP8Config:
-    """The run's casting settings (format, recipe, margin, size filter, head) at `level`."""
+    """The run's casting settings (format, recipe, margin, size filter, head) at `level`. A
+    delayed-scaling run generates with current scaling: a history of earlier calls' amaxes would
+    make each answer depend on what was generated before it."""
     defaults = FP8Config(level="none")
-    return FP8Config(level=level, recipe=recipe or args.get("fp8_recipe") or defaults.recipe,
+    recipe = recipe or args.get("fp8_recipe") or defaults.recipe
+    return FP8Config(level=level, recipe="current" if recipe == "delayed" else recipe,
                      format=args.get("fp8_format") or defaults.format,
                      amax_history_len=args.get("fp8_amax_history_len") or defaults.amax_history_len,
                      amax_compute_algo=args.get("fp8_amax_compute_algo") or defaults.amax_compute_algo,

@@ -83,13 +83,22 @@ def sft_datasets_provider(config: RunConfig, num_samples, *, pad_id: int):
     return train, valid, None
 
 
+RESPONSE_TOKENS = "response tokens"
+
+
+def sft_loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
+    """The mean loss over response tokens, and how many there were (for the metrics record)."""
+    loss, reported = loss_func(loss_mask, output)
+    return loss, dict(reported, **{RESPONSE_TOKENS: loss_mask.sum().detach()})
+
+
 def sft_forward_step(data_iterator, model, device: torch.device):
     """The GPT step on a packed batch: positions restart and attention stays within each sample;
     the loss is the mean over response tokens."""
     batch = {k: v.to(device, non_blocking=True) for k, v in next(data_iterator).items()}
     output = model(batch["tokens"], batch["labels"], position_ids=batch["position_ids"],
                    segment_ids=batch["segment_ids"])
-    return output, partial(loss_func, batch["loss_mask"])
+    return output, partial(sft_loss_func, batch["loss_mask"])
 
 
 def sft_task(config: RunConfig, ps: ParallelState, vocab_size: int, pad_id: int) -> TrainingTask:
@@ -100,4 +109,5 @@ def sft_task(config: RunConfig, ps: ParallelState, vocab_size: int, pad_id: int)
     return replace(gpt_task(config, ps, vocab_size, eod_id=None),
                    forward_step=partial(sft_forward_step, device=ps.device),
                    datasets_provider=partial(sft_datasets_provider, pad_id=pad_id),
-                   loss_key="lm loss", initial_weights=pretrained)
+                   loss_key="lm loss", initial_weights=pretrained,
+                   reported_counts={RESPONSE_TOKENS: "response_tokens"})

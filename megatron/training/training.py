@@ -36,7 +36,7 @@ from megatron.core.optimizer.factory import build_optimizer
 from megatron.core.precision import apply_precision
 from megatron.core.parallel_state import ParallelState, init_distributed
 from megatron.core.pipeline_parallel.model import allreduce_embedding_grads
-from megatron.core.pipeline_parallel.schedules import get_forward_backward_func, reported_mean
+from megatron.core.pipeline_parallel.schedules import get_forward_backward_func, reported_mean, reported_sum
 from megatron.core.tensor_parallel.random import model_parallel_seed
 from megatron.training import resume
 from megatron.training.config import RunConfig
@@ -65,6 +65,9 @@ class TrainingTask:
     # A checkpoint folder whose weights the model starts from when --load has nothing to resume
     # (fine-tuning from a pretrained model).
     initial_weights: str | None = None
+    # Reported values totalled over the global batch into every metrics record: {reported key:
+    # record key} (SFT: the response tokens).
+    reported_counts: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -171,6 +174,7 @@ class Trainer:
         self.scheduler = LRScheduler(config.schedule.lr_schedule_config(config.train_iters), train_iters=config.train_iters,
                                      on_mismatch=config.schedule.mismatch_policy)
         self.state = TrainState()
+        self.counts: dict[str, int] = {}  # the last global batch's `task.reported_counts`
         self.checkpointer = resume.Checkpointer(
             config, ps, self.model, self.optimizer, self.rng, train_state=self.state,
             components={"scheduler": self.scheduler, "fp8_autoscaler": self.ddp.fp8_autoscaler},
@@ -202,7 +206,8 @@ class Trainer:
         return schedule, (chunks if chunks else self.ddp)
 
     def train_step(self) -> tuple[float, bool, float]:
-        """One global batch: returns (loss averaged over the global batch, skipped, grad norm)."""
+        """One global batch: returns (loss averaged over the global batch, skipped, grad norm);
+        the task's `reported_counts` of the batch are left in `self.counts`."""
         self.ddp.module.train()
         self.ddp.zero_grad_buffer()
         reported = self.forward_backward(forward_step=self.forward_step, data_iterator=self.train_iter,
@@ -210,6 +215,7 @@ class Trainer:
         self.ddp.finish_grad_sync()
         allreduce_embedding_grads(self.model, self.ps, self.ddp.dense_grad)
         result = self.optimizer.step()
+        self.counts = {name: int(reported_sum(reported, key, self.ps)) for key, name in self.task.reported_counts.items()}
         return reported_mean(reported, self.task.loss_key, self.ps), result.skipped, result.grad_norm
 
     @torch.no_grad()
@@ -233,6 +239,7 @@ class Trainer:
             "memory": memory_record(self.model, self.ddp, self.optimizer, self.num_params),
             "comm": comm_bytes, "consumed_samples": self.state.consumed_samples,
             "train_iters": self.config.train_iters, "global_batch_size": self.config.global_batch_size,
+            **self.counts,
         }
         if self.ddp.fp8_grad_params:
             stats = dict(self.ddp.fp8_stats)
@@ -276,11 +283,15 @@ class Trainer:
             state.losses.append(loss)
             interval_time, interval_steps = interval_time + step_time, interval_steps + 1
             interval_skipped += int(skipped)
-            if state.iteration % config.log_interval == 0 or state.iteration == config.train_iters:
-                self.log(self.record(loss, interval_skipped, grad_norm, interval_time / interval_steps, lr, comm_bytes))
-                interval_time, interval_steps, interval_skipped = 0.0, 0, 0
+            val_loss = None
             if self.valid_iter is not None and state.iteration % config.eval_interval == 0:
-                self.log_eval(self.evaluate())
+                val_loss = self.evaluate()
+            if state.iteration % config.log_interval == 0 or state.iteration == config.train_iters:
+                record = self.record(loss, interval_skipped, grad_norm, interval_time / interval_steps, lr, comm_bytes)
+                self.log(record if val_loss is None else dict(record, val_loss=val_loss))
+                interval_time, interval_steps, interval_skipped = 0.0, 0, 0
+            if val_loss is not None:
+                self.log_eval(val_loss)
             if config.save_interval and state.iteration % config.save_interval == 0:
                 self.checkpointer.save()
             if reason is not None:

@@ -52,6 +52,11 @@ class ChatTemplate(ABC):
     def encode(self, messages: list[dict], where: str = "") -> EncodedConversation:
         """Tokens and loss mask of a checked conversation; ValueError naming `where` on failure."""
 
+    @abstractmethod
+    def prompt_tokens(self, messages: list[dict], where: str = "") -> np.ndarray:
+        """Token ids of `messages` (ending with a user turn) followed by the assistant's header:
+        what a model generates the answer after, tokenized as `encode` tokenizes that part."""
+
 
 def _pieces_to_tokens(tokenizer: MegatronTokenizer, pieces: list[tuple[str | int, int]]) -> tuple[np.ndarray, np.ndarray]:
     """(text or a single token id, mask value) pieces -> concatenated ids and mask."""
@@ -91,12 +96,18 @@ class DefaultChatTemplate(ChatTemplate):
     def _header(self, role: str) -> str:
         return f"<|{role}|>\n" if self.with_headers else ""
 
-    def encode(self, messages: list[dict], where: str = "") -> EncodedConversation:
+    def prompt_tokens(self, messages: list[dict], where: str = "") -> np.ndarray:
+        pieces = self.pieces(messages + [{"role": "assistant", "content": "x"}])[:-2]
+        return self.encode_pieces(pieces, where)[0]
+
+    def encode_pieces(self, pieces, where: str) -> tuple[np.ndarray, np.ndarray]:
         try:
-            tokens, mask = _pieces_to_tokens(self.tokenizer, self.pieces(messages))
+            return _pieces_to_tokens(self.tokenizer, pieces)
         except ValueError as exc:  # NullTokenizer text that is not integers in range
             raise ValueError(f"{where}: {_first_line(exc)}") from None
-        return EncodedConversation(tokens, mask)
+
+    def encode(self, messages: list[dict], where: str = "") -> EncodedConversation:
+        return EncodedConversation(*self.encode_pieces(self.pieces(messages), where))
 
 
 # --------------------------------------------------------------------------------- Jinja templates
@@ -161,6 +172,10 @@ class JinjaChatTemplate(ChatTemplate):
         except Exception as exc:  # raise_exception, undefined attributes, type errors in the template
             raise ValueError(f"{where}: chat template {self.origin} failed: {type(exc).__name__}: "
                              f"{_first_line(exc)}") from None
+
+    def prompt_tokens(self, messages: list[dict], where: str = "") -> np.ndarray:
+        text = self.render(messages, add_generation_prompt=True, where=where)
+        return np.asarray(self.tokenizer.tokenize(text), dtype=np.int64)
 
     def target_spans(self, messages: list[dict], where: str = "") -> tuple[str, list[tuple[int, int]]]:
         """The rendered conversation and the [start, end) character span of each assistant turn's target."""

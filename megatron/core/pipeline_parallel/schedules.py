@@ -351,13 +351,26 @@ def reported_mean(reported: list[dict], key: str, ps: ParallelState) -> float:
 
     Under pipelining only the last stage has `reported`; it broadcasts its mean to the other
     stages of its pipeline first, so every rank logs (and can act on) the same number."""
+    return _reported_total(reported, key, ps, mean=True)
+
+
+def reported_sum(reported: list[dict], key: str, ps: ParallelState) -> float:
+    """The sum of ``reported[i][key]`` over micro-batches and data-parallel ranks (a count over the
+    global batch, e.g. of response tokens), on every rank, as `reported_mean` gathers it."""
+    return _reported_total(reported, key, ps, mean=False)
+
+
+def _reported_total(reported: list[dict], key: str, ps: ParallelState, mean: bool) -> float:
     if reported:
-        local = torch.stack([torch.as_tensor(v[key], dtype=torch.float32) for v in reported]).mean().to(ps.device)
+        values = torch.stack([torch.as_tensor(v[key], dtype=torch.float32) for v in reported])
+        local = (values.mean() if mean else values.sum()).to(ps.device)
     else:
         assert not ps.is_last_stage, f"the last pipeline stage reported no {key!r}"
         local = torch.zeros((), dtype=torch.float32, device=ps.device)
     if ps.pp_size > 1:
         comm.broadcast(local.reshape(1), ps, "pp", src_group_rank=ps.pp_size - 1)
     if ps.dp_size > 1:
-        comm.all_reduce(local, ps, "dp").div_(ps.dp_size)
+        comm.all_reduce(local, ps, "dp")
+        if mean:
+            local.div_(ps.dp_size)
     return local.item()
