@@ -19,7 +19,8 @@ from megatron.core.tokenizers.tokenizer import build_tokenizer
 from megatron.training.cli import run_cli
 from megatron.training.config import parse_config
 from megatron.training.sft import SFTArgs, sft_task, with_epochs
-from megatron.training.training import Trainer, print_rank0, setup_parallel
+from megatron.training.training import run_training, setup_parallel
+from tools.plot_metrics import plot_loss_if_asked
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,19 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     config = with_epochs(config)
     tokenizer = build_tokenizer(config.tokenizer.tokenizer_config())
     task = sft_task(config, ps, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad)
-    trainer = Trainer(config, ps, task)
-    print_rank0(ps, f"> {ps.describe()}; {task.num_params:,} parameters; fp8 level {config.precision.fp8_level}; "
-                    f"{config.train_iters} iterations")
-    try:
-        state = trainer.train()
-    finally:
-        trainer.close()
-    final = f"final response loss {state.losses[-1]:.4f}, " if state.losses else ""
-    print_rank0(ps, f"> done: {state.iteration} iterations, {final}{state.skipped_iterations} skipped")
-    if config.logging.loss_plot and ps.rank == 0:
-        from tools.plot_metrics import plot_metrics
-        plot_metrics([config.logging.metrics_file], config.logging.loss_plot)
-        print(f"> loss curve: {config.logging.loss_plot}", flush=True)
+    run_training(config, ps, task, loss_name="response loss", extra=f"; {config.train_iters} iterations")
+    plot_loss_if_asked(config, ps)
     return 0
 
 

@@ -16,25 +16,15 @@ from megatron.core.tokenizers.tokenizer import build_tokenizer
 from megatron.training.cli import run_cli
 from megatron.training.config import parse_config
 from megatron.training.gpt_providers import gpt_task
-from megatron.training.training import Trainer, print_rank0, setup_parallel
+from megatron.training.training import run_training, setup_parallel
+from tools.plot_metrics import plot_loss_if_asked
 
 
 def main(argv: list[str] | None = None) -> int:
     config, ps = setup_parallel(parse_config(argv, description="Pretrain a GPT with FP8-LM"))
     tokenizer = build_tokenizer(config.tokenizer.tokenizer_config())
-    task = gpt_task(config, ps, vocab_size=tokenizer.vocab_size, eod_id=tokenizer.eod)
-    trainer = Trainer(config, ps, task)
-    print_rank0(ps, f"> {ps.describe()}; {task.num_params:,} parameters; fp8 level {config.precision.fp8_level}")
-    try:
-        state = trainer.train()
-    finally:
-        trainer.close()
-    final = f"final loss {state.losses[-1]:.4f}, " if state.losses else ""
-    print_rank0(ps, f"> done: {state.iteration} iterations, {final}{state.skipped_iterations} skipped")
-    if config.logging.loss_plot and ps.rank == 0:
-        from tools.plot_metrics import plot_metrics
-        plot_metrics([config.logging.metrics_file], config.logging.loss_plot)
-        print(f"> loss curve: {config.logging.loss_plot}", flush=True)
+    run_training(config, ps, gpt_task(config, ps, vocab_size=tokenizer.vocab_size, eod_id=tokenizer.eod))
+    plot_loss_if_asked(config, ps)
     return 0
 
 

@@ -104,6 +104,13 @@ def _numeric_keys(record: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+def plot_loss_if_asked(config, ps) -> None:
+    """The training entry points' --loss-plot: the run's metrics file, plotted by global rank 0."""
+    if config.logging.loss_plot and ps.rank == 0:
+        plot_metrics([config.logging.metrics_file], config.logging.loss_plot)
+        print(f"> loss curve: {config.logging.loss_plot}", flush=True)
+
+
 def plot_metrics(paths: Sequence[str], out: str, labels: Sequence[str] | None = None, key: str = "loss",
                  log_scale: bool = False) -> str:
     """Plot `key` (and `lr`, where present) against the iteration; returns `out`.

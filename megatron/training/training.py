@@ -111,6 +111,21 @@ def setup_parallel(config: RunConfig) -> tuple[RunConfig, ParallelState]:
     return config, ps
 
 
+def run_training(config: RunConfig, ps: ParallelState, task: TrainingTask, *, loss_name: str = "loss",
+                 extra: str = "") -> TrainState:
+    """An entry point's run of `task`: the trainer built, a line saying what runs, training to the
+    end (or a stop condition), and a line with the result."""
+    trainer = Trainer(config, ps, task)
+    print_rank0(ps, f"> {ps.describe()}; {task.num_params:,} parameters; fp8 level {config.precision.fp8_level}{extra}")
+    try:
+        state = trainer.train()
+    finally:
+        trainer.close()
+    final = f"final {loss_name} {state.losses[-1]:.4f}, " if state.losses else ""
+    print_rank0(ps, f"> done: {state.iteration} iterations, {final}{state.skipped_iterations} skipped")
+    return state
+
+
 def memory_record(model: torch.nn.Module, ddp: DistributedDataParallel, optimizer, num_params: int) -> dict:
     """Bytes this rank holds persistently (scales included), per DESIGN.md's metrics contract
     (FP8 linears keep no FP8 weight copy between uses); `fp8_grad_peak_bytes` is what the FP8
