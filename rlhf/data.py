@@ -16,13 +16,13 @@ ValueError whose one line names the record (`FILE:LINE`).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from megatron.core.datasets.chat_template import ChatTemplate
+from megatron.core.datasets.corpus_readers import json_lines
 from megatron.core.datasets.sft_formats import check_conversation
 
 
@@ -91,18 +91,8 @@ def encode_pair(record: dict, template: ChatTemplate, where: str) -> PreferenceP
 def read_preference_pairs(path: str | Path, template: ChatTemplate, *, max_tokens: int | None = None
                           ) -> tuple[list[PreferencePair], int]:
     """Every pair of a JSON-lines file, and how many were dropped for a side longer than `max_tokens`."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"preference data {path} does not exist")
     pairs, dropped = [], 0
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{where} is not JSON ({exc.msg}); write one object per line") from None
+    for where, record in json_lines(path, "preference data"):
         pair = encode_pair(record, template, where)
         if max_tokens is not None and max(len(pair.chosen), len(pair.rejected)) > max_tokens:
             dropped += 1

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from megatron.core.datasets.corpus_readers import json_lines  # noqa: E402
 from megatron.core.inference import SamplingParams, generate  # noqa: E402
 from megatron.core.parallel_state import ParallelState, init_distributed  # noqa: E402
 from megatron.core.precision import LEVELS  # noqa: E402
@@ -68,22 +69,13 @@ def build_parser() -> OneLineErrorParser:
 def read_prompts(args, tokenizer) -> list[list[int]]:
     prompts = [tokenizer.tokenize(text) for text in args.prompt]
     if args.prompts_file:
-        path = Path(args.prompts_file)
-        if not path.is_file():
-            raise ValueError(f"--prompts-file {path} does not exist")
-        for number, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number} is not JSON ({exc.msg}); write one object per line") from None
+        for where, record in json_lines(args.prompts_file, "--prompts-file"):
             if isinstance(record, dict) and isinstance(record.get("prompt"), str):
                 prompts.append(tokenizer.tokenize(record["prompt"]))
             elif isinstance(record, dict) and isinstance(record.get("tokens"), list):
                 prompts.append([int(t) for t in record["tokens"]])
             else:
-                raise ValueError(f'{path}:{number} needs a "prompt" string or a "tokens" list')
+                raise ValueError(f'{where} needs a "prompt" string or a "tokens" list')
     for index, prompt in enumerate(prompts):
         if not prompt:
             raise ValueError(f"prompt {index} is empty after tokenizing; give it some text")

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from megatron.core.datasets.chat_template import load_chat_template  # noqa: E402
+from megatron.core.datasets.corpus_readers import json_lines  # noqa: E402
 from megatron.core.datasets.sft_formats import FieldNames, detect_format, to_conversation  # noqa: E402
 from megatron.core.inference import SamplingParams  # noqa: E402
 from megatron.training.cli import run_cli  # noqa: E402
@@ -52,17 +53,8 @@ def build_parser() -> OneLineErrorParser:
 
 def read_samples(path: Path, limit: int | None) -> list[tuple[list[dict], str]]:
     """(conversation before the answer, the answer) per record."""
-    if not path.is_file():
-        raise ValueError(f"--input {path} does not exist")
     samples = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{where} is not JSON ({exc.msg}); write one object per line") from None
+    for where, record in json_lines(path, "--input"):
         conversation = to_conversation(record, detect_format(record, FieldNames(), where), FieldNames(), where)
         if conversation[-1]["role"] != "assistant":
             raise ValueError(f"{where}: the conversation must end with the assistant's answer to compare with")

@@ -163,6 +163,23 @@ def iter_texts(sources: Sequence[Source], keys: Sequence[str], txt_mode: str = "
             yield from parse_record(batch, position, keys)
 
 
+def json_lines(path: str | Path, what: str) -> Iterator[tuple[str, object]]:
+    """(`FILE:LINE`, decoded object) for every non-blank line of a small JSON-lines file (prompts,
+    evaluation sets, preference pairs), with one-line errors: `what` names the file for the user
+    (e.g. "--prompts-file")."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{what} {path} does not exist")
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            yield where, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{where} is not JSON ({exc.msg}); write one object per line") from None
+
+
 def _decode_json_line(line: bytes, where: str):
     try:
         return json.loads(line)

@@ -92,12 +92,12 @@ class SelfAttention(nn.Module):
         return self._rotary_cache[1]
 
     def forward(self, x: torch.Tensor, kv_cache=None, layer_number: int = 0, position_ids=None,
-                segment_ids=None) -> torch.Tensor:
+                attention_mask=None) -> torch.Tensor:
         """`kv_cache` (`megatron.core.inference.KVCache`): `x` holds the tokens after those cached,
         which its queries attend to as well; their keys and values join the cache under
         `layer_number`. Packed sequences (`megatron.core.datasets.sft_dataset`): `position_ids`
         [b, s] place each token for the rotary embedding (restarting per sample) and a token
-        attends only to earlier tokens of its own segment (`segment_ids` [b, s])."""
+        attends only to the keys `attention_mask` allows (`packed_attention_mask`)."""
         cfg = self.config
         qkv = self.linear_qkv(x)
         seq, batch, width = qkv.shape
@@ -123,15 +123,11 @@ class SelfAttention(nn.Module):
         query = query.permute(1, 2, 0, 3)
         key = key.permute(1, 2, 0, 3).repeat_interleave(cfg.heads_per_group, dim=1)
         value = value.permute(1, 2, 0, 3).repeat_interleave(cfg.heads_per_group, dim=1)
-        mask = None
-        if segment_ids is not None:
-            # causal within each segment: [b, 1, s, s], True where a query may attend
-            same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
-            mask = same & torch.ones(seq, seq, dtype=torch.bool, device=qkv.device).tril()
         if self.recompute_core_attention and self.training and torch.is_grad_enabled():
-            context = recomputed(self._core_attention, query, key, value, offset, mask, tracker=self.rng_tracker)
+            context = recomputed(self._core_attention, query, key, value, offset, attention_mask,
+                                 tracker=self.rng_tracker)
         else:
-            context = self._core_attention(query, key, value, offset, mask)
+            context = self._core_attention(query, key, value, offset, attention_mask)
         context = context.permute(2, 0, 1, 3).reshape(seq, batch, -1)
         return self.linear_proj(context)
 
@@ -147,6 +143,16 @@ class SelfAttention(nn.Module):
         with self.rng_context():
             return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout,
                                                   is_causal=causal)
+
+
+def packed_attention_mask(segment_ids: torch.Tensor | None) -> torch.Tensor | None:
+    """[b, 1, s, s] booleans, True where a query may attend: earlier (or the same) positions of its
+    own segment. None without `segment_ids`."""
+    if segment_ids is None:
+        return None
+    seq = segment_ids.shape[1]
+    same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+    return same & torch.ones(seq, seq, dtype=torch.bool, device=segment_ids.device).tril()
 
 
 class MLP(nn.Module):
@@ -186,8 +192,9 @@ class TransformerLayer(nn.Module):
         with self.rng_context():
             return residual + F.dropout(update, p=self.hidden_dropout, training=self.training)
 
-    def forward(self, x: torch.Tensor, kv_cache=None, position_ids=None, segment_ids=None) -> torch.Tensor:
-        attention = self.self_attention(self.input_layernorm(x), kv_cache, self.layer_number, position_ids, segment_ids)
+    def forward(self, x: torch.Tensor, kv_cache=None, position_ids=None, attention_mask=None) -> torch.Tensor:
+        attention = self.self_attention(self.input_layernorm(x), kv_cache, self.layer_number, position_ids,
+                                        attention_mask)
         x = self._dropout_add(x, attention)
         return self._dropout_add(x, self.mlp(self.pre_mlp_layernorm(x)))
 
@@ -208,26 +215,28 @@ class TransformerBlock(nn.Module):
         self.final_layernorm = make_norm(config, device) if post_process else None
         self.rng_tracker = None  # set by the parallelize step, for recomputation
 
-    def _run(self, start: int, end: int, position_ids=None, segment_ids=None):
+    def _run(self, start: int, end: int, position_ids=None, attention_mask=None):
         def run(x):
             for layer in self.layers[start:end]:
-                x = layer(x, None, position_ids, segment_ids)
+                x = layer(x, None, position_ids, attention_mask)
             return x
         return run
 
     def forward(self, x: torch.Tensor, kv_cache=None, position_ids=None, segment_ids=None) -> torch.Tensor:
-        """`position_ids`, `segment_ids` [b, s]: packed sequences (see `SelfAttention.forward`)."""
+        """`position_ids`, `segment_ids` [b, s]: packed sequences (see `SelfAttention.forward`); the
+        attention mask is built once here for every layer."""
+        mask = packed_attention_mask(segment_ids)
         if kv_cache is not None:
             for layer in self.layers:
                 x = layer(x, kv_cache)
         elif self.recompute is None or not (self.training and torch.is_grad_enabled()):
-            x = self._run(0, len(self.layers), position_ids, segment_ids)(x)
+            x = self._run(0, len(self.layers), position_ids, mask)(x)
         elif self.recompute[0] == "uniform":  # every chunk of N layers, keeping only its input
             chunk = self.recompute[1]
             for start in range(0, len(self.layers), chunk):
-                x = recomputed(self._run(start, start + chunk, position_ids, segment_ids), x, tracker=self.rng_tracker)
+                x = recomputed(self._run(start, start + chunk, position_ids, mask), x, tracker=self.rng_tracker)
         else:  # "block": the first N layers of this stage one by one, the rest kept
             for index in range(len(self.layers)):
-                run = self._run(index, index + 1, position_ids, segment_ids)
+                run = self._run(index, index + 1, position_ids, mask)
                 x = recomputed(run, x, tracker=self.rng_tracker) if index < self.recompute[1] else run(x)
         return self.final_layernorm(x) if self.final_layernorm is not None else x
