@@ -48,5 +48,15 @@ def check_same_tokenizer(run: TokenizerConfig, checkpoints: dict[str, str | None
                              f"that run, or models trained with this tokenizer")
 
 
+FP8_CASTING_FLAGS = ("fp8_format", "fp8_recipe", "fp8_amax_history_len", "fp8_amax_compute_algo", "fp8_margin",
+                     "fp8_min_features", "fp8_output_layer")
+
+
+def fp8_settings_of(config) -> dict:
+    """The run's FP8 casting flags, for the frozen models it loads (`load_gpt_for_inference`'s
+    `fp8_settings`): they cast as the trained model does."""
+    return {name: getattr(config.precision, name) for name in FP8_CASTING_FLAGS}
+
+
 def chat_template_for(tokenizer_config: TokenizerConfig, choice: str = "auto") -> ChatTemplate:
     return load_chat_template(build_tokenizer(tokenizer_config), choice)

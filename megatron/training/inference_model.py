@@ -206,14 +206,17 @@ def check_tensor_parallel_fits(config: TransformerConfig, tp_size: int) -> None:
 
 
 def load_gpt_for_inference(load_dir: str, ps: ParallelState, *, params_dtype: torch.dtype | None = None,
-                           fp8_level: str | None = "none", fp8_recipe: str | None = None) -> LoadedModel:
+                           fp8_level: str | None = "none", fp8_recipe: str | None = None,
+                           fp8_settings: dict | None = None) -> LoadedModel:
     """The latest checkpoint in `load_dir` as this rank's shard of an eval-mode GPT at `ps`'s
     tensor-parallel size (pipeline size 1), weights in `params_dtype` (default: the run's).
 
     `fp8_level`: the GEMMs to run (`apply_inference_precision`): "none" (default) high precision,
     O0-O2 FP8 GEMMs on high-precision weights, O3 FP8 weights (one byte each, cast from each
     loaded value as it is read, so no high-precision copy of them exists); None means the level the
-    checkpoint was trained at. `fp8_recipe`: the scaling recipe (default: the run's)."""
+    checkpoint was trained at. `fp8_recipe`: the scaling recipe (default: the run's). `fp8_settings`:
+    casting flags by their names (fp8_format, fp8_min_features, ...) that replace the saved run's,
+    e.g. those of the run that uses this model as a frozen reference."""
     if ps.pp_size > 1:
         raise ValueError(f"inference loads the whole model on every rank, but the pipeline size is {ps.pp_size}; "
                          f"use --pipeline-model-parallel-size 1 (tensor parallelism splits a large model)")
@@ -228,7 +231,7 @@ def load_gpt_for_inference(load_dir: str, ps: ParallelState, *, params_dtype: to
     level = saved.fp8_level if fp8_level is None else fp8_level
     if level not in LEVELS:
         raise ValueError(f"unknown FP8 level {level!r}; use one of {', '.join(LEVELS)}")
-    apply_inference_precision(model, _inference_fp8_config(saved.args, level, fp8_recipe))
+    apply_inference_precision(model, _inference_fp8_config(dict(saved.args, **(fp8_settings or {})), level, fp8_recipe))
     same_tp = saved.metadata["layout"]["tp"] == ps.tp_size
     weights = saved.read_weights([ps.tp_rank] if same_tp else None)
     _load_weights(model, weights, ps)

@@ -13,6 +13,11 @@ A task is the providers plus the few facts about them that the loop needs:
 - what pipeline stages send each other, the tokens per sample (for throughput), and optionally
   the model's FLOPs per token and parameter count.
 
+Reinforcement learning trains on data the model itself makes: its task gives an
+``experience_provider(trainer) -> Experience`` instead of datasets. Each iteration then collects
+(rollouts from the policy being trained, scored) and makes `Experience.updates` optimizer updates
+on what it collected; the iteration stays the unit of the schedule, logging and checkpoints.
+
 The loop itself knows nothing of GPT: it reads its settings (iterations, batch sizes, intervals,
 checkpoints, logging, precision) from the run's `RunConfig` (`megatron.training.config`) and takes
 everything about the model from the task.
@@ -24,7 +29,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator, Protocol
 
 import torch
 
@@ -68,6 +73,34 @@ class TrainingTask:
     # Reported values totalled over the global batch into every metrics record: {reported key:
     # record key} (SFT: the response tokens).
     reported_counts: dict = field(default_factory=dict)
+    # Reported values averaged over the iteration's micro-batches and updates into every metrics
+    # record: {reported key: record key} (RLHF: KL, clip fraction, accuracy, ...).
+    reported_means: dict = field(default_factory=dict)
+    # Record keys shown on the training log line after the loss: {record key: label}.
+    log_fields: dict = field(default_factory=dict)
+    # Data made from the model being trained (RLHF rollouts) instead of `datasets_provider`'s.
+    experience_provider: Callable[["Trainer"], "Experience"] | None = None
+
+
+class Experience(Protocol):
+    """Training data an iteration makes for itself (RLHF: rollouts of the policy, scored).
+
+    `collect(iteration)` makes the iteration's data from the model as it stands and returns the
+    values to put in the metrics record (reward, KL, ...); `iterator` then yields the
+    micro-batches of `updates` optimizer updates on it, one global batch each. What it collects
+    must depend only on the iteration and the model (seeded by both), so that a resumed run
+    collects what the original did; any state it carries across iterations (an adaptive KL
+    coefficient) it saves through `state_dict` / `load_state_dict`."""
+
+    updates: int
+    samples: int  # what an iteration collects (rollouts), counted as its consumed samples
+    iterator: Iterator
+
+    def collect(self, iteration: int) -> dict: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 @dataclass
@@ -190,9 +223,13 @@ class Trainer:
                                      on_mismatch=config.schedule.mismatch_policy)
         self.state = TrainState()
         self.counts: dict[str, int] = {}  # the last global batch's `task.reported_counts`
+        self.means: dict[str, float] = {}  # the last iteration's `task.reported_means`
+        self.collected: dict = {}  # what the last iteration's experience collection reported
+        self.experience = task.experience_provider(self) if task.experience_provider else None
         self.checkpointer = resume.Checkpointer(
             config, ps, self.model, self.optimizer, self.rng, train_state=self.state,
-            components={"scheduler": self.scheduler, "fp8_autoscaler": self.ddp.fp8_autoscaler},
+            components={"scheduler": self.scheduler, "fp8_autoscaler": self.ddp.fp8_autoscaler,
+                        "experience": self.experience},
             layout=resume.layout_of(ps, self.use_distributed_optimizer), global_name=task.global_name,
             signature=task.model_signature)
         resumed = self.checkpointer.load() if config.load else False
@@ -200,9 +237,13 @@ class Trainer:
             self.checkpointer.load_weights(task.initial_weights)
         self.num_params = task.num_params or sum(p.numel() for p in self.model.parameters())
         self.num_microbatches = config.global_batch_size // (config.micro_batch_size * ps.dp_size)
+        self.samples_per_iteration = self.experience.samples if self.experience is not None else config.global_batch_size
         self.forward_backward, self.schedule_model = self._schedule()
-        self.train_iter, self.valid_iter = build_data_iterators(config, ps, task.datasets_provider,
-                                                                self.state.consumed_samples, self.state.iteration)
+        if self.experience is not None:
+            self.train_iter, self.valid_iter = self.experience.iterator, None
+        else:
+            self.train_iter, self.valid_iter = build_data_iterators(config, ps, task.datasets_provider,
+                                                                    self.state.consumed_samples, self.state.iteration)
         enabled = ps.rank == 0
         # Lines past the starting iteration belong to a run this one replaces (or redoes).
         self.metrics = MetricsWriter(config.metrics_file, enabled, resume_from_iteration=self.state.iteration)
@@ -221,17 +262,24 @@ class Trainer:
         return schedule, (chunks if chunks else self.ddp)
 
     def train_step(self) -> tuple[float, bool, float]:
-        """One global batch: returns (loss averaged over the global batch, skipped, grad norm);
-        the task's `reported_counts` of the batch are left in `self.counts`."""
-        self.ddp.module.train()
-        self.ddp.zero_grad_buffer()
-        reported = self.forward_backward(forward_step=self.forward_step, data_iterator=self.train_iter,
-                                         model=self.schedule_model, num_microbatches=self.num_microbatches)
-        self.ddp.finish_grad_sync()
-        allreduce_embedding_grads(self.model, self.ps, self.ddp.dense_grad)
-        result = self.optimizer.step()
+        """One iteration: one global batch and optimizer update (with an `Experience`: its
+        collection, then its updates). Returns (loss averaged over the iteration's micro-batches,
+        whether an update was skipped, the last update's grad norm); the task's `reported_counts`
+        and `reported_means` are left in `self.counts` and `self.means`."""
+        self.collected = self.experience.collect(self.state.iteration) if self.experience is not None else {}
+        reported, skipped = [], False
+        for _ in range(self.experience.updates if self.experience is not None else 1):
+            self.ddp.module.train()
+            self.ddp.zero_grad_buffer()
+            reported += self.forward_backward(forward_step=self.forward_step, data_iterator=self.train_iter,
+                                              model=self.schedule_model, num_microbatches=self.num_microbatches)
+            self.ddp.finish_grad_sync()
+            allreduce_embedding_grads(self.model, self.ps, self.ddp.dense_grad)
+            result = self.optimizer.step()
+            skipped = skipped or result.skipped
         self.counts = {name: int(reported_sum(reported, key, self.ps)) for key, name in self.task.reported_counts.items()}
-        return reported_mean(reported, self.task.loss_key, self.ps), result.skipped, result.grad_norm
+        self.means = {name: reported_mean(reported, key, self.ps) for key, name in self.task.reported_means.items()}
+        return reported_mean(reported, self.task.loss_key, self.ps), skipped, result.grad_norm
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -247,14 +295,14 @@ class Trainer:
                comm_bytes: dict) -> dict:
         """The metrics record (docs/metrics.md): `skipped` counts the interval's skipped steps and
         `step_time_s` is the interval's mean; the rest describe the logged iteration."""
-        tokens_per_s = self.config.global_batch_size * self.task.tokens_per_sample / step_time
+        tokens_per_s = self.samples_per_iteration * self.task.tokens_per_sample / step_time
         record = {
             "iteration": self.state.iteration, "loss": loss, "lr": lr, "grad_norm": grad_norm,
             "skipped": skipped, "step_time_s": step_time, "tokens_per_s": tokens_per_s,
             "memory": memory_record(self.model, self.ddp, self.optimizer, self.num_params),
             "comm": comm_bytes, "consumed_samples": self.state.consumed_samples,
             "train_iters": self.config.train_iters, "global_batch_size": self.config.global_batch_size,
-            **self.counts,
+            **self.counts, **self.means, **self.collected,
         }
         if self.ddp.fp8_grad_params:
             stats = dict(self.ddp.fp8_stats)
@@ -293,7 +341,7 @@ class Trainer:
             reason = stop.reason(state.iteration + 1)
             comm_bytes = counter.snapshot()
             state.iteration += 1
-            state.consumed_samples += config.global_batch_size
+            state.consumed_samples += self.samples_per_iteration
             state.skipped_iterations += int(skipped)
             state.losses.append(loss)
             interval_time, interval_steps = interval_time + step_time, interval_steps + 1
@@ -317,7 +365,7 @@ class Trainer:
     def log(self, record: dict) -> None:
         self.metrics.write(record)
         self.loggers.log(record, record["iteration"])
-        print_rank0(self.ps, format_log_line(record, self.task.loss_key))
+        print_rank0(self.ps, format_log_line(record, self.task.loss_key, self.task.log_fields))
 
     def log_eval(self, val_loss: float) -> None:
         self.state.val_losses.append((self.state.iteration, val_loss))
