@@ -92,6 +92,17 @@ def test_exact_match_and_response_loss(tmp_path, capsys):
         count += int(encoded.loss_mask[1:].sum())
     assert summary["response_loss"] == pytest.approx(total / count, rel=1e-6)
     assert "exact match:" in capsys.readouterr().out
+    # Sampled answers: answer k of question q draws from stream q x N + k of the seed.
+    assert run_cli(lambda: sft_eval.main(["--load", str(tmp_path / "ckpt"), "--input", str(data), "--device", "cpu",
+                                          "--samples-per-prompt", "3", "--temperature", "1.5", "--seed", "9",
+                                          "--out", str(tmp_path / "sampled.json")])) == 0
+    sampled = json.loads((tmp_path / "sampled.json").read_text())
+    repeated = [p for p in prompts for _ in range(3)]
+    drawn = generate(model, repeated, SamplingParams(max_new_tokens=budget, temperature=1.5, seed=9), vocab_size=96,
+                     eod_id=95, indices=list(range(len(repeated))))
+    want = [" ".join(str(t) for t in r.tokens if t != 95) == references[i // 3] for i, r in enumerate(drawn)]
+    assert [r["match"] for r in sampled["results"]] == want and sampled["samples"] == 18
+    assert sampled["exact_match_rate"] == pytest.approx(sum(want) / 18)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"messages": [{"role": "user", "content": "1"}]}) + "\n")
     assert run_cli(lambda: sft_eval.main(["--load", str(tmp_path / "ckpt"), "--input", str(bad), "--device", "cpu"])) == 2

@@ -13,6 +13,10 @@ is the mean cross-entropy of the answers' target tokens (the loss finetune_sft.p
 validates on) with the whole conversation given. Prints both and writes them, with every sample's
 prompt, reference and answer, to `--out` as JSON. The model
 is loaded at the launch's tensor-parallel size from any saved layout (`tools/generate.py`).
+
+`--samples-per-prompt N` scores N sampled answers per question (`--temperature`, `--top-k`,
+`--seed`) instead of the greedy one: the match rate is then the expected exact-match reward of
+the policy an RLHF run trains (`make rlhf`).
 """
 
 from __future__ import annotations
@@ -48,6 +52,12 @@ def build_parser() -> OneLineErrorParser:
     parser.add_argument("--micro-batch-size", type=int, default=16)
     parser.add_argument("--fp8-level", default="checkpoint", help="as tools/generate.py")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--samples-per-prompt", type=int, default=0,
+                        help="score N sampled answers per question instead of the greedy one (the mean match is "
+                             "then an RLHF policy's expected exact-match reward)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --samples-per-prompt)")
+    parser.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
+    parser.add_argument("--seed", type=int, default=1234, help="sampling seed (answer i of question q: its own stream)")
     return parser
 
 
@@ -75,17 +85,28 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [[int(t) for t in template.prompt_tokens(turns, where=f"{args.input} record {i + 1}")]
                for i, (turns, _) in enumerate(samples)]
     budget = max(len(gen.tokenizer.tokenize(answer)) for _, answer in samples) + EXTRA_TOKENS
-    gen.params = SamplingParams(max_new_tokens=budget, greedy=True)
+    draws = max(args.samples_per_prompt, 1)
+    if args.samples_per_prompt < 0:
+        raise ValueError(f"--samples-per-prompt must be >= 0, got {args.samples_per_prompt}")
+    if args.samples_per_prompt:
+        gen.params = SamplingParams(max_new_tokens=budget, temperature=args.temperature, top_k=args.top_k,
+                                    seed=args.seed)
+    else:
+        gen.params = SamplingParams(max_new_tokens=budget, greedy=True)
     loss = response_loss(gen.loaded.model, template, samples, args.input)
-    records = gen.run(prompts)
+    records = gen.run([prompt for prompt in prompts for _ in range(draws)])
     if records is None:  # not rank 0
         return 0
     results = []
-    for (turns, answer), record in zip(samples, records):
+    for index, record in enumerate(records):
+        turns, answer = samples[index // draws]
         results.append({"prompt": turns[-1]["content"], "reference": answer, "answer": record["text"].strip(),
                         "match": record["text"].strip() == answer.strip()})
     matches = sum(r["match"] for r in results)
-    summary = {"checkpoint": args.load, "input": args.input, "samples": len(results), "exact_match": matches,
+    summary = {"checkpoint": args.load, "input": args.input, "samples": len(results),
+               "sampling": {"samples_per_prompt": args.samples_per_prompt, "temperature": args.temperature,
+                            "top_k": args.top_k, "seed": args.seed} if args.samples_per_prompt else "greedy",
+               "exact_match": matches,
                "exact_match_rate": matches / len(results), "response_loss": loss, "template": template.description,
                "results": results}
     print(f"> exact match: {matches}/{len(results)} = {100 * matches / len(results):.1f}%, response loss "
