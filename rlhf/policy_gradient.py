@@ -27,7 +27,7 @@ from megatron.training.training import TrainingTask
 from rlhf.common import chat_template_for, check_same_tokenizer, fp8_settings_of
 from rlhf.losses import masked_mean, ppo_policy_loss
 from rlhf.rewards import load_reward_fn, score
-from rlhf.rollout import GroupRelative, PolicyExperience, PromptSet, RolloutSettings
+from rlhf.rollout import GroupRelative, PolicyExperience, PromptSet, RolloutSettings, token_losses
 
 FP8_LEVELS = ("none", "O0", "O1", "O2", "O3")
 
@@ -50,7 +50,8 @@ class RLArgs(Section):
     rollout_prompts: int = flag(8, "prompts per iteration, over all data-parallel ranks")
     group_size: int = flag(4, "samples per prompt (GRPO's group; PPO: usually 1)")
     max_new_tokens: int = flag(16, "longest completion")
-    temperature: float = flag(1.0, "sampling temperature of the rollouts")
+    temperature: float = flag(1.0, "sampling temperature of the rollouts; the updates' log-probabilities are "
+                                   "of the same distribution (logits / temperature)")
     top_k: int = flag(0, "sample from the k most likely tokens (0: all)")
     top_p: float = flag(1.0, "nucleus sampling threshold of the rollouts")
     ppo_epochs: int = flag(1, "passes over each iteration's rollouts (each pass one update per global batch)")
@@ -63,6 +64,8 @@ class RLArgs(Section):
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.clip_range < 1:
             raise ValueError(f"--clip-range must be in (0, 1), got {self.clip_range}")
+        if self.temperature <= 0:
+            raise ValueError(f"--temperature must be > 0 (rollouts are sampled), got {self.temperature}")
         if self.kl_coef < 0:
             raise ValueError(f"--kl-coef must be >= 0, got {self.kl_coef}")
         if (self.reward_fn is None) == (self.reward_model is None):
@@ -149,9 +152,12 @@ def grpo_loss(batch: dict, clip: float, kl_coef: float, output: torch.Tensor):
                   "clip fraction": clipped.detach()}
 
 
-def grpo_forward_step(data_iterator, model, *, clip: float, kl_coef: float):
+def grpo_forward_step(data_iterator, model, *, clip: float, kl_coef: float, temperature: float):
+    """`model`: the GPT, or the data-parallel wrapper around it (which the schedule passes)."""
     batch = next(data_iterator)
-    return model(batch["tokens"], batch["labels"]), partial(grpo_loss, batch, clip, kl_coef)
+    gpt = getattr(model, "module", model)
+    output = token_losses(gpt, model(batch["tokens"]), batch["labels"], temperature)
+    return output, partial(grpo_loss, batch, clip, kl_coef)
 
 
 POLICY_MEANS = {"policy loss": "policy_loss", "clip fraction": "clip_fraction"}
@@ -174,7 +180,8 @@ def grpo_task(config: RunConfig, ps: ParallelState, tokenizer, tokenizer_config,
                                frozen_bytes=rollout.frozen_bytes)
         return exp
 
-    return replace(base, forward_step=partial(grpo_forward_step, clip=rl.clip_range, kl_coef=rl.kl_coef),
+    return replace(base, forward_step=partial(grpo_forward_step, clip=rl.clip_range, kl_coef=rl.kl_coef,
+                                              temperature=rl.temperature),
                    datasets_provider=None, experience_provider=experience, initial_weights=rl.pretrained_checkpoint,
                    loss_key="rl loss", tokens_per_sample=rollout.length, pipeline_tensor_shape=None,
                    reported_means=dict(POLICY_MEANS, **{"kl k3": "kl_k3"}), log_fields=LOG_FIELDS)

@@ -85,6 +85,15 @@ class PromptSet:
         return int(self._orders[epoch][position])
 
 
+def token_losses(gpt, logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """-log p(label) [b, s] under the distribution of `logits` [b, s, V / tp] over `temperature`
+    (the one rollouts are sampled from), by the GPT's own cross entropy (vocabulary-parallel under
+    tensor parallelism): the update's loss and the rollout's reference values take this one path."""
+    if temperature != 1.0:
+        logits = logits / temperature
+    return gpt.cross_entropy(logits.transpose(0, 1), labels.t().contiguous()).t()
+
+
 # ----- settings and the micro-batch feed --------------------------------------------------------
 @dataclass(frozen=True)
 class RolloutSettings:
@@ -233,17 +242,18 @@ class PolicyExperience:
 
     def _forward_passes(self, model, policy, batch: dict) -> None:
         """The policy's log-probabilities and entropy, and the reference's log-probabilities, per
-        label position, computed in the updates' micro-batches."""
+        label position, computed in the updates' micro-batches: all of the distribution the
+        rollouts were sampled from (logits over the temperature, as the updates compute them)."""
         old, ref, ent = [], [], []
+        temperature = self.settings.temperature
         for part in self.micro_batches(batch["tokens"].shape[0]):
             tokens, labels = batch["tokens"][part], batch["labels"][part]
             logits = policy(tokens)  # [b, s, V / tp]
-            # The update's loss path: the model's own (vocabulary-parallel) cross entropy.
-            old.append(-policy.cross_entropy(logits.transpose(0, 1), labels.t().contiguous()).t().float())
-            full = gather_vocab(logits, self.ps).float()
+            old.append(-token_losses(policy, logits, labels, temperature).float())
+            full = gather_vocab(logits, self.ps).float() / temperature
             logp = torch.log_softmax(full, dim=-1)
             ent.append(-(logp.exp() * logp).sum(-1))
-            ref.append(-self.reference(tokens, labels).float())
+            ref.append(-token_losses(self.reference, self.reference(tokens), labels, temperature).float())
         batch["old_logprobs"], batch["ref_logprobs"], batch["entropy"] = torch.cat(old), torch.cat(ref), torch.cat(ent)
 
     def _feed(self, batch: dict) -> None:

@@ -93,4 +93,7 @@ def gpt_task(config: RunConfig, ps: ParallelState, vocab_size: int, eod_id: int 
                                                m.hidden_size, tp_size=ps.tp_size,
                                                sequence_parallel=config.parallel.sequence_parallel),
         pipeline_dtype=transformer.params_dtype, flops_per_token=flops, num_params=transformer.num_parameters(),
-        global_name=global_name, model_signature=model_signature(transformer))
+        global_name=global_name,
+        # "head": what --load checks beyond the shape, so a reward model's checkpoint (a scalar head)
+        # is not resumed as a GPT (checkpoints written before the key existed still load).
+        model_signature=dict(model_signature(transformer), head="lm"))

@@ -79,8 +79,11 @@ class SavedCheckpoint:
         return torch.bfloat16 if self.args.get("bf16") else torch.float32
 
     def transformer_config(self, params_dtype: torch.dtype | None = None) -> TransformerConfig:
-        """The saved GPT's shape (padded vocabulary), checked against the metadata's signature."""
+        """The saved GPT's shape (padded vocabulary), checked against the metadata's signature (an
+        actor-critic checkpoint's: its actor's)."""
         signature = self.metadata.get("model") or {}
+        if isinstance(signature.get("actor"), dict):
+            signature = signature["actor"]
         if "vocab_size" not in signature:
             raise CheckpointError(f"{self.folder}/metadata.json does not record the model's vocab_size; it was not "
                                   f"written by a GPT run of this framework - load a checkpoint that pretrain_gpt.py saved")
@@ -232,9 +235,7 @@ def load_gpt_for_inference(load_dir: str, ps: ParallelState, *, params_dtype: to
     if level not in LEVELS:
         raise ValueError(f"unknown FP8 level {level!r}; use one of {', '.join(LEVELS)}")
     apply_inference_precision(model, _inference_fp8_config(dict(saved.args, **(fp8_settings or {})), level, fp8_recipe))
-    same_tp = saved.metadata["layout"]["tp"] == ps.tp_size
-    weights = saved.read_weights([ps.tp_rank] if same_tp else None)
-    _load_weights(model, weights, ps)
+    load_gpt_weights(model, saved, ps)
     model.eval()
     model.requires_grad_(False)
     return LoadedModel(model=model, config=config, args=dict(saved.args), iteration=saved.iteration,
@@ -256,16 +257,30 @@ def _inference_fp8_config(args: dict, level: str, recipe: str | None) -> FP8Conf
                      output_layer=bool(args.get("fp8_output_layer")))
 
 
+def policy_prefix(saved: SavedCheckpoint) -> str:
+    """Where a checkpoint keeps its GPT: at the top, or under `actor.` in an RLHF run's actor-critic
+    pair (rlhf/train_ppo.py)."""
+    return "actor." if "actor" in (saved.metadata.get("model") or {}) else ""
+
+
+def load_gpt_weights(model: GPTModel, checkpoint: str | Path | SavedCheckpoint, ps: ParallelState) -> None:
+    """Every weight of `model` (a GPT laid out for `ps`, pipeline size 1) from the latest checkpoint
+    in a folder (or an opened one), resharded to `ps`'s tensor-parallel size."""
+    saved = checkpoint if isinstance(checkpoint, SavedCheckpoint) else open_checkpoint(checkpoint)
+    same_tp = saved.metadata["layout"]["tp"] == ps.tp_size
+    _load_weights(model, saved.read_weights([ps.tp_rank] if same_tp else None), ps, prefix=policy_prefix(saved))
+
+
 @torch.no_grad()
-def _load_weights(model: GPTModel, weights: ModelWeights, ps: ParallelState) -> None:
+def _load_weights(model: GPTModel, weights: ModelWeights, ps: ParallelState, prefix: str = "") -> None:
     params = checkpointing.named_global_params(model, global_name)
-    extra = sorted(weights.names() - set(params))
+    extra = sorted({n[len(prefix):] for n in weights.names() if n.startswith(prefix)} - set(params))
     if extra:
         raise CheckpointError(f"{weights.folder} holds {len(extra)} parameters this model lacks (first: {extra[0]}); "
                               f"its metadata does not describe its weights - the checkpoint is damaged")
     layouts = layouts_of(model)
     for name, param in params.items():
-        tensor = weights.local(name, layouts[param], ps.tp_rank, ps.tp_size)
+        tensor = weights.local(prefix + name, layouts[param], ps.tp_rank, ps.tp_size)
         if tuple(tensor.shape) != tuple(param.shape):
             raise CheckpointError(f"{weights.folder}: {name} has shape {tuple(tensor.shape)}, the model its flags "
                                   f"describe needs {tuple(param.shape)}; the checkpoint is damaged")
