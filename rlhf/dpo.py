@@ -58,7 +58,7 @@ LOSS_KEY = "dpo loss"
 # Reported key -> metrics record key.
 REPORTED_MEANS = {"accuracy": "accuracy", "reward margin": "reward_margin", "chosen reward": "chosen_reward",
                   "rejected reward": "rejected_reward"}
-LOG_FIELDS = {"accuracy": "accuracy", "reward_margin": "reward margin"}
+LOG_FIELDS = {"rlhf.accuracy": "accuracy", "rlhf.reward_margin": "reward margin"}
 
 
 @dataclass(frozen=True)
@@ -271,7 +271,7 @@ def dpo_task(config: RunConfig, ps: ParallelState, data: DPOData, vocab_size: in
                                               label_smoothing=args.dpo_label_smoothing, device=ps.device),
                    datasets_provider=partial(data.datasets, ps=ps), loss_key=LOSS_KEY,
                    tokens_per_sample=2 * config.data.seq_length, initial_weights=args.pretrained_checkpoint,
-                   reported_means=dict(REPORTED_MEANS), log_fields=dict(LOG_FIELDS))
+                   reported_means=dict(REPORTED_MEANS), log_fields=dict(LOG_FIELDS), metrics_section="rlhf")
 
 
 # ----- validation at the end -------------------------------------------------------------------------

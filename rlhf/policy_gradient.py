@@ -161,7 +161,7 @@ def grpo_forward_step(data_iterator, model, *, clip: float, kl_coef: float, temp
 
 
 POLICY_MEANS = {"policy loss": "policy_loss", "clip fraction": "clip_fraction"}
-LOG_FIELDS = {"reward": "reward", "kl": "kl", "response_length": "response length"}
+LOG_FIELDS = {"rlhf.reward": "reward", "rlhf.kl": "kl", "rlhf.response_length": "response length"}
 
 
 def grpo_task(config: RunConfig, ps: ParallelState, tokenizer, tokenizer_config, reward_model_scorer=None
@@ -184,4 +184,5 @@ def grpo_task(config: RunConfig, ps: ParallelState, tokenizer, tokenizer_config,
                                               temperature=rl.temperature),
                    datasets_provider=None, experience_provider=experience, initial_weights=rl.pretrained_checkpoint,
                    loss_key="rl loss", tokens_per_sample=rollout.length, pipeline_tensor_shape=None,
-                   reported_means=dict(POLICY_MEANS, **{"kl k3": "kl_k3"}), log_fields=LOG_FIELDS)
+                   reported_means=dict(POLICY_MEANS, **{"kl k3": "kl_k3"}), log_fields=LOG_FIELDS,
+                   metrics_section="rlhf")

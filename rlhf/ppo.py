@@ -193,4 +193,4 @@ def ppo_task(config: RunConfig, ps: ParallelState, tokenizer, tokenizer_config) 
                    model_signature={"actor": model_signature(transformer),
                                     "critic": reward_model_signature(transformer)},
                    reported_means=dict(POLICY_MEANS, **{"value loss": "value_loss"}),
-                   log_fields=dict(LOG_FIELDS, value_loss="value loss"))
+                   log_fields=dict(LOG_FIELDS, **{"rlhf.value_loss": "value loss"}), metrics_section="rlhf")

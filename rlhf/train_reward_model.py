@@ -170,7 +170,9 @@ def reward_model_task(config: RunConfig, ps: ParallelState, vocab_size: int, pad
                    tokens_per_sample=2 * config.data.seq_length, loss_key=LOSS_KEY, flops_per_token=flops,
                    num_params=transformer.num_parameters() - lm_head + h + 1,
                    model_signature=reward_model_signature(transformer), initial_weights=None,
-                   reported_counts={CORRECT: "correct_pairs"})
+                   reported_counts={CORRECT: "correct_pairs"},
+                   reported_means={"accuracy": "accuracy", "margin": "margin"}, metrics_section="rlhf",
+                   log_fields={"rlhf.accuracy": "accuracy", "rlhf.margin": "margin"})
 
 
 @torch.no_grad()

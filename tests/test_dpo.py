@@ -91,7 +91,15 @@ def base_args(root: Path, iters: int) -> list[str]:
 
 
 def metrics(path) -> list[dict]:
-    return [json.loads(line) for line in open(path)]
+    """The metrics records, each with its "rlhf" object's values lifted to the top (after checking
+    that the task's values are there, as the metrics contract puts them, and only there)."""
+    out = []
+    for line in open(path):
+        record = json.loads(line)
+        section = record.pop("rlhf")
+        assert not set(section) & set(record), sorted(set(section) & set(record))
+        out.append({**record, **section})
+    return out
 
 
 def losses(path) -> list[float]:

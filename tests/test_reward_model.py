@@ -82,7 +82,15 @@ def prefs(tmp_path_factory) -> Path:
 
 
 def metrics(path) -> list[dict]:
-    return [json.loads(line) for line in open(path)]
+    """The metrics records, each with its "rlhf" object's values lifted to the top (after checking
+    that the task's values are there, as the metrics contract puts them, and only there)."""
+    out = []
+    for line in open(path):
+        record = json.loads(line)
+        section = record.pop("rlhf")
+        assert not set(section) & set(record), sorted(set(section) & set(record))
+        out.append({**record, **section})
+    return out
 
 
 def losses(path) -> list[float]:

@@ -49,7 +49,6 @@ def too_few(completions, records):
 def setup(tmp_path_factory):
     """A tiny policy checkpoint (an SFT run's stand-in: initial weights, saved by the trainer),
     a prompt file and a reward module."""
-    from megatron.training.sft import SFTArgs  # noqa: F401 - finetune_sft's flags
     import finetune_sft
     from test_sft_training import synthetic_samples, write_sft
 
@@ -74,7 +73,15 @@ def grpo_argv(root, *extra):
 
 
 def records(path) -> list[dict]:
-    return [json.loads(line) for line in open(path)]
+    """The metrics records, each with its "rlhf" object's values lifted to the top (after checking
+    that the task's values are there, as the metrics contract puts them, and only there)."""
+    out = []
+    for line in open(path):
+        record = json.loads(line)
+        section = record.pop("rlhf")
+        assert not set(section) & set(record), sorted(set(section) & set(record))
+        out.append({**record, **section})
+    return out
 
 
 def run(argv) -> int:

@@ -175,7 +175,7 @@ def format_log_line(record: Mapping[str, Any], loss_name: str = "lm loss",
                     fields: Mapping[str, str] | None = None) -> str:
     """Megatron's training log line for `record` (a metrics record, plus optional keys); the loss
     is shown under `loss_name` (the task's), followed by the task's own `fields` ({record key:
-    label}, e.g. an RLHF run's reward) when the record has them.
+    label}, e.g. an RLHF run's reward, "rlhf.reward" for a nested one) when the record has them.
 
     Optional keys shown when present: `train_iters`, `consumed_samples`, `global_batch_size`,
     `loss_scale`, `tflops_per_device`, `mfu_percent`, `fp8.mu`, `fp8.overflow_frac`, `fp8.underflow_frac`.
@@ -191,7 +191,12 @@ def format_log_line(record: Mapping[str, Any], loss_name: str = "lm loss",
     if "global_batch_size" in record:
         parts.append(f"global batch size: {int(record['global_batch_size']):5d}")
     parts.append(f"{loss_name}: {_number(record.get('loss'), '.6E')}")
-    parts.extend(f"{label}: {_number(record[key], '.4g')}" for key, label in (fields or {}).items() if key in record)
+    for key, label in (fields or {}).items():
+        value = record
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, Mapping) else None
+        if value is not None:
+            parts.append(f"{label}: {_number(value, '.4g')}")
     if "loss_scale" in record:
         parts.append(f"loss scale: {_number(record['loss_scale'], '.1f')}")
     parts.append(f"grad norm: {_number(record.get('grad_norm'), '.3f')}")

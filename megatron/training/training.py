@@ -76,7 +76,11 @@ class TrainingTask:
     # Reported values averaged over the iteration's micro-batches and updates into every metrics
     # record: {reported key: record key} (RLHF: KL, clip fraction, accuracy, ...).
     reported_means: dict = field(default_factory=dict)
-    # Record keys shown on the training log line after the loss: {record key: label}.
+    # Where `reported_counts`, `reported_means` and the experience's values go in the metrics record:
+    # the top level, or one object under this key (RLHF: "rlhf", as DESIGN.md's contract has it).
+    metrics_section: str | None = None
+    # Record keys shown on the training log line after the loss: {record key: label}; a key in the
+    # metrics section is written "section.key".
     log_fields: dict = field(default_factory=dict)
     # Data made from the model being trained (RLHF rollouts) instead of `datasets_provider`'s.
     experience_provider: Callable[["Trainer"], "Experience"] | None = None
@@ -302,8 +306,12 @@ class Trainer:
             "memory": memory_record(self.model, self.ddp, self.optimizer, self.num_params),
             "comm": comm_bytes, "consumed_samples": self.state.consumed_samples,
             "train_iters": self.config.train_iters, "global_batch_size": self.config.global_batch_size,
-            **self.counts, **self.means, **self.collected,
         }
+        task_values = {**self.counts, **self.means, **self.collected}
+        if self.task.metrics_section:
+            record[self.task.metrics_section] = task_values
+        else:
+            record.update(task_values)
         if self.ddp.fp8_grad_params:
             stats = dict(self.ddp.fp8_stats)
             # The FP8 weights' data-parallel traffic: gradient reduction plus publishing the update.
