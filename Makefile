@@ -83,3 +83,44 @@ sft: $(STAMP)
 		--train-iters 300 --lr 2e-3 --min-lr 2e-4 --lr-warmup-iters 10 --eval-interval 50 --eval-iters 4 \
 		--metrics-file $(SFT_DIR)/metrics.jsonl --loss-plot $(SFT_DIR)/loss.png --save $(SFT_DIR)/checkpoints $(SFT_ARGS)
 	$(SFT_EVAL) --load $(SFT_DIR)/checkpoints --out $(SFT_DIR)/eval-after.json
+
+# RLHF demo, from the SFT demo's model (made first when missing):
+# - GRPO on the built-in module questions (tools/builtin_rlhf.py: "Which module does `json.dumps`
+#   come from?", reward 1 for the exact answer, rlhf.rewards:builtin_exact_match), 2 processes
+#   (data parallel), at FP8 level O3 and, for comparison, at none; the sampled exact match on the
+#   held-out module questions before and after each, and a plot of the reward per iteration;
+# - DPO on the built-in preference pairs at O3 (tensor parallel 2 + sequence parallel, reference
+#   with FP8 weights): chosen-over-rejected accuracy on the held-out pairs.
+# RLHF_LEVELS=O3 skips the comparison run.
+RLHF_DIR ?= runs/rlhf-demo
+RLHF_LEVELS ?= O3 none
+RLHF_ARGS ?=
+RLHF_EVAL := $(PY) tools/sft_eval.py --input data/builtin-rlhf/module-prompts-test.jsonl --response-key answer \
+	--samples-per-prompt 4 --temperature 0.7 --device cpu
+GRPO_FLAGS := --config configs/gpt-tiny.yaml --pretrained-checkpoint $(SFT_DIR)/checkpoints \
+	--reward-fn rlhf.rewards:builtin_exact_match --rollout-prompts 16 --group-size 8 --temperature 0.7 \
+	--max-new-tokens 10 --global-batch-size 64 --micro-batch-size 32 --ppo-epochs 2 --train-iters 40 \
+	--lr 2e-4 --min-lr 2e-5 --lr-warmup-iters 0 --log-interval 1 --device cpu
+
+.PHONY: rlhf
+rlhf: $(STAMP)
+	@test -f $(SFT_DIR)/checkpoints/latest_checkpointed_iteration.txt || $(MAKE) sft
+	$(PY) tools/builtin_rlhf.py --quiet > /dev/null
+	@mkdir -p $(RLHF_DIR)
+	rm -rf $(RLHF_DIR)/grpo-* $(RLHF_DIR)/dpo-O3 $(RLHF_DIR)/*.json $(RLHF_DIR)/*.png
+	$(RLHF_EVAL) --load $(SFT_DIR)/checkpoints --out $(RLHF_DIR)/eval-sft.json
+	for level in $(RLHF_LEVELS); do \
+		$(VENV)/bin/torchrun --standalone --nproc-per-node 2 rlhf/train_grpo.py $(GRPO_FLAGS) \
+			$$($(PY) tools/builtin_rlhf.py --print-rl-args --quiet) --fp8-level $$level --reference-fp8-level $$level \
+			--save $(RLHF_DIR)/grpo-$$level/checkpoints --metrics-file $(RLHF_DIR)/grpo-$$level/metrics.jsonl $(RLHF_ARGS) \
+		&& $(RLHF_EVAL) --load $(RLHF_DIR)/grpo-$$level/checkpoints --out $(RLHF_DIR)/eval-grpo-$$level.json || exit 1; \
+	done
+	$(PY) tools/plot_metrics.py --key rlhf.reward --out $(RLHF_DIR)/grpo-reward.png \
+		$(foreach level,$(RLHF_LEVELS),$(RLHF_DIR)/grpo-$(level)/metrics.jsonl) --labels $(RLHF_LEVELS)
+	$(VENV)/bin/torchrun --standalone --nproc-per-node 2 rlhf/train_dpo.py --config configs/gpt-tiny.yaml \
+		$$($(PY) tools/builtin_rlhf.py --print-args --quiet) --pretrained-checkpoint $(SFT_DIR)/checkpoints \
+		--tensor-model-parallel-size 2 --sequence-parallel --fp8-level O3 --reference-fp8-level O3 --device cpu \
+		--train-iters 40 --lr 2e-4 --min-lr 2e-5 --lr-warmup-iters 4 --eval-interval 20 --eval-iters 4 \
+		--metrics-file $(RLHF_DIR)/dpo-O3/metrics.jsonl --save $(RLHF_DIR)/dpo-O3/checkpoints \
+		--eval-out $(RLHF_DIR)/eval-dpo-O3.json
+	$(PY) tools/rlhf_summary.py $(RLHF_DIR)

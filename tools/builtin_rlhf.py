@@ -18,8 +18,11 @@ function or class appears in the training files, not even in a rejected answer.
     python tools/builtin_rlhf.py                 # data/builtin-rlhf/: preferences-{train,test}.jsonl,
                                                  #   prompts-{train,test}.jsonl, manifest.json
     python tools/builtin_rlhf.py --print-args    # the rlhf/train_dpo.py data and tokenizer flags, on stdout
+    python tools/builtin_rlhf.py --print-rl-args # rlhf/train_grpo.py's: the module questions
 
-Records: preferences {"prompt", "chosen", "rejected"}; prompts {"prompt", "answer"}. The tokenizer
+Records: preferences {"prompt", "chosen", "rejected"}; prompts {"prompt", "answer"} (all questions,
+and module-prompts-*: the module questions alone, the GRPO demo's task: the answer is written in
+the question, which the SFT model's samples get right about a fifth of the time). The tokenizer
 is the built-in corpus's (`tools/builtin_corpus.py`, built first when missing); the manifest
 records the longest pair in its tokens under the default chat template. A later call returns at
 once when the folder is up to date.
@@ -43,9 +46,12 @@ from tools import OneLineErrorParser, run_cli  # noqa: E402
 from tools.builtin_corpus import REPO_ROOT, ensure_builtin_corpus  # noqa: E402
 from tools.builtin_sft import SEQ_LENGTH, TEMPLATES, held_out, stdlib_names  # noqa: E402
 
-BUILD_FORMAT = 1
+BUILD_FORMAT = 2
 DEFAULT_DIR = REPO_ROOT / "data" / "builtin-rlhf"
-FILES = ("preferences-train.jsonl", "preferences-test.jsonl", "prompts-train.jsonl", "prompts-test.jsonl")
+FILES = ("preferences-train.jsonl", "preferences-test.jsonl", "prompts-train.jsonl", "prompts-test.jsonl",
+         "module-prompts-train.jsonl", "module-prompts-test.jsonl")
+# The GRPO/PPO demo's task (`make rlhf`): the module questions, whose answer is in the question.
+MODULE_QUESTION = TEMPLATES[0][0].split("`")[0]
 
 
 def _pick(candidates: list[str], key: str) -> str:
@@ -101,6 +107,8 @@ def records(names) -> dict[str, list[dict]]:
     out = {}
     for split, split_names in (("train", train_names), ("test", test_names)):
         out[f"preferences-{split}.jsonl"], out[f"prompts-{split}.jsonl"] = split_records(split_names)
+        out[f"module-prompts-{split}.jsonl"] = [r for r in out[f"prompts-{split}.jsonl"]
+                                                if r["prompt"].startswith(MODULE_QUESTION)]
     return out
 
 
@@ -171,10 +179,18 @@ def training_args(data_dir: Path, manifest: dict) -> list[str]:
             "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", manifest["tokenizer_model"]]
 
 
+def rl_args(data_dir: Path, manifest: dict) -> list[str]:
+    """The rlhf/train_grpo.py (and train_ppo.py) flags of the demo's task: the module questions."""
+    return ["--data-path", str(data_dir / "module-prompts-train.jsonl"),
+            "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", manifest["tokenizer_model"]]
+
+
 def build_parser() -> OneLineErrorParser:
     parser = OneLineErrorParser(prog="builtin_rlhf.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", default=None, help="output folder (default: data/builtin-rlhf)")
     parser.add_argument("--print-args", action="store_true", help="print the rlhf/train_dpo.py data flags only")
+    parser.add_argument("--print-rl-args", action="store_true",
+                        help="print the rlhf/train_grpo.py data flags (the module questions) only")
     parser.add_argument("--quiet", action="store_true")
     return parser
 
@@ -186,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     manifest = ensure_builtin_rlhf(data_dir, log=log)
     if args.print_args:
         print(" ".join(training_args(data_dir, manifest)))
+    elif args.print_rl_args:
+        print(" ".join(rl_args(data_dir, manifest)))
     else:
         for file_name in FILES:
             print(f"{file_name}: {data_dir / file_name}")

@@ -52,6 +52,9 @@ def build_parser() -> OneLineErrorParser:
     parser.add_argument("--micro-batch-size", type=int, default=16)
     parser.add_argument("--fp8-level", default="checkpoint", help="as tools/generate.py")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--response-key", default=None,
+                        help="the field holding the answer in prompt/response records (default: response; "
+                             "the built-in RLHF prompts: answer)")
     parser.add_argument("--samples-per-prompt", type=int, default=0,
                         help="score N sampled answers per question instead of the greedy one (the mean match is "
                              "then an RLHF policy's expected exact-match reward)")
@@ -61,11 +64,12 @@ def build_parser() -> OneLineErrorParser:
     return parser
 
 
-def read_samples(path: Path, limit: int | None) -> list[tuple[list[dict], str]]:
+def read_samples(path: Path, limit: int | None, response_key: str | None = None) -> list[tuple[list[dict], str]]:
     """(conversation before the answer, the answer) per record."""
     samples = []
+    names = FieldNames(response=response_key)
     for where, record in json_lines(path, "--input"):
-        conversation = to_conversation(record, detect_format(record, FieldNames(), where), FieldNames(), where)
+        conversation = to_conversation(record, detect_format(record, names, where), names, where)
         if conversation[-1]["role"] != "assistant":
             raise ValueError(f"{where}: the conversation must end with the assistant's answer to compare with")
         samples.append((conversation[:-1], conversation[-1]["content"]))
@@ -80,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     generator_args = build_generator_args(args)
     gen = Generator(generator_args)
-    samples = read_samples(Path(args.input), args.max_samples)
+    samples = read_samples(Path(args.input), args.max_samples, args.response_key)
     template = load_chat_template(gen.tokenizer, args.chat_template)
     prompts = [[int(t) for t in template.prompt_tokens(turns, where=f"{args.input} record {i + 1}")]
                for i, (turns, _) in enumerate(samples)]
