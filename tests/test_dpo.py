@@ -274,6 +274,11 @@ def test_builtin_rlhf_data(builtin_corpus_small, tmp_path, monkeypatch, capsys):
     assert {p["rejected"] for p in read["preferences-test.jsonl"] if p["prompt"].startswith("Is")} <= {"class",
                                                                                                         "function"}
     assert first["max_tokens"] <= builtin_sft.SEQ_LENGTH
+    for split in ("train", "test"):  # the GRPO demo's task: exactly the module questions, answers included
+        prompts = read[f"prompts-{split}.jsonl"]
+        modules = [r for r in prompts if r["prompt"].startswith("Which module does")]
+        assert read[f"module-prompts-{split}.jsonl"] == modules and len(modules) * 3 == len(prompts)
+        assert all(r["prompt"].split("`")[1].startswith(r["answer"] + ".") for r in modules)
     # --print-args: flags train_dpo.py accepts, naming the files.
     monkeypatch.setattr(builtin_rlhf, "ensure_builtin_corpus", lambda **kw: builtin_corpus_small)
     assert builtin_rlhf.main(["--data-dir", str(tmp_path / "a"), "--print-args", "--quiet"]) == 0
@@ -283,3 +288,6 @@ def test_builtin_rlhf_data(builtin_corpus_small, tmp_path, monkeypatch, capsys):
                           extra_sections={"dpo": DPOArgs})
     assert config.data.data_path == [str(tmp_path / "a" / "preferences-train.jsonl")]
     assert config.extra["dpo"].valid_data_path == str(tmp_path / "a" / "preferences-test.jsonl")
+    assert builtin_rlhf.main(["--data-dir", str(tmp_path / "a"), "--print-rl-args", "--quiet"]) == 0
+    printed = capsys.readouterr().out.split()
+    assert printed[printed.index("--data-path") + 1] == str(tmp_path / "a" / "module-prompts-train.jsonl")

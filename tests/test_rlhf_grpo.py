@@ -222,3 +222,24 @@ def test_bad_prompt_record(setup, tmp_path, monkeypatch, capsys):
     assert run(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{bad}:2" in err[0] and "'prompt'" in err[0]
+
+
+def test_rlhf_summary_reads_the_demo_folder(tmp_path, capsys):
+    """tools/rlhf_summary.py: the reward's first and last ten iterations, held-out figures."""
+    from tools import rlhf_summary
+    (tmp_path / "eval-sft.json").write_text(json.dumps({"exact_match_rate": 0.25, "samples": 8}))
+    rewards = [0.1 * (i % 5) + 0.01 * i for i in range(25)]
+    (tmp_path / "grpo-O3").mkdir()
+    (tmp_path / "grpo-O3" / "metrics.jsonl").write_text(
+        "".join(json.dumps({"iteration": i + 1, "rlhf": {"reward": r}}) + "\n" for i, r in enumerate(rewards)))
+    (tmp_path / "eval-grpo-O3.json").write_text(json.dumps({"exact_match_rate": 0.375, "samples": 8}))
+    assert run_cli(lambda: rlhf_summary.main([str(tmp_path)])) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    row = summary["grpo"]["O3"]
+    assert row["reward_first"] == pytest.approx(sum(rewards[:10]) / 10)
+    assert row["reward_last"] == pytest.approx(sum(rewards[-10:]) / 10)
+    assert row["heldout_sampled_exact_match"] == 0.375 and summary["sft_sampled_exact_match"] == 0.25
+    assert "37.5%" in capsys.readouterr().out
+    (tmp_path / "grpo-O3" / "metrics.jsonl").write_text(json.dumps({"iteration": 1, "loss": 1.0}) + "\n")
+    assert run_cli(lambda: rlhf_summary.main([str(tmp_path)])) == 2
+    assert "no rlhf.reward" in capsys.readouterr().err

@@ -92,6 +92,12 @@ def test_exact_match_and_response_loss(tmp_path, capsys):
         count += int(encoded.loss_mask[1:].sum())
     assert summary["response_loss"] == pytest.approx(total / count, rel=1e-6)
     assert "exact match:" in capsys.readouterr().out
+    # The same records with the answer under another key (the built-in RLHF prompts' "answer").
+    renamed = tmp_path / "renamed.jsonl"
+    renamed.write_text("".join(json.dumps({"prompt": q, "answer": a}) + "\n" for q, a in zip(questions, references)))
+    assert run_cli(lambda: sft_eval.main(["--load", str(tmp_path / "ckpt"), "--input", str(renamed), "--device", "cpu",
+                                          "--response-key", "answer", "--out", str(tmp_path / "renamed.json")])) == 0
+    assert json.loads((tmp_path / "renamed.json").read_text())["results"] == summary["results"]
     # Sampled answers: answer k of question q draws from stream q x N + k of the seed.
     assert run_cli(lambda: sft_eval.main(["--load", str(tmp_path / "ckpt"), "--input", str(data), "--device", "cpu",
                                           "--samples-per-prompt", "3", "--temperature", "1.5", "--seed", "9",
