@@ -60,7 +60,8 @@ def save_random_gpt(folder: Path, flags: list[str]) -> None:
     from megatron.training.training import TrainState
 
     ps = ParallelState.single("cpu")
-    config = parse_config(flags + ["--save", str(folder), "--train-iters", "1"]).for_world(1)
+    config = parse_config(flags + ["--save", str(folder), "--train-iters", "1", "--lr", "1e-5", "--micro-batch-size", "1",
+                                   "--global-batch-size", "1"]).for_world(1)
     task = gpt_task(config, ps, build_tokenizer(config.tokenizer.tokenizer_config()).vocab_size, eod_id=None)
     rng = model_parallel_seed(ps, config.seed)
     model = task.model_provider(config, ps, rng)

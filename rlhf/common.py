@@ -3,29 +3,9 @@ and preference or prompt files are rendered with one chat template."""
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
-
 from megatron.core.datasets.chat_template import ChatTemplate, load_chat_template
-from megatron.core.tokenizers.tokenizer import TokenizerConfig, build_tokenizer
+from megatron.core.tokenizers.tokenizer import TokenizerConfig, build_tokenizer, tokenizer_fingerprint
 from megatron.training.inference_model import open_checkpoint, tokenizer_config_of
-
-
-def tokenizer_fingerprint(config: TokenizerConfig) -> dict:
-    """What decides the meaning of token ids: the type, the vocabulary size and the model file's bytes
-    (so a copy of the same file elsewhere matches, and a retrained one with the same size does not)."""
-    tokenizer = build_tokenizer(config)
-    digest = None
-    if config.tokenizer_model:
-        path = Path(config.tokenizer_model)
-        target = path if path.is_file() else None
-        if path.is_dir():  # a Hugging Face folder: its tokenizer files
-            names = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt")
-            files = [path / n for n in names if (path / n).is_file()]
-            digest = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest() if files else None
-        elif target is not None:
-            digest = hashlib.sha256(target.read_bytes()).hexdigest()
-    return {"type": config.tokenizer_type, "vocab_size": tokenizer.vocab_size, "sha256": digest}
 
 
 def check_same_tokenizer(run: TokenizerConfig, checkpoints: dict[str, str | None]) -> None:
@@ -37,7 +17,8 @@ def check_same_tokenizer(run: TokenizerConfig, checkpoints: dict[str, str | None
             continue
         saved = open_checkpoint(folder)
         try:
-            theirs = tokenizer_fingerprint(tokenizer_config_of(saved.args))
+            # What the run that saved it recorded; else its tokenizer flags' file as it is now.
+            theirs = saved.metadata.get("tokenizer") or tokenizer_fingerprint(tokenizer_config_of(saved.args))
         except (ValueError, FileNotFoundError, OSError) as exc:
             raise ValueError(f"the {role} in {folder} names a tokenizer that cannot be loaded ({exc}); "
                              f"keep its tokenizer file where its run found it") from None

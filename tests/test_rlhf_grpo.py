@@ -243,3 +243,23 @@ def test_rlhf_summary_reads_the_demo_folder(tmp_path, capsys):
     (tmp_path / "grpo-O3" / "metrics.jsonl").write_text(json.dumps({"iteration": 1, "loss": 1.0}) + "\n")
     assert run_cli(lambda: rlhf_summary.main([str(tmp_path)])) == 2
     assert "no rlhf.reward" in capsys.readouterr().err
+
+
+def test_checkpoints_record_their_tokenizer_and_rlhf_checks_it(setup, tmp_path):
+    """The fingerprint a run records at save time decides, not the file its flags name today (a
+    tokenizer retrained in place keeps its path but not its bytes)."""
+    import shutil
+    from megatron.core.tokenizers.tokenizer import TokenizerConfig, tokenizer_fingerprint
+    from rlhf.common import check_same_tokenizer
+
+    run = TokenizerConfig(tokenizer_type="NullTokenizer", vocab_size=VOCAB)
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(setup / "sft-ckpt", ckpt)
+    metadata_path = next(ckpt.glob("iter_*/metadata.json"))
+    metadata = json.loads(metadata_path.read_text())
+    assert metadata["tokenizer"] == tokenizer_fingerprint(run)
+    check_same_tokenizer(run, {"SFT model": str(ckpt)})
+    metadata["tokenizer"]["sha256"] = "0" * 64
+    metadata_path.write_text(json.dumps(metadata))
+    with pytest.raises(ValueError, match="another tokenizer \\(sha256"):
+        check_same_tokenizer(run, {"SFT model": str(ckpt)})

@@ -16,6 +16,7 @@ import torch
 from megatron.core import checkpointing
 from megatron.core.distributed import comm
 from megatron.core.parallel_state import ParallelState
+from megatron.core.tokenizers.tokenizer import tokenizer_fingerprint
 
 
 def local_name(chunk: torch.nn.Module, name: str) -> str:
@@ -56,6 +57,18 @@ class Checkpointer:
         self.components = {name: c for name, c in components.items() if c is not None}
         self.layout = layout
         self.last_saved_iteration: int | None = None
+        self._tokenizer: dict | None = None
+
+    @property
+    def tokenizer(self) -> dict | None:
+        """The run's tokenizer fingerprint, recorded in every checkpoint's metadata (RLHF checks a
+        model's against the run's); None when the run has no loadable tokenizer."""
+        if self._tokenizer is None:
+            try:
+                self._tokenizer = tokenizer_fingerprint(self.args.tokenizer.tokenizer_config())
+            except (ValueError, OSError, AttributeError):
+                return None
+        return self._tokenizer
 
     def save(self) -> None:
         args, ps, iteration = self.args, self.ps, self.train_state.iteration
@@ -63,7 +76,8 @@ class Checkpointer:
         common = dict(self.train_state.state_dict(), **{name: c.state_dict() for name, c in self.components.items()},
                       args={k: _plain(v) for k, v in args.flat().items()})
         metadata = {"format": checkpointing.FORMAT_VERSION, "iteration": iteration,
-                    "model": self.signature, "layout": self.layout, "fp8_level": args.fp8_level}
+                    "model": self.signature, "layout": self.layout, "fp8_level": args.fp8_level,
+                    "tokenizer": self.tokenizer}
         start = time.perf_counter()
         folder = checkpointing.save_checkpoint(args.save, iteration, ps=ps, payload=payload, common=common,
                                                metadata=metadata)

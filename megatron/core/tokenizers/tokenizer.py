@@ -11,6 +11,7 @@ This module imports neither torch nor megatron.core, so the preprocessing worker
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -337,3 +338,20 @@ def _write_atomically(path: Path, payload: bytes) -> None:
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def tokenizer_fingerprint(config: TokenizerConfig) -> dict:
+    """What decides the meaning of token ids: the type, the vocabulary size and the model file's
+    bytes (a copy of the same file elsewhere matches; a retrained one of the same size does not).
+    Checkpoints record it, so that a model is never paired with another tokenizer."""
+    tokenizer = build_tokenizer(config)
+    digest = None
+    if config.tokenizer_model:
+        path = Path(config.tokenizer_model)
+        if path.is_dir():  # a Hugging Face folder: its tokenizer files
+            names = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt")
+            files = [path / n for n in names if (path / n).is_file()]
+            digest = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest() if files else None
+        elif path.is_file():
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return {"type": config.tokenizer_type, "vocab_size": tokenizer.vocab_size, "sha256": digest}
