@@ -48,7 +48,7 @@ from megatron.training.config import RunConfig
 from megatron.training.flags import Section, flag
 from megatron.training.gpt_providers import gpt_task
 from megatron.training.inference_model import load_gpt_for_inference
-from megatron.training.training import Trainer, TrainingTask, TrainState, print_rank0
+from megatron.training.training import TrainingTask, TrainState, print_rank0, run_training
 from rlhf.common import check_same_tokenizer, fp8_settings_of
 from rlhf.data import PreferencePair, read_preference_pairs
 from rlhf.losses import dpo_loss
@@ -318,16 +318,10 @@ def run_dpo(config: RunConfig, ps: ParallelState) -> DPORun:
     vocab_size = build_tokenizer(config.tokenizer.tokenizer_config()).vocab_size
     task = dpo_task(config, ps, data, vocab_size)
     args = config.extra["dpo"]
-    trainer = Trainer(config, ps, task)
-    print_rank0(ps, f"> {ps.describe()}; {task.num_params:,} parameters; fp8 level {config.precision.fp8_level}; "
-                    f"reference fp8 level {args.reference_fp8_level}; {len(data.train_pairs):,} training pairs; "
-                    f"beta {args.dpo_beta}; {config.train_iters} iterations")
-    try:
-        state = trainer.train()
-    finally:
-        trainer.close()
-    final = f"final dpo loss {state.losses[-1]:.4f}, " if state.losses else ""
-    print_rank0(ps, f"> done: {state.iteration} iterations, {final}{state.skipped_iterations} skipped")
+    trainer = run_training(config, ps, task, loss_name=LOSS_KEY,
+                           extra=f"; reference fp8 level {args.reference_fp8_level}; {len(data.train_pairs):,} "
+                                 f"training pairs; beta {args.dpo_beta}; {config.train_iters} iterations")
+    state = trainer.state
     evaluation = None
     if data.valid_pairs:
         evaluation = dict(evaluate_pairs(trainer.model, data, config, ps), iteration=state.iteration)

@@ -39,7 +39,7 @@ from megatron.core.transformer.config import TransformerConfig
 from megatron.core.transformer.layer import attach_rng_tracker
 from megatron.training.gpt_providers import model_signature
 from megatron.training.inference_model import (
-    LoadedModel, SavedCheckpoint, _inference_fp8_config, check_tensor_parallel_fits, open_checkpoint,
+    LoadedModel, SavedCheckpoint, inference_fp8_config, check_tensor_parallel_fits, open_checkpoint,
 )
 
 HEAD = "output_layer"
@@ -191,7 +191,7 @@ def load_reward_model_for_inference(load_dir: str | Path, ps: ParallelState, *, 
     model = ScalarHeadGPT(config, device="meta")
     parallelize_scalar_head_gpt(model, ps)
     materialize(model, ps.device)
-    apply_inference_precision(model, _inference_fp8_config(dict(saved.args, **(fp8_settings or {})), fp8_level, None))
+    apply_inference_precision(model, inference_fp8_config(dict(saved.args, **(fp8_settings or {})), fp8_level, None))
     load_weights(model, saved, ps, with_head=True)
     model.eval()
     model.requires_grad_(False)

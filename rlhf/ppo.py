@@ -25,13 +25,15 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 
+from fp8.params import param_nbytes
 from megatron.core.distributed import comm
 from megatron.core.parallel_state import ParallelState
 from megatron.training.config import RunConfig
 from megatron.training.flags import Section, flag
-from megatron.training.gpt_providers import gpt_task, model_provider, model_signature
+from megatron.training.gpt_providers import gpt_task, model_provider, model_signature, transformer_config
 from megatron.training.inference_model import load_gpt_weights
 from megatron.training.training import TrainingTask
+from rlhf.common import fp8_settings_of
 from rlhf.losses import AdaptiveKLController, gae, kl_penalized_rewards, ppo_policy_loss, ppo_value_loss
 from rlhf.models import (
     load_reward_model_for_inference, reward_model_provider, reward_model_signature, sequence_rewards,
@@ -140,9 +142,7 @@ def ppo_forward_step(data_iterator, model, *, clip: float, value_clip: float, vf
 def reward_model_scorer(config: RunConfig, ps: ParallelState, length: int):
     """(scorer, the frozen reward model's weight bytes): the reward model's value at each
     completion's last token."""
-    from fp8.params import param_nbytes
     rl = config.extra["rl"]
-    from rlhf.common import fp8_settings_of
     model = load_reward_model_for_inference(rl.reward_model, ps, fp8_level=rl.reward_model_fp8_level,
                                             fp8_settings=fp8_settings_of(config)).model
     micro = config.micro_batch_size
@@ -168,7 +168,6 @@ def ppo_task(config: RunConfig, ps: ParallelState, tokenizer, tokenizer_config) 
                                reward_model_scorer=reward_model_scorer)
     base = gpt_task(config, ps, tokenizer.vocab_size, eod_id=None)
     padded = config.model.padded_vocab_size(tokenizer.vocab_size, ps.tp_size)
-    from megatron.training.gpt_providers import transformer_config
     transformer = transformer_config(config, padded)
     critic_from = ppo.critic_checkpoint or rl.reward_model or rl.pretrained_checkpoint
     kl = AdaptiveKLController(rl.kl_coef, ppo.kl_target, ppo.kl_horizon)

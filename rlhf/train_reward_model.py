@@ -54,7 +54,7 @@ from megatron.training.flags import Section, flag  # noqa: E402
 from megatron.training.gpt_providers import gpt_task, transformer_config  # noqa: E402
 from megatron.training.inference_model import open_checkpoint  # noqa: E402
 from megatron.training.metrics import model_flops_per_token  # noqa: E402
-from megatron.training.training import Trainer, TrainingTask, print_rank0, setup_parallel  # noqa: E402
+from megatron.training.training import run_training, TrainingTask, print_rank0, setup_parallel  # noqa: E402
 from rlhf.common import chat_template_for, check_same_tokenizer  # noqa: E402
 from rlhf.data import PreferencePair, read_preference_pairs  # noqa: E402
 from rlhf.losses import bradley_terry_loss  # noqa: E402
@@ -211,16 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     train_pairs, valid_pairs = read_pairs(config, ps, template)
     init_from = None if resumable(config) else rm.pretrained_checkpoint
     task = reward_model_task(config, ps, tokenizer.vocab_size, tokenizer.pad, train_pairs, valid_pairs, init_from)
-    trainer = Trainer(config, ps, task)
     start = f"; from {init_from}" if init_from else ""
-    print_rank0(ps, f"> {ps.describe()}; {task.num_params:,} parameters; fp8 level {config.precision.fp8_level}; "
-                    f"{config.train_iters} iterations{start}")
-    try:
-        state = trainer.train()
-    finally:
-        trainer.close()
-    final = f"final {LOSS_KEY} {state.losses[-1]:.4f}, " if state.losses else ""
-    print_rank0(ps, f"> done: {state.iteration} iterations, {final}{state.skipped_iterations} skipped")
+    trainer = run_training(config, ps, task, loss_name=LOSS_KEY, extra=f"; {config.train_iters} iterations{start}")
+    state = trainer.state
     if valid_pairs and state.iteration >= config.train_iters:  # a run stopped early measures when resumed
         result = preference_accuracy(trainer.model, valid_pairs, ps, seq_length=config.data.seq_length,
                                      micro_batch_size=config.micro_batch_size, pad_id=tokenizer.pad)

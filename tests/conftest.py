@@ -75,3 +75,15 @@ def _write_hf_tokenizer(folder: Path, special_tokens=("<|endoftext|>", "<pad>"))
 @pytest.fixture(scope="session")
 def write_hf_tokenizer():
     return _write_hf_tokenizer
+
+
+def rlhf_records(path) -> list[dict]:
+    """The metrics records, each with its "rlhf" object's values lifted to the top (after checking
+    that the task's values are there, as the metrics contract puts them, and only there)."""
+    out = []
+    for line in open(path):
+        record = json.loads(line)
+        section = record.pop("rlhf")
+        assert not set(section) & set(record), sorted(set(section) & set(record))
+        out.append({**record, **section})
+    return out

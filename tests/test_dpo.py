@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import rlhf_records
 from distributed import run_distributed
 from fp8.params import is_fp8_param
 from megatron.core.datasets.chat_template import DefaultChatTemplate
@@ -90,16 +91,7 @@ def base_args(root: Path, iters: int) -> list[str]:
                     "--data-path", str(root / "train.jsonl"), "--valid-data-path", str(root / "valid.jsonl")]
 
 
-def metrics(path) -> list[dict]:
-    """The metrics records, each with its "rlhf" object's values lifted to the top (after checking
-    that the task's values are there, as the metrics contract puts them, and only there)."""
-    out = []
-    for line in open(path):
-        record = json.loads(line)
-        section = record.pop("rlhf")
-        assert not set(section) & set(record), sorted(set(section) & set(record))
-        out.append({**record, **section})
-    return out
+metrics = rlhf_records  # the records with their "rlhf" values at the top
 
 
 def losses(path) -> list[float]:

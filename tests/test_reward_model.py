@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import rlhf_records
 from distributed import run_distributed
 from megatron.core.parallel_state import ParallelState
 from megatron.core.parallelize import initialize_parameters
@@ -81,16 +82,7 @@ def prefs(tmp_path_factory) -> Path:
     return root
 
 
-def metrics(path) -> list[dict]:
-    """The metrics records, each with its "rlhf" object's values lifted to the top (after checking
-    that the task's values are there, as the metrics contract puts them, and only there)."""
-    out = []
-    for line in open(path):
-        record = json.loads(line)
-        section = record.pop("rlhf")
-        assert not set(section) & set(record), sorted(set(section) & set(record))
-        out.append({**record, **section})
-    return out
+metrics = rlhf_records  # the records with their "rlhf" values at the top
 
 
 def losses(path) -> list[float]:

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from conftest import rlhf_records
 from distributed import run_distributed
 from megatron.core.inference.generation import generate
 from megatron.core.inference.sampling import SamplingParams
@@ -72,16 +73,7 @@ def grpo_argv(root, *extra):
                     "--lr", "3e-3", "--lr-warmup-iters", "0", "--train-iters", "3", *extra]
 
 
-def records(path) -> list[dict]:
-    """The metrics records, each with its "rlhf" object's values lifted to the top (after checking
-    that the task's values are there, as the metrics contract puts them, and only there)."""
-    out = []
-    for line in open(path):
-        record = json.loads(line)
-        section = record.pop("rlhf")
-        assert not set(section) & set(record), sorted(set(section) & set(record))
-        out.append({**record, **section})
-    return out
+records = rlhf_records  # the records with their "rlhf" values at the top
 
 
 def run(argv) -> int:

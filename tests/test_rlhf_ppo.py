@@ -146,3 +146,23 @@ def test_ppo_bad_input(setup, reward_model, tmp_path, monkeypatch, capsys):  # n
         assert run(argv) == 2, extra
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and fragment in err[0], (extra, err)
+
+
+def test_ppo_at_o3_with_fp8_frozen_models(setup, reward_model, tmp_path):  # noqa: F811
+    """Actor and critic at O3, reference and reward model holding FP8 weights: it trains with finite
+    losses, and both the trained pair's and the frozen models' weights take under 60% of their
+    FP32 bytes."""
+    runs = {}
+    for level in ("none", "O3"):
+        out = tmp_path / f"{level}.jsonl"
+        argv = ppo_argv(setup, "--reward-model", str(reward_model), "--fp8-level", level, "--reference-fp8-level",
+                        level, "--reward-model-fp8-level", level, "--fp8-min-features", "16", "--train-iters", "2",
+                        "--metrics-file", str(out))
+        argv = [a for a in argv if a not in ("--reward-fn", "grpo_rewards:even_tokens")]
+        assert run(argv) == 0
+        runs[level] = records(out)
+    for level, got in runs.items():
+        assert all(r["loss"] == r["loss"] and abs(r["loss"]) < 1e3 for r in got), level
+    frozen = {level: sum(got[0]["frozen_memory"].values()) for level, got in runs.items()}
+    assert frozen["O3"] < 0.6 * frozen["none"]
+    assert runs["O3"][0]["memory"]["weight_bytes"] < 0.6 * runs["none"][0]["memory"]["weight_bytes"]

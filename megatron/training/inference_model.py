@@ -234,7 +234,7 @@ def load_gpt_for_inference(load_dir: str, ps: ParallelState, *, params_dtype: to
     level = saved.fp8_level if fp8_level is None else fp8_level
     if level not in LEVELS:
         raise ValueError(f"unknown FP8 level {level!r}; use one of {', '.join(LEVELS)}")
-    apply_inference_precision(model, _inference_fp8_config(dict(saved.args, **(fp8_settings or {})), level, fp8_recipe))
+    apply_inference_precision(model, inference_fp8_config(dict(saved.args, **(fp8_settings or {})), level, fp8_recipe))
     load_gpt_weights(model, saved, ps)
     model.eval()
     model.requires_grad_(False)
@@ -242,7 +242,7 @@ def load_gpt_for_inference(load_dir: str, ps: ParallelState, *, params_dtype: to
                        fp8_level=saved.fp8_level)
 
 
-def _inference_fp8_config(args: dict, level: str, recipe: str | None) -> FP8Config:
+def inference_fp8_config(args: dict, level: str, recipe: str | None) -> FP8Config:
     """The run's casting settings (format, recipe, margin, size filter, head) at `level`. A
     delayed-scaling run generates with current scaling: a history of earlier calls' amaxes would
     make each answer depend on what was generated before it."""

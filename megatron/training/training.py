@@ -149,9 +149,10 @@ def setup_parallel(config: RunConfig) -> tuple[RunConfig, ParallelState]:
 
 
 def run_training(config: RunConfig, ps: ParallelState, task: TrainingTask, *, loss_name: str = "loss",
-                 extra: str = "") -> TrainState:
+                 extra: str = "") -> Trainer:
     """An entry point's run of `task`: the trainer built, a line saying what runs, training to the
-    end (or a stop condition), and a line with the result."""
+    end (or a stop condition), and a line with the result. Returns the trainer (its `state`, and
+    its `model` for an evaluation after training)."""
     trainer = Trainer(config, ps, task)
     print_rank0(ps, f"> {ps.describe()}; {task.num_params:,} parameters; fp8 level {config.precision.fp8_level}{extra}")
     try:
@@ -160,7 +161,7 @@ def run_training(config: RunConfig, ps: ParallelState, task: TrainingTask, *, lo
         trainer.close()
     final = f"final {loss_name} {state.losses[-1]:.4f}, " if state.losses else ""
     print_rank0(ps, f"> done: {state.iteration} iterations, {final}{state.skipped_iterations} skipped")
-    return state
+    return trainer
 
 
 def memory_record(model: torch.nn.Module, ddp: DistributedDataParallel, optimizer, num_params: int) -> dict:
