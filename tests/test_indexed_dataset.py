@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from megatron.core.datasets.indexed_dataset import (
-    HEADER_BYTES, MAGIC, IndexedDataset, IndexedDatasetError, IndexedDatasetWriter, bin_path, idx_path,
-    token_dtype_for_vocab,
+    HEADER_BYTES, MAGIC, TRAILER_BYTES, TRAILER_MAGIC, IndexedDataset, IndexedDatasetError, IndexedDatasetWriter,
+    bin_path, idx_path, token_dtype_for_vocab,
 )
 
 
@@ -66,7 +66,10 @@ def test_layout_matches_megatron(tmp_path):
     body = np.frombuffer(index, np.uint8, offset=HEADER_BYTES)
     assert body[:12].view(np.int32).tolist() == [3, 0, 2]
     assert body[12:36].view(np.int64).tolist() == [0, 12, 12]  # byte offsets into .bin
-    assert body[36:].view(np.int64).tolist() == [0, 1, 2, 3]
+    assert body[36:68].view(np.int64).tolist() == [0, 1, 2, 3]
+    # Then our trailer (which Megatron-LM's reader, reading at these offsets, never sees).
+    assert len(body) == 68 + TRAILER_BYTES and bytes(body[68:76]) == TRAILER_MAGIC
+    assert body[84:108].view(np.int64).tolist() == [20, 1, 70000]  # .bin bytes, the token range
     assert bin_path(tmp_path / "ds").read_bytes() == np.array([1, 2, 3, 70000, 5], np.int32).tobytes()
     _write(tmp_path / "u16", documents[:2], np.uint16)
     assert struct.unpack_from("<9sQB", idx_path(tmp_path / "u16").read_bytes())[2] == 8
@@ -133,7 +136,10 @@ def _set(offset, value):
     ("idx", lambda d: d + b"\0" * 8, "header describes"),
     ("idx", _set(HEADER_BYTES, struct.pack("<i", 4)), "pointers do not match"),
     ("idx", _set(HEADER_BYTES, struct.pack("<i", -1)), "negative sequence length"),
-    ("idx", lambda d: d[:-8] + struct.pack("<q", 7), "end at the sequence count"),
+    ("idx", lambda d: d[:-8 - TRAILER_BYTES] + struct.pack("<q", 7) + d[-TRAILER_BYTES:], "end at the sequence count"),
+    ("idx", lambda d: d[:-1] + bytes([d[-1] ^ 1]), "does not match its .idx"),  # the trailer's fingerprint
+    ("idx", lambda d: d[:-TRAILER_BYTES + 16] + struct.pack("<Q", 99) + d[-TRAILER_BYTES + 24:],
+     "does not match its .idx"),  # the trailer's .bin size
     ("bin", lambda d: d[:-2], "truncated or mismatched"),
     ("bin", lambda d: d + b"\0\0", "truncated or mismatched"),
 ])

@@ -176,3 +176,51 @@ def test_resume_flags_choose_the_mismatch_policy():
     assert schedule_args("--use-checkpoint-opt-param-scheduler").mismatch_policy == "use_checkpoint"
     with pytest.raises(ValueError, match="contradict each other"):
         schedule_args("--override-opt-param-scheduler --use-checkpoint-opt-param-scheduler")
+
+
+def test_sample_based_schedule_counts_samples_and_names_its_flags():
+    sched = LRScheduler(LRScheduleConfig(lr=1.0, min_lr=0.1, warmup_iters=100, decay_style="linear", train_iters=1100,
+                                         unit="samples"))
+    assert [sched.lr_at(s) for s in (0, 50, 100, 600, 1100, 5000)] == pytest.approx([0.0, 0.5, 1.0, 0.55, 0.1, 0.1])
+    for kwargs, message in [
+        (dict(warmup_iters=-1), "--lr-warmup-samples must be >= 0"),
+        (dict(decay_iters=0), "--lr-decay-samples must be >= 1"),
+        (dict(warmup_iters=50, decay_iters=40), r"--lr-warmup-samples \(50\) must not exceed --lr-decay-samples \(40\)"),
+        (dict(decay_style="WSD"), "needs --lr-wsd-decay-samples"),
+        (dict(warmup_fraction=0.1, warmup_iters=5), "--lr-warmup-fraction and --lr-warmup-samples both given"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            LRScheduleConfig(lr=1.0, unit="samples", **kwargs)
+
+
+def test_position_advances_with_applied_updates_only_and_is_saved():
+    sched = scheduler(lr=1.0, warmup_iters=10, decay_iters=20)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    for applied in (True, False, True, True):  # the second update is skipped (non-finite gradients)
+        sched.step(optimizer)
+        if applied:
+            sched.advance(1)
+    assert sched.num_steps == 3 and sched.last_iteration == 2 and sched.last_lr == pytest.approx(0.2)
+    state = sched.state_dict()
+    assert state["num_steps"] == 3 and state["unit"] == "iterations"
+    resumed = scheduler(lr=1.0, warmup_iters=10, decay_iters=20)
+    resumed.load_state_dict(state)
+    assert resumed.num_steps == 3 and resumed.step(optimizer) == pytest.approx(0.3)
+    # a checkpoint from before the position was kept: every iteration up to the saved one counted
+    old = {key: value for key, value in state.items() if key not in ("num_steps", "unit")}
+    resumed.load_state_dict(dict(old, last_iteration=6))
+    assert resumed.num_steps == 7
+
+
+def test_iteration_flags_in_samples_for_a_ramped_batch():
+    # Megatron-LM: warm-up and decay steps are iterations x the (final) global batch, or the
+    # warm-up fraction of the decay samples.
+    args = schedule_args("--lr 1.0 --lr-warmup-fraction 0.01 --lr-decay-iters 430 --lr-wsd-decay-iters 40 "
+                         "--lr-decay-style WSD")
+    config = args.lr_schedule_config(train_iters=500, samples_per_iteration=1536)
+    assert (config.unit, config.decay_iters, config.warmup_iters, config.wsd_decay_iters, config.train_iters) == (
+        "samples", 430 * 1536, int(0.01 * 430 * 1536), 40 * 1536, 500 * 1536)
+    samples = schedule_args("--lr 1.0 --lr-warmup-samples 64 --lr-decay-samples 640").lr_schedule_config(
+        None, train_samples=1000)
+    assert (samples.unit, samples.warmup_iters, samples.total_decay_iters) == ("samples", 64, 640)
+    assert LRScheduler(samples).lr_at(32) == pytest.approx(0.5)

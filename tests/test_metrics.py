@@ -137,20 +137,35 @@ def test_a_fresh_run_starts_the_file_afresh_and_appending_survives_a_torn_line(t
 
 def test_log_line_shows_megatron_fields():
     record = make_record(20, train_iters=100, consumed_samples=640, global_batch_size=32,
-                         tflops_per_device=123.45, mfu_percent=41.7, skipped=2,
+                         tflops_per_device=123.45, mfu_percent=41.7, skipped=2, elapsed_s=125.4, eta_s=183_600.0,
+                         loss_scale=65536.0,
                          fp8={"mu": 0.5, "overflow_frac": 1.5e-6, "underflow_frac": 2e-3})
     line = format_log_line(record)
     for expected in ("iteration       20/     100", "consumed samples:          640",
                      "elapsed time per iteration (ms): 125.0", "learning rate: 3.000000E-04",
                      "global batch size:    32", "lm loss: 2.500000E+00", "grad norm: 1.250",
                      "tokens/s: 16,384", "TFLOP/s/device: 123.5", "MFU: 41.7%", "number of skipped iterations:   2",
-                     "fp8 mu: 0.5", "fp8 overflow: 1.50e-06", "fp8 underflow: 2.00e-03"):
+                     "fp8 mu: 0.5", "fp8 overflow: 1.50e-06", "fp8 underflow: 2.00e-03",
+                     "elapsed: 0:02:05", "ETA: 51:00:00", "loss scale: 65536.0"):
         assert expected in line, (expected, line)
     plain = format_log_line(make_record(3, loss=float("nan"), grad_norm=None))
     assert "lm loss: nan" in plain and "grad norm: nan" in plain
     assert "MFU" not in plain and "fp8" not in plain and "/" not in plain.split("|")[0]
+    assert "ETA" not in plain and "loss scale" not in plain
     assert format_eval_line(10, 2.0) == (" validation loss at iteration 10 | lm loss value: 2.000000E+00 | "
                                          f"lm loss PPL: {math.exp(2.0):.6E} |")
+
+
+def test_progress_gives_elapsed_time_and_eta_from_the_mean_iteration_time():
+    now = [100.0]
+    progress = metrics.Progress(start_iteration=40, train_iters=100, clock=lambda: now[0])
+    assert progress.metrics(40) == {"elapsed_s": 0.0, "eta_s": None}  # nothing done yet: no estimate
+    now[0] = 130.0  # 10 iterations in 30 s: 3 s each, 50 to go
+    assert progress.metrics(50) == {"elapsed_s": 30.0, "eta_s": 150.0}
+    now[0] = 280.0
+    assert progress.metrics(100) == {"elapsed_s": 180.0, "eta_s": 0.0}
+    assert [metrics.format_duration(x) for x in (0, 59.6, 3600, 90061, float("nan"))] == [
+        "0:00:00", "0:01:00", "1:00:00", "25:01:01", "?"]
 
 
 def test_flops_per_token_by_hand():
@@ -208,19 +223,38 @@ def test_flatten_makes_one_series_per_leaf():
     assert scalars["skipped"] == 1.0 and scalars["fp8/mu"] == 0.5
 
 
-def test_tensorboard_scalars_are_readable(tmp_path):
+def test_tensorboard_scalars_are_readable_under_megatrons_names(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run_config = {"lr": 3e-4, "num_layers": 2, "params_dtype": torch.bfloat16, "data_path": [tmp_path / "corpus"]}
     with Loggers(tensorboard_dir=str(tmp_path / "tb"), run_config=run_config) as loggers:
         assert loggers.active
         for iteration in (1, 2, 3):
-            loggers.log(make_record(iteration, loss=3.0 - iteration), iteration)
+            loggers.log(make_record(iteration, loss=3.0 - iteration, consumed_samples=32 * iteration,
+                                    global_batch_size=32, loss_scale=2.0 ** 16), iteration)
+        loggers.log({"val_loss": 1.5}, 3, samples=96)
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
-    assert {"loss", "lr", "memory/weight_bytes", "comm/dp_bytes"} <= set(events.Tags()["scalars"])
-    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 2.0), (2, 1.0), (3, 0.0)]
+    tags = set(events.Tags()["scalars"])
+    # Megatron-LM's tags (its dashboards read these), the "vs samples" ones against consumed samples
+    upstream = {"lm loss", "learning-rate", "batch-size", "grad-norm", "loss-scale", "iteration-time",
+                "lm loss validation", "lm loss vs samples", "learning-rate vs samples", "batch-size vs samples",
+                "grad-norm vs samples", "loss-scale vs samples", "lm loss validation vs samples"}
+    assert upstream <= tags, upstream - tags
+    assert {"memory/weight_bytes", "comm/dp_bytes", "tokens_per_s"} <= tags  # the rest as before
+    assert not {"loss", "lr", "grad_norm", "val_loss", "global_batch_size"} & tags
+    assert [(e.step, e.value) for e in events.Scalars("lm loss")] == [(1, 2.0), (2, 1.0), (3, 0.0)]
+    assert [(e.step, e.value) for e in events.Scalars("lm loss vs samples")] == [(32, 2.0), (64, 1.0), (96, 0.0)]
+    assert [(e.step, e.value) for e in events.Scalars("lm loss validation vs samples")] == [(96, 1.5)]
+    assert [e.value for e in events.Scalars("learning-rate")] == pytest.approx([3e-4] * 3)
+    assert [e.value for e in events.Scalars("iteration-time")] == [0.125] * 3
     assert "config" in str(events.Tags()["tensors"])  # the run's flags, as a text summary
+
+
+def test_upstream_names_follow_the_tasks_loss():
+    scalars = metrics.upstream_scalars(make_record(1, val_loss=2.0), loss_name="response loss")
+    assert scalars["response loss"] == 2.5 and scalars["response loss validation"] == 2.0
+    assert scalars["grad-norm"] == 1.25 and scalars["memory/num_params"] == 1000.0
 
 
 def test_loggers_without_backends_or_off_rank_do_nothing(tmp_path):

@@ -95,3 +95,26 @@ def test_bad_input_exits_2_with_one_line_and_no_image(tmp_path, case):
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     leftovers = list((tmp_path / "out").iterdir()) if (tmp_path / "out").exists() else []
     assert leftovers == []
+
+
+def test_runs_are_named_by_their_folders_and_validation_losses_are_drawn(tmp_path):
+    from tools.plot_metrics import make_figure
+
+    bf16, fp8 = write_metrics(tmp_path / "bf16" / "metrics.jsonl"), write_metrics(tmp_path / "fp8-O3" / "metrics.jsonl")
+    with open(fp8, "a") as handle:  # evaluations logged at 10 and 20 (one in its own record, as log_eval's)
+        handle.write(json.dumps({"iteration": 10, "val_loss": 2.5}) + "\n")
+        handle.write(json.dumps({"iteration": 20, "val_loss": 1.5}) + "\n")
+    figure = make_figure([bf16, fp8])
+    main = figure.axes[0]
+    labels = main.get_legend_handles_labels()[1]
+    assert labels == ["bf16", "fp8-O3", "fp8-O3 validation"]
+    lines = {line.get_label(): line for line in main.get_lines()}
+    assert list(lines["fp8-O3 validation"].get_xdata()) == [10, 20]
+    assert list(lines["fp8-O3 validation"].get_ydata()) == [2.5, 1.5]
+    assert lines["fp8-O3 validation"].get_color() == lines["fp8-O3"].get_color()
+    # --labels wins; files of one folder go by their file names; other keys show no validation
+    assert make_figure([bf16, fp8], labels=["a", "b"]).axes[0].get_legend_handles_labels()[1] == [
+        "a", "b", "b validation"]
+    same_folder = [write_metrics(tmp_path / "c" / "x.jsonl"), write_metrics(tmp_path / "c" / "y.jsonl")]
+    assert make_figure(same_folder).axes[0].get_legend_handles_labels()[1] == ["x", "y"]
+    assert make_figure([fp8], key="lr").axes[0].get_legend_handles_labels()[1] == ["fp8-O3"]

@@ -241,6 +241,7 @@ def test_checkpoints_record_their_tokenizer_and_rlhf_checks_it(setup, tmp_path):
     """The fingerprint a run records at save time decides, not the file its flags name today (a
     tokenizer retrained in place keeps its path but not its bytes)."""
     import shutil
+    from megatron.core.checkpoint_integrity import write_manifest
     from megatron.core.tokenizers.tokenizer import TokenizerConfig, tokenizer_fingerprint
     from rlhf.common import check_same_tokenizer
 
@@ -253,5 +254,6 @@ def test_checkpoints_record_their_tokenizer_and_rlhf_checks_it(setup, tmp_path):
     check_same_tokenizer(run, {"SFT model": str(ckpt)})
     metadata["tokenizer"]["sha256"] = "0" * 64
     metadata_path.write_text(json.dumps(metadata))
+    write_manifest(metadata_path.parent)  # a whole checkpoint, whose run used another tokenizer file
     with pytest.raises(ValueError, match="another tokenizer \\(sha256"):
         check_same_tokenizer(run, {"SFT model": str(ckpt)})

@@ -71,7 +71,8 @@ def test_unreadable_or_missing_model_is_a_clear_value_error(tmp_path, tokenizer_
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"tokenizer_type": "GPT2BPETokenizer", "tokenizer_model": "x"}, "unknown --tokenizer-type"),
+    ({"tokenizer_type": "BertWordPieceCase", "tokenizer_model": "x"}, "unknown --tokenizer-type"),
+    ({"tokenizer_type": "GPT2BPETokenizer", "tokenizer_model": None}, "needs --vocab-file VOCAB.json"),
     ({"tokenizer_type": "SentencePieceTokenizer"}, "needs --tokenizer-model"),
     ({"tokenizer_type": "NullTokenizer"}, "positive --vocab-size"),
 ])

@@ -1,9 +1,11 @@
 """Plot a metric (default: the loss) against the iteration from one or more metrics files.
 
-    python tools/plot_metrics.py run1/metrics.jsonl run2/metrics.jsonl --out loss.png \
-        --labels bf16 fp8-O3 [--key loss] [--log-scale]
+    python tools/plot_metrics.py runs/bf16/metrics.jsonl runs/fp8-O3/metrics.jsonl --out loss.png \
+        [--labels bf16 fp8-O3] [--key loss] [--log-scale]
 
-One line per file. Where the files carry `lr`, a second panel shows the learning rate. Nested keys
+One line per file, labelled with the run's name: its folder (`runs/bf16/metrics.jsonl` is "bf16"),
+or `--labels`. The loss plot marks each run's validation losses (`val_loss`, where evaluations
+were logged) in its colour. Where the files carry `lr`, a second panel shows the learning rate. Nested keys
 are written with a dot or a slash (`memory.weight_bytes`, `fp8/mu`). Records without the key (an
 evaluation-only record, say) are skipped; a null value (NaN or inf in training) leaves a gap.
 The figure is rendered off-screen (Agg) and written through a temporary file, so a failed run
@@ -117,16 +119,22 @@ def plot_metrics(paths: Sequence[str], out: str, labels: Sequence[str] | None = 
 
     All input is read and checked before anything is written; ValueError on bad input.
     """
+    figure = make_figure(paths, labels=labels, key=key, log_scale=log_scale)
+    _save_atomically(figure, out, _image_format(out))
+    return out
+
+
+def make_figure(paths: Sequence[str], labels: Sequence[str] | None = None, key: str = "loss",
+                log_scale: bool = False):
+    """The figure `plot_metrics` writes (a matplotlib `Figure`, not shown anywhere)."""
     paths = [os.fspath(path) for path in paths]
     if not paths:
         raise ValueError("no metrics file given; pass one or more METRICS.jsonl")
     labels = _labels_for(paths, labels)
     curves = [read_series(path, key) for path in paths]
     lr_curves = [_optional_series(path, "lr") for path in paths] if key != "lr" else []
-    image_format = _image_format(out)  # after the input checks: they need no matplotlib import
-    figure = _draw(curves, lr_curves, labels, key, log_scale)
-    _save_atomically(figure, out, image_format)
-    return out
+    val_curves = [_optional_series(path, "val_loss") for path in paths] if key == "loss" else []
+    return _draw(curves, lr_curves, labels, key, log_scale, val_curves)
 
 
 def _labels_for(paths: list[str], labels: Sequence[str] | None) -> list[str]:
@@ -134,10 +142,11 @@ def _labels_for(paths: list[str], labels: Sequence[str] | None) -> list[str]:
         if len(labels) != len(paths):
             raise ValueError(f"--labels: {len(labels)} labels for {len(paths)} files; give one label per file")
         return list(labels)
-    stems = [Path(path).stem for path in paths]
-    if len(set(stems)) == len(stems):
-        return stems
-    return [str(Path(path).with_suffix("")) for path in paths]  # same file names in different runs
+    # A run's name is its folder (runs/bf16/metrics.jsonl: "bf16"); files of one folder go by their names.
+    for names in ([Path(path).resolve().parent.name for path in paths], [Path(path).stem for path in paths]):
+        if all(names) and len(set(names)) == len(names):
+            return names
+    return [str(Path(path).with_suffix("")) for path in paths]
 
 
 def _optional_series(path: str, key: str) -> Series | None:
@@ -147,7 +156,8 @@ def _optional_series(path: str, key: str) -> Series | None:
         return None  # only a missing key can fail here: the file was read once already
 
 
-def _draw(curves: list[Series], lr_curves: list[Series | None], labels: list[str], key: str, log_scale: bool):
+def _draw(curves: list[Series], lr_curves: list[Series | None], labels: list[str], key: str, log_scale: bool,
+          val_curves: list[Series | None] = ()):
     # Figure and the Agg canvas directly, not pyplot: no global state, no display needed, and the
     # training script's own matplotlib backend is left alone.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -158,9 +168,14 @@ def _draw(curves: list[Series], lr_curves: list[Series | None], labels: list[str
     FigureCanvasAgg(figure)
     axes = figure.subplots(2 if with_lr else 1, 1, sharex=True, squeeze=False, height_ratios=[3, 1] if with_lr else [1])
     main = axes[0][0]
-    for (iterations, values), label in zip(curves, labels):
+    for index, ((iterations, values), label) in enumerate(zip(curves, labels)):
         # Markers only on short runs, where a line alone could hide a single logged point.
-        main.plot(iterations, values, label=label, linewidth=1.2, marker="." if len(iterations) < 30 else None)
+        (line,) = main.plot(iterations, values, label=label, linewidth=1.2,
+                            marker="." if len(iterations) < 30 else None)
+        validation = val_curves[index] if index < len(val_curves) else None
+        if validation is not None:
+            main.plot(*validation, linestyle="--", linewidth=0.8, marker="o", markersize=4, color=line.get_color(),
+                      label=f"{label} validation")
     main.set_ylabel(key)
     if log_scale:
         main.set_yscale("log")
@@ -214,7 +229,8 @@ def build_parser() -> OneLineErrorParser:
     parser = OneLineErrorParser(prog="plot_metrics.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("metrics_files", nargs="+", metavar="METRICS.jsonl", help="metrics files of training runs")
     parser.add_argument("--out", default=None, help="image to write (.png, .pdf, .svg); default: FIRST_FILE_KEY.png")
-    parser.add_argument("--labels", nargs="+", default=None, help="legend entries, one per file (default: file names)")
+    parser.add_argument("--labels", nargs="+", default=None,
+                        help="legend entries, one per file (default: each file's folder name, the run's name)")
     parser.add_argument("--key", default="loss", help="the metric to plot; nested keys as memory.weight_bytes")
     parser.add_argument("--log-scale", action="store_true", help="logarithmic y axis for the metric")
     return parser

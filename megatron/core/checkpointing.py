@@ -6,9 +6,18 @@ Layout of `--save DIR`:
     DIR/iter_0000100/metadata.json          model shape, parallel layout, iteration
     DIR/iter_0000100/common.pt              iteration, consumed samples, LR schedule, run flags
     DIR/iter_0000100/rank_00003.pt          what global rank 3 holds (see `rank_payload`)
+    DIR/iter_0000100/manifest.json          every other file's size and sha256
 
 A save writes into `iter_0000100.tmp/` and renames it into place once every rank has written,
 then moves the marker; a crash at any point leaves the previous checkpoint and marker intact.
+
+Loading checks what it reads before using it: the marker, the metadata's keys and types, every
+file's size against the manifest (always: a stat), the sha256 of each file a rank reads (alongside
+its `torch.load`; `verify_checksums=False` skips it, see `checkpoint_integrity` for the costs), the
+rank files' structure, and that every loaded value is finite (a run that diverged before its save
+is not resumed). A checkpoint written before manifests existed loads without the size and
+checksum checks. Each problem is a `CheckpointError` of one line naming the file and the fix.
+
 Tensors are stored per parameter under its *global* name with how it was sharded (tensor-parallel
 dimension, rank, size; the range of the flattened shard an optimizer rank owns), so a loader
 with another TP / PP / DP layout reassembles each full tensor and takes its own shard. Loading
@@ -17,9 +26,11 @@ uses ``torch.load(weights_only=True)``: a file that needs code execution is refu
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,20 +41,30 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from fp8.params import param_value, set_param_value
+from megatron.core.checkpoint_integrity import (  # noqa: F401 - CheckpointError, MANIFEST: public here
+    MANIFEST, BackgroundHash, CheckpointError, all_finite, check_file_sizes, checksum_mismatch, file_record,
+    first_line, is_int, metadata_problem, payload_problem, read_manifest, write_manifest,
+)
 from megatron.core.parallel_state import ParallelState
 from megatron.core.tensor_parallel.layout import ParamLayout, layouts_of
 
 FORMAT_VERSION = 1
 MARKER = "latest_checkpointed_iteration.txt"
 OPTIMIZER_KEYS = ("master", "exp_avg", "exp_avg_sq")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used, with the reason and the fix."""
+_ITERATION_DIR = re.compile(r"iter_(\d{7,})")
 
 
 def iteration_dir(root: str | os.PathLike, iteration: int) -> Path:
     return Path(root) / f"iter_{iteration:07d}"
+
+
+def saved_iterations(root: str | os.PathLike) -> list[int]:
+    """The iterations of the checkpoint folders in `root` (not the `.tmp` of an unfinished save), sorted."""
+    folder = Path(root)
+    if not folder.is_dir():
+        return []
+    found = (_ITERATION_DIR.fullmatch(entry.name) for entry in folder.iterdir() if entry.is_dir())
+    return sorted(int(match.group(1)) for match in found if match)
 
 
 def _barrier(ps: ParallelState) -> None:
@@ -120,6 +141,11 @@ class CheckpointInfo:
     metadata: dict
 
 
+def _record_path(rank_file: Path) -> Path:
+    """Where a rank leaves its file's manifest record for rank 0."""
+    return rank_file.with_name(f".{rank_file.name}.record.json")
+
+
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
@@ -148,11 +174,20 @@ def save_checkpoint(root: str, iteration: int, *, ps: ParallelState, payload: di
         shutil.rmtree(staging, ignore_errors=True)  # what a crashed save left
         staging.mkdir()
     _barrier(ps)
-    _torch_save_atomic(payload, staging / f"rank_{ps.rank:05d}.pt")
+    rank_file = staging / f"rank_{ps.rank:05d}.pt"
+    _torch_save_atomic(payload, rank_file)
+    # Each rank hashes its own file (read back from the page cache) for the manifest.
+    _atomic_write_bytes(_record_path(rank_file), json.dumps(file_record(rank_file)).encode())
     _barrier(ps)
     if ps.rank == 0:
         _torch_save_atomic(common, staging / "common.pt")
         _atomic_write_bytes(staging / "metadata.json", json.dumps(metadata, indent=1, sort_keys=True).encode())
+        records = {}
+        for rank in range(ps.world_size):
+            record_path = _record_path(staging / f"rank_{rank:05d}.pt")
+            records[f"rank_{rank:05d}.pt"] = json.loads(record_path.read_text())
+            record_path.unlink()
+        write_manifest(staging, records)
         if final.exists():  # saving the same iteration again: replace it whole
             old = Path(str(final) + ".old")
             shutil.rmtree(old, ignore_errors=True)
@@ -168,14 +203,31 @@ def save_checkpoint(root: str, iteration: int, *, ps: ParallelState, payload: di
 
 # ----- loading ----------------------------------------------------------------------------------
 def latest_iteration(root: str) -> int | None:
-    """The iteration the marker names, None when there is no checkpoint at all."""
+    """The iteration the marker names, None when there is no checkpoint at all. Checkpoint
+    folders without a marker are an error: resuming must not silently start over on top of them."""
     marker = Path(root) / MARKER
     if not marker.exists():
+        found = saved_iterations(root)
+        if found:
+            raise CheckpointError(
+                f"{root} holds checkpoint folders ({iteration_dir(root, found[-1]).name} the latest) but no {MARKER}; "
+                f"restore it (e.g. write {found[-1]} into {marker} to resume from iteration {found[-1]}) or pass "
+                f"another --load")
         return None
-    text = marker.read_text().strip()
-    if not text.isdigit():
-        raise CheckpointError(f"{marker} does not hold an iteration number ({text[:40]!r}); "
-                              f"fix or delete it, or point --load at another folder")
+    try:
+        raw = marker.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"{marker} cannot be read ({exc.strerror}); fix it (it holds the iteration to resume "
+                              f"from) or point --load at another folder") from None
+    try:
+        text = raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        text = None
+    if text is None or not text.isdigit():
+        shown = raw[:40].decode("ascii", errors="replace").strip() if text is None else text[:40]
+        kind = "is not text" if text is None else "does not hold an iteration number"
+        raise CheckpointError(f"{marker} {kind} ({shown!r}); write the iteration to resume from into it (one number, "
+                              f"e.g. {_example_iteration(root)}), or point --load at another folder")
     iteration = int(text)
     if not iteration_dir(root, iteration).is_dir():
         raise CheckpointError(f"{marker} names iteration {iteration}, but {iteration_dir(root, iteration)} is "
@@ -183,23 +235,55 @@ def latest_iteration(root: str) -> int | None:
     return iteration
 
 
-def safe_load(path: Path):
+def _example_iteration(root) -> str:
+    found = saved_iterations(root)
+    return str(found[-1]) if found else "100"
+
+
+def safe_load(path: Path, manifest: dict | None = None, *, verify_checksums: bool = True):
+    """`torch.load(weights_only=True)` of a checkpoint file, checked against its manifest record
+    when there is one (the sha256 computed while the file loads)."""
+    record = (manifest or {}).get(path.name)
+    hashing = BackgroundHash(path) if record is not None and verify_checksums and path.is_file() else None
+    error = loaded = None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing; the checkpoint is incomplete, load another one") from None
     except Exception as exc:  # pickle refusing a global, a truncated zip, ...
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path} cannot be loaded safely ({reason}); it is not a checkpoint this "
-                              f"framework wrote, or it is damaged") from None
+        error = exc
+    if hashing is not None and not hashing.matches(record["sha256"]):
+        raise checksum_mismatch(path)
+    if error is not None:
+        raise CheckpointError(f"{path} cannot be loaded safely ({first_line(error)[:200]}); it is not a checkpoint "
+                              f"this framework wrote, or it is damaged") from None
+    return loaded
 
 
-def read_metadata(root: str, iteration: int) -> dict:
+def read_metadata(root: str, iteration: int, manifest: dict | None = None) -> dict:
+    """The metadata of a checkpoint, its keys and types checked (and its checksum, with `manifest`)."""
     path = iteration_dir(root, iteration) / "metadata.json"
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path} is unreadable ({exc}); the checkpoint is damaged") from None
+        raw = path.read_bytes()
+        metadata = json.loads(raw.decode("utf-8"))
+    except (OSError, ValueError) as exc:  # ValueError: JSON and UTF-8 decoding
+        raise CheckpointError(f"{path} is unreadable ({first_line(exc)}); the checkpoint is damaged - "
+                              f"load another one") from None
+    record = (manifest or {}).get(path.name)
+    if record is not None and hashlib.sha256(raw).hexdigest() != record["sha256"]:
+        raise checksum_mismatch(path)
+    problem = metadata_problem(metadata)
+    if problem:
+        raise CheckpointError(f"{path} is damaged ({problem}); restore it or load another checkpoint")
+    return metadata
+
+
+def _refuse_non_finite(root: str, iteration: int, what: str) -> None:
+    earlier = [i for i in saved_iterations(root) if i < iteration]
+    fix = (f"resume from an earlier checkpoint (write {earlier[-1]} into {Path(root) / MARKER}) or pass another --load"
+           if earlier else "pass another --load, or start over without it")
+    raise CheckpointError(f"{iteration_dir(root, iteration)}: {what} holds NaN or infinite values (the run had "
+                          f"diverged when it was saved); {fix}")
 
 
 def check_model_matches(saved: dict, current: dict) -> None:
@@ -219,16 +303,31 @@ def _assemble_tp(pieces_by_tp_rank: dict[int, torch.Tensor], shard: dict) -> tor
     return torch.cat([torch.cat([o[p] for o in ordered], dim=dim) for p in range(parts)], dim=dim)
 
 
+def check_rank_payload(path: Path, payload) -> None:
+    """The structure `rank_payload` writes, so that a damaged file is one clear error here and not
+    a KeyError deep in resharding."""
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{path} holds a {type(payload).__name__}, not a rank file of this framework; the "
+                              f"checkpoint is damaged - load another one")
+    if payload.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint format {payload.get('format')!r}, this version reads "
+                              f"{FORMAT_VERSION}; load it with the version of this framework that wrote it")
+    problem = payload_problem(payload, OPTIMIZER_KEYS)
+    if problem:
+        raise CheckpointError(f"{path} is damaged ({problem}); load another checkpoint")
+
+
 class ShardedCheckpoint:
     """The rank files of one checkpoint, reassembled per global name on demand. With `ranks`
     only those files are read (the same-layout fast path reads just its own)."""
 
-    def __init__(self, folder: Path, ranks: list[int]):
-        self.payloads = [safe_load(folder / f"rank_{r:05d}.pt") for r in ranks]
-        for payload in self.payloads:
-            if payload.get("format") != FORMAT_VERSION:
-                raise CheckpointError(f"{folder} has checkpoint format {payload.get('format')}, this version "
-                                      f"reads {FORMAT_VERSION}; convert it with tools/checkpoint_convert.py")
+    def __init__(self, folder: Path, ranks: list[int], manifest: dict | None = None, *, verify_checksums: bool = True):
+        self.payloads = []
+        for rank in ranks:
+            path = folder / f"rank_{rank:05d}.pt"
+            payload = safe_load(path, manifest, verify_checksums=verify_checksums)
+            check_rank_payload(path, payload)
+            self.payloads.append(payload)
 
     def names(self) -> set[str]:
         return {name for payload in self.payloads for name in payload["model"]}
@@ -288,29 +387,41 @@ def _local_states(ckpt: ShardedCheckpoint, name: str, layout: ParamLayout, ps: P
 
 def load_checkpoint(root: str, *, ps: ParallelState, model: nn.Module, optimizer, global_name,
                     model_config: dict, layout: dict, load_optim: bool = True, load_rng: bool = True,
-                    tracker=None) -> tuple[CheckpointInfo, dict] | None:
+                    tracker=None, verify_checksums: bool = True) -> tuple[CheckpointInfo, dict] | None:
     """Load the checkpoint the marker in `root` names into `model` (and `optimizer`), resharding
-    when `layout` differs from the saved one. Returns None when `root` holds no checkpoint."""
+    when `layout` differs from the saved one. Returns None when `root` holds no checkpoint.
+    The files and values are checked before any parameter changes (see the module's docstring)."""
     iteration = latest_iteration(root)
     if iteration is None:
         return None
     folder = iteration_dir(root, iteration)
-    metadata = read_metadata(root, iteration)
-    check_model_matches(metadata.get("model", {}), model_config)
-    same_layout = metadata.get("layout") == layout
+    manifest = read_manifest(folder)
+    check_file_sizes(folder, manifest)
+    metadata = read_metadata(root, iteration, manifest)
+    if metadata["format"] != FORMAT_VERSION:
+        raise CheckpointError(f"{folder} has checkpoint format {metadata['format']}, this version reads "
+                              f"{FORMAT_VERSION}; load it with the version of this framework that wrote it")
+    check_model_matches(metadata.get("model") or {}, model_config)
+    same_layout = metadata["layout"] == layout
     ranks = [ps.rank] if same_layout else list(range(metadata["layout"]["world_size"]))
-    ckpt = ShardedCheckpoint(folder, ranks)
+    common = safe_load(folder / "common.pt", manifest, verify_checksums=verify_checksums)
+    _check_common(folder / "common.pt", common)
+    ckpt = ShardedCheckpoint(folder, ranks, manifest, verify_checksums=verify_checksums)
     params = named_global_params(model, global_name)
     available = ckpt.names() if not same_layout else set(ckpt.payloads[0]["model"])
     missing = sorted(set(params) - available)
     if missing:
         raise CheckpointError(f"{folder} lacks {len(missing)} parameters of this model (first: {missing[0]}); "
                               f"it is of another model - use the same model settings or another --load folder")
+    _check_finite(ckpt, params, root, iteration, load_optim)
+    if load_rng and same_layout and not isinstance(ckpt.payloads[0].get("rng"), dict):
+        raise CheckpointError(f"{folder / f'rank_{ps.rank:05d}.pt'} has no random-number state; pass --no-load-rng or "
+                              f"load another checkpoint")
     full_states = {}
     layouts = layouts_of(model)
     with torch.no_grad():
         for name, param in params.items():
-            tensor, states = _local_states(ckpt, name, layouts[param], ps, same_layout)
+            tensor, states = _checked_local_states(ckpt, name, layouts[param], ps, same_layout, folder)
             if tuple(tensor.shape) != tuple(param.shape):
                 raise CheckpointError(f"{name} has shape {tuple(tensor.shape)} in the checkpoint, {tuple(param.shape)} "
                                       f"here; the checkpoint is of another model")
@@ -331,6 +442,41 @@ def load_checkpoint(root: str, *, ps: ParallelState, model: nn.Module, optimizer
             if name in modules:
                 modules[name].set_extra_state(state)
         if load_rng:
-            set_rng_state(own["rng"], tracker)
-    common = safe_load(folder / "common.pt")
+            try:
+                set_rng_state(own["rng"], tracker)
+            except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
+                raise CheckpointError(f"{folder / f'rank_{ps.rank:05d}.pt'}: its random-number state is damaged "
+                                      f"({first_line(exc)}); pass --no-load-rng or load another checkpoint") from None
     return CheckpointInfo(iteration, int(common.get("consumed_samples", 0)), metadata), common
+
+
+def _check_finite(ckpt: ShardedCheckpoint, params: dict, root: str, iteration: int, load_optim: bool) -> None:
+    """Every saved piece this load uses is finite (the moments only when they are loaded; the
+    master always, the weights follow it), checked on the pieces as read, before any is used."""
+    for payload in ckpt.payloads:
+        for name in params:
+            entry = payload["model"].get(name)
+            if entry is not None and not all_finite(entry["tensor"]):
+                _refuse_non_finite(root, iteration, f"parameter {name}")
+            for key in OPTIMIZER_KEYS if load_optim else ("master",):
+                state = payload["optimizer"].get(name, {}).get(key)
+                if state is not None and not all_finite(state):
+                    _refuse_non_finite(root, iteration, f"the optimizer's {key} of {name}")
+
+
+def _checked_local_states(ckpt: ShardedCheckpoint, name: str, layout: ParamLayout, ps: ParallelState,
+                          same_layout: bool, folder: Path) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    try:
+        return _local_states(ckpt, name, layout, ps, same_layout)
+    except (KeyError, IndexError, RuntimeError, ValueError) as exc:
+        raise CheckpointError(f"{folder}: the saved pieces of {name} do not fit together ({first_line(exc)}); "
+                              f"a rank file is damaged - load another checkpoint") from None
+
+
+def _check_common(path: Path, common) -> None:
+    if not isinstance(common, dict):
+        raise CheckpointError(f"{path} holds a {type(common).__name__}, not the run state of this framework; the "
+                              f"checkpoint is damaged - load another one")
+    for key in ("iteration", "consumed_samples", "skipped_iterations"):
+        if key in common and not (is_int(common[key]) and common[key] >= 0):
+            raise CheckpointError(f"{path} is damaged ({key} is {common[key]!r}, not a count); load another checkpoint")

@@ -7,6 +7,7 @@ worker processes) start fast.
 from __future__ import annotations
 
 import argparse
+import math
 import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields
@@ -15,10 +16,12 @@ from typing import Any, ClassVar
 from megatron.core.tokenizers.tokenizer import TOKENIZER_TYPES, TokenizerConfig
 
 
-def flag(default: Any = None, help: str = "", *, choices=None, negatable: bool = False) -> Any:
+def flag(default: Any = None, help: str = "", *, choices=None, negatable: bool = False, nargs=None,
+         metavar=None) -> Any:
     """A field that is a command-line flag. Booleans are switches (``--x``), or ``--x/--no-x``
-    with `negatable`."""
-    return field(default=default, metadata={"help": help, "choices": choices, "negatable": negatable})
+    with `negatable`; a list takes `nargs` values (default any number) of its element type."""
+    return field(default=default, metadata={"help": help, "choices": choices, "negatable": negatable,
+                                            "nargs": nargs, "metavar": metavar})
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -49,7 +52,8 @@ class Section:
     @classmethod
     def from_namespace(cls, values: argparse.Namespace | dict) -> Section:
         values = vars(values) if isinstance(values, argparse.Namespace) else values
-        return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
+        hints = typing.get_type_hints(cls)
+        return cls(**{f.name: checked_value(f, hints[f.name], values[f.name]) for f in fields(cls) if f.name in values})
 
 
 def _argparse_kwargs(f, hint) -> dict:
@@ -65,10 +69,23 @@ def _argparse_kwargs(f, hint) -> dict:
     if meta.get("choices"):
         kwargs["choices"] = list(meta["choices"])
     if base is list:
-        kwargs["nargs"] = "*"
+        kwargs["nargs"] = meta.get("nargs") or "*"
+        element = _element_type(hint)
+        if element in (int, float):
+            kwargs["type"] = element
     elif base in (int, float):
         kwargs["type"] = base
+    if meta.get("metavar"):
+        kwargs["metavar"] = meta["metavar"]
     return kwargs
+
+
+def _element_type(hint):
+    """int for ``list[int] | None``."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    args = typing.get_args(hint)
+    return args[0] if args else None
 
 
 def _base_type(hint):
@@ -76,6 +93,56 @@ def _base_type(hint):
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
     return typing.get_origin(hint) or hint
+
+
+def checked_value(f, hint, value):
+    """`value` as field `f`'s type, or a ValueError naming the flag. The command line's values are
+    already typed by argparse; a --config YAML file's are not (argparse converts only strings,
+    and checks no choices, for defaults): lists, mappings, booleans for numbers, fractions for
+    counts, NaN, or a value outside the choices are refused here instead of crashing later or
+    being taken silently."""
+    name = "--" + f.name.replace("_", "-")
+    optional = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+    inner = next(arg for arg in typing.get_args(hint) if arg is not type(None)) if optional else hint
+    base, element = typing.get_origin(inner) or inner, (typing.get_args(inner) or (str,))[0]
+    if value is None:
+        if optional or f.default is None:
+            return None
+        raise ValueError(f"{name} needs a value, got null; fix it in the --config file")
+    if base is list:
+        items = value.split() if isinstance(value, str) else value
+        checked = [_as_type(element, v) for v in items] if isinstance(items, (list, tuple)) else _INVALID
+        wanted = f"a list of {_PLURAL_NAMES.get(element, element.__name__)}"
+    else:
+        checked, wanted = _as_type(base, value), _KIND_NAMES.get(base, getattr(base, "__name__", str(base)))
+    if checked is _INVALID or isinstance(checked, list) and _INVALID in checked:
+        raise ValueError(f"{name} expects {wanted}, got {value!r}; fix it in the --config file")
+    choices = f.metadata.get("choices")
+    if choices and any(v not in choices for v in (checked if base is list else [checked])):
+        raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+    return checked
+
+
+_INVALID = object()
+_KIND_NAMES = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
+_PLURAL_NAMES = {bool: "true / false values", int: "whole numbers", float: "numbers", str: "strings"}
+
+
+def _as_type(base, value):
+    """`value` as `base` (bool, int, float or str), or _INVALID."""
+    if base is bool:
+        return value if isinstance(value, bool) else _INVALID
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return _INVALID  # lists, mappings, dates, and booleans where a number or a name belongs
+    if base is int:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        return value if isinstance(value, int) else _INVALID
+    if base is float:
+        return float(value) if isinstance(value, (int, float)) and not math.isnan(value) else _INVALID
+    if base is str:
+        return str(value)
+    return value
 
 
 def check_positive(section, *names: str) -> None:
@@ -88,13 +155,25 @@ def check_positive(section, *names: str) -> None:
 @dataclass(frozen=True)
 class TokenizerArgs(Section):
     title: ClassVar[str] = "tokenizer"
-    tokenizer_type: str | None = flag(None, "which tokenizer reads --tokenizer-model", choices=TOKENIZER_TYPES)
+    tokenizer_type: str | None = flag(
+        None, "which tokenizer reads --tokenizer-model (default GPT2BPETokenizer with --vocab-file and "
+              "--merge-file)", choices=TOKENIZER_TYPES)
     tokenizer_model: str | None = flag(
         None, "SentencePiece .model file, or tokenizer.json (or its folder) for HuggingFaceTokenizer")
     vocab_size: int | None = flag(None, "number of ids for NullTokenizer (EOD is one more)")
+    vocab_file: str | None = flag(None, "GPT2BPETokenizer: GPT-2's vocab.json (gpt2-vocab.json)")
+    merge_file: str | None = flag(None, "GPT2BPETokenizer: GPT-2's merges.txt (gpt2-merges.txt)")
+
+    def __post_init__(self) -> None:
+        if self.tokenizer_type is None and self.vocab_file and self.merge_file:
+            # The only kind that reads those two files (Megatron-LM's GPT scripts give no type);
+            # resolved here so that checkpoints record it.
+            object.__setattr__(self, "tokenizer_type", "GPT2BPETokenizer")
 
     def tokenizer_config(self) -> TokenizerConfig:
-        if self.tokenizer_type is None:
-            raise ValueError("no tokenizer given; pass --tokenizer-type and --tokenizer-model")
-        return TokenizerConfig(tokenizer_type=self.tokenizer_type, tokenizer_model=self.tokenizer_model,
-                               vocab_size=self.vocab_size)
+        tokenizer_type = self.tokenizer_type
+        if tokenizer_type is None:
+            raise ValueError("no tokenizer given; pass --tokenizer-type and --tokenizer-model (or --vocab-file and "
+                             "--merge-file for GPT-2's BPE)")
+        return TokenizerConfig(tokenizer_type=tokenizer_type, tokenizer_model=self.tokenizer_model,
+                               vocab_size=self.vocab_size, vocab_file=self.vocab_file, merge_file=self.merge_file)

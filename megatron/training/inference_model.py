@@ -61,6 +61,7 @@ class SavedCheckpoint:
     iteration: int
     metadata: dict
     common: dict
+    manifest: dict | None = None  # file sizes and checksums; None for a checkpoint saved before manifests
 
     @property
     def folder(self) -> Path:
@@ -107,31 +108,39 @@ class SavedCheckpoint:
         return [pp_rank * dp * tp + tp_rank for pp_rank in range(pp) for tp_rank in wanted]
 
     def read_weights(self, tp_ranks: list[int] | None = None) -> ModelWeights:
-        return ModelWeights(self.folder, self.weight_ranks(tp_ranks))
+        ranks = self.weight_ranks(tp_ranks)
+        checkpointing.check_file_sizes(self.folder, self.manifest, {f"rank_{r:05d}.pt" for r in ranks})
+        return ModelWeights(self.folder, ranks)
 
 
 def open_checkpoint(load_dir: str | Path) -> SavedCheckpoint:
     """The latest checkpoint in `load_dir`, with one-line errors naming the fix."""
     root = Path(load_dir)
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"checkpoint folder {root} is a file; pass the folder that --save wrote")
     if not root.is_dir():
         raise ValueError(f"checkpoint folder {root} does not exist; pass the folder that --save wrote")
     iteration = checkpointing.latest_iteration(str(root))
     if iteration is None:
         raise CheckpointError(f"{root} holds no checkpoint ({checkpointing.MARKER} is missing); pass the folder "
                               f"that --save wrote, or let a run save one first")
-    metadata = checkpointing.read_metadata(str(root), iteration)
     folder = checkpointing.iteration_dir(root, iteration)
+    # Sizes of the files read, checksums of the small ones: the rank files are memory-mapped and
+    # only their model part is read, so hashing them whole would cost more than the load.
+    manifest = checkpointing.read_manifest(folder)
+    checkpointing.check_file_sizes(folder, manifest, {"metadata.json", "common.pt"})
+    metadata = checkpointing.read_metadata(str(root), iteration, manifest)
     if metadata.get("format") != checkpointing.FORMAT_VERSION:
         raise CheckpointError(f"{folder} has checkpoint format {metadata.get('format')}, this version reads "
                               f"{checkpointing.FORMAT_VERSION}; load it with the version that wrote it")
     layout = metadata.get("layout")
     if not isinstance(layout, dict) or not all(isinstance(layout.get(k), int) for k in ("tp", "pp", "dp")):
         raise CheckpointError(f"{folder}/metadata.json does not record the parallel layout; the checkpoint is damaged")
-    common = checkpointing.safe_load(folder / "common.pt")
+    common = checkpointing.safe_load(folder / "common.pt", manifest)
     if not isinstance(common, dict) or not isinstance(common.get("args"), dict):
         raise CheckpointError(f"{folder}/common.pt holds no run flags ('args'); it was not written by a run of "
                               f"this framework, or it is damaged")
-    return SavedCheckpoint(root, iteration, metadata, common)
+    return SavedCheckpoint(root, iteration, metadata, common, manifest)
 
 
 def _load_mapped(path: Path) -> dict:
@@ -284,6 +293,9 @@ def _load_weights(model: GPTModel, weights: ModelWeights, ps: ParallelState, pre
         if tuple(tensor.shape) != tuple(param.shape):
             raise CheckpointError(f"{weights.folder}: {name} has shape {tuple(tensor.shape)}, the model its flags "
                                   f"describe needs {tuple(param.shape)}; the checkpoint is damaged")
+        if not checkpointing.all_finite(tensor):
+            raise CheckpointError(f"{weights.folder}: {prefix + name} holds NaN or infinite values (the run had "
+                                  f"diverged when it was saved); load an earlier checkpoint")
         if is_fp8_param(param):
             set_param_value(param, tensor.to(device=param.device))
         else:

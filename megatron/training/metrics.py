@@ -17,6 +17,7 @@ import numbers
 import os
 import re
 import tempfile
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -177,14 +178,19 @@ def format_log_line(record: Mapping[str, Any], loss_name: str = "lm loss",
     is shown under `loss_name` (the task's), followed by the task's own `fields` ({record key:
     label}, e.g. an RLHF run's reward, "rlhf.reward" for a nested one) when the record has them.
 
-    Optional keys shown when present: `train_iters`, `consumed_samples`, `global_batch_size`,
-    `loss_scale`, `tflops_per_device`, `mfu_percent`, `fp8.mu`, `fp8.overflow_frac`, `fp8.underflow_frac`.
+    Optional keys shown when present: `train_iters`, `consumed_samples`, `elapsed_s`, `eta_s`,
+    `global_batch_size`, `loss_scale`, `tflops_per_device`, `mfu_percent`, `fp8.mu`,
+    `fp8.overflow_frac`, `fp8.underflow_frac`.
     """
     iteration = int(record["iteration"])
     train_iters = record.get("train_iters")
     parts = [f" iteration {iteration:8d}" + (f"/{int(train_iters):8d}" if train_iters is not None else "")]
     if "consumed_samples" in record:
         parts.append(f"consumed samples: {int(record['consumed_samples']):12d}")
+    if record.get("elapsed_s") is not None:
+        parts.append(f"elapsed: {format_duration(record['elapsed_s'])}")
+    if record.get("eta_s") is not None:
+        parts.append(f"ETA: {format_duration(record['eta_s'])}")
     if "step_time_s" in record:
         parts.append(f"elapsed time per iteration (ms): {_number(record['step_time_s'], '.1f', scale=1e3)}")
     parts.append(f"learning rate: {_number(record.get('lr'), '.6E')}")
@@ -210,6 +216,30 @@ def format_log_line(record: Mapping[str, Any], loss_name: str = "lm loss",
         if "underflow_frac" in fp8:
             parts.append(f"fp8 underflow: {_number(fp8['underflow_frac'], '.2e')}")
     return " | ".join(parts) + " |"
+
+
+def format_duration(seconds: float) -> str:
+    """``H:MM:SS`` (hours unbounded: a long run's ETA can be days, ``53:20:00``)."""
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    whole = int(round(max(seconds, 0.0)))
+    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
+
+
+class Progress:
+    """`elapsed_s` (wall time since this process started training) and `eta_s` (the iterations
+    left times the mean wall time per iteration so far: steps, evaluations and checkpoints
+    included) for the metrics record and the console line."""
+
+    def __init__(self, start_iteration: int, train_iters: int, clock=time.perf_counter):
+        self.start_iteration, self.train_iters, self.clock = start_iteration, train_iters, clock
+        self.started = clock()
+
+    def metrics(self, iteration: int) -> dict[str, float]:
+        elapsed = self.clock() - self.started
+        done = iteration - self.start_iteration
+        eta = elapsed / done * max(self.train_iters - iteration, 0) if done > 0 else None
+        return {"elapsed_s": elapsed, "eta_s": eta}
 
 
 def _throughput_parts(record: Mapping[str, Any]) -> list[str]:
@@ -336,6 +366,21 @@ def throughput_metrics(tokens_per_s: float, flops_per_token: float, num_devices:
 # TensorBoard and Weights & Biases
 
 
+# Megatron-LM's TensorBoard / W&B names for the record's keys (its dashboards plot these), and the
+# ones it also writes against the consumed samples ("... vs samples"). "loss" and "val_loss" take
+# the task's loss name: "lm loss", "lm loss validation".
+UPSTREAM_TAGS = {"lr": "learning-rate", "global_batch_size": "batch-size", "grad_norm": "grad-norm",
+                 "loss_scale": "loss-scale", "step_time_s": "iteration-time"}
+VS_SAMPLES = ("learning-rate", "batch-size", "grad-norm", "loss-scale")
+
+
+def upstream_scalars(record: Mapping[str, Any], loss_name: str = "lm loss") -> dict[str, float]:
+    """`flatten_scalars` with Megatron-LM's names where it has one (`UPSTREAM_TAGS`, the loss as
+    `loss_name`, the validation loss as "`loss_name` validation"); other keys as flattened."""
+    names = dict(UPSTREAM_TAGS, loss=loss_name, val_loss=f"{loss_name} validation")
+    return {names.get(key, key): value for key, value in flatten_scalars(record).items()}
+
+
 def flatten_scalars(record: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     """Numeric leaves of `record` as one series each ("memory/weight_bytes"); strings, None and
     the iteration itself (the x axis) are left out."""
@@ -366,12 +411,15 @@ class Loggers:
     for the metrics file) are files written and runs started. `wandb_mode` None follows the
     WANDB_MODE environment variable (wandb's default: online). `run_config` (the run's flags, a
     dict or an argparse Namespace) goes to W&B as its config and to TensorBoard as a text summary.
+    Series carry Megatron-LM's names (`upstream_scalars`: "lm loss", "learning-rate", ...), so
+    dashboards made for it work; TensorBoard also gets its "... vs samples" series.
     """
 
     def __init__(self, *, tensorboard_dir: str | None = None, wandb_project: str | None = None,
                  wandb_exp_name: str | None = None, wandb_save_dir: str | None = None,
                  wandb_mode: str | None = None, enabled: bool = True,
-                 run_config: Mapping[str, Any] | argparse.Namespace | None = None):
+                 run_config: Mapping[str, Any] | argparse.Namespace | None = None, loss_name: str = "lm loss"):
+        self.loss_name = loss_name
         if wandb_mode not in (None, *WANDB_MODES):
             raise ValueError(f"--wandb-mode {wandb_mode!r}: choose one of {', '.join(WANDB_MODES)}")
         self.tensorboard = None
@@ -398,13 +446,19 @@ class Loggers:
     def active(self) -> bool:
         return self.tensorboard is not None or self.wandb_run is not None
 
-    def log(self, record: Mapping[str, Any], iteration: int) -> None:
+    def log(self, record: Mapping[str, Any], iteration: int, samples: int | None = None) -> None:
+        """`record`'s numbers at `iteration`, and against `samples` (default: the record's
+        `consumed_samples`) for the series Megatron-LM also plots that way."""
         if not self.active:
             return
-        scalars = flatten_scalars(record)
+        scalars = upstream_scalars(record, self.loss_name)
+        samples = record.get("consumed_samples") if samples is None else samples
         if self.tensorboard is not None:
+            vs_samples = {*VS_SAMPLES, self.loss_name, f"{self.loss_name} validation"}
             for name, value in scalars.items():
                 self.tensorboard.add_scalar(name, value, iteration)
+                if samples is not None and name in vs_samples:
+                    self.tensorboard.add_scalar(f"{name} vs samples", value, int(samples))
         if self.wandb_run is not None:
             self.wandb_run.log(scalars, step=iteration)
 

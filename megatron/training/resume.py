@@ -90,7 +90,8 @@ class Checkpointer:
         masters follow them, iteration 0 - where a fine-tuning run starts."""
         result = checkpointing.load_checkpoint(
             root, ps=self.ps, model=self.model, optimizer=self.optimizer, global_name=self.global_name,
-            model_config=self.signature, layout=self.layout, load_optim=False, load_rng=False, tracker=self.rng)
+            model_config=self.signature, layout=self.layout, load_optim=False, load_rng=False, tracker=self.rng,
+            verify_checksums=not self.args.no_verify_checkpoint_checksums)
         if result is None:
             raise ValueError(f"{root} holds no checkpoint to start from; pass a folder that --save (or "
                              f"tools/checkpoint/convert.py import) wrote")
@@ -106,7 +107,8 @@ class Checkpointer:
             args.load, ps=ps, model=self.model, optimizer=self.optimizer, global_name=self.global_name,
             model_config=self.signature, layout=self.layout,
             load_optim=not (finetune or args.no_load_optim), load_rng=not (finetune or args.no_load_rng),
-            tracker=self.rng)
+            tracker=self.rng,
+            verify_checksums=not self.args.no_verify_checkpoint_checksums)
         if result is None:
             if ps.rank == 0:
                 print(f"> nothing to resume in {args.load}", flush=True)
@@ -128,20 +130,71 @@ class Checkpointer:
         return True
 
 
+class SigtermLatch:
+    """Remembers a SIGTERM for the training loop to act on at its next iteration boundary.
+
+    Installed once per process, as early as the entry point can (`megatron.training.cli.run_cli`,
+    where the launcher asks for it) or else by `StopConditions`: a SIGTERM that arrives while the
+    model is built or the data loaded is then honoured at the first point where a checkpoint can
+    be saved instead of killing the process. Installing it unblocks SIGTERM, so one that a launcher
+    held back (scripts/torchrun_graceful.py starts its workers with SIGTERM blocked) arrives now.
+    The handler is the process's one SIGTERM disposition; the latch is found again through
+    `signal.getsignal`, not through module state."""
+
+    def __init__(self, previous):
+        self.previous = previous
+        self.received = False
+
+    def __call__(self, signum, frame) -> None:
+        self.received = True
+
+    @staticmethod
+    def current() -> SigtermLatch | None:
+        handler = signal.getsignal(signal.SIGTERM)
+        return handler if isinstance(handler, SigtermLatch) else None
+
+    @classmethod
+    def install(cls) -> SigtermLatch:
+        """Install a latch (or return the one installed) and let held-back SIGTERMs in."""
+        latch = cls.current()
+        if latch is None:
+            latch = cls(signal.getsignal(signal.SIGTERM))
+            signal.signal(signal.SIGTERM, latch)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        return latch
+
+    def uninstall(self) -> None:
+        """Give SIGTERM back to the handler that was there before (a SIGTERM already received is
+        not replayed: whoever installed the latch decides what it means)."""
+        if signal.getsignal(signal.SIGTERM) is self:
+            signal.signal(signal.SIGTERM, self.previous if self.previous is not None else signal.SIG_DFL)
+
+
 class StopConditions:
-    """--exit-interval, --exit-duration-in-mins and SIGTERM, agreed by all ranks."""
+    """--exit-interval, --exit-duration-in-mins and SIGTERM, agreed by all ranks. A SIGTERM
+    received before training started (a latch installed at start-up) counts too."""
 
     def __init__(self, args, ps: ParallelState):
         self.args, self.ps = args, ps
         self.started = time.monotonic()
-        self.signalled = False
-        self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+        self._owns_latch = SigtermLatch.current() is None
+        self._latch = SigtermLatch.install()
+        if self._latch.received and ps.rank == 0:
+            print("> SIGTERM received during start-up: stopping after the first iteration", flush=True)
 
-    def _on_signal(self, signum, frame) -> None:
-        self.signalled = True
+    @property
+    def signalled(self) -> bool:
+        return self._latch.received
+
+    @signalled.setter
+    def signalled(self, value: bool) -> None:
+        self._latch.received = bool(value)
 
     def close(self) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
+        """Stop listening; a latch installed before training (by the entry point) stays until
+        the entry point is done, so a SIGTERM during the final save does not cut it short."""
+        if self._owns_latch:
+            self._latch.uninstall()
 
     def reason(self, iteration: int) -> str | None:
         """Why to stop after `iteration`, the same on every rank, or None."""

@@ -38,17 +38,19 @@ from megatron.core.datasets.builder import train_valid_test_num_samples
 from megatron.core.datasets.samplers import build_pretraining_data_loader, cyclic_iterator
 from megatron.core.distributed.data_parallel import DistributedDataParallel
 from megatron.core.optimizer.factory import build_optimizer
+from megatron.core.optimizer.grad_scaler import LossScaledOptimizer, LossScaler
 from megatron.core.precision import apply_precision
 from megatron.core.parallel_state import ParallelState, init_distributed
 from megatron.core.pipeline_parallel.model import allreduce_embedding_grads
 from megatron.core.pipeline_parallel.schedules import get_forward_backward_func, reported_mean, reported_sum
 from megatron.core.tensor_parallel.random import model_parallel_seed
 from megatron.training import resume
+from megatron.training.attention_backend import attention_context, check_attention_backend
 from megatron.training.config import RunConfig
 from megatron.training.host_memory import configure_host_allocator
 from megatron.training.lr_schedule import LRScheduler
 from megatron.training.metrics import (
-    Loggers, MetricsWriter, format_eval_line, format_log_line, peak_flops, throughput_metrics,
+    Loggers, MetricsWriter, format_eval_line, format_log_line, Progress, peak_flops, throughput_metrics,
 )
 
 
@@ -136,6 +138,8 @@ def setup_parallel(config: RunConfig) -> tuple[RunConfig, ParallelState]:
     config ends every rank at once), then start torch.distributed and build the groups. Returns
     the config for this world (`RunConfig.for_world`) and the parallel state."""
     config = config.for_world(int(os.environ.get("WORLD_SIZE", "1") or 1))
+    from megatron.training.preflight import check_paths  # paths and data, before any work or write
+    check_paths(config)
     device = config.training.device
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but no GPU is visible; use --device cpu or auto")
@@ -192,10 +196,14 @@ def build_data_iterators(config: RunConfig, ps: ParallelState, datasets_provider
     validation batches as an uninterrupted one."""
     num_samples = train_valid_test_num_samples(train_iters=config.train_iters, global_batch_size=config.global_batch_size,
                                                eval_interval=config.eval_interval, eval_iters=config.eval_iters)
+    batches = config.batch_schedule
+    num_samples = (batches.samples_for(config.train_iters), *num_samples[1:])  # less than that while the batch ramps
     train_ds, valid_ds, _ = datasets_provider(config, num_samples)
     loader_kw = dict(micro_batch_size=config.micro_batch_size, global_batch_size=config.global_batch_size,
                      data_parallel_rank=ps.dp_rank, data_parallel_size=ps.dp_size, num_workers=config.num_workers)
-    train_iter = iter(build_pretraining_data_loader(train_ds, consumed_samples=consumed_samples, **loader_kw))
+    # While the batch ramps up, iterations take different numbers of micro-batches from one stream.
+    train_kw = dict(loader_kw, global_batch_size=config.micro_batch_size * ps.dp_size) if batches.ramps else loader_kw
+    train_iter = iter(build_pretraining_data_loader(train_ds, consumed_samples=consumed_samples, **train_kw))
     valid_iter = None
     if valid_ds is not None and config.eval_iters > 0:
         consumed_valid = (iteration // config.eval_interval) * config.eval_iters * config.global_batch_size
@@ -224,8 +232,14 @@ class Trainer:
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.optimizer = build_optimizer(named, config.optimizer.optimizer_config(config.lr), ps, self.ddp, self.precision,
                                          use_distributed_optimizer=self.use_distributed_optimizer, seed=config.seed)
-        self.scheduler = LRScheduler(config.schedule.lr_schedule_config(config.train_iters), train_iters=config.train_iters,
-                                     on_mismatch=config.schedule.mismatch_policy)
+        scaler_config = config.precision.loss_scaler_config()  # --fp16 (or --loss-scale)
+        self.loss_scaler = LossScaler(scaler_config) if scaler_config is not None else None
+        if self.loss_scaler is not None:
+            self.optimizer = LossScaledOptimizer(self.optimizer, self.loss_scaler)
+            self.forward_step = self._scaled_forward_step
+        self.scheduler = LRScheduler(config.lr_schedule_config(), on_mismatch=config.schedule.mismatch_policy)
+        self.batch_schedule = config.batch_schedule
+        self._check_run_shape()
         self.state = TrainState()
         self.counts: dict[str, int] = {}  # the last global batch's `task.reported_counts`
         self.means: dict[str, float] = {}  # the last iteration's `task.reported_means`
@@ -234,15 +248,16 @@ class Trainer:
         self.checkpointer = resume.Checkpointer(
             config, ps, self.model, self.optimizer, self.rng, train_state=self.state,
             components={"scheduler": self.scheduler, "fp8_autoscaler": self.ddp.fp8_autoscaler,
-                        "experience": self.experience},
+                        "experience": self.experience, "loss_scaler": self.loss_scaler},
             layout=resume.layout_of(ps, self.use_distributed_optimizer), global_name=task.global_name,
             signature=task.model_signature)
         resumed = self.checkpointer.load() if config.load else False
         if not resumed and task.initial_weights:
             self.checkpointer.load_weights(task.initial_weights)
         self.num_params = task.num_params or sum(p.numel() for p in self.model.parameters())
+        self.progress = Progress(self.state.iteration, config.train_iters)  # restarted when training starts
+        # Evaluation takes whole global batches of the final size; training follows the batch schedule.
         self.num_microbatches = config.global_batch_size // (config.micro_batch_size * ps.dp_size)
-        self.samples_per_iteration = self.experience.samples if self.experience is not None else config.global_batch_size
         self.forward_backward, self.schedule_model = self._schedule()
         if self.experience is not None:
             self.train_iter, self.valid_iter = self.experience.iterator, None
@@ -254,7 +269,40 @@ class Trainer:
         self.metrics = MetricsWriter(config.metrics_file, enabled, resume_from_iteration=self.state.iteration)
         self.loggers = Loggers(tensorboard_dir=config.tensorboard_dir, wandb_project=config.wandb_project,
                                wandb_exp_name=config.wandb_exp_name, wandb_save_dir=config.wandb_save_dir,
-                               wandb_mode=config.wandb_mode, enabled=enabled, run_config=config.flat())
+                               wandb_mode=config.wandb_mode, enabled=enabled, run_config=config.flat(),
+                               loss_name=task.loss_key)
+
+    def _check_run_shape(self) -> None:
+        """What this task and device cannot do with the run's flags, refused before any work."""
+        config, task = self.config, self.task
+        if task.experience_provider is not None:
+            for name in ("rampup_batch_size", "train_samples"):
+                if getattr(config.training, name) is not None:
+                    raise ValueError(f"--{name.replace('_', '-')} does not apply to an RLHF run: an iteration collects "
+                                     "its own rollouts (give --train-iters and a fixed --global-batch-size)")
+        model = config.model
+        check_attention_backend(model.attention_backend, device=self.ps.device, dtype=config.precision.params_dtype,
+                                head_dim=model.kv_channels or model.hidden_size // model.num_attention_heads,
+                                dropout=model.attention_dropout)
+
+    def _scaled_forward_step(self, data_iterator, model):
+        """The task's forward step with its loss multiplied by the loss scale (--fp16), so the
+        backward pass carries scaled gradients; the reported values stay unscaled."""
+        output, loss_fn = self.task.forward_step(data_iterator, model)
+        scale = self.loss_scaler.scale
+
+        def scaled_loss_fn(output_tensor):
+            loss, reported = loss_fn(output_tensor)
+            return loss * scale, reported
+
+        return output, scaled_loss_fn
+
+    def samples_this_iteration(self) -> int:
+        """The samples the next iteration consumes: its global batch (which a ramp-up grows with
+        the consumed samples), or what an experience collects."""
+        if self.experience is not None:
+            return self.experience.samples
+        return self.batch_schedule.global_batch_at(self.state.consumed_samples)
 
     def _schedule(self):
         """The forward/backward schedule for this layout and the model object it drives (the
@@ -273,11 +321,14 @@ class Trainer:
         and `reported_means` are left in `self.counts` and `self.means`."""
         self.collected = self.experience.collect(self.state.iteration) if self.experience is not None else {}
         reported, skipped = [], False
+        num_microbatches = self.batch_schedule.num_microbatches(self.state.consumed_samples, self.config.micro_batch_size,
+                                                                self.ps.dp_size)
         for _ in range(self.experience.updates if self.experience is not None else 1):
             self.ddp.module.train()
             self.ddp.zero_grad_buffer()
-            reported += self.forward_backward(forward_step=self.forward_step, data_iterator=self.train_iter,
-                                              model=self.schedule_model, num_microbatches=self.num_microbatches)
+            with attention_context(self.config.model.attention_backend):
+                reported += self.forward_backward(forward_step=self.forward_step, data_iterator=self.train_iter,
+                                                  model=self.schedule_model, num_microbatches=num_microbatches)
             self.ddp.finish_grad_sync()
             allreduce_embedding_grads(self.model, self.ps, self.ddp.dense_grad)
             result = self.optimizer.step()
@@ -291,23 +342,29 @@ class Trainer:
         self.ddp.module.eval()
         reported = []
         for _ in range(self.config.eval_iters):
-            reported += self.forward_backward(forward_step=self.forward_step, data_iterator=self.valid_iter,
-                                              model=self.schedule_model, num_microbatches=self.num_microbatches,
-                                              forward_only=True)
+            with attention_context(self.config.model.attention_backend):
+                reported += self.forward_backward(forward_step=self.task.forward_step, data_iterator=self.valid_iter,
+                                                  model=self.schedule_model, num_microbatches=self.num_microbatches,
+                                                  forward_only=True)
         return reported_mean(reported, self.task.loss_key, self.ps)
 
     def record(self, loss: float, skipped: int, grad_norm: float, step_time: float, lr: float,
-               comm_bytes: dict) -> dict:
-        """The metrics record (docs/metrics.md): `skipped` counts the interval's skipped steps and
-        `step_time_s` is the interval's mean; the rest describe the logged iteration."""
-        tokens_per_s = self.samples_per_iteration * self.task.tokens_per_sample / step_time
+               comm_bytes: dict, samples_per_iteration: float, batch_size: int) -> dict:
+        """The metrics record (docs/metrics.md): `skipped` counts the interval's skipped steps,
+        `step_time_s` is the interval's mean and `tokens_per_s` the interval's rate
+        (`samples_per_iteration` its mean); the rest describe the logged iteration, whose global
+        batch was `batch_size`."""
+        tokens_per_s = samples_per_iteration * self.task.tokens_per_sample / step_time
         record = {
             "iteration": self.state.iteration, "loss": loss, "lr": lr, "grad_norm": grad_norm,
             "skipped": skipped, "step_time_s": step_time, "tokens_per_s": tokens_per_s,
             "memory": memory_record(self.model, self.ddp, self.optimizer, self.num_params),
             "comm": comm_bytes, "consumed_samples": self.state.consumed_samples,
-            "train_iters": self.config.train_iters, "global_batch_size": self.config.global_batch_size,
+            "train_iters": self.config.train_iters, "global_batch_size": batch_size,
+            **self.progress.metrics(self.state.iteration),
         }
+        if self.loss_scaler is not None:
+            record["loss_scale"] = self.loss_scaler.scale  # what the next iteration's loss is multiplied by
         task_values = {**self.counts, **self.means, **self.collected}
         if self.task.metrics_section:
             record[self.task.metrics_section] = task_values
@@ -337,9 +394,12 @@ class Trainer:
     def _train_loop(self, stop: resume.StopConditions) -> None:
         config, ps, state = self.config, self.ps, self.state
         counter = ps.counter
-        interval_time, interval_steps, interval_skipped = 0.0, 0, 0
+        interval_time, interval_steps, interval_skipped, interval_samples = 0.0, 0, 0, 0
+        self.progress = Progress(state.iteration, config.train_iters)
+        in_samples = self.scheduler.config.unit == "samples"
         while state.iteration < config.train_iters:
-            lr = self.scheduler.step(self.optimizer, state.iteration)
+            batch = self.samples_this_iteration()
+            lr = self.scheduler.step(self.optimizer)  # at the position the applied updates reached
             counter.reset()
             start = time.perf_counter()
             loss, skipped, grad_norm = self.train_step()
@@ -350,18 +410,22 @@ class Trainer:
             reason = stop.reason(state.iteration + 1)
             comm_bytes = counter.snapshot()
             state.iteration += 1
-            state.consumed_samples += self.samples_per_iteration
+            state.consumed_samples += batch
             state.skipped_iterations += int(skipped)
             state.losses.append(loss)
+            if not skipped:  # Megatron-LM's scheduler moves on with applied updates only
+                self.scheduler.advance(batch if in_samples else 1)
             interval_time, interval_steps = interval_time + step_time, interval_steps + 1
             interval_skipped += int(skipped)
+            interval_samples += batch
             val_loss = None
             if self.valid_iter is not None and state.iteration % config.eval_interval == 0:
                 val_loss = self.evaluate()
             if state.iteration % config.log_interval == 0 or state.iteration == config.train_iters:
-                record = self.record(loss, interval_skipped, grad_norm, interval_time / interval_steps, lr, comm_bytes)
+                record = self.record(loss, interval_skipped, grad_norm, interval_time / interval_steps, lr, comm_bytes,
+                                     interval_samples / interval_steps, batch)
                 self.log(record if val_loss is None else dict(record, val_loss=val_loss))
-                interval_time, interval_steps, interval_skipped = 0.0, 0, 0
+                interval_time, interval_steps, interval_skipped, interval_samples = 0.0, 0, 0, 0
             if val_loss is not None:
                 self.log_eval(val_loss)
             if config.save_interval and state.iteration % config.save_interval == 0:
@@ -373,12 +437,13 @@ class Trainer:
 
     def log(self, record: dict) -> None:
         self.metrics.write(record)
-        self.loggers.log(record, record["iteration"])
+        # The validation loss goes to TensorBoard / W&B once, from `log_eval`.
+        self.loggers.log({k: v for k, v in record.items() if k != "val_loss"}, record["iteration"])
         print_rank0(self.ps, format_log_line(record, self.task.loss_key, self.task.log_fields))
 
     def log_eval(self, val_loss: float) -> None:
         self.state.val_losses.append((self.state.iteration, val_loss))
-        self.loggers.log({"val_loss": val_loss}, self.state.iteration)
+        self.loggers.log({"val_loss": val_loss}, self.state.iteration, samples=self.state.consumed_samples)
         print_rank0(self.ps, format_eval_line(self.state.iteration, val_loss, loss_name=self.task.loss_key))
 
     def close(self) -> None:

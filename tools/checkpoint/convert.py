@@ -45,6 +45,7 @@ from megatron.core.pipeline_parallel.model import build_gpt_stage, virtual_pipel
 from megatron.core.tensor_parallel.layout import layouts_of  # noqa: E402
 from megatron.core.tokenizers.tokenizer import (  # noqa: E402
     HuggingFaceTokenizer, MegatronTokenizer, SentencePieceTokenizer, build_tokenizer)
+from megatron.core.checkpoint_integrity import write_manifest  # noqa: E402
 from megatron.core.transformer.config import TransformerConfig  # noqa: E402
 from megatron.training import hf_interop as hf  # noqa: E402
 from megatron.training.config import SECTIONS  # noqa: E402
@@ -276,6 +277,7 @@ def write_checkpoint(root: Path, state: dict[str, torch.Tensor], config: Transfo
     metadata = {"format": checkpointing.FORMAT_VERSION, "iteration": 0, "model": model_signature(config),
                 "layout": layout_of(_rank_state(tp, pp, 0, 0), False), "fp8_level": "none"}
     _write_json(folder / "metadata.json", metadata)
+    write_manifest(folder)  # sizes and checksums, checked when the checkpoint loads
     (root / checkpointing.MARKER).write_text("0\n")
 
 

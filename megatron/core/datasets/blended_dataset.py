@@ -17,8 +17,9 @@ import torch
 def blending_indices(weights: Sequence[float], size: int) -> tuple[np.ndarray, np.ndarray]:
     """(dataset_index, dataset_sample_index): which dataset serves blended sample i, and its sample number."""
     weights = np.asarray(weights, dtype=np.float64)
-    if len(weights) == 0 or (weights <= 0).any() or size < 0:
-        raise ValueError("blending needs at least one dataset, positive weights and a non-negative size")
+    if len(weights) == 0 or not np.isfinite(weights).all() or (weights <= 0).any() or size < 0:
+        raise ValueError(f"blending needs at least one dataset, positive finite weights (got {weights.tolist()}) and "
+                         "a non-negative size; fix the weights of --data-path")
     weights = weights / weights.sum()
     due_times, dataset_ids, sample_ids = [], [], []
     for dataset, weight in enumerate(weights):

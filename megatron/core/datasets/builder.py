@@ -23,12 +23,17 @@ def train_valid_test_num_samples(*, train_iters: int, global_batch_size: int, ev
             eval_iters * global_batch_size)
 
 
-def build_gpt_datasets(config: GPTDatasetConfig, num_samples: Sequence[int], *,
-                       eod_id: int | None = None) -> list[torch.utils.data.Dataset | None]:
-    """[train, valid, test]; None for a split with no share in `--split` or no samples requested."""
+def build_gpt_datasets(config: GPTDatasetConfig, num_samples: Sequence[int], *, eod_id: int | None = None,
+                       vocab_size: int | None = None) -> list[torch.utils.data.Dataset | None]:
+    """[train, valid, test]; None for a split with no share in `--split` or no samples requested.
+    With `vocab_size` (the tokenizer's), data holding ids outside it is refused before any sample
+    is built (`IndexedDataset.check_token_ids`: read from the index, or scanned once and cached)."""
     if len(num_samples) != 3 or any(n < 0 for n in num_samples):
         raise ValueError("num_samples needs three non-negative counts: train, valid, test")
     indexed = [IndexedDataset(prefix) for prefix, _ in config.blend]
+    if vocab_size is not None:
+        for dataset in indexed:
+            dataset.check_token_ids(vocab_size, config.data_cache_path)
     ranges = [split_ranges(len(dataset), config.split_weights) for dataset in indexed]
     datasets: list[torch.utils.data.Dataset | None] = []
     for split, (split_name, share, count) in enumerate(zip(SPLIT_NAMES, config.split_weights, num_samples)):

@@ -7,6 +7,7 @@ train / valid / test shares of each dataset's documents ("969,30,1", or "98/2/0"
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -50,6 +51,10 @@ def parse_data_path(data_path: list[str]) -> list[tuple[str, float | None]]:
             "--data-path mixes weights and prefixes; give either prefixes only (A B) or pairs (0.7 A 0.3 B)"
         )
     blend = [(prefix, weight) for weight, prefix in zip(weights[::2], data_path[1::2])]
+    for (prefix, weight), text in zip(blend, data_path[::2]):
+        if not math.isfinite(weight):
+            raise ValueError(f"--data-path weight {text!r} of {prefix} is not a finite number; give positive "
+                             "weights, e.g. 0.7 A 0.3 B")
     if any(weight <= 0 for _, weight in blend):
         raise ValueError("--data-path weights must be positive; drop a dataset instead of giving it weight 0")
     total = sum(weight for _, weight in blend)
@@ -60,7 +65,7 @@ def parse_split(split: str) -> tuple[float, float, float]:
     """Normalised train / valid / test shares; missing trailing shares are 0, as in Megatron."""
     parts = [part for part in re.split(r"[,/]", split.strip()) if part.strip()]
     values = [_as_float(part) for part in parts]
-    if not 1 <= len(values) <= 3 or any(v is None or v < 0 for v in values):
+    if not 1 <= len(values) <= 3 or any(v is None or not math.isfinite(v) or v < 0 for v in values):
         raise ValueError(f"--split {split!r}: give up to three non-negative numbers, e.g. 969,30,1")
     values += [0.0] * (3 - len(values))
     total = sum(values)

@@ -7,9 +7,11 @@ Every error names the file and the line (or row) and says how to fix it.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import gzip
 import json
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -189,12 +191,31 @@ def _decode_json_line(line: bytes, where: str):
         raise CorpusError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno}); fix or remove the line") from None
 
 
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
 def _open_binary(path: str):
-    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+    if not path.endswith(".gz"):
+        return open(path, "rb")
+    with open(path, "rb") as raw:
+        if raw.read(2) != _GZIP_MAGIC:
+            raise CorpusError(f"{path}: not gzip data although its name ends in .gz; rename it without .gz if it is "
+                              "plain text, or compress it with gzip")
+    return gzip.open(path, "rb")
+
+
+@contextlib.contextmanager
+def _gzip_errors(path: str):
+    """A damaged .gz (truncated, bad checksum) as one line naming the file, not zlib's words alone."""
+    try:
+        yield
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CorpusError(f"{path}: damaged gzip data ({reason}); re-create or download the file again") from None
 
 
 def _json_batches(path: str) -> Iterator[RecordBatch]:
-    with _open_binary(path) as stream:
+    with _open_binary(path) as stream, _gzip_errors(path):
         if _first_significant_byte(stream) == b"[":
             yield from _json_array_batches(path, stream)
             return
@@ -232,7 +253,7 @@ def _json_array_batches(path: str, stream) -> Iterator[RecordBatch]:
 def _txt_documents(path: str, mode: str) -> Iterator[tuple[int, dict]]:
     if mode not in TXT_MODES:
         raise CorpusError(f"unknown text mode {mode!r}; use one of {', '.join(TXT_MODES)}")
-    with _open_binary(path) as stream:
+    with _open_binary(path) as stream, _gzip_errors(path):
         try:
             text = stream.read().decode("utf-8")
         except UnicodeDecodeError as exc:

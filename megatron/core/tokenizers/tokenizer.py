@@ -1,8 +1,10 @@
 """Tokenizers behind Megatron's `--tokenizer-type` / `--tokenizer-model` flags.
 
-Three kinds, all read from local files only (nothing is downloaded):
+Four kinds, all read from local files only (nothing is downloaded):
   SentencePieceTokenizer  a `tokenizer.model` (e.g. from tools/train_tokenizer.py)
   HuggingFaceTokenizer    a `tokenizer.json` of the `tokenizers` package (or a folder holding one)
+  GPT2BPETokenizer        GPT-2's byte-level BPE from `--vocab-file vocab.json --merge-file merges.txt`
+                          (Megatron-LM's; `gpt2_bpe.py`, no dependency)
   NullTokenizer           text is space-separated integer ids (`--vocab-size N`), for tests
 
 Every tokenizer exposes `vocab_size`, `eod`, `bos`, `pad`, `tokenize(text)` and `detokenize(ids)`.
@@ -21,7 +23,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer", "NullTokenizer")
+TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer", "NullTokenizer")
 
 # End-of-document names tried, in order, when a tokenizer.json does not say which token it is.
 _HF_EOD_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eot_id|>", "[SEP]")
@@ -31,22 +33,48 @@ _HF_PAD_CANDIDATES = ("<pad>", "[PAD]", "<|pad|>", "<|padding|>")
 
 @dataclass(kw_only=True)
 class TokenizerConfig:
-    """Which tokenizer to load; built from `--tokenizer-type`, `--tokenizer-model`, `--vocab-size`."""
+    """Which tokenizer to load; built from `--tokenizer-type`, `--tokenizer-model`, `--vocab-size`,
+    `--vocab-file` and `--merge-file`."""
 
     tokenizer_type: str
     tokenizer_model: str | None = None
     vocab_size: int | None = None  # NullTokenizer only: ids are 0..vocab_size-1, EOD is vocab_size
+    vocab_file: str | None = None  # GPT2BPETokenizer: vocab.json (token -> id)
+    merge_file: str | None = None  # GPT2BPETokenizer: merges.txt (one merge per line, by rank)
 
     def __post_init__(self) -> None:
         if self.tokenizer_type not in TOKENIZER_TYPES:
             raise ValueError(
                 f"unknown --tokenizer-type {self.tokenizer_type!r}; use one of {', '.join(TOKENIZER_TYPES)}"
             )
+        if (self.vocab_file or self.merge_file) and self.tokenizer_type != "GPT2BPETokenizer":
+            raise ValueError(f"--vocab-file and --merge-file are read by --tokenizer-type GPT2BPETokenizer only, "
+                             f"not {self.tokenizer_type}; drop them or change --tokenizer-type")
         if self.tokenizer_type == "NullTokenizer":
             if self.vocab_size is None or self.vocab_size < 1:
                 raise ValueError("NullTokenizer needs a positive --vocab-size")
+        elif self.tokenizer_type == "GPT2BPETokenizer":
+            self._gpt2_files()
         elif not self.tokenizer_model:
             raise ValueError(f"{self.tokenizer_type} needs --tokenizer-model PATH")
+
+    def _gpt2_files(self) -> tuple[str, str]:
+        """(vocab.json, merges.txt): the flags, or the two files in a --tokenizer-model folder."""
+        if self.vocab_file and self.merge_file:
+            return self.vocab_file, self.merge_file
+        if self.tokenizer_model and not (self.vocab_file or self.merge_file):
+            folder = Path(self.tokenizer_model)
+            return str(folder / "vocab.json"), str(folder / "merges.txt")
+        raise ValueError("GPT2BPETokenizer needs --vocab-file VOCAB.json and --merge-file MERGES.txt (GPT-2's "
+                         "gpt2-vocab.json and gpt2-merges.txt), or --tokenizer-model FOLDER holding vocab.json "
+                         "and merges.txt")
+
+    @property
+    def files(self) -> list[str]:
+        """The files that define the tokenizer (what its fingerprint hashes)."""
+        if self.tokenizer_type == "GPT2BPETokenizer":
+            return list(self._gpt2_files())
+        return [self.tokenizer_model] if self.tokenizer_model else []
 
 
 class MegatronTokenizer(ABC):
@@ -210,6 +238,10 @@ class NullTokenizer(MegatronTokenizer):
 def build_tokenizer(config: TokenizerConfig) -> MegatronTokenizer:
     if config.tokenizer_type == "NullTokenizer":
         return NullTokenizer(config.vocab_size)
+    if config.tokenizer_type == "GPT2BPETokenizer":
+        from megatron.core.tokenizers.gpt2_bpe import GPT2BPETokenizer
+
+        return GPT2BPETokenizer(*config.files)
     path = Path(config.tokenizer_model)
     if not path.exists():
         raise ValueError(
@@ -346,7 +378,9 @@ def tokenizer_fingerprint(config: TokenizerConfig) -> dict:
     Checkpoints record it, so that a model is never paired with another tokenizer."""
     tokenizer = build_tokenizer(config)
     digest = None
-    if config.tokenizer_model:
+    if config.tokenizer_type == "GPT2BPETokenizer":  # vocab.json then merges.txt
+        digest = hashlib.sha256(b"".join(Path(f).read_bytes() for f in config.files)).hexdigest()
+    elif config.tokenizer_model:
         path = Path(config.tokenizer_model)
         if path.is_dir():  # a Hugging Face folder: its tokenizer files
             names = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt")

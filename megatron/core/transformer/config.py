@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
 
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 POSITION_EMBEDDINGS = ("learned_absolute", "rope")
+# Fields whose flag has another name (the rest are --field-name).
+_FLAG_NAMES = {"layernorm_epsilon": "--norm-epsilon", "num_query_groups": "--num-query-groups",
+               "add_bias_linear": "--disable-bias-linear"}
+
+
+def _flag(name: str) -> str:
+    return _FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
 
 
 @dataclass(kw_only=True)
@@ -36,10 +45,7 @@ class TransformerConfig:
     recompute_num_layers: int | None = None
 
     def __post_init__(self):
-        positive = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_position_embeddings")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        self._check_types_and_ranges()
         if self.ffn_hidden_size is None:
             self.ffn_hidden_size = 4 * self.hidden_size
         if self.num_query_groups is None:
@@ -60,9 +66,33 @@ class TransformerConfig:
         if self.position_embedding_type == "rope" and self.kv_channels % 2:
             raise ValueError(f"RoPE needs an even head dimension, got --kv-channels {self.kv_channels}")
         self._check_recompute()
-        for name in ("hidden_dropout", "attention_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
+
+    def _check_types_and_ranges(self) -> None:
+        """Each value of the right type and range, named by its flag (a YAML file can give anything)."""
+        counts = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_position_embeddings",
+                  "ffn_hidden_size", "num_query_groups", "kv_channels", "recompute_num_layers")
+        for name in counts:
+            value = getattr(self, name)
+            if value is None and name not in counts[:5]:
+                continue
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+                raise ValueError(f"{_flag(name)} must be a whole number, got {value!r}")
+            if value <= 0:
+                raise ValueError(f"{_flag(name)} must be positive, got {value}")
+        reals = {"layernorm_epsilon": "> 0", "rotary_base": "> 0", "init_method_std": ">= 0",
+                 "hidden_dropout": "in [0, 1)", "attention_dropout": "in [0, 1)"}
+        for name, bound in reals.items():
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+                raise ValueError(f"{_flag(name)} must be a finite number, got {value!r}")
+            ok = {"> 0": value > 0, ">= 0": value >= 0, "in [0, 1)": 0.0 <= value < 1.0}[bound]
+            if not ok:
+                raise ValueError(f"{_flag(name)} must be {bound}, got {value}")
+        for name in ("swiglu", "add_bias_linear", "untie_embeddings_and_output_weights"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{_flag(name)} is a switch (true or false), got {getattr(self, name)!r}")
+        if not isinstance(self.params_dtype, torch.dtype) or not self.params_dtype.is_floating_point:
+            raise ValueError(f"params_dtype must be a floating-point torch.dtype, got {self.params_dtype!r}")
 
     def _check_recompute(self) -> None:
         if self.recompute_granularity not in (None, "full", "selective"):
@@ -72,8 +102,6 @@ class TransformerConfig:
                 raise ValueError("--recompute-granularity full needs --recompute-method uniform or block")
             if self.recompute_num_layers is None:
                 self.recompute_num_layers = 1
-            if self.recompute_num_layers < 1:
-                raise ValueError(f"--recompute-num-layers must be >= 1, got {self.recompute_num_layers}")
         elif self.recompute_method is not None:
             raise ValueError("--recompute-method applies to --recompute-granularity full only")
 
