@@ -1,0 +1,94 @@
+"""bench/gpu_suite.py --dry-run on CPU: every section runs and records finite numbers, so the
+script is known to work before a GPU is at hand."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _numbers(x, where=""):
+    """(path, value) for every number in the JSON, and every string that spells a non-finite one."""
+    if isinstance(x, dict):
+        for k, v in x.items():
+            yield from _numbers(v, f"{where}.{k}")
+    elif isinstance(x, list):
+        for i, v in enumerate(x):
+            yield from _numbers(v, f"{where}[{i}]")
+    elif isinstance(x, bool):
+        return
+    elif isinstance(x, (int, float)):
+        yield where, x
+    elif isinstance(x, str) and x.lower() in ("nan", "inf", "-inf"):
+        yield where, float(x)
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu_suite") / "suite.json"
+    proc = subprocess.run([sys.executable, "bench/gpu_suite.py", "--dry-run", "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_every_section_ok_and_finite(suite):
+    data, stdout = suite
+    assert data["meta"]["dry_run"] is True and data["meta"]["command"].startswith("python bench/gpu_suite.py")
+    results = data["results"]
+    assert set(results) == {"environment", "gemm", "sqnr", "fp8_linear", "gpt"}
+    for name, r in results.items():
+        assert r["ok"], (name, r.get("error"), r.get("traceback"))
+        assert r["skipped_cases"] == 0 and r["budget_s"] > 0
+        assert f"== {name} " in stdout  # a table per section
+    bad = [(w, v) for w, v in _numbers(results) if not math.isfinite(v)]
+    assert not bad, bad
+
+
+def test_gemm_and_linear_rows(suite):
+    results = suite[0]["results"]
+    gemm = results["gemm"]["rows"]
+    assert {(r["op"], r["size"]) for r in gemm} == {(op, s) for op in ("bf16", "tensorwise", "rowwise", "blockwise")
+                                                    for s in (64, 128)}
+    for r in gemm:
+        assert r["ok"] and r["seconds"] > 0 and r["tflops"] > 0, r
+        assert r["op"] == "bf16" or r["speedup_vs_bf16"] > 0
+    assert {r["path"] for r in gemm if r["op"] == "tensorwise"} == {"scaled_mm"}  # torch._scaled_mm on CPU
+    linear = results["fp8_linear"]["rows"]
+    assert {r["recipe"] for r in linear} == {"bf16", "delayed", "current", "rowwise", "blockwise"}
+    for r in linear:
+        assert r["ok"] and r["seconds"] > 0 and r["tflops"] > 0, r
+
+
+def test_sqnr_sane(suite):
+    rows = suite[0]["results"]["sqnr"]["rows"]
+    assert [r["scaling"] for r in rows] == ["tensorwise", "rowwise", "blockwise"]
+    for r in rows:
+        assert r["ok"] and r["finite"], r
+        # E4M3 on random normal inputs: about 28-29 dB against the float64 product of the inputs
+        assert 20 < r["sqnr_vs_f64_db"] < 45, r
+        assert 20 < r["cpu_emulation_sqnr_vs_f64_db"] < 45, r
+        # against float64 of the same FP8 operands only the output rounding remains
+        assert r["sqnr_vs_exact_f64_db"] > 45, r
+        assert r["sqnr_vs_cpu_emulation_db"] > 45, r
+
+
+def test_gpt_levels(suite):
+    gpt = suite[0]["results"]["gpt"]
+    assert gpt["config"]["num_layers"] == 2 and gpt["flops_per_token"] > 0
+    assert set(gpt["levels"]) == {"none", "O0", "O2", "O3"}
+    for level, r in gpt["levels"].items():
+        assert r["ok"], (level, r.get("error"))
+        assert r["steps_run"] == 2 and r["step_time_s"] > 0 and r["tokens_per_s"] > 0, r
+        for key in ("mfu_percent", "mfu_vs_bf16_peak_percent", "peak_memory_bytes", "tflops", "num_params"):
+            assert key in r  # MFU and CUDA peak memory are None on CPU (no peak FLOP/s, no CUDA allocator)
+        assert all(math.isfinite(x) for x in r["losses"])
+        assert level == "none" or r["fp8_layers"] > 0
+    assert len({r["num_params"] for r in gpt["levels"].values()}) == 1
