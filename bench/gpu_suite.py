@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import fp8  # noqa: E402
 from bench.common import RESULTS, run_meta, save_results  # noqa: E402
-from bench.gpu_check import (_jsonable, error_entry, exact_value, median_seconds, synthetic_batches,  # noqa: E402
+from bench.gpu_check import (_jsonable, error_entry, exact_value, guarded, median_seconds, synthetic_batches,  # noqa: E402
                              train_level)
 from fp8.gemm import device_info, emulated_matmul, fp8_matmul, select_path  # noqa: E402
 from fp8.tensor import quantize  # noqa: E402
@@ -81,15 +81,6 @@ class Ctx:
     def sync(self) -> None:
         if self.cuda:
             torch.cuda.synchronize(self.device)
-
-
-def guarded(ctx: Ctx, fn, *a, **kw) -> dict:
-    try:
-        out = fn(*a, **kw)
-        ctx.sync()
-        return {"ok": True, **out}
-    except Exception as exc:  # noqa: BLE001 - every failure is a result here
-        return error_entry(exc)
 
 
 def sqnr_db(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -30,11 +30,9 @@ import functools
 import math
 import sys
 from dataclasses import MISSING, dataclass, field, fields, replace
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-import yaml
 
 from fp8.scaling import RECIPES
 from megatron.core.datasets.config import GPTDatasetConfig
@@ -44,7 +42,7 @@ from megatron.core.optimizer.grad_scaler import LossScalerConfig
 from megatron.core.pipeline_parallel.model import virtual_pipeline_size
 from megatron.core.precision import LEVELS, FP8Config
 from megatron.training.attention_backend import ATTENTION_BACKENDS
-from megatron.training.flags import ArgumentParser, Section, TokenizerArgs, check_positive, flag
+from megatron.training.flags import ArgumentParser, Section, TokenizerArgs, check_positive, flag, load_yaml_defaults
 from megatron.training.host_memory import DEFAULT_THRESHOLD_MB
 from megatron.training.lr_schedule import DECAY_STYLES, WSD_DECAY_STYLES, LRScheduleConfig
 from megatron.training.metrics import WANDB_MODES
@@ -576,27 +574,6 @@ def build_parser(description: str = "FP8-LM training", extra_sections: dict[str,
     for section in {**SECTIONS, **(extra_sections or {})}.values():
         section.add_to(parser)
     return parser
-
-
-def load_yaml_defaults(path: str, parser: argparse.ArgumentParser) -> dict:
-    """The YAML file's values keyed by flag name; unknown keys are an error."""
-    file = Path(path)
-    if not file.is_file():
-        raise ValueError(f"--config {path}: no such file")
-    try:
-        values = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ValueError(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(values, dict):
-        raise ValueError(f"--config {path}: expected a mapping of flag names to values")
-    dests = {a.dest for a in parser._actions}
-    defaults = {}
-    for key, value in values.items():
-        dest = str(key).replace("-", "_")
-        if dest not in dests or dest == "config":
-            raise ValueError(f"--config {path}: unknown key {key!r}; keys are flag names such as num_layers")
-        defaults[dest] = value
-    return defaults
 
 
 def _unit_of_the_command_line(defaults: dict, argv: list[str] | None) -> dict:

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, ClassVar
+
+import yaml
 
 from megatron.core.tokenizers.tokenizer import TOKENIZER_TYPES, TokenizerConfig
 
@@ -177,3 +180,24 @@ class TokenizerArgs(Section):
                              "--merge-file for GPT-2's BPE)")
         return TokenizerConfig(tokenizer_type=tokenizer_type, tokenizer_model=self.tokenizer_model,
                                vocab_size=self.vocab_size, vocab_file=self.vocab_file, merge_file=self.merge_file)
+
+
+def load_yaml_defaults(path: str, parser: argparse.ArgumentParser) -> dict:
+    """The YAML file's values keyed by flag name; unknown keys are an error."""
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"--config {path}: no such file")
+    try:
+        values = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path}: expected a mapping of flag names to values")
+    dests = {a.dest for a in parser._actions}
+    defaults = {}
+    for key, value in values.items():
+        dest = str(key).replace("-", "_")
+        if dest not in dests or dest == "config":
+            raise ValueError(f"--config {path}: unknown key {key!r}; keys are flag names such as num_layers")
+        defaults[dest] = value
+    return defaults
