@@ -11,7 +11,7 @@ never rides on the parameter as an attribute.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -23,6 +23,9 @@ class FP8GradStore:
 
     def __init__(self):
         self._entries: dict[int, tuple[torch.Tensor, ScalingTensor]] = {}
+        # Called with the parameter after each `accumulate` (the data-parallel wrapper's overlap
+        # of gradient reduction with backward counts arrivals through it); None: nobody listens.
+        self.on_accumulate: Callable[[torch.Tensor], None] | None = None
 
     def get(self, param: torch.Tensor) -> ScalingTensor | None:
         entry = self._entries.get(id(param))
@@ -38,6 +41,8 @@ class FP8GradStore:
     def accumulate(self, param: torch.Tensor, grad: torch.Tensor, fmt: str = "e4m3") -> None:
         """Add a high-precision gradient to `param`'s entry, kept in `fmt` with a fresh scale."""
         self.set(param, accumulate(self.get(param), grad, fmt))
+        if self.on_accumulate is not None:
+            self.on_accumulate(param)
 
     def clear(self, params: Iterable[torch.Tensor] | None = None) -> None:
         """Drop every entry (or those of `params`): the next backward starts from zero."""

@@ -23,6 +23,7 @@ import inspect
 import json
 import os
 import sys
+import threading
 from collections import defaultdict
 
 import pytest
@@ -42,6 +43,8 @@ CASES = {
     "none-zero": ["--use-distributed-optimizer"],
     "O2": ["--fp8-level", "O2"],
     "O2-zero": ["--fp8-level", "O2", "--use-distributed-optimizer"],
+    # The communication thread's collectives (its own data-parallel group), FP8 buckets included.
+    "O2-overlap": ["--fp8-level", "O2", "--overlap-grad-reduce", "--ddp-bucket-size", "20000"],
     "O3": O3 + ["--num-layers", "1"],  # 4 FP8 weights: the greedy partition leaves the owners uneven
     "O3-tp2-sp": O3 + ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--fp8-reduce-scatter"],
     "O3-pp2": O3 + ["--pipeline-model-parallel-size", "2"],
@@ -88,7 +91,8 @@ class Tracer:
         from megatron.core.parallel_state import ParallelState
 
         self.comm_file, self.counter, self.ps_cls = comm.__file__, None, ParallelState
-        self.calls, self.points, self.depth, self.ps, self._saved = [], [], 0, None, {}
+        self.calls, self.points, self.ps, self._saved = [], [], None, {}
+        self._local = threading.local()  # nesting depth per thread: the overlap's thread calls too
 
     def install(self) -> None:
         for name in WRAPPED:
@@ -129,13 +133,14 @@ class Tracer:
 
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
-            if self.depth == 0:
+            depth = getattr(self._local, "depth", 0)
+            if depth == 0:
                 self.calls.append(self._describe(name, signature.bind(*args, **kwargs).arguments))
-            self.depth += 1
+            self._local.depth = depth + 1
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.depth -= 1
+                self._local.depth = depth
         return wrapper
 
     def _site(self) -> str | None:
@@ -180,6 +185,10 @@ class Tracer:
         for name, bucket in BUCKET_OF.items():
             if self.ps is not None and self.ps.group(name) is group:
                 return bucket
+        # The overlapped reduction's own group: another group over the data-parallel ranks.
+        if self.ps is not None and group is not None and self.ps.dp_size > 1 \
+                and tuple(dist.get_process_group_ranks(group)) == self.ps.ranks("dp"):
+            return "dp"
         return "other"
 
     def charge(self, call: dict) -> list[tuple[str, str, int, int]]:

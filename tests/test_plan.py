@@ -39,6 +39,11 @@ RUNS = {
     "O1-dp2": (["--fp8-level", "O1", "--global-batch-size", "8"], 2),
     "O2-dp2-distopt": (["--fp8-level", "O2", "--use-distributed-optimizer", "--global-batch-size", "8"], 2),
     "O3-dp2": (["--fp8-level", "O3", "--global-batch-size", "8"], 2),
+    # Overlapped reduction in small buckets: the FP8 all-reduce then runs per bucket.
+    "O2-dp2-overlap": (["--fp8-level", "O2", "--global-batch-size", "8", "--overlap-grad-reduce",
+                        "--ddp-bucket-size", "20000"], 2),
+    "O3-dp2-overlap": (["--fp8-level", "O3", "--global-batch-size", "8", "--overlap-grad-reduce",
+                        "--ddp-bucket-size", "20000"], 2),
     "none-tp2-sp": (["--fp8-level", "none", "--global-batch-size", "4", *SP], 1),
     "O0-tp2-sp": (["--fp8-level", "O0", "--global-batch-size", "4", *SP], 1),
     "O1-tp2-sp": (["--fp8-level", "O1", "--global-batch-size", "4", *SP], 1),

@@ -56,8 +56,8 @@ from fp8.params import SCALE_BYTES  # noqa: E402
 from fp8.zero import greedy_partition  # noqa: E402
 from megatron.core.distributed.comm import ring_bytes  # noqa: E402
 from megatron.core.distributed.data_parallel import (  # noqa: E402
-    BUCKET_SIZE_MB, SHARD_ALIGN_NUMEL, DistributedDataParallel, GradBuffer)
-from megatron.core.distributed.fp8_zero import FP8ZeroLayout  # noqa: E402
+    SHARD_ALIGN_NUMEL, DistributedDataParallel, GradBuffer, bucket_sizes_mb)
+from megatron.core.distributed.fp8_zero import FP8ZeroLayout, backward_buckets  # noqa: E402
 from megatron.core.optimizer.distrib_optimizer import owned_segments  # noqa: E402
 from megatron.core.parallel_state import ParallelState  # noqa: E402
 from megatron.core.parallelize import parallelize_gpt  # noqa: E402
@@ -154,11 +154,13 @@ class Stage:
         self.fp16_masters = self.fp8_config.optimizer_dtypes()[0] == "fp16"
         self.use_dist_opt = config.parallel.use_distributed_optimizer or (self.plan.fp8_zero and dp > 1)
         self.dense = DistributedDataParallel.dense_grad_params(self.model, self.fp8_params)
-        bucket_numel = max(1, int(BUCKET_SIZE_MB * 2**20 / 4))
+        dense_mb, fp8_mb = bucket_sizes_mb(config.parallel.ddp_bucket_size)
+        bucket_numel = max(1, int(dense_mb * 2**20 / 4))
+        self.overlap = config.parallel.overlap_grad_reduce and dp > 1
         self.grad_buffer = GradBuffer(self.dense, torch.float32, torch.device("meta"), bucket_numel,
                                       pad_to=dp * SHARD_ALIGN_NUMEL if self.use_dist_opt else 1,
                                       alone=self.layouts.params(tied_embedding=True))
-        self.zero = (FP8ZeroLayout(self.fp8_params, dp, int(BUCKET_SIZE_MB * 2**20))
+        self.zero = (FP8ZeroLayout(self.fp8_params, dp, int(fp8_mb * 2**20))
                      if self.plan.fp8_zero and self.fp8_params else None)
         self.owners = (self.zero.owners if self.zero is not None else
                        greedy_partition([p.numel() for p in self.fp8_params], dp) if self.use_dist_opt
@@ -228,8 +230,11 @@ class Stage:
             return 0
         stats = ring_bytes("all_reduce", 40, n)  # the reduction's five counts (float64)
         if self.zero is None:
-            numel = sum(p.numel() for p in params)
-            total = ring_bytes("all_reduce", 4 * len(params), n) + 2 * (n - 1) * -(-numel // n) + stats
+            # One reduction of all, or (overlapped) one per bucket of FP8GradReducer.buckets.
+            total = 0
+            for bucket in self._fp8_allreduce_buckets():
+                numel = sum(params[i].numel() for i in bucket)
+                total += ring_bytes("all_reduce", 4 * len(bucket), n) + 2 * (n - 1) * -(-numel // n) + stats
             if self.owners is not None and any(o != dp_rank for o in self.owners):  # owners broadcast FP16
                 for owner in set(self.owners):
                     mine = [p for p, o in zip(params, self.owners) if o == owner]
@@ -244,14 +249,20 @@ class Stage:
             total += ring_bytes("all_gather", sum(numels) + SCALE_BYTES * count, n)
         return total
 
+    def _fp8_allreduce_buckets(self) -> list[list[int]]:
+        if not self.overlap:  # one reduction of all
+            return [list(range(len(self.fp8_params)))]
+        return backward_buckets([p.numel() for p in self.fp8_params], self.grad_buffer.bucket_numel)
+
     def tp_bytes(self) -> int:
         t = self.layout.tp
         if t == 1:
             return 0
         per_step = ring_bytes("all_reduce", 4, t) * (2 + bool(self.fp8_params))  # stop flag, norm(s)
-        if self.layout.sp:
-            sp_numel = sum(p.numel() for p in self.dense if self.layouts[p].sequence_parallel)
-            per_step += ring_bytes("all_reduce", 4 * sp_numel, t)
+        if self.layout.sp:  # one sum per gradient bucket holding sequence-parallel parameters
+            for bucket in self.grad_buffer.buckets:
+                sp_numel = sum(p.numel() for p in bucket.params if self.layouts[p].sequence_parallel)
+                per_step += ring_bytes("all_reduce", 4 * sp_numel, t)
         return per_step + self.layout.num_microbatches * self._tp_microbatch_bytes()
 
     def _tp_microbatch_bytes(self) -> int:

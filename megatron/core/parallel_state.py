@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,13 +31,16 @@ class CommCounter:
 
     def __init__(self):
         self._bytes = dict.fromkeys(BUCKETS, 0)
+        # Overlapped gradient reduction counts from its communication thread.
+        self._lock = threading.Lock()
 
     def add(self, group_name: str, nbytes: int) -> None:
         bucket = _BUCKET_OF_GROUP.get(group_name)
         if bucket is None:
             raise ValueError(f"unknown group {group_name!r}; use one of {', '.join(_BUCKET_OF_GROUP)}")
         assert nbytes >= 0, nbytes
-        self._bytes[bucket] += int(nbytes)
+        with self._lock:
+            self._bytes[bucket] += int(nbytes)
 
     def reset(self) -> None:
         self._bytes = dict.fromkeys(BUCKETS, 0)

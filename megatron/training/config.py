@@ -112,10 +112,14 @@ class ParallelArgs(Section):
     sequence_parallel: bool = flag(False, "split activations along the sequence across the tensor-parallel "
                                           "group (no effect at --tensor-model-parallel-size 1)")
     use_distributed_optimizer: bool = flag(False)
+    ddp_bucket_size: int | None = flag(None, "parameters per data-parallel gradient bucket (default: 40 MB of FP32 "
+                                             "gradients; FP8 ZeRO's buckets: 40 MB of FP8)")
+    overlap_grad_reduce: bool = flag(False, "reduce each gradient bucket (dense and FP8) while backward goes on, "
+                                            "on a communication thread; same results to the bit")
 
     def __post_init__(self) -> None:
         check_positive(self, "tensor_model_parallel_size", "pipeline_model_parallel_size",
-                  "num_layers_per_virtual_pipeline_stage")
+                  "num_layers_per_virtual_pipeline_stage", "ddp_bucket_size")
 
 
 @dataclass(frozen=True)

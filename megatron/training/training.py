@@ -36,7 +36,7 @@ import torch
 from fp8.params import param_nbytes
 from megatron.core.datasets.builder import train_valid_test_num_samples
 from megatron.core.datasets.samplers import build_pretraining_data_loader, cyclic_iterator
-from megatron.core.distributed.data_parallel import DistributedDataParallel
+from megatron.core.distributed.data_parallel import DistributedDataParallel, bucket_sizes_mb
 from megatron.core.optimizer.factory import build_optimizer
 from megatron.core.optimizer.grad_scaler import LossScaledOptimizer, LossScaler
 from megatron.core.precision import apply_precision
@@ -221,12 +221,14 @@ class Trainer:
         self.rng = model_parallel_seed(ps, config.seed)
         self.model = task.model_provider(config, ps, self.rng)
         # Once for the whole model (every pipeline chunk): one FP8 gradient store, one ZeRO layout.
-        self.precision = apply_precision(self.model, config.precision.fp8_config(), ps)
+        dense_mb, fp8_mb = bucket_sizes_mb(config.ddp_bucket_size)
+        self.precision = apply_precision(self.model, config.precision.fp8_config(), ps, bucket_size_mb=fp8_mb)
         plan = self.precision.plan
         # O3 is FP8 ZeRO: with more than one data-parallel rank the dense states are sharded too.
         self.use_distributed_optimizer = config.use_distributed_optimizer or (plan.fp8_zero and ps.dp_size > 1)
         self.ddp = DistributedDataParallel(self.model, ps, use_distributed_optimizer=self.use_distributed_optimizer,
-                                           precision=self.precision)
+                                           precision=self.precision, bucket_size_mb=dense_mb,
+                                           overlap_grad_reduce=config.overlap_grad_reduce)
         if self.ddp.fp8_zero is not None:
             print_rank0(ps, f"> {self.ddp.fp8_zero.describe()}")
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
@@ -326,6 +328,7 @@ class Trainer:
         for _ in range(self.experience.updates if self.experience is not None else 1):
             self.ddp.module.train()
             self.ddp.zero_grad_buffer()
+            self.ddp.start_grad_sync(num_microbatches)
             with attention_context(self.config.model.attention_backend):
                 reported += self.forward_backward(forward_step=self.forward_step, data_iterator=self.train_iter,
                                                   model=self.schedule_model, num_microbatches=num_microbatches)

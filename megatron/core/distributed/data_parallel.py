@@ -29,6 +29,18 @@ a bucket never mixes parameter dtypes (the updated parameters are all-gathered p
 own dtype), and a parameter whose layout is ``tied_embedding`` (a tied embedding that also lives on
 another pipeline stage) gets a bucket of its own, so both stages shard it identically and the embedding
 all-reduce between them can run on the owned chunk after the reduce-scatter.
+
+With ``overlap_grad_reduce=True`` (``--overlap-grad-reduce``) each bucket - dense, or a bucket of
+FP8 gradients (`FP8GradReducer.buckets`) - is reduced as soon as backward has produced its last
+gradient, by a communication thread (`comm_worker.CommWorker`, over a data-parallel group of its
+own) while backward goes on; `finish_grad_sync` hands over what is left and waits. Call
+`start_grad_sync(num_microbatches)` before a step's first micro-batch: a parameter's gradient is
+final once it has arrived that many times (the post-accumulate hook for dense parameters, the
+store's `on_accumulate` for FP8 ones), which holds for every schedule, interleaved pipelines
+included. Buckets are handed over in one fixed order (the order backward fills them), the same on
+every rank. The reductions are the same as without overlap - the same buckets, collectives and
+sums - so the results are the same to the bit; the sequence-parallel sums over tp run per bucket
+in both modes, in the main thread, just before the bucket's data-parallel reduction.
 """
 
 from __future__ import annotations
@@ -42,8 +54,11 @@ import torch
 import torch.nn as nn
 
 from megatron.core.distributed import comm
+from megatron.core.distributed.comm_worker import CommWorker, worker_state
+from megatron.core.distributed.fp8_transport import CommTransport
 from megatron.core.parallel_state import ParallelState
 from megatron.core.tensor_parallel.layout import ParamLayouts, layouts_of
+from fp8.collectives import ReductionStats
 
 if TYPE_CHECKING:
     from megatron.core.precision import AppliedPrecision
@@ -54,6 +69,14 @@ BUCKET_SIZE_MB = 40.0
 # Each rank's chunk of a bucket is a multiple of this many elements, so chunks start on 512-byte
 # (FP32) / 256-byte (BF16) boundaries, which NCCL's collectives run fastest on.
 SHARD_ALIGN_NUMEL = 128
+
+
+def bucket_sizes_mb(ddp_bucket_size: int | None) -> tuple[float, float]:
+    """``--ddp-bucket-size`` (parameters per bucket, Megatron's flag; None: `BUCKET_SIZE_MB`) as the
+    sizes in MB of a dense FP32 gradient bucket and of an FP8 one (FP8 ZeRO's, one byte each)."""
+    if ddp_bucket_size is None:
+        return BUCKET_SIZE_MB, BUCKET_SIZE_MB
+    return ddp_bucket_size * 4 / 2**20, ddp_bucket_size / 2**20
 
 
 @dataclass
@@ -98,7 +121,7 @@ class GradBuffer:
 
     def __init__(self, params: list[nn.Parameter], dtype: torch.dtype, device, bucket_numel: int,
                  pad_to: int = 1, alone: Iterable[nn.Parameter] = ()):
-        self.dtype = dtype
+        self.dtype, self.bucket_numel = dtype, bucket_numel
         groups = _group_into_buckets(list(reversed(params)), bucket_numel, split_by_kind=pad_to > 1,
                                      alone=frozenset(id(p) for p in alone))
         sizes = [math.ceil(sum(p.numel() for p in group) / pad_to) * pad_to for group in groups]
@@ -126,11 +149,25 @@ class GradBuffer:
         return self.data.numel() * self.data.element_size()
 
 
-def _accumulate_into(dense_grad: torch.Tensor):
+def _accumulate_into(dense_grad: torch.Tensor, arrived=None):
     def hook(param: torch.Tensor) -> None:
         dense_grad.add_(param.grad)
         param.grad = None
+        if arrived is not None:
+            arrived(param)
     return hook
+
+
+@dataclass
+class _Unit:
+    """One reduction handed to the communication thread as a whole: a dense bucket, or a bucket
+    of FP8 gradients (indices into the FP8 reducer's parameters)."""
+
+    params: list[nn.Parameter]
+    dense: Bucket | None = None
+    fp8: list[int] | None = None
+    waiting: int = 0        # parameters whose final gradient has not arrived yet
+    handed_over: bool = False
 
 
 class DistributedDataParallel(nn.Module):
@@ -142,7 +179,8 @@ class DistributedDataParallel(nn.Module):
 
     def __init__(self, module: nn.Module, ps: ParallelState, *, grad_dtype: torch.dtype = torch.float32,
                  bucket_size_mb: float = BUCKET_SIZE_MB, use_distributed_optimizer: bool = False,
-                 precision: AppliedPrecision | None = None, layouts: ParamLayouts | None = None):
+                 precision: AppliedPrecision | None = None, layouts: ParamLayouts | None = None,
+                 overlap_grad_reduce: bool = False):
         super().__init__()
         self.module, self.ps = module, ps
         self.use_distributed_optimizer = use_distributed_optimizer
@@ -161,8 +199,18 @@ class DistributedDataParallel(nn.Module):
         self.layouts = layouts if layouts is not None else layouts_of(module)
         self.grad_buffer = GradBuffer(params, grad_dtype, device, bucket_numel, pad_to=pad_to,
                                       alone=self.layouts.params(tied_embedding=True))
-        self._hooks = [p.register_post_accumulate_grad_hook(_accumulate_into(self.grad_buffer.view(p))) for p in params]
+        # Overlap needs more than one data-parallel rank to have anything to overlap.
+        self.overlap_grad_reduce = bool(overlap_grad_reduce) and ps.dp_size > 1
+        arrived = self._arrived if self.overlap_grad_reduce else None
+        self._hooks = [p.register_post_accumulate_grad_hook(_accumulate_into(self.grad_buffer.view(p), arrived))
+                       for p in params]
         self.sequence_parallel_params = [p for p in params if self.layouts[p].sequence_parallel]
+        sp = {id(p) for p in self.sequence_parallel_params}
+        self._bucket_sp = [[p for p in b.params if id(p) in sp] for b in self.grad_buffer.buckets]
+        self._units: list[_Unit] = []
+        self._armed = False
+        if self.overlap_grad_reduce:
+            self._setup_overlap(module, params)
 
     @staticmethod
     def dense_grad_params(module: nn.Module, fp8_grad_params=()) -> list[nn.Parameter]:
@@ -192,25 +240,120 @@ class DistributedDataParallel(nn.Module):
 
     def finish_grad_sync(self) -> None:
         """Sequence-parallel sums over tp, then the data-parallel mean: all-reduced into the whole
-        buffer, or (distributed optimizer) reduce-scattered into this rank's chunk of each bucket."""
-        if self.ps.tp_size > 1 and self.sequence_parallel_params:
-            # One collective for all of them: they are many and small.
-            grads = [self.dense_grad(p) for p in self.sequence_parallel_params]
-            flat = comm.all_reduce(torch.cat([g.reshape(-1) for g in grads]), self.ps, "tp")
-            for grad, summed in zip(grads, flat.split([g.numel() for g in grads])):
-                grad.copy_(summed.view_as(grad))
+        buffer, or (distributed optimizer) reduce-scattered into this rank's chunk of each bucket.
+        With overlap (after `start_grad_sync`): hands over the buckets still waiting and waits."""
+        if self._armed:
+            self._finish_overlapped()
+            return
+        for index in range(len(self.grad_buffer.buckets)):
+            self._sequence_parallel_sum(index)
         if self.fp8_reducer is not None:
             self.fp8_stats = self.fp8_reducer.reduce()
         if self.ps.dp_size == 1:
             return
         for bucket in self.grad_buffer.buckets:
-            if self.use_distributed_optimizer:
-                owned = bucket.shard(self.ps.dp_rank, self.ps.dp_size)
-                owned.copy_(comm.reduce_scatter(bucket.buffer, self.ps, "dp"))
-                owned.div_(self.ps.dp_size)
+            self._reduce_dense(bucket, self.ps)
+
+    def _sequence_parallel_sum(self, index: int) -> None:
+        """The tp sum of the sequence-parallel parameters' gradients in dense bucket `index`: each
+        rank saw only its share of the tokens. One collective per bucket: they are many and small."""
+        if self.ps.tp_size == 1 or not self._bucket_sp[index]:
+            return
+        grads = [self.dense_grad(p) for p in self._bucket_sp[index]]
+        flat = comm.all_reduce(torch.cat([g.reshape(-1) for g in grads]), self.ps, "tp")
+        for grad, summed in zip(grads, flat.split([g.numel() for g in grads])):
+            grad.copy_(summed.view_as(grad))
+
+    def _reduce_dense(self, bucket: Bucket, ps: ParallelState) -> None:
+        if self.use_distributed_optimizer:
+            owned = bucket.shard(ps.dp_rank, ps.dp_size)
+            owned.copy_(comm.reduce_scatter(bucket.buffer, ps, "dp"))
+            owned.div_(ps.dp_size)
+        else:
+            comm.all_reduce(bucket.buffer, ps, "dp")
+            bucket.buffer.div_(ps.dp_size)
+
+    # ----- overlapped reduction ------------------------------------------------------------------
+    def _setup_overlap(self, module: nn.Module, params: list[nn.Parameter]) -> None:
+        """The units (dense buckets and FP8 buckets) in the order backward completes them: by
+        their earliest parameter in the model, latest first."""
+        self._worker_ps = worker_state(self.ps)
+        self._worker = CommWorker(params[0].device if params else self.ps.device)
+        position = {id(p): i for i, p in enumerate(module.parameters())}
+        units = [_Unit(list(b.params), dense=b) for b in self.grad_buffer.buckets]
+        if self.fp8_reducer is not None:
+            for indices in self.fp8_reducer.buckets(self.grad_buffer.bucket_numel):
+                units.append(_Unit(self.fp8_reducer.bucket_params(indices), fp8=indices))
+            self.fp8_grads.on_accumulate = self._arrived
+        units = [u for u in units if u.params]
+        units.sort(key=lambda u: -min(position[id(p)] for p in u.params))
+        self._units = units
+        self._unit_of = {id(p): u for u in units for p in u.params}
+        self._dense_index = {id(b): i for i, b in enumerate(self.grad_buffer.buckets)}
+
+    def start_grad_sync(self, num_microbatches: int) -> None:
+        """Arm the overlap for a step of `num_microbatches` backward passes (no-op without it)."""
+        if not self.overlap_grad_reduce:
+            return
+        self._expected = int(num_microbatches)
+        self._arrivals: dict[int, int] = {}
+        for unit in self._units:
+            unit.waiting, unit.handed_over = len(unit.params), False
+        self._next = 0
+        self._mu = self.fp8_reducer.mu if self.fp8_reducer is not None else 1.0
+        self._fp8_result = ReductionStats()
+        self._fp8_dp_bytes = 0
+        self._armed = True
+
+    def _arrived(self, param: nn.Parameter) -> None:
+        """A gradient of `param` has been accumulated; on its last micro-batch its unit is one
+        parameter closer to ready, and ready units are handed over in order."""
+        if not self._armed:
+            return
+        count = self._arrivals.get(id(param), 0) + 1
+        self._arrivals[id(param)] = count
+        if count < self._expected:
+            return
+        unit = self._unit_of[id(param)]
+        if count > self._expected or unit.handed_over:
+            raise RuntimeError(
+                f"--overlap-grad-reduce: a parameter of shape {tuple(param.shape)} received gradient {count} of a "
+                f"step of {self._expected} micro-batches after its bucket's reduction had started; overlap needs every "
+                f"parameter to receive one gradient per micro-batch - run without --overlap-grad-reduce")
+        unit.waiting -= 1
+        self._hand_over_ready()
+
+    def _hand_over_ready(self, everything: bool = False) -> None:
+        while self._next < len(self._units) and (everything or self._units[self._next].waiting == 0):
+            unit = self._units[self._next]
+            unit.handed_over = True
+            self._next += 1
+            if unit.dense is not None:
+                self._sequence_parallel_sum(self._dense_index[id(unit.dense)])
+                self._worker.submit(lambda b=unit.dense: self._reduce_dense(b, self._worker_ps))
             else:
-                comm.all_reduce(bucket.buffer, self.ps, "dp")
-                bucket.buffer.div_(self.ps.dp_size)
+                self._worker.submit(lambda i=unit.fp8: self._reduce_fp8(i))
+
+    def _reduce_fp8(self, indices: list[int]) -> None:
+        counter = self._worker_ps.counter
+        before = counter.snapshot()
+        stats = self.fp8_reducer.reduce_bucket(indices, self._mu, CommTransport(self._worker_ps, "dp"))
+        self._fp8_result = self._fp8_result + stats
+        self._fp8_dp_bytes += counter.since(before)["dp_bytes"]
+
+    def _finish_overlapped(self) -> None:
+        self._armed = False
+        self._hand_over_ready(everything=True)
+        self._worker.wait()
+        if self.fp8_reducer is not None:
+            self.fp8_stats = self.fp8_reducer.finish(self._mu, self._fp8_result, self._fp8_dp_bytes)
+            if self._worker.device.type == "cuda":
+                # Scales made on the worker's stream are read on this one from now on.
+                stream = torch.cuda.current_stream(self._worker.device)
+                for param in self.fp8_grad_params:
+                    grad = self.fp8_grads.get(param)
+                    if grad is not None:
+                        grad.scale.record_stream(stream)
 
     def state_dict(self, *args, **kwargs):
         return self.module.state_dict(*args, **kwargs)

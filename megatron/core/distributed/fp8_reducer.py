@@ -24,7 +24,7 @@ from fp8.params import SCALE_BYTES
 from fp8.formats import E4M3
 from fp8.tensor import ScalingTensor
 from megatron.core.distributed.fp8_transport import CommTransport
-from megatron.core.distributed.fp8_zero import FP8ZeroLayout
+from megatron.core.distributed.fp8_zero import FP8ZeroLayout, backward_buckets
 from megatron.core.parallel_state import ParallelState
 
 
@@ -44,35 +44,59 @@ class FP8GradReducer:
         """The data-parallel mean of every FP8 gradient, in place in the store; returns
         ``{"mu", "overflow_frac", "underflow_frac", "dp_bytes"}``."""
         before = self.ps.counter.snapshot()
-        for param in self.params:
+        mu = self.mu
+        transport = CommTransport(self.ps, "dp")
+        if self.zero is not None:
+            stats = ReductionStats()
+            for bucket in self.zero.buckets:
+                stats = stats + self.reduce_bucket(bucket, mu, transport)
+        else:
+            stats = self.reduce_bucket(range(len(self.params)), mu, transport)
+        return self.finish(mu, stats, self.ps.counter.since(before)["dp_bytes"])
+
+    @property
+    def mu(self) -> float:
+        """The auto-scaling factor this step's reduction uses (1 / DP without the auto-scaler)."""
+        return self.autoscaler.mu if self.autoscaler is not None else 1.0 / self.ps.dp_size
+
+    def buckets(self, bucket_numel: int) -> list[list[int]]:
+        """Indices into `params` in the groups the reduction may run by as backward fills them:
+        FP8 ZeRO's buckets, or (all-reduce) runs of about `bucket_numel` values in backward order.
+        Reducing bucket by bucket gives the same bits as one reduction of all: every value is
+        re-cast, summed over the ranks in rank order and cast back on its own."""
+        if self.zero is not None:
+            return [list(b) for b in self.zero.buckets]
+        return backward_buckets([p.numel() for p in self.params], bucket_numel)
+
+    def bucket_params(self, indices) -> list[nn.Parameter]:
+        """The parameters a bucket of `buckets` (or of FP8 ZeRO's layout) stands for."""
+        return [(self.zero.params if self.zero is not None else self.params)[i] for i in indices]
+
+    def reduce_bucket(self, indices, mu: float, transport: CommTransport) -> ReductionStats:
+        """The mean of the gradients of ``params[i] for i in indices`` (to their owners under
+        FP8 ZeRO, where the indices are the layout's); a parameter that got no gradient this step
+        counts as zeros."""
+        params = self.bucket_params(indices)
+        for param in params:
             if param not in self.store:  # unused this step: a zero gradient (as quantizing zeros gives)
                 zeros = torch.zeros(param.shape, dtype=E4M3.dtype, device=param.device)
                 self.store.set(param, ScalingTensor(zeros, torch.ones((), device=param.device), E4M3))
-        mu = self.autoscaler.mu if self.autoscaler is not None else 1.0 / self.ps.dp_size
-        transport = CommTransport(self.ps, "dp")
-        stats = self._to_owners(transport, mu) if self.zero is not None else self._all_reduce(transport, mu)
+        grads = [self.store.get(p) for p in params]
+        if self.zero is not None:
+            owners = [self.zero.owners[i] for i in indices]
+            result = fp8_reduce_to_owners(grads, owners, transport, mu=mu, in_place=True)
+        else:
+            result = fp8_all_reduce(grads, transport, mu=mu, in_place=True)
+        for param, reduced in zip(params, result.tensors):
+            self.store.set(param, reduced)  # None where another rank owns the tensor (FP8 ZeRO)
+        return result.stats
+
+    def finish(self, mu: float, stats: ReductionStats, dp_bytes: int) -> dict[str, float]:
+        """The auto-scaler's update from the whole reduction's statistics; what `reduce` returns."""
         if self.autoscaler is not None:
             self.autoscaler.update(stats.overflow_frac)
         return {"mu": mu, "overflow_frac": stats.overflow_frac, "underflow_frac": stats.underflow_frac,
-                "dp_bytes": self.ps.counter.since(before)["dp_bytes"]}
-
-    def _all_reduce(self, transport: CommTransport, mu: float) -> ReductionStats:
-        result = fp8_all_reduce([self.store.get(p) for p in self.params], transport, mu=mu, in_place=True)
-        for param, reduced in zip(self.params, result.tensors):
-            self.store.set(param, reduced)
-        return result.stats
-
-    def _to_owners(self, transport: CommTransport, mu: float) -> ReductionStats:
-        """Each FP8 gradient's mean to its owner (dropped elsewhere); the whole reduction's stats."""
-        layout, stats = self.zero, ReductionStats()
-        for bucket in layout.buckets:
-            params = [layout.params[i] for i in bucket]
-            result = fp8_reduce_to_owners([self.store.get(p) for p in params], [layout.owners[i] for i in bucket],
-                                          transport, mu=mu, in_place=True)
-            for param, reduced in zip(params, result.tensors):
-                self.store.set(param, reduced)  # None where another rank owns the tensor
-            stats = stats + result.stats
-        return stats
+                "dp_bytes": dp_bytes}
 
     @property
     def held_bytes(self) -> int:

@@ -22,20 +22,24 @@ OWNER_BYTES_PER_ELEMENT = 5
 OWNER_SCALE_BYTES = 12
 
 
+def backward_buckets(sizes: list[int], bucket_numel: int) -> list[list[int]]:
+    """Indices of tensors of `sizes` (model order) in runs of about `bucket_numel` values, in the
+    reverse order backward produces their gradients; a run closes once it reaches the size."""
+    buckets, current, size = [], [], 0
+    for index in reversed(range(len(sizes))):
+        current.append(index)
+        size += sizes[index]
+        if size >= bucket_numel:
+            buckets.append(current)
+            current, size = [], 0
+    return buckets + ([current] if current else [])
+
+
 class FP8ZeroLayout:
     def __init__(self, params: list[nn.Parameter], dp_size: int, bucket_numel: int):
         self.params, self.dp_size = list(params), dp_size
         self.owners = greedy_partition([p.numel() for p in self.params], dp_size)
-        self.buckets: list[list[int]] = []
-        current, size = [], 0
-        for index in reversed(range(len(self.params))):  # backward produces gradients in reverse
-            current.append(index)
-            size += self.params[index].numel()
-            if size >= bucket_numel:
-                self.buckets.append(current)
-                current, size = [], 0
-        if current:
-            self.buckets.append(current)
+        self.buckets = backward_buckets([p.numel() for p in self.params], bucket_numel)
         # Per bucket, each rank's tensors in bucket order: what the collectives carry, fixed for the run.
         self.bucket_owned: list[list[list[nn.Parameter]]] = [
             [[self.params[i] for i in bucket if self.owners[i] == r] for r in range(dp_size)] for bucket in self.buckets]
