@@ -407,8 +407,7 @@ def activations(stage: Stage, recompute: str | None, method: str | None = None,
                 kept, transient = math.ceil(count / group) * boundary, max(transient, group * layer)
         else:
             kept = count * layer
-        if not chunk.post_process:
-            kept += boundary  # the output sent on, held until its backward
+        # A chunk's output sent on is freed once sent (deallocate_output_tensor): only its graph stays.
         if chunk.pre_process:  # SP: the first layer's input is a view that keeps the whole embedding output
             kept += (tokens - seq_tokens) * cfg.model.hidden_size * e
             kept += seq_tokens * cfg.model.hidden_size if cfg.model.hidden_dropout > 0 else 0  # dropout's mask

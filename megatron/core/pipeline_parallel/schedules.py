@@ -208,6 +208,27 @@ def set_input_tensor(model: torch.nn.Module, tensor: torch.Tensor | None) -> Non
     target.set_input_tensor(tensor)
 
 
+def deallocate_output_tensor(output: torch.Tensor) -> None:
+    """Free a sent activation's values, keeping the tensor (its autograd graph is needed until its
+    backward): the next stage has its own copy, and backward needs only the graph and the output
+    gradient, not the values (as Megatron's ``deallocate_output_tensor``). A view is left alone:
+    its values belong to its base."""
+    if output._base is None:
+        output.data = torch.empty((1,), dtype=output.dtype, device=output.device)
+
+
+def backward_from(output: torch.Tensor, output_grad: torch.Tensor) -> None:
+    """`torch.autograd.backward(output, output_grad)` for an output whose values may have been
+    freed by `deallocate_output_tensor`: the autograd engine is called directly, since the Python
+    entry checks the gradient's shape against the (now one-element) tensor; the engine checks it
+    against the shape the graph recorded."""
+    if output.shape == output_grad.shape:
+        torch.autograd.backward(output, grad_tensors=output_grad)
+        return
+    torch.autograd.Variable._execution_engine.run_backward(
+        (output,), (output_grad,), False, False, (), True, True)
+
+
 class _PlanRun:
     """The state of one stage while it runs a plan: tensors received but not yet used, outputs
     not yet sent, and what each in-flight micro-batch needs for its backward."""
@@ -257,17 +278,22 @@ class _PlanRun:
         g = self.g
         chunk = g.chunk(step, forward=False)
         input_tensor, output = self.in_flight.pop((chunk, g.microbatch(step)))
-        output_grad = None if g.is_last_virtual(chunk) else self.received_grads.popleft()
-        torch.autograd.backward(output, grad_tensors=output_grad)
+        if g.is_last_virtual(chunk):
+            torch.autograd.backward(output)
+        else:
+            backward_from(output, self.received_grads.popleft())
         if not g.is_first_virtual(chunk):
             assert input_tensor.grad is not None, "a stage's output does not depend on its input"
             self.unsent_grads.append(input_tensor.grad)
 
     def exchange(self, action: Exchange) -> None:
+        activation = self.unsent_activations.popleft() if action.send_next else None
         from_prev, from_next = self.p2p.exchange(
-            send_next=self.unsent_activations.popleft() if action.send_next else None,
+            send_next=activation,
             send_prev=self.unsent_grads.popleft() if action.send_prev else None,
             recv_prev=action.recv_prev, recv_next=action.recv_next, requires_grad=not self.forward_only)
+        if activation is not None and not self.forward_only:
+            deallocate_output_tensor(activation)
         if from_prev is not None:
             self.received_activations.append(from_prev)
         if from_next is not None:
