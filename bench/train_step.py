@@ -2,10 +2,13 @@
 precision level at a few model sizes and tensor-parallel sizes, on the built-in corpus.
 
     python bench/train_step.py [--levels none O0] [--sizes tiny small] [--tp 1 2] [--iters 15]
+    python bench/train_step.py --levels none O0 O3 --sizes small --tp 1 --dp 2 --overlap both
 
-Each combination is one `torchrun` launch (`--nproc-per-node` = TP); the figures are the means
-of the logged intervals after the first (which holds start-up). Prints a table and writes JSON
-(default bench/results/train_step-<device>.json).
+Each combination is one `torchrun` launch (`--nproc-per-node` = TP x DP); the figures are the
+means of the logged intervals after the first (which holds start-up). `--overlap both` runs each
+level with and without `--overlap-grad-reduce` (buckets of `--bucket-size` parameters, so that
+a small model has several). Each row also gives its step time over `none`'s in the same layout and
+overlap mode. Prints a table and writes JSON (default bench/results/train_step-<device>.json).
 """
 
 from __future__ import annotations
@@ -58,14 +61,18 @@ def launch(nproc: int, flags: list[str], iters: int, label: str, interval: int |
             "validation": [(r["iteration"], r["val_loss"]) for r in everything if "val_loss" in r]}
 
 
-def run_one(size: str, level: str, tp: int, iters: int, device: str, data: list[str]) -> dict:
+def run_one(size: str, level: str, tp: int, iters: int, device: str, data: list[str], *, dp: int = 1,
+            overlap: bool = False, bucket_size: int | None = None) -> dict:
     flags = [*SIZES[size], *data, "--fp8-level", level, "--tensor-model-parallel-size", str(tp),
              "--device", device] + (["--sequence-parallel"] if tp > 1 else [])
-    result = launch(tp, flags, iters, f"{size}/{level}/tp{tp}")
-    return {"size": size, "level": level, "tp": tp, "step_time_s": result["step_time_s"],
+    flags += ["--overlap-grad-reduce"] if overlap else []
+    flags += ["--ddp-bucket-size", str(bucket_size)] if bucket_size else []
+    result = launch(tp * dp, flags, iters, f"{size}/{level}/tp{tp}/dp{dp}{'/overlap' if overlap else ''}")
+    return {"size": size, "level": level, "tp": tp, "dp": dp, "overlap": overlap, "step_time_s": result["step_time_s"],
             "tokens_per_s": result["tokens_per_s"], "final_loss": result["final_loss"],
             "state_bytes_per_param": result["memory"]["state_bytes_per_param"],
-            "tp_bytes_per_step": result["comm"]["tp_bytes"], "num_params": result["memory"]["num_params"]}
+            "tp_bytes_per_step": result["comm"]["tp_bytes"], "dp_bytes_per_step": result["comm"]["dp_bytes"],
+            "num_params": result["memory"]["num_params"]}
 
 
 def main(argv=None) -> int:
@@ -73,20 +80,35 @@ def main(argv=None) -> int:
     parser.add_argument("--levels", nargs="+", default=["none", "O0"])
     parser.add_argument("--sizes", nargs="+", default=["tiny", "small"], choices=list(SIZES))
     parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--dp", type=int, nargs="+", default=[1], help="data-parallel sizes")
+    parser.add_argument("--overlap", choices=("off", "on", "both"), default="off",
+                        help="--overlap-grad-reduce off, on, or each level both ways")
+    parser.add_argument("--bucket-size", type=int, default=None,
+                        help="--ddp-bucket-size for the runs (default: the trainer's 40 MB buckets)")
     parser.add_argument("--iters", type=int, default=15)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     data = corpus_args()
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.overlap]
     rows = []
-    print(f"{'size':<6} {'level':<5} {'tp':>2} {'step ms':>9} {'tokens/s':>9} {'bytes/param':>11} {'loss':>7}")
+    print(f"{'size':<6} {'level':<5} {'tp':>2} {'dp':>2} {'overlap':>7} {'step ms':>9} {'vs none':>7} "
+          f"{'tokens/s':>9} {'bytes/param':>11} {'loss':>7}")
     for size in args.sizes:
         for tp in args.tp:
-            for level in args.levels:
-                row = run_one(size, level, tp, args.iters, args.device, data)
-                rows.append(row)
-                print(f"{size:<6} {level:<5} {tp:>2} {row['step_time_s'] * 1e3:>9.1f} {row['tokens_per_s']:>9.0f} "
-                      f"{row['state_bytes_per_param']:>11.2f} {row['final_loss']:>7.3f}", flush=True)
+            for dp in args.dp:
+                for level in args.levels:
+                    for overlap in modes:
+                        row = run_one(size, level, tp, args.iters, args.device, data, dp=dp, overlap=overlap,
+                                      bucket_size=args.bucket_size)
+                        base = next((r for r in rows if (r["size"], r["tp"], r["dp"], r["overlap"], r["level"])
+                                     == (size, tp, dp, overlap, "none")), None)
+                        row["vs_none"] = row["step_time_s"] / base["step_time_s"] if base else None
+                        rows.append(row)
+                        ratio = f"{row['vs_none']:.2f}" if row["vs_none"] is not None else "-"
+                        print(f"{size:<6} {level:<5} {tp:>2} {dp:>2} {'on' if overlap else 'off':>7} "
+                              f"{row['step_time_s'] * 1e3:>9.1f} {ratio:>7} {row['tokens_per_s']:>9.0f} "
+                              f"{row['state_bytes_per_param']:>11.2f} {row['final_loss']:>7.3f}", flush=True)
     save_results(args.out or RESULTS / f"train_step-{args.device}.json", run_meta("train_step.py", argv), rows=rows)
     return 0
 
