@@ -2,7 +2,9 @@
 thread as soon as backward has produced its last gradient, and the results are those of the
 reduction after backward to the bit - losses, gradient norms and the FP8 reduction's statistics,
 at every level, with the distributed optimizer, tensor + sequence parallelism and an interleaved
-pipeline; gradients are compared tensor by tensor on a model driven directly."""
+pipeline; gradients are compared tensor by tensor on a model driven directly. Where the
+distributed optimizer runs (its flag, or O3), the overlapped runs also take
+--overlap-param-gather: the weight all-gathers run on the thread and the next forward waits."""
 
 import json
 import os
@@ -38,7 +40,7 @@ CASES_2 = {
 CASES_4 = {
     "O3-tp2-sp": ["--fp8-level", "O3", "--tensor-model-parallel-size", "2", "--sequence-parallel"],
     "O2-pp2-interleaved": ["--fp8-level", "O2", "--pipeline-model-parallel-size", "2", "--num-layers", "4",
-                           "--num-layers-per-virtual-pipeline-stage", "1"],
+                           "--num-layers-per-virtual-pipeline-stage", "1", "--use-distributed-optimizer"],
 }
 COMPARED = ("loss", "grad_norm", "skipped")
 
@@ -50,7 +52,9 @@ def trainings(rank, world_size, data_args, folder, cases):
     for name, flags in cases.items():
         for overlap in (False, True):
             metrics = os.path.join(folder, f"{name}-{'overlap' if overlap else 'after'}.jsonl")
-            argv = BASE + data_args + flags + ["--metrics-file", metrics] + (["--overlap-grad-reduce"] * overlap)
+            sharded = "--use-distributed-optimizer" in flags or "O3" in flags
+            overlap_flags = ["--overlap-grad-reduce"] + (["--overlap-param-gather"] if sharded else [])
+            argv = BASE + data_args + flags + ["--metrics-file", metrics] + overlap_flags * overlap
             assert pretrain_gpt.main(argv) == 0
     return True
 
@@ -168,3 +172,68 @@ def test_wrapper_gradients_bit_identical(level):
         # Buckets went during backward; the unused parameter's (the model's first) waits for the end.
         assert 0 < handed < units
         assert late is not None and "--overlap-grad-reduce" in late and "run without" in late
+
+
+def test_overlap_param_gather_needs_the_distributed_optimizer(builtin_corpus_small, monkeypatch, capsys):
+    import pretrain_gpt
+    from megatron.training.cli import run_cli
+
+    argv = BASE + builtin_corpus_small.training_args() + ["--overlap-param-gather", "--fp8-level", "O2"]
+    assert run_cli(lambda: pretrain_gpt.main(argv)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--overlap-param-gather" in err[0] and "--use-distributed-optimizer" in err[0]
+
+
+def param_gather_run(rank, world_size, overlap):
+    """Three O3 steps (FP8 ZeRO + the distributed optimizer) with both overlaps or neither:
+    losses, bytes, weights left pending by a step, and weights whose forward waited for them."""
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.optimizer.factory import build_optimizer
+
+    ps = ParallelState.build()
+    model, precision = _model(ps, "O3")
+    ddp = DistributedDataParallel(model, ps, bucket_size_mb=0.004, precision=precision, use_distributed_optimizer=True,
+                                  overlap_grad_reduce=overlap, overlap_param_gather=overlap)
+    optimizer = build_optimizer([(n, p) for n, p in model.named_parameters()], OptimizerConfig(lr=1e-2), ps, ddp,
+                                precision, use_distributed_optimizer=True)
+    waited = []
+    original = ddp._wait_for_own_params
+
+    def counting(module, args):
+        before = len(ddp._gathering)
+        original(module, args)
+        waited.append(before - len(ddp._gathering))
+    ddp._wait_for_own_params = counting
+    for sub in model.modules():  # the hooks call the bound method: re-register the counting one
+        sub._forward_pre_hooks.clear()
+        if any(True for _ in sub.parameters(recurse=False)):
+            sub.register_forward_pre_hook(counting)
+    generator = torch.Generator().manual_seed(rank)
+    losses, pending = [], []
+    for _ in range(3):
+        tokens = torch.randint(0, 96, (2, 17), generator=generator)
+        ddp.zero_grad_buffer()
+        ddp.start_grad_sync(1)
+        loss = ddp(tokens[:, :-1], tokens[:, 1:]).mean()
+        loss.backward()
+        ddp.finish_grad_sync()
+        optimizer.step()
+        losses.append(loss.item())
+        pending.append(len(ddp._gathering))
+    ddp.wait_param_gather()
+    weights = {n: p.detach().view(torch.uint8).clone() if p.element_size() == 1 else p.detach().clone()
+               for n, p in model.named_parameters()}
+    return losses, ps.counter.snapshot(), pending, sum(waited), weights
+
+
+def test_overlap_param_gather_waits_in_forward_and_is_bit_identical():
+    after = run_distributed(param_gather_run, 2, False)
+    overlap = run_distributed(param_gather_run, 2, True)
+    for (losses_a, bytes_a, _, _, weights_a), (losses_o, bytes_o, pending, waited, weights_o) in zip(after, overlap):
+        assert losses_a == losses_o and bytes_a == bytes_o
+        for name in weights_a:
+            assert torch.equal(weights_a[name], weights_o[name]), name
+        # Every step leaves its gathers to the thread, and the next step's forward waits for them
+        # (`extra` too: it is the model's own parameter, so the model's forward waits for it).
+        assert all(0 < p <= len(weights_a) for p in pending)
+        assert waited == pending[0] + pending[1]

@@ -116,6 +116,9 @@ class ParallelArgs(Section):
                                              "gradients; FP8 ZeRO's buckets: 40 MB of FP8)")
     overlap_grad_reduce: bool = flag(False, "reduce each gradient bucket (dense and FP8) while backward goes on, "
                                             "on a communication thread; same results to the bit")
+    overlap_param_gather: bool = flag(False, "with the distributed optimizer (or O3 at DP > 1): all-gather the "
+                                             "updated weights on the communication thread, each bucket waited "
+                                             "for by the next forward that reads it")
 
     def __post_init__(self) -> None:
         check_positive(self, "tensor_model_parallel_size", "pipeline_model_parallel_size",
@@ -460,6 +463,10 @@ class RunConfig:
         if self.parallel.sequence_parallel and self.data.seq_length % tp:
             raise ValueError(f"--seq-length ({self.data.seq_length}) must be divisible by "
                              f"--tensor-model-parallel-size ({tp}) with --sequence-parallel")
+        if self.parallel.overlap_param_gather and not (self.parallel.use_distributed_optimizer
+                                                       or self.precision.fp8_level == "O3"):
+            raise ValueError("--overlap-param-gather overlaps the distributed optimizer's weight all-gathers; add "
+                             "--use-distributed-optimizer (or use --fp8-level O3, whose FP8 ZeRO shards them)")
         self._check_iterations_or_samples()
         # The schedule checks itself (in the run's own unit first, so that errors name its flags).
         self.schedule.lr_schedule_config(self.training.train_iters, train_samples=self.training.train_samples)

@@ -228,7 +228,8 @@ class Trainer:
         self.use_distributed_optimizer = config.use_distributed_optimizer or (plan.fp8_zero and ps.dp_size > 1)
         self.ddp = DistributedDataParallel(self.model, ps, use_distributed_optimizer=self.use_distributed_optimizer,
                                            precision=self.precision, bucket_size_mb=dense_mb,
-                                           overlap_grad_reduce=config.overlap_grad_reduce)
+                                           overlap_grad_reduce=config.overlap_grad_reduce,
+                                           overlap_param_gather=config.overlap_param_gather)
         if self.ddp.fp8_zero is not None:
             print_rank0(ps, f"> {self.ddp.fp8_zero.describe()}")
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
@@ -321,6 +322,8 @@ class Trainer:
         collection, then its updates). Returns (loss averaged over the iteration's micro-batches,
         whether an update was skipped, the last update's grad norm); the task's `reported_counts`
         and `reported_means` are left in `self.counts` and `self.means`."""
+        if self.experience is not None:
+            self.ddp.wait_param_gather()  # rollouts read the weights outside the training forward
         self.collected = self.experience.collect(self.state.iteration) if self.experience is not None else {}
         reported, skipped = [], False
         num_microbatches = self.batch_schedule.num_microbatches(self.state.consumed_samples, self.config.micro_batch_size,
@@ -390,6 +393,7 @@ class Trainer:
             self._train_loop(stop)
         finally:
             stop.close()
+        self.ddp.wait_param_gather()  # --overlap-param-gather: the last step's weights, everywhere
         if self.config.save and self.checkpointer.last_saved_iteration != self.state.iteration:
             self.checkpointer.save()
         return self.state
@@ -432,6 +436,7 @@ class Trainer:
             if val_loss is not None:
                 self.log_eval(val_loss)
             if config.save_interval and state.iteration % config.save_interval == 0:
+                self.ddp.wait_param_gather()
                 self.checkpointer.save()
             if reason is not None:
                 print_rank0(ps, f"> stopping after iteration {state.iteration}: {reason}")

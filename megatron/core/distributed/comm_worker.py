@@ -42,6 +42,24 @@ def worker_state(ps: ParallelState) -> ParallelState:
     return ps.replace(dp_group=mine)
 
 
+class Job:
+    """A submitted job; `wait()` blocks until it has run (on CUDA: and makes the current stream
+    wait for the worker's stream at that point) and re-raises its error."""
+
+    def __init__(self, fn: Callable[[], None], ready_event):
+        self.fn, self.ready_event = fn, ready_event
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self.finished_event = None  # CUDA: recorded on the worker's stream after the job
+
+    def wait(self) -> None:
+        self.done.wait()
+        if self.finished_event is not None:
+            torch.cuda.current_stream().wait_event(self.finished_event)
+        if self.error is not None:
+            raise self.error
+
+
 class CommWorker:
     """Runs submitted jobs one after another, in submission order, on a daemon thread."""
 
@@ -55,15 +73,17 @@ class CommWorker:
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, job: Callable[[], None]) -> None:
-        """Queue `job`; on CUDA it will see everything the current stream has queued so far."""
+    def submit(self, fn: Callable[[], None]) -> Job:
+        """Queue `fn`; on CUDA it will see everything the current stream has queued so far."""
         event = None
         if self._stream is not None:
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(self.device))
+        job = Job(fn, event)
         with self._done:
             self._pending += 1
-        self._jobs.put((job, event))
+        self._jobs.put(job)
+        return job
 
     def wait(self) -> None:
         """Block until every submitted job has run; re-raise the first error a job raised (the
@@ -84,21 +104,27 @@ class CommWorker:
 
     def _loop(self) -> None:
         while True:
-            job, event = self._jobs.get()
+            job = self._jobs.get()
             try:
                 if self._error is None:
-                    self._run(job, event)
+                    self._run(job)
+                else:
+                    job.error = self._error
             except BaseException as exc:  # handed to the main thread by `wait`
-                self._error = exc
+                self._error = job.error = exc
             finally:
+                job.done.set()
                 with self._done:
                     self._pending -= 1
                     self._done.notify_all()
 
-    def _run(self, job, event) -> None:
+    @torch.no_grad()  # grad mode is per thread: the jobs update tensors, they build no graph
+    def _run(self, job: Job) -> None:
         if self._stream is None:
-            job()
+            job.fn()
             return
-        self._stream.wait_event(event)
+        self._stream.wait_event(job.ready_event)
         with torch.cuda.stream(self._stream):
-            job()
+            job.fn()
+        job.finished_event = torch.cuda.Event()
+        job.finished_event.record(self._stream)

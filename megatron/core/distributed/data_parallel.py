@@ -54,9 +54,9 @@ import torch
 import torch.nn as nn
 
 from megatron.core.distributed import comm
-from megatron.core.distributed.comm_worker import CommWorker, worker_state
+from megatron.core.distributed.comm_worker import CommWorker, Job, worker_state
 from megatron.core.distributed.fp8_transport import CommTransport
-from megatron.core.parallel_state import ParallelState
+from megatron.core.parallel_state import CommCounter, ParallelState
 from megatron.core.tensor_parallel.layout import ParamLayouts, layouts_of
 from fp8.collectives import ReductionStats
 
@@ -180,7 +180,7 @@ class DistributedDataParallel(nn.Module):
     def __init__(self, module: nn.Module, ps: ParallelState, *, grad_dtype: torch.dtype = torch.float32,
                  bucket_size_mb: float = BUCKET_SIZE_MB, use_distributed_optimizer: bool = False,
                  precision: AppliedPrecision | None = None, layouts: ParamLayouts | None = None,
-                 overlap_grad_reduce: bool = False):
+                 overlap_grad_reduce: bool = False, overlap_param_gather: bool = False):
         super().__init__()
         self.module, self.ps = module, ps
         self.use_distributed_optimizer = use_distributed_optimizer
@@ -209,8 +209,22 @@ class DistributedDataParallel(nn.Module):
         self._bucket_sp = [[p for p in b.params if id(p) in sp] for b in self.grad_buffer.buckets]
         self._units: list[_Unit] = []
         self._armed = False
+        self.overlap_param_gather = bool(overlap_param_gather) and ps.dp_size > 1
+        if self.overlap_param_gather and not use_distributed_optimizer:
+            raise ValueError("--overlap-param-gather overlaps the distributed optimizer's weight all-gathers; "
+                             "add --use-distributed-optimizer (or train at --fp8-level O3 with DP > 1)")
+        if self.overlap_grad_reduce or self.overlap_param_gather:
+            self._worker_ps = worker_state(ps)
+            self._worker = CommWorker(params[0].device if params else ps.device)
         if self.overlap_grad_reduce:
             self._setup_overlap(module, params)
+        self._gathering: dict[int, Job] = {}  # id(param) -> the all-gather its new value waits for
+        if self.overlap_param_gather:
+            # The gathers count into a counter of their own; the step is charged when it hands them over.
+            self._gather_ps = self._worker_ps.replace(counter=CommCounter())
+            for sub in module.modules():
+                if any(True for _ in sub.parameters(recurse=False)):
+                    sub.register_forward_pre_hook(self._wait_for_own_params)
 
     @staticmethod
     def dense_grad_params(module: nn.Module, fp8_grad_params=()) -> list[nn.Parameter]:
@@ -242,6 +256,7 @@ class DistributedDataParallel(nn.Module):
         """Sequence-parallel sums over tp, then the data-parallel mean: all-reduced into the whole
         buffer, or (distributed optimizer) reduce-scattered into this rank's chunk of each bucket.
         With overlap (after `start_grad_sync`): hands over the buckets still waiting and waits."""
+        self.wait_param_gather()  # a weight no forward used is gathered by now, before the step updates it
         if self._armed:
             self._finish_overlapped()
             return
@@ -277,8 +292,6 @@ class DistributedDataParallel(nn.Module):
     def _setup_overlap(self, module: nn.Module, params: list[nn.Parameter]) -> None:
         """The units (dense buckets and FP8 buckets) in the order backward completes them: by
         their earliest parameter in the model, latest first."""
-        self._worker_ps = worker_state(self.ps)
-        self._worker = CommWorker(params[0].device if params else self.ps.device)
         position = {id(p): i for i, p in enumerate(module.parameters())}
         units = [_Unit(list(b.params), dense=b) for b in self.grad_buffer.buckets]
         if self.fp8_reducer is not None:
@@ -354,6 +367,42 @@ class DistributedDataParallel(nn.Module):
                     grad = self.fp8_grads.get(param)
                     if grad is not None:
                         grad.scale.record_stream(stream)
+
+    # ----- overlapped weight all-gather -----------------------------------------------------------
+    def gather_async(self, params: list[nn.Parameter], gather, nbytes: int) -> None:
+        """Hand `gather(ps)` - the all-gather that writes the new values of `params` - to the
+        communication thread; the next forward of a module holding one of them waits for it. The
+        step is charged the `nbytes` data-parallel bytes the gather will count (checked when it
+        runs), so each iteration's record holds its own step's traffic."""
+        counter = self._gather_ps.counter
+
+        def job() -> None:
+            before = counter.snapshot()["dp_bytes"]
+            gather(self._gather_ps)
+            sent = counter.snapshot()["dp_bytes"] - before
+            if sent != nbytes:
+                raise RuntimeError(f"--overlap-param-gather: a weight all-gather counted {sent} bytes, "
+                                   f"{nbytes} were charged to its step")
+        self.ps.counter.add("dp", nbytes)
+        handle = self._worker.submit(job)
+        for param in params:
+            self._gathering[id(param)] = handle
+
+    def _wait_for_own_params(self, module: nn.Module, args) -> None:
+        if self._gathering:
+            for param in module.parameters(recurse=False):
+                handle = self._gathering.pop(id(param), None)
+                if handle is not None:
+                    handle.wait()
+
+    def wait_param_gather(self) -> None:
+        """Every weight all-gather handed over so far has run (before a checkpoint is saved, the
+        next optimizer step, or anything else that reads weights outside a forward)."""
+        if self._gathering:
+            handles = {id(h): h for h in self._gathering.values()}
+            self._gathering.clear()
+            for handle in handles.values():
+                handle.wait()
 
     def state_dict(self, *args, **kwargs):
         return self.module.state_dict(*args, **kwargs)

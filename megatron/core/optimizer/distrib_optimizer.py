@@ -165,7 +165,7 @@ class DistributedOptimizer(Optimizer):
         if coefficient < 1.0 and self._grad_chunks:
             torch._foreach_mul_(self._grad_chunks, coefficient)
         self._adamw_update()
-        self._all_gather_params()
+        self._all_gather_params(overlap=self.ddp.overlap_param_gather)
 
     def _global_grad_norm(self) -> float:
         segments = self._norm_segments
@@ -206,18 +206,30 @@ class DistributedOptimizer(Optimizer):
             torch._foreach_addcdiv_(masters, [self._state_view("exp_avg", s) for s in segments],
                                     [denoms[s.bucket][s.chunk_slice] for s in segments], (lr / bias_correction1) * -1)
 
-    def _all_gather_params(self) -> None:
-        """Every rank's updated chunk, cast to the parameters' dtype, into every rank's model."""
+    def _all_gather_params(self, overlap: bool = False) -> None:
+        """Every rank's updated chunk, cast to the parameters' dtype, into every rank's model;
+        with `overlap` (``--overlap-param-gather``) by the communication thread, bucket by bucket in
+        the order the next forward needs them, each waited for by the forward that reads it."""
+        buckets = list(enumerate(self.ddp.grad_buffer.buckets))
+        if not overlap:
+            for index, _ in buckets:
+                self._gather_bucket(index, self.ps)
+            return
+        n = self.ps.dp_size
+        for index, bucket in reversed(buckets):  # buckets run in backward order; forward needs the last first
+            nbytes = comm.ring_bytes("all_gather", self._grad_chunks[index].numel() * n * bucket.params[0].element_size(), n)
+            self.ddp.gather_async(bucket.params, lambda ps, i=index: self._gather_bucket(i, ps), nbytes)
+
+    def _gather_bucket(self, index: int, ps) -> None:
+        bucket = self.ddp.grad_buffer.buckets[index]
         ranges = self.ddp.grad_buffer.param_ranges
-        for index, bucket in enumerate(self.ddp.grad_buffer.buckets):
-            chunk = torch.zeros(self._grad_chunks[index].numel(), dtype=bucket.params[0].dtype,
-                                device=bucket.buffer.device)
-            owned = self._bucket_segments[index]
-            if owned:
-                torch._foreach_copy_([chunk[s.chunk_slice] for s in owned], [self._master_view(s) for s in owned])
-            gathered = comm.all_gather(chunk, self.ps, "dp")
-            local = [gathered[ranges[p][0] - bucket.offset:ranges[p][1] - bucket.offset] for p in bucket.params]
-            torch._foreach_copy_([p.detach().view(-1) for p in bucket.params], local)
+        chunk = torch.zeros(self._grad_chunks[index].numel(), dtype=bucket.params[0].dtype, device=bucket.buffer.device)
+        owned = self._bucket_segments[index]
+        if owned:
+            torch._foreach_copy_([chunk[s.chunk_slice] for s in owned], [self._master_view(s) for s in owned])
+        gathered = comm.all_gather(chunk, ps, "dp")
+        local = [gathered[ranges[p][0] - bucket.offset:ranges[p][1] - bucket.offset] for p in bucket.params]
+        torch._foreach_copy_([p.detach().view(-1) for p in bucket.params], local)
 
     # ----- memory accounting (bytes this rank holds) ----------------------------------------------
     def master_bytes(self) -> int:

@@ -41,7 +41,8 @@ def build_optimizer(named_params: list[tuple[str, nn.Parameter]], config: Optimi
     common = dict(fp8_grads=precision.grads, exp_avg_dtype=exp_avg, exp_avg_sq_dtype=exp_avg_sq,
                   stochastic_rounding=precision.stochastic_rounding, seed=seed)
     if precision.fp8_zero:
-        fp8 = FP8ZeroWeightOptimizer(config, ps, layout=precision.zero, masters=precision.masters, **common)
+        fp8 = FP8ZeroWeightOptimizer(config, ps, layout=precision.zero, masters=precision.masters, ddp=ddp,
+                                     **common)
     else:
         fp8 = FP8WeightOptimizer(fp8_params, config, ps, use_distributed_optimizer=use_distributed_optimizer, **common)
     return ChainedOptimizer([dense, fp8], config)

@@ -33,10 +33,14 @@ from megatron.core.parallel_state import ParallelState
 class FP8ZeroWeightOptimizer(FP8WeightOptimizer):
     def __init__(self, config: OptimizerConfig, ps: ParallelState, *, layout: FP8ZeroLayout,
                  masters: dict[nn.Parameter, ScaledFP16Parameter], fp8_grads: FP8GradStore, exp_avg_dtype: str,
-                 exp_avg_sq_dtype: str, stochastic_rounding: bool = False, seed: int = 0):
+                 exp_avg_sq_dtype: str, stochastic_rounding: bool = False, seed: int = 0, ddp=None):
         """`layout` and `masters` (this rank's owned weights -> FP16 masters) are the precision
-        plan's; `fp8_grads`: where the reduction leaves the owned tensors' FP8 gradients."""
+        plan's; `fp8_grads`: where the reduction leaves the owned tensors' FP8 gradients; `ddp`:
+        the data-parallel wrapper, whose communication thread runs the weight all-gathers under
+        ``--overlap-param-gather``."""
         self.config, self.ps, self.layout, self.fp8_grads = config, ps, layout, fp8_grads
+        self.ddp = ddp
+        self.overlap_param_gather = ddp is not None and ddp.overlap_param_gather
         self.master_grads = FP8GradStore()  # the owned gradients, filed under their masters for FP8AdamW
         self.publish_dp_bytes = 0
         self.fp8_params, self.owners = layout.params, layout.owners
@@ -56,17 +60,34 @@ class FP8ZeroWeightOptimizer(FP8WeightOptimizer):
         self.master_grads.clear()
 
     @torch.no_grad()
-    def _publish(self) -> None:
-        """Owners re-quantize their weights; one uneven FP8 all-gather per bucket delivers them."""
-        layout, rank = self.layout, self.ps.dp_rank
-        for by_rank in layout.bucket_owned:
-            numels = [sum(p.numel() for p in params) + SCALE_BYTES * len(params) for params in by_rank]
-            pieces = [fp8_weight_from_master(self.masters[p], p.cast, p.scale) for p in by_rank[rank]]
-            local = torch.cat([payload.reshape(-1).view(torch.uint8) for payload, _ in pieces]
-                              + [torch.stack([scale.float() for _, scale in pieces]).view(torch.uint8)
-                                 if pieces else torch.empty(0, dtype=torch.uint8, device=self.ps.device)])
-            for params, data in zip(by_rank, comm.all_gather_uneven(local, numels, self.ps, "dp")):
-                self._unpack(params, data)
+    def _publish(self, overlap: bool | None = None) -> None:
+        """Owners re-quantize their weights; one uneven FP8 all-gather per bucket delivers them -
+        with ``--overlap-param-gather`` by the communication thread, in the order the next forward
+        needs them, each waited for by the forward that reads it."""
+        layout = self.layout
+        if not (self.overlap_param_gather if overlap is None else overlap):
+            for index in range(len(layout.bucket_owned)):
+                self._publish_bucket(index, self.ps)
+            return
+        n = self.ps.dp_size
+        for index in reversed(range(len(layout.bucket_owned))):  # forward needs the last bucket first
+            by_rank = layout.bucket_owned[index]
+            nbytes = comm.ring_bytes("all_gather", sum(self._bucket_numels(by_rank)), n)
+            self.ddp.gather_async([p for params in by_rank for p in params],
+                                  lambda ps, i=index: self._publish_bucket(i, ps), nbytes)
+
+    @staticmethod
+    def _bucket_numels(by_rank) -> list[int]:
+        return [sum(p.numel() for p in params) + SCALE_BYTES * len(params) for params in by_rank]
+
+    def _publish_bucket(self, index: int, ps) -> None:
+        by_rank, rank = self.layout.bucket_owned[index], self.ps.dp_rank
+        pieces = [fp8_weight_from_master(self.masters[p], p.cast, p.scale) for p in by_rank[rank]]
+        local = torch.cat([payload.reshape(-1).view(torch.uint8) for payload, _ in pieces]
+                          + [torch.stack([scale.float() for _, scale in pieces]).view(torch.uint8)
+                             if pieces else torch.empty(0, dtype=torch.uint8, device=self.ps.device)])
+        for params, data in zip(by_rank, comm.all_gather_uneven(local, self._bucket_numels(by_rank), ps, "dp")):
+            self._unpack(params, data)
 
     @staticmethod
     def _unpack(params: list[nn.Parameter], data: torch.Tensor) -> None:
@@ -109,4 +130,4 @@ class FP8ZeroWeightOptimizer(FP8WeightOptimizer):
             if "exp_avg" in given and "exp_avg_sq" in given:
                 self.fp8.load_state_fp32(master, {"exp_avg": given["exp_avg"], "exp_avg_sq": given["exp_avg_sq"]},
                                          step)
-        self._publish()
+        self._publish(overlap=False)
