@@ -34,6 +34,17 @@ Gradients (reduced and clipped by the caller; no clipping or finite checks here)
 gradient kept elsewhere, since autograd refuses an FP32 ``.grad`` on an FP16 parameter (on
 Megatron-LM, ``grad_of=lambda p: p.main_grad``). A parameter with none is skipped. They are
 gradients of the loss with respect to the parameter's *true* value.
+
+Two ways through a step, with the same results to the bit:
+
+- per tensor (``foreach=False``): each parameter in turn, `chunk_numel` values at a time; where a
+  new scale is needed, one pass over the chunks finds the amaxes and a second writes;
+- multi-tensor (``foreach=True``, and the default ``None`` for parameters on CPU or CUDA), in
+  `fp8.optim_foreach`: the parameters of a group are batched (same device, kind, step count and
+  state formats; at most `foreach_numel` values, by default `chunk_numel`) and each operation of
+  the step is one ``torch._foreach_*`` call over a batch's chunks. A batch is computed once and
+  held in FP32 until its scales are known. Larger tensors take the per-tensor path. Stochastic
+  rounding keeps its per-tensor draws (batches are then runs of consecutive parameters).
 """
 
 from __future__ import annotations
@@ -266,7 +277,10 @@ class FP8AdamW(torch.optim.Optimizer):
     the write-back of FP16 (scaled or not) and BF16 parameters, drawn from a generator per device
     seeded with `seed` - the same on every rank, so data-parallel replicas stay identical;
     `power_of_two_scales` (see the module docstring); `fp8_grads` and `grad_of`: where gradients not
-    in `.grad` are (see the module docstring).
+    in `.grad` are (see the module docstring); `chunk_numel`: values updated at once per tensor;
+    `foreach`: the multi-tensor path (None: on CPU and CUDA parameters; False: per tensor, always);
+    `foreach_numel`: most values in one multi-tensor batch (default `chunk_numel`: the batch's
+    FP32 working set, about six values per element, is that of one chunk of the per-tensor path).
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
@@ -274,7 +288,8 @@ class FP8AdamW(torch.optim.Optimizer):
                  exp_avg_sq_dtype: str = "fp16", stochastic_rounding: bool = False, seed: int = 0,
                  power_of_two_scales: bool = True, fp8_grads: FP8GradStore | None = None,
                  grad_of: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
-                 chunk_numel: int = CHUNK_NUMEL):
+                 chunk_numel: int = CHUNK_NUMEL, foreach: bool | None = None,
+                 foreach_numel: int | None = None):
         _check_hparams(lr, betas, eps, weight_decay)
         self.exp_avg_dtype = _check_state_dtype("exp_avg_dtype", exp_avg_dtype)
         self.exp_avg_sq_dtype = _check_state_dtype("exp_avg_sq_dtype", exp_avg_sq_dtype)
@@ -287,6 +302,10 @@ class FP8AdamW(torch.optim.Optimizer):
         if chunk_numel < 1:
             raise ValueError(f"chunk_numel must be >= 1, got {chunk_numel}")
         self.chunk_numel = int(chunk_numel)  # values updated at once: bounds the FP32 working set
+        self.foreach = None if foreach is None else bool(foreach)
+        if foreach_numel is not None and foreach_numel < 1:
+            raise ValueError(f"foreach_numel must be >= 1, got {foreach_numel}")
+        self.foreach_numel = self.chunk_numel if foreach_numel is None else int(foreach_numel)
         self._generators: dict[str, torch.Generator] = {}
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
         super().__init__(params, defaults)
@@ -302,6 +321,11 @@ class FP8AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.foreach is not False:
+            from fp8.optim_foreach import multi_tensor_step  # it builds on this module
+            for group in self.param_groups:
+                multi_tensor_step(self, group)
+            return loss
         for group in self.param_groups:
             for p in group["params"]:
                 grad = grad_source(p, self.fp8_grads, self.grad_of)
