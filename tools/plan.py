@@ -157,9 +157,11 @@ class Stage:
         dense_mb, fp8_mb = bucket_sizes_mb(config.parallel.ddp_bucket_size)
         bucket_numel = max(1, int(dense_mb * 2**20 / 4))
         self.overlap = config.parallel.overlap_grad_reduce and dp > 1
+        # O3 at DP > 1 keeps only this rank's chunks of the dense gradients (ZeRO-2), as the trainer does.
         self.grad_buffer = GradBuffer(self.dense, torch.float32, torch.device("meta"), bucket_numel,
                                       pad_to=dp * SHARD_ALIGN_NUMEL if self.use_dist_opt else 1,
-                                      alone=self.layouts.params(tied_embedding=True))
+                                      alone=self.layouts.params(tied_embedding=True),
+                                      shard_of=(0, dp) if self.plan.fp8_zero and dp > 1 else None)
         self.zero = (FP8ZeroLayout(self.fp8_params, dp, int(fp8_mb * 2**20))
                      if self.plan.fp8_zero and self.fp8_params else None)
         self.owners = (self.zero.owners if self.zero is not None else
@@ -196,7 +198,7 @@ class Stage:
         return dense + fp8
 
     def _optim_bytes(self, dp_rank: int) -> int:
-        buffered = self.grad_buffer.data.numel()
+        buffered = self.grad_buffer.full_numel
         dense = 8 * (buffered // self.layout.dp if self.use_dist_opt else buffered)
         _, m_dtype, v_dtype = self.fp8_config.optimizer_dtypes()
         fp8 = 0
@@ -213,7 +215,7 @@ class Stage:
             return 0
         total = 0
         for bucket in self.grad_buffer.buckets:
-            size = bucket.buffer.numel()
+            size = bucket.numel
             if self.use_dist_opt:
                 chunk = size // n * bucket.params[0].element_size()
                 total += ring_bytes("reduce_scatter", 4 * size, n) + ring_bytes("all_gather", chunk * n, n)
@@ -306,7 +308,11 @@ class Stage:
         if p == 1:
             return 0
         tied = [q for q in self.layouts.params(tied_embedding=True)]
-        total = sum(ring_bytes("all_reduce", 4 * q.numel(), 2) for q in tied)  # first and last stage
+        if self.grad_buffer.sharded:  # ZeRO-2: the kept chunk of the embedding's own bucket
+            owned = {id(b.params[0]): b.numel // self.layout.dp for b in self.grad_buffer.buckets if len(b.params) == 1}
+            total = sum(ring_bytes("all_reduce", 4 * owned[id(q)], 2) for q in tied)
+        else:  # the whole gradient, over the first and last stage
+            total = sum(ring_bytes("all_reduce", 4 * q.numel(), 2) for q in tied)
         total += ring_bytes("all_reduce", 4, p) * (2 + bool(self.fp8_params)) + ring_bytes("broadcast", 4, p)
         message = self.p2p_numel() * (1 if self.plan.fp8_pipeline_p2p else self.config.precision.params_dtype.itemsize)
         message += SCALE_BYTES if self.plan.fp8_pipeline_p2p else 0
@@ -471,10 +477,12 @@ def build_run(run_argv: list[str], dp: int, level: str | None = None, stages: li
 
 
 def persistent_bytes(stage: Stage) -> tuple[int, int, int]:
-    """(rank 0's, the most loaded data-parallel rank's) states with every FP8 gradient held, and
-    the FP8 gradients held beyond those kept between steps (O3)."""
+    """(rank 0's, the most loaded data-parallel rank's) states with every gradient held, and the
+    gradients held at the end of backward beyond those kept between steps (O3: the FP8 gradients
+    of other owners, and the dense buckets' full buffers beyond this rank's chunks)."""
     states = stage.state_bytes(0)
     extra = states["fp8_grad_peak_bytes"] - (states["grad_bytes"] - stage.grad_buffer.nbytes)
+    extra += 4 * stage.grad_buffer.full_numel - stage.grad_buffer.nbytes
     ranks = range(stage.layout.dp) if stage.owners is not None or stage.use_dist_opt else [0]
     worst = max(sum(stage.state_bytes(r)[k] for k in PERSISTENT) for r in ranks)
     return sum(states[k] for k in PERSISTENT) + extra, worst + extra, extra

@@ -184,6 +184,8 @@ def memory_record(model: torch.nn.Module, ddp: DistributedDataParallel, optimize
                 + optimizer.fp8_state_bytes())
         record.update(fp8_params=numel, fp8_state_bytes_per_param=held / numel,
                       fp8_grad_peak_bytes=ddp.fp8_grad_peak_bytes)
+    if ddp.shard_dense_grads:  # ZeRO-2: the dense buckets' full buffers exist only during backward
+        record.update(dense_grad_peak_bytes=ddp.grad_buffer.full_numel * ddp.grad_buffer.data.element_size())
     if ddp.fp8_zero is not None:  # FP8 ZeRO's balance: masters + moments assigned per rank
         loads = ddp.fp8_zero.owner_state_bytes()
         record.update(fp8_owner_bytes_min=min(loads), fp8_owner_bytes_max=max(loads))
@@ -229,7 +231,8 @@ class Trainer:
         self.ddp = DistributedDataParallel(self.model, ps, use_distributed_optimizer=self.use_distributed_optimizer,
                                            precision=self.precision, bucket_size_mb=dense_mb,
                                            overlap_grad_reduce=config.overlap_grad_reduce,
-                                           overlap_param_gather=config.overlap_param_gather)
+                                           overlap_param_gather=config.overlap_param_gather,
+                                           shard_dense_grads=plan.fp8_zero)
         if self.ddp.fp8_zero is not None:
             print_rank0(ps, f"> {self.ddp.fp8_zero.describe()}")
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
@@ -336,7 +339,7 @@ class Trainer:
                 reported += self.forward_backward(forward_step=self.forward_step, data_iterator=self.train_iter,
                                                   model=self.schedule_model, num_microbatches=num_microbatches)
             self.ddp.finish_grad_sync()
-            allreduce_embedding_grads(self.model, self.ps, self.ddp.dense_grad)
+            allreduce_embedding_grads(self.model, self.ps, self.ddp.reduced_grad)
             result = self.optimizer.step()
             skipped = skipped or result.skipped
         self.counts = {name: int(reported_sum(reported, key, self.ps)) for key, name in self.task.reported_counts.items()}

@@ -24,7 +24,11 @@ With ``use_distributed_optimizer=True`` (ZeRO-1, `DistributedOptimizer`), step 2
 instead: every bucket is padded to a multiple of ``dp_size * SHARD_ALIGN_NUMEL`` and data-parallel
 rank r receives the averaged gradient of chunk r of every bucket (`Bucket.shard`); the rest of the
 buffer keeps this rank's unreduced gradient and must not be read. The whole buffer is still
-allocated, as in Megatron: backward writes every gradient before the reduce-scatter. In this mode
+allocated, as in Megatron: backward writes every gradient before the reduce-scatter - unless
+``shard_dense_grads=True`` (ZeRO-2, which the trainer turns on at level O3 with DP > 1): then each
+bucket's full buffer is allocated when backward first writes into it and freed after its
+reduce-scatter, and only this rank's chunks stay between steps (the same sums, so the same bits;
+`reduced_grad` gives a parameter's kept chunk). In this mode
 a bucket never mixes parameter dtypes (the updated parameters are all-gathered per bucket in their
 own dtype), and a parameter whose layout is ``tied_embedding`` (a tied embedding that also lives on
 another pipeline stage) gets a bucket of its own, so both stages shard it identically and the embedding
@@ -82,13 +86,18 @@ def bucket_sizes_mb(ddp_bucket_size: int | None) -> tuple[float, float]:
 @dataclass
 class Bucket:
     params: list[nn.Parameter]
-    buffer: torch.Tensor  # a view of the grad buffer covering `params` (and any padding)
-    offset: int = 0       # where `buffer` starts in the grad buffer
+    buffer: torch.Tensor | None  # the full gradients of `params` (and any padding); None while a sharded buffer has none
+    offset: int = 0               # where `buffer` starts in the grad buffer's (unsharded) layout
+    numel: int = 0                # elements of `buffer`, padding included
+    owned: torch.Tensor | None = None  # sharded buffer: this rank's chunk, kept between steps
 
     def shard(self, dp_rank: int, dp_size: int) -> torch.Tensor:
-        """The view of `buffer` that data-parallel rank `dp_rank` owns under the distributed optimizer."""
-        assert self.buffer.numel() % dp_size == 0, (self.buffer.numel(), dp_size)
-        chunk = self.buffer.numel() // dp_size
+        """The view of `buffer` that data-parallel rank `dp_rank` owns under the distributed
+        optimizer (in a sharded buffer: this rank's kept chunk)."""
+        assert self.numel % dp_size == 0, (self.numel, dp_size)
+        if self.owned is not None:
+            return self.owned
+        chunk = self.numel // dp_size
         return self.buffer[dp_rank * chunk:(dp_rank + 1) * chunk]
 
 
@@ -113,45 +122,85 @@ def _group_into_buckets(params: list[nn.Parameter], bucket_numel: int, split_by_
 
 
 class GradBuffer:
-    """One contiguous buffer of `dtype` holding the main gradients of `params`.
+    """The main gradients of `params` in buckets of `dtype`.
 
     `pad_to` > 1 pads every bucket's end to a multiple of it (and splits buckets by dtype and around
     the `alone` parameters, the tied embedding's pipeline copies): the layout the distributed
-    optimizer shards."""
+    optimizer shards. With ``shard_of=(dp_rank, dp_size)`` as well (ZeRO-2) `data` holds only this
+    rank's chunk of every bucket; a bucket's full buffer exists from the first gradient written
+    into it (`view`) until `release`, after its reduce-scatter."""
 
     def __init__(self, params: list[nn.Parameter], dtype: torch.dtype, device, bucket_numel: int,
-                 pad_to: int = 1, alone: Iterable[nn.Parameter] = ()):
-        self.dtype, self.bucket_numel = dtype, bucket_numel
+                 pad_to: int = 1, alone: Iterable[nn.Parameter] = (), shard_of: tuple[int, int] | None = None):
+        self.dtype, self.bucket_numel, self.device = dtype, bucket_numel, torch.device(device)
         groups = _group_into_buckets(list(reversed(params)), bucket_numel, split_by_kind=pad_to > 1,
                                      alone=frozenset(id(p) for p in alone))
         sizes = [math.ceil(sum(p.numel() for p in group) / pad_to) * pad_to for group in groups]
-        self.data = torch.zeros(sum(sizes), dtype=dtype, device=device)
+        self.sharded = shard_of is not None
+        if self.sharded:
+            dp_rank, dp_size = shard_of
+            assert pad_to % dp_size == 0, (pad_to, dp_size)
+        self.data = torch.zeros(sum(sizes) // (dp_size if self.sharded else 1), dtype=dtype, device=device)
         self.buckets: list[Bucket] = []
-        # Where each parameter's gradient lies in `data`: the distributed optimizer's map.
+        # Where each parameter's gradient lies in the unsharded layout: the distributed optimizer's map.
         self.param_ranges: dict[nn.Parameter, tuple[int, int]] = {}
-        self._views: dict[int, torch.Tensor] = {}  # id(param) -> its view of `data`
-        start = 0
+        self._place: dict[int, tuple[Bucket, int]] = {}  # id(param) -> (its bucket, its offset there)
+        start, kept = 0, 0
         for group, size in zip(groups, sizes):
+            bucket = Bucket(group, None if self.sharded else self.data[start:start + size], start, size)
+            if self.sharded:
+                bucket.owned = self.data[kept:kept + size // dp_size]
+                kept += size // dp_size
             offset = start
             for param in group:
-                self._views[id(param)] = self.data[offset:offset + param.numel()].view_as(param)
                 self.param_ranges[param] = (offset, offset + param.numel())
+                self._place[id(param)] = (bucket, offset - start)
                 offset += param.numel()
-            self.buckets.append(Bucket(group, self.data[start:start + size], start))
+            self.buckets.append(bucket)
             start += size
+        self._views: dict[int, torch.Tensor] = {}  # unsharded: id(param) -> its fixed view
+        if not self.sharded:
+            for param in params:
+                self._views[id(param)] = self.view(param)
 
     def view(self, param: nn.Parameter) -> torch.Tensor:
-        """`param`'s gradient in the buffer (shaped like it)."""
-        return self._views[id(param)]
+        """`param`'s gradient in its bucket's full buffer (shaped like it); a sharded buffer
+        allocates the bucket's (zeros) at its first use."""
+        if id(param) in self._views:
+            return self._views[id(param)]
+        bucket, at = self._place[id(param)]
+        return self.materialize(bucket)[at:at + param.numel()].view_as(param)
+
+    def materialize(self, bucket: Bucket) -> torch.Tensor:
+        if bucket.buffer is None:
+            bucket.buffer = torch.zeros(bucket.numel, dtype=self.dtype, device=self.device)
+        return bucket.buffer
+
+    def release(self, bucket: Bucket) -> None:
+        """A sharded buffer drops a bucket's full buffer (its chunk is in `owned`)."""
+        if self.sharded and bucket.buffer is not None:
+            if bucket.buffer.is_cuda:  # the communication thread's stream may still be reading it
+                bucket.buffer.record_stream(torch.cuda.current_stream(bucket.buffer.device))
+            bucket.buffer = None
+
+    def zero_(self) -> None:
+        self.data.zero_()
+        for bucket in self.buckets:
+            self.release(bucket)
 
     @property
     def nbytes(self) -> int:
+        """Bytes held between steps (a sharded buffer: this rank's chunks only)."""
         return self.data.numel() * self.data.element_size()
 
+    @property
+    def full_numel(self) -> int:
+        return sum(b.numel for b in self.buckets)
 
-def _accumulate_into(dense_grad: torch.Tensor, arrived=None):
+
+def _accumulate_into(grad_buffer: GradBuffer, arrived=None):
     def hook(param: torch.Tensor) -> None:
-        dense_grad.add_(param.grad)
+        grad_buffer.view(param).add_(param.grad)
         param.grad = None
         if arrived is not None:
             arrived(param)
@@ -180,7 +229,8 @@ class DistributedDataParallel(nn.Module):
     def __init__(self, module: nn.Module, ps: ParallelState, *, grad_dtype: torch.dtype = torch.float32,
                  bucket_size_mb: float = BUCKET_SIZE_MB, use_distributed_optimizer: bool = False,
                  precision: AppliedPrecision | None = None, layouts: ParamLayouts | None = None,
-                 overlap_grad_reduce: bool = False, overlap_param_gather: bool = False):
+                 overlap_grad_reduce: bool = False, overlap_param_gather: bool = False,
+                 shard_dense_grads: bool = False):
         super().__init__()
         self.module, self.ps = module, ps
         self.use_distributed_optimizer = use_distributed_optimizer
@@ -197,13 +247,16 @@ class DistributedDataParallel(nn.Module):
         device = params[0].device if params else ps.device
         pad_to = ps.dp_size * SHARD_ALIGN_NUMEL if use_distributed_optimizer else 1
         self.layouts = layouts if layouts is not None else layouts_of(module)
+        # ZeRO-2 (FP8 ZeRO, level O3): only this rank's chunks of the dense gradients stay between steps.
+        self.shard_dense_grads = bool(shard_dense_grads) and use_distributed_optimizer and ps.dp_size > 1
         self.grad_buffer = GradBuffer(params, grad_dtype, device, bucket_numel, pad_to=pad_to,
-                                      alone=self.layouts.params(tied_embedding=True))
+                                      alone=self.layouts.params(tied_embedding=True),
+                                      shard_of=(ps.dp_rank, ps.dp_size) if self.shard_dense_grads else None)
         # Overlap needs more than one data-parallel rank to have anything to overlap.
         self.overlap_grad_reduce = bool(overlap_grad_reduce) and ps.dp_size > 1
         arrived = self._arrived if self.overlap_grad_reduce else None
-        self._hooks = [p.register_post_accumulate_grad_hook(_accumulate_into(self.grad_buffer.view(p), arrived))
-                       for p in params]
+        hook = _accumulate_into(self.grad_buffer, arrived)
+        self._hooks = [p.register_post_accumulate_grad_hook(hook) for p in params]
         self.sequence_parallel_params = [p for p in params if self.layouts[p].sequence_parallel]
         sp = {id(p) for p in self.sequence_parallel_params}
         self._bucket_sp = [[p for p in b.params if id(p) in sp] for b in self.grad_buffer.buckets]
@@ -239,8 +292,17 @@ class DistributedDataParallel(nn.Module):
         """The accumulated (after `finish_grad_sync`, reduced) gradient of a dense parameter."""
         return self.grad_buffer.view(param)
 
+    def reduced_grad(self, param: nn.Parameter) -> torch.Tensor:
+        """After `finish_grad_sync`, what of `param`'s reduced gradient a collective may finish:
+        `dense_grad`, or with sharded gradients this rank's chunk of its bucket (a tied embedding's
+        pipeline copy has a bucket of its own, sharded alike on both stages)."""
+        if not self.shard_dense_grads:
+            return self.dense_grad(param)
+        bucket, _ = self.grad_buffer._place[id(param)]
+        return bucket.owned
+
     def zero_grad_buffer(self) -> None:
-        self.grad_buffer.data.zero_()
+        self.grad_buffer.zero_()
         if self.fp8_grads is not None:
             self.fp8_grads.clear()
 
@@ -282,8 +344,9 @@ class DistributedDataParallel(nn.Module):
     def _reduce_dense(self, bucket: Bucket, ps: ParallelState) -> None:
         if self.use_distributed_optimizer:
             owned = bucket.shard(ps.dp_rank, ps.dp_size)
-            owned.copy_(comm.reduce_scatter(bucket.buffer, ps, "dp"))
+            owned.copy_(comm.reduce_scatter(self.grad_buffer.materialize(bucket), ps, "dp"))
             owned.div_(ps.dp_size)
+            self.grad_buffer.release(bucket)
         else:
             comm.all_reduce(bucket.buffer, ps, "dp")
             bucket.buffer.div_(ps.dp_size)

@@ -62,7 +62,7 @@ def owned_segments(ddp: DistributedDataParallel, dp_rank: int, dp_size: int) -> 
     segments, master_numel = [], 0
     grad_buffer = ddp.grad_buffer
     for index, bucket in enumerate(grad_buffer.buckets):
-        chunk_numel = bucket.buffer.numel() // dp_size
+        chunk_numel = bucket.numel // dp_size
         owned_lo = bucket.offset + dp_rank * chunk_numel
         owned_hi = owned_lo + chunk_numel
         for param in bucket.params:
@@ -223,7 +223,8 @@ class DistributedOptimizer(Optimizer):
     def _gather_bucket(self, index: int, ps) -> None:
         bucket = self.ddp.grad_buffer.buckets[index]
         ranges = self.ddp.grad_buffer.param_ranges
-        chunk = torch.zeros(self._grad_chunks[index].numel(), dtype=bucket.params[0].dtype, device=bucket.buffer.device)
+        chunk = torch.zeros(self._grad_chunks[index].numel(), dtype=bucket.params[0].dtype,
+                            device=self._grad_chunks[index].device)
         owned = self._bucket_segments[index]
         if owned:
             torch._foreach_copy_([chunk[s.chunk_slice] for s in owned], [self._master_view(s) for s in owned])
