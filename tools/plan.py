@@ -543,7 +543,7 @@ def fits(run_argv: list[str], dp: int, budget_gb: float) -> list[dict]:
 
 # ----- output -----------------------------------------------------------------------------------
 ROWS = (("weights", "memory", "weight_bytes"), ("gradients, between steps", "memory", "grad_bytes"),
-        ("FP8 gradients until reduced (O3)", "memory", "fp8_grad_extra_bytes"),
+        ("gradients until reduced (O3)", "memory", "fp8_grad_extra_bytes"),
         ("masters", "memory", "master_bytes"), ("Adam moments", "memory", "optim_bytes"),
         ("activations", "memory", "activation_bytes"),
         ("activations, full recomputation", "memory", "activation_bytes_full_recompute"),
