@@ -20,6 +20,18 @@ def run_meta(script: str, argv: list[str] | None, **extra) -> dict:
             **extra}
 
 
+def requested_device(name: str):
+    """The torch device a bench was asked for, or None after one error line when it is a GPU
+    that is not there (the caller then exits 2)."""
+    import torch
+
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but no GPU is visible; use --device cpu", file=sys.stderr)
+        return None
+    return device
+
+
 def save_results(out: str | Path, meta: dict, **payload) -> Path:
     """Write {"meta": ..., **payload} as JSON, atomically; returns the path."""
     out = Path(out)
@@ -54,7 +66,8 @@ def build_gpt_training(model: dict, ps, device, fp8_config, *, lr: float, use_di
     parallelize_gpt(gpt, ps)
     initialize_parameters(gpt, ps, seed=1234, device=device)
     precision = apply_precision(gpt, fp8_config, ps)
-    ddp = DistributedDataParallel(gpt, ps, use_distributed_optimizer=use_distributed_optimizer, precision=precision)
+    ddp = DistributedDataParallel(gpt, ps, use_distributed_optimizer=use_distributed_optimizer, precision=precision,
+                                  shard_dense_grads=precision.zero is not None)  # as the trainer: ZeRO-2 at O3
     named = [(n, p) for n, p in gpt.named_parameters() if p.requires_grad]
     optimizer = build_optimizer(named, OptimizerConfig(lr=lr, weight_decay=0.1, clip_grad=1.0), ps, ddp, precision,
                                 use_distributed_optimizer=use_distributed_optimizer)

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fp8  # noqa: E402
-from bench.common import RESULTS, run_meta, save_results  # noqa: E402
+from bench.common import RESULTS, requested_device, run_meta, save_results  # noqa: E402
 from fp8.gemm import device_info, select_path  # noqa: E402
 
 
@@ -109,9 +109,8 @@ def main(argv=None) -> int:
     parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but no GPU is visible; use --device cpu", file=sys.stderr)
+    device = requested_device(args.device)
+    if device is None:
         return 2
     sizes = args.sizes or ([1024, 4096, 8192] if device.type == "cuda" else [512, 1024, 2048])
     iters = args.iters or (50 if device.type == "cuda" else 5)

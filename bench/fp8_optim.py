@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import RESULTS, run_meta, save_results  # noqa: E402
+from bench.common import RESULTS, requested_device, run_meta, save_results  # noqa: E402
 from fp8.gradients import FP8GradStore  # noqa: E402
 from fp8.optim import FP8AdamW, is_scaled_fp16, make_scaled_fp16_param  # noqa: E402
 from fp8.scaling import CHUNK_NUMEL  # noqa: E402
@@ -164,9 +164,8 @@ def main(argv=None) -> int:
     parser.add_argument("--iters", type=int, default=None, help="timed steps (default: 5 on CPU, 20 on CUDA)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but no GPU is visible; use --device cpu", file=sys.stderr)
+    device = requested_device(args.device)
+    if device is None:
         return 2
     iters = args.iters or (20 if device.type == "cuda" else 5)
     shapes = gpt_weight_shapes(args.hidden, args.layers)

@@ -94,3 +94,17 @@ def test_gpu_check_runs_every_section_on_cpu(tmp_path, capsys):
     assert all(abs(levels[name]["last20_rel_vs_none"]) < 0.02 for name in levels if name != "none")
     assert levels["O3"]["losses"] == levels["O2"]["losses"]  # O3 takes O2's steps at one rank
     assert "level" in capsys.readouterr().out
+
+
+def test_fp8_optim_bench_times_both_paths_and_checks_their_bits(tmp_path, capsys):
+    from bench import fp8_optim
+
+    out = tmp_path / "optim.json"
+    assert fp8_optim.main(["--hidden", "32", "--layers", "2", "--warmup", "1", "--iters", "1", "--chunk-numel", "1024",
+                           "--foreach-numel", "0", "4096", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["states"], r["foreach"]) for r in rows} == {("o2", False), ("o2", True), ("fp32", False), ("fp32", True)}
+    assert all(r["same_bits"] and r["seconds"] > 0 for r in rows)
+    if not __import__("torch").cuda.is_available():
+        assert fp8_optim.main(["--device", "cuda"]) == 2
+        assert "no GPU is visible" in capsys.readouterr().err
