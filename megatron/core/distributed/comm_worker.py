@@ -97,11 +97,6 @@ class CommWorker:
         if error is not None:
             raise error
 
-    @property
-    def busy(self) -> bool:
-        with self._done:
-            return self._pending > 0
-
     def _loop(self) -> None:
         while True:
             job = self._jobs.get()

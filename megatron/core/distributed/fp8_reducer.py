@@ -10,6 +10,10 @@ reduced to the rank that owns each tensor, the others dropping theirs. With one 
 rank nothing is copied: the gradients are their own mean. It returns what it measured: the mu used, the fractions of mu-scaled values that
 saturated and underflowed (`ReductionStats`, at every data-parallel size, 1 included) and the
 data-parallel bytes it sent; the auto-scaler then picks the next step's mu.
+
+The overlapped reduction (``--overlap-grad-reduce``) runs the same reduction bucket by bucket as
+backward completes them (`buckets`, `reduce_bucket`, then `finish` with the summed statistics):
+the same values, since each is re-cast, summed over the ranks and cast back on its own.
 """
 
 from __future__ import annotations
