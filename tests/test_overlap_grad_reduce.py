@@ -184,16 +184,18 @@ def test_overlap_param_gather_needs_the_distributed_optimizer(builtin_corpus_sma
     assert len(err) == 1 and "--overlap-param-gather" in err[0] and "--use-distributed-optimizer" in err[0]
 
 
-def param_gather_run(rank, world_size, overlap):
-    """Three O3 steps (FP8 ZeRO + the distributed optimizer) with both overlaps or neither:
-    losses, bytes, weights left pending by a step, and weights whose forward waited for them."""
+def param_gather_run(rank, world_size, overlap, level):
+    """Three steps with the distributed optimizer (O3: with FP8 ZeRO; O2: the FP8 weights'
+    owners broadcast them) with both overlaps or neither: losses, bytes, weights left pending by a
+    step (and how many of them FP8), and weights whose forward waited for them."""
     from megatron.core.optimizer import OptimizerConfig
     from megatron.core.optimizer.factory import build_optimizer
 
     ps = ParallelState.build()
-    model, precision = _model(ps, "O3")
+    model, precision = _model(ps, level)
     ddp = DistributedDataParallel(model, ps, bucket_size_mb=0.004, precision=precision, use_distributed_optimizer=True,
                                   overlap_grad_reduce=overlap, overlap_param_gather=overlap)
+    fp8_ids = {id(p) for p in precision.fp8_grad_params}
     optimizer = build_optimizer([(n, p) for n, p in model.named_parameters()], OptimizerConfig(lr=1e-2), ps, ddp,
                                 precision, use_distributed_optimizer=True)
     waited = []
@@ -219,21 +221,24 @@ def param_gather_run(rank, world_size, overlap):
         ddp.finish_grad_sync()
         optimizer.step()
         losses.append(loss.item())
-        pending.append(len(ddp._gathering))
+        pending.append((len(ddp._gathering), len(fp8_ids & ddp._gathering.keys())))
     ddp.wait_param_gather()
     weights = {n: p.detach().view(torch.uint8).clone() if p.element_size() == 1 else p.detach().clone()
                for n, p in model.named_parameters()}
     return losses, ps.counter.snapshot(), pending, sum(waited), weights
 
 
-def test_overlap_param_gather_waits_in_forward_and_is_bit_identical():
-    after = run_distributed(param_gather_run, 2, False)
-    overlap = run_distributed(param_gather_run, 2, True)
+@pytest.mark.parametrize("level", ["O2", "O3"])
+def test_overlap_param_gather_waits_in_forward_and_is_bit_identical(level):
+    after = run_distributed(param_gather_run, 2, False, level)
+    overlap = run_distributed(param_gather_run, 2, True, level)
     for (losses_a, bytes_a, _, _, weights_a), (losses_o, bytes_o, pending, waited, weights_o) in zip(after, overlap):
-        assert losses_a == losses_o and bytes_a == bytes_o
+        assert losses_a == losses_o
+        # O2's FP8 all-reduce runs per bucket under overlap (scales and counts per bucket).
+        assert bytes_a == bytes_o if level == "O3" else bytes_o["dp_bytes"] > bytes_a["dp_bytes"]
         for name in weights_a:
             assert torch.equal(weights_a[name], weights_o[name]), name
         # Every step leaves its gathers to the thread, and the next step's forward waits for them
         # (`extra` too: it is the model's own parameter, so the model's forward waits for it).
-        assert all(0 < p <= len(weights_a) for p in pending)
-        assert waited == pending[0] + pending[1]
+        assert all(0 < p <= len(weights_a) and fp8 == 8 for p, fp8 in pending)  # every FP8 weight, too
+        assert waited == pending[0][0] + pending[1][0]

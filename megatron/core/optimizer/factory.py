@@ -44,5 +44,6 @@ def build_optimizer(named_params: list[tuple[str, nn.Parameter]], config: Optimi
         fp8 = FP8ZeroWeightOptimizer(config, ps, layout=precision.zero, masters=precision.masters, ddp=ddp,
                                      **common)
     else:
-        fp8 = FP8WeightOptimizer(fp8_params, config, ps, use_distributed_optimizer=use_distributed_optimizer, **common)
+        fp8 = FP8WeightOptimizer(fp8_params, config, ps, use_distributed_optimizer=use_distributed_optimizer, ddp=ddp,
+                                 **common)
     return ChainedOptimizer([dense, fp8], config)

@@ -69,8 +69,11 @@ class FP8WeightOptimizer(Optimizer):
 
     def __init__(self, fp8_params, config: OptimizerConfig, ps: ParallelState, *, fp8_grads: FP8GradStore,
                  exp_avg_dtype: str, exp_avg_sq_dtype: str, stochastic_rounding: bool = False, seed: int = 0,
-                 use_distributed_optimizer: bool = False):
+                 use_distributed_optimizer: bool = False, ddp=None):
         self.config, self.ps, self.fp8_grads = config, ps, fp8_grads
+        # ``--overlap-param-gather``: the owners' broadcasts run on the wrapper's communication thread.
+        self.ddp = ddp
+        self.overlap_param_gather = ddp is not None and ddp.overlap_param_gather
         self.publish_dp_bytes = 0  # data-parallel bytes the last step sent to publish the FP8 weights
         self.fp8_params = list(fp8_params)
         if use_distributed_optimizer:
@@ -106,28 +109,37 @@ class FP8WeightOptimizer(Optimizer):
     def _fp8_step(self) -> None:
         self.fp8.step()
 
-    def _publish(self) -> None:
-        """Every data-parallel rank's copy of the FP8 weights updated from their owners."""
-        self._broadcast_from_owners()
-
-    def _broadcast_from_owners(self) -> None:
-        """Each owner's updated FP16 masters and scales to the other data-parallel ranks, one
-        payload and one scale collective per owner."""
+    def _publish(self, overlap: bool | None = None) -> None:
+        """Every data-parallel rank's copy of the FP8 weights updated from their owners (with
+        ``--overlap-param-gather`` by the communication thread, each waited for by the forward
+        that reads it)."""
         if self.ps.dp_size == 1 or all(owner == self.ps.dp_rank for owner in self.owners):
             return
+        overlap = self.overlap_param_gather if overlap is None else overlap
         for owner in range(self.ps.dp_size):
             params = [p for p, o in zip(self.fp8_params, self.owners) if o == owner]
             if not params:
                 continue
-            payload = comm.broadcast(torch.cat([p.detach().reshape(-1) for p in params]), self.ps, "dp", owner)
-            scaled = [p for p in params if is_scaled_fp16(p)]
-            scales = comm.broadcast(torch.cat([p.scale.reshape(1) for p in scaled]), self.ps, "dp", owner) \
-                if scaled else []
-            with torch.no_grad():
-                for param, value in zip(params, payload.split([p.numel() for p in params])):
-                    param.copy_(value.view_as(param))
-                for param, scale in zip(scaled, scales):
-                    param.scale.copy_(scale.reshape(param.scale.shape))
+            if not overlap:
+                self._broadcast_from(owner, params, self.ps)
+                continue
+            n, scaled = self.ps.dp_size, sum(1 for p in params if is_scaled_fp16(p))
+            nbytes = comm.ring_bytes("broadcast", sum(p.numel() * p.element_size() for p in params), n)
+            nbytes += comm.ring_bytes("broadcast", 4 * scaled, n) if scaled else 0
+            self.ddp.gather_async(params, lambda ps, o=owner, group=params: self._broadcast_from(o, group, ps), nbytes)
+
+    @staticmethod
+    @torch.no_grad()
+    def _broadcast_from(owner: int, params: list[nn.Parameter], ps: ParallelState) -> None:
+        """`owner`'s updated FP16 masters and scales to the other data-parallel ranks: one payload
+        and one scale collective."""
+        payload = comm.broadcast(torch.cat([p.detach().reshape(-1) for p in params]), ps, "dp", owner)
+        scaled = [p for p in params if is_scaled_fp16(p)]
+        scales = comm.broadcast(torch.cat([p.scale.reshape(1) for p in scaled]), ps, "dp", owner) if scaled else []
+        for param, value in zip(params, payload.split([p.numel() for p in params])):
+            param.copy_(value.view_as(param))
+        for param, scale in zip(scaled, scales):
+            param.scale.copy_(scale.reshape(param.scale.shape))
 
     # ----- memory accounting ---------------------------------------------------------------------
     def master_bytes(self) -> int:

@@ -39,7 +39,7 @@ class FP8ZeroWeightOptimizer(FP8WeightOptimizer):
         the data-parallel wrapper, whose communication thread runs the weight all-gathers under
         ``--overlap-param-gather``."""
         self.config, self.ps, self.layout, self.fp8_grads = config, ps, layout, fp8_grads
-        self.ddp = ddp
+        self.ddp = ddp  # as the base class keeps it
         self.overlap_param_gather = ddp is not None and ddp.overlap_param_gather
         self.master_grads = FP8GradStore()  # the owned gradients, filed under their masters for FP8AdamW
         self.publish_dp_bytes = 0
