@@ -6,8 +6,8 @@ precision level at a few model sizes and tensor-parallel sizes, on the built-in 
 
 Each combination is one `torchrun` launch (`--nproc-per-node` = TP x DP); the figures are the
 means of the logged intervals after the first (which holds start-up). `--overlap both` runs each
-level with and without `--overlap-grad-reduce` (buckets of `--bucket-size` parameters, so that
-a small model has several). Each row also gives its step time over `none`'s in the same layout and
+level with and without `--overlap-grad-reduce` (and `--overlap-param-gather` at O3, whose weights
+are sharded; buckets of `--bucket-size` parameters, so that a small model has several). Each row also gives its step time over `none`'s in the same layout and
 overlap mode. Prints a table and writes JSON (default bench/results/train_step-<device>.json).
 """
 
@@ -65,7 +65,9 @@ def run_one(size: str, level: str, tp: int, iters: int, device: str, data: list[
             overlap: bool = False, bucket_size: int | None = None) -> dict:
     flags = [*SIZES[size], *data, "--fp8-level", level, "--tensor-model-parallel-size", str(tp),
              "--device", device] + (["--sequence-parallel"] if tp > 1 else [])
-    flags += ["--overlap-grad-reduce"] if overlap else []
+    # Overlap: gradient reduction, and where the weights are sharded (O3 at DP > 1) their all-gathers.
+    flags += (["--overlap-grad-reduce"] + (["--overlap-param-gather"] if level == "O3" and dp > 1 else [])
+              if overlap else [])
     flags += ["--ddp-bucket-size", str(bucket_size)] if bucket_size else []
     result = launch(tp * dp, flags, iters, f"{size}/{level}/tp{tp}/dp{dp}{'/overlap' if overlap else ''}")
     return {"size": size, "level": level, "tp": tp, "dp": dp, "overlap": overlap, "step_time_s": result["step_time_s"],
