@@ -15,7 +15,11 @@ raises records the exception and the run goes on:
 - sqnr: the FP8 GEMM on the device against the CPU emulation (`emulated_matmul`) and against
   float64 (of the same FP8 operands, and of the unquantized inputs), in dB. In the dry run the
   device is the CPU, whose `torch._scaled_mm` stands in for CUDA.
-- fp8_linear: `fp8.FP8Linear` (each recipe) forward + backward against BF16 `nn.Linear`.
+- fp8_linear: `fp8.FP8Linear` (each recipe) forward + backward against BF16 `nn.Linear`, square
+  layers of width 1024, 2048, 4096 and 8192 on 8192 tokens (dry: 32, 64, 128 on 64), and per
+  recipe the crossover: the narrowest width from which FP8 is faster at every larger width
+  measured, the value for `--fp8-min-features` (narrower linears then stay in BF16); None
+  where FP8 is slower at every width.
 - gpt: a ~1B GPT (24 layers, hidden 2048, FFN 8192, 16 heads, seq 2048, vocabulary 32768,
   micro-batch 4, BF16 parameters) trained in-process through `bench.common.build_gpt_training`
   (the model / DDP / optimizer / `apply_precision` code of the trainer, as bench/gpu_check.py does)
@@ -192,12 +196,28 @@ def section_sqnr(ctx: Ctx) -> dict:
 
 
 # ----- fp8_linear --------------------------------------------------------------------------------
+def crossover(rows: list[dict]) -> dict[str, int | None]:
+    """Per FP8 recipe, the narrowest measured width from which FP8Linear beats BF16 at that width
+    and every wider one (a skipped or failed width counts as not beating it); None if none."""
+    out = {}
+    for recipe in sorted({r["recipe"] for r in rows} - {"bf16"}):
+        widths = sorted((r["in_features"], bool(r.get("ok")) and r.get("speedup_vs_bf16", 0) > 1)
+                        for r in rows if r["recipe"] == recipe)
+        best = None
+        for width, wins in reversed(widths):
+            if not wins:
+                break
+            best = width
+        out[recipe] = best
+    return out
+
+
 def section_fp8_linear(ctx: Ctx) -> dict:
-    sizes = [64, 128] if ctx.dry else [4096, 8192]
+    sizes = [32, 64, 128] if ctx.dry else [1024, 2048, 4096, 8192]
     n_reps, warmup = reps(ctx)
     rows = []
     for size in sizes:
-        tokens = size
+        tokens = 64 if ctx.dry else 8192
         torch.manual_seed(1)
         x = torch.randn(tokens, size, device=ctx.device, dtype=torch.bfloat16, requires_grad=True)
         dy = torch.randn(tokens, size, device=ctx.device, dtype=torch.bfloat16) * 1e-3
@@ -234,7 +254,7 @@ def section_fp8_linear(ctx: Ctx) -> dict:
         del x, dy
         if ctx.cuda:
             torch.cuda.empty_cache()
-    return {"rows": rows, "reps": n_reps, "warmup": warmup}
+    return {"rows": rows, "reps": n_reps, "warmup": warmup, "fp8_min_features": crossover(rows)}
 
 
 # ----- gpt ---------------------------------------------------------------------------------------
@@ -326,6 +346,9 @@ def print_section(name: str, r: dict) -> None:
                 continue
             print(f"{row['layer']:<20} {row['in_features']:>5} {row['seconds'] * 1e3:>9.3f} {row['tflops']:>8.1f} "
                   f"{_f(row.get('speedup_vs_bf16'), '.2f'):>7}")
+        for recipe, width in r.get("fp8_min_features", {}).items():
+            print(f"crossover {recipe:<10} " + (f"FP8 faster from width {width}: --fp8-min-features {width}"
+                                                 if width else "FP8 slower at every width measured"))
     elif name == "gpt":
         c = r["config"]
         print(f"GPT {c['num_layers']}L h{c['hidden_size']} ffn{c['ffn_hidden_size']} seq{c['seq_length']} "

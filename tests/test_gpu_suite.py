@@ -63,8 +63,26 @@ def test_gemm_and_linear_rows(suite):
     assert {r["path"] for r in gemm if r["op"] == "tensorwise"} == {"scaled_mm"}  # torch._scaled_mm on CPU
     linear = results["fp8_linear"]["rows"]
     assert {r["recipe"] for r in linear} == {"bf16", "delayed", "current", "rowwise", "blockwise"}
+    assert {r["in_features"] for r in linear} == {32, 64, 128}
     for r in linear:
         assert r["ok"] and r["seconds"] > 0 and r["tflops"] > 0, r
+    # The recommendation is the crossover of these very rows.
+    from bench.gpu_suite import crossover
+    assert results["fp8_linear"]["fp8_min_features"] == crossover(linear)
+    assert set(results["fp8_linear"]["fp8_min_features"]) == {"delayed", "current", "rowwise", "blockwise"}
+
+
+def test_crossover_is_the_narrowest_width_from_which_fp8_always_wins():
+    from bench.gpu_suite import crossover
+
+    def rows(recipe, speedups):
+        return [{"recipe": recipe, "in_features": w, "ok": s is not None, "speedup_vs_bf16": s or 0}
+                for w, s in speedups.items()]
+    table = (rows("bf16", {1024: None}) + rows("a", {1024: 0.8, 2048: 1.1, 4096: 1.3, 8192: 1.5})
+             + rows("b", {1024: 1.2, 2048: 0.9, 4096: 1.1, 8192: 1.4})   # a dip: only from 4096 on
+             + rows("c", {1024: 0.5, 2048: 0.6, 4096: 0.7, 8192: 0.9})   # never
+             + rows("d", {1024: 1.1, 2048: 1.2, 4096: 1.3, 8192: None}))  # the widest failed: no claim
+    assert crossover(table) == {"a": 2048, "b": 4096, "c": None, "d": None}
 
 
 def test_sqnr_sane(suite):
