@@ -45,6 +45,11 @@ included. Buckets are handed over in one fixed order (the order backward fills t
 every rank. The reductions are the same as without overlap - the same buckets, collectives and
 sums - so the results are the same to the bit; the sequence-parallel sums over tp run per bucket
 in both modes, in the main thread, just before the bucket's data-parallel reduction.
+
+With ``overlap_param_gather=True`` (``--overlap-param-gather``, with the distributed optimizer) the
+optimizers hand their weight all-gathers to the same thread (`gather_async`), and a forward
+pre-hook on every module that holds parameters waits for its own weights' gathers only;
+`wait_param_gather` waits for all (the next `finish_grad_sync`, checkpoints, rollouts).
 """
 
 from __future__ import annotations
