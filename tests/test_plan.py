@@ -24,6 +24,7 @@ import pretrain_gpt
 from distributed import run_distributed
 from megatron.training.cli import run_cli as train_cli
 from tools import plan as planner
+from tools import plan_activations
 from tools import run_cli
 
 REPO = Path(__file__).resolve().parent.parent
@@ -111,7 +112,7 @@ def planned_activation_bytes(argv: list[str]) -> float:
     """What the planner says autograd keeps in that pass (without the loss step's transients)."""
     stage = planner.build_run(argv, 1).stages[0]
     m = stage.config.model
-    return planner.activations(stage, m.recompute_granularity, m.recompute_method, m.recompute_num_layers)[0]
+    return plan_activations.activations(stage, m.recompute_granularity, m.recompute_method, m.recompute_num_layers)[0]
 
 
 # ----- the 2-process launch ----------------------------------------------------------------------

@@ -199,7 +199,7 @@ PartitionName=debug Nodes={self.NODE} Default=YES MaxTime=INFINITE State=UP
             try:
                 self._wait(lambda: not self.client("squeue", "-h").stdout.strip(), 45, "jobs still running")
             except (TimeoutError, subprocess.TimeoutExpired):
-                pass
+                pass  # the daemons are stopped next whatever the jobs do
         for proc in reversed(self.procs):
             _stop(proc)
 

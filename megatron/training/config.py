@@ -42,7 +42,8 @@ from megatron.core.optimizer.grad_scaler import LossScalerConfig
 from megatron.core.pipeline_parallel.model import virtual_pipeline_size
 from megatron.core.precision import LEVELS, FP8Config
 from megatron.training.attention_backend import ATTENTION_BACKENDS
-from megatron.training.flags import ArgumentParser, Section, TokenizerArgs, check_positive, flag, load_yaml_defaults
+from megatron.training.flags import (ArgumentParser, ParallelArgs, Section, TokenizerArgs, check_positive, flag,
+                                     load_yaml_defaults)
 from megatron.training.host_memory import DEFAULT_THRESHOLD_MB
 from megatron.training.lr_schedule import DECAY_STYLES, WSD_DECAY_STYLES, LRScheduleConfig
 from megatron.training.metrics import WANDB_MODES
@@ -100,29 +101,6 @@ class ModelArgs(Section):
         --make-vocab-size-divisible-by rows (Megatron's rule)."""
         multiple = self.make_vocab_size_divisible_by * tp_size
         return int(math.ceil(vocab_size / multiple) * multiple)
-
-
-@dataclass(frozen=True)
-class ParallelArgs(Section):
-    title: ClassVar[str] = "parallelism"
-    tensor_model_parallel_size: int = flag(1)
-    pipeline_model_parallel_size: int = flag(1)
-    num_layers_per_virtual_pipeline_stage: int | None = flag(
-        None, "interleaved 1F1B: layers per model chunk (several chunks per stage)")
-    sequence_parallel: bool = flag(False, "split activations along the sequence across the tensor-parallel "
-                                          "group (no effect at --tensor-model-parallel-size 1)")
-    use_distributed_optimizer: bool = flag(False)
-    ddp_bucket_size: int | None = flag(None, "parameters per data-parallel gradient bucket (default: 40 MB of FP32 "
-                                             "gradients; FP8 ZeRO's buckets: 40 MB of FP8)")
-    overlap_grad_reduce: bool = flag(False, "reduce each gradient bucket (dense and FP8) while backward goes on, "
-                                            "on a communication thread; same results to the bit")
-    overlap_param_gather: bool = flag(False, "with the distributed optimizer (or O3 at DP > 1): all-gather the "
-                                             "updated weights on the communication thread, each bucket waited "
-                                             "for by the next forward that reads it")
-
-    def __post_init__(self) -> None:
-        check_positive(self, "tensor_model_parallel_size", "pipeline_model_parallel_size",
-                  "num_layers_per_virtual_pipeline_stage", "ddp_bucket_size")
 
 
 @dataclass(frozen=True)

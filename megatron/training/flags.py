@@ -1,6 +1,6 @@
 """The machinery of `megatron.training.config`: a flag is a typed dataclass field, a section is a
 frozen dataclass of flags that can add itself to an argparse parser and be built from its result.
-Kept free of torch, with the tokenizer's section, so that tools which only tokenize (and their
+Kept free of torch, with the tokenizer's and the parallel layout's sections, so that tools which only tokenize (and their
 worker processes) start fast.
 """
 
@@ -201,3 +201,26 @@ def load_yaml_defaults(path: str, parser: argparse.ArgumentParser) -> dict:
             raise ValueError(f"--config {path}: unknown key {key!r}; keys are flag names such as num_layers")
         defaults[dest] = value
     return defaults
+
+
+@dataclass(frozen=True)
+class ParallelArgs(Section):
+    title: ClassVar[str] = "parallelism"
+    tensor_model_parallel_size: int = flag(1)
+    pipeline_model_parallel_size: int = flag(1)
+    num_layers_per_virtual_pipeline_stage: int | None = flag(
+        None, "interleaved 1F1B: layers per model chunk (several chunks per stage)")
+    sequence_parallel: bool = flag(False, "split activations along the sequence across the tensor-parallel "
+                                          "group (no effect at --tensor-model-parallel-size 1)")
+    use_distributed_optimizer: bool = flag(False)
+    ddp_bucket_size: int | None = flag(None, "parameters per data-parallel gradient bucket (default: 40 MB of FP32 "
+                                             "gradients; FP8 ZeRO's buckets: 40 MB of FP8)")
+    overlap_grad_reduce: bool = flag(False, "reduce each gradient bucket (dense and FP8) while backward goes on, "
+                                            "on a communication thread; same results to the bit")
+    overlap_param_gather: bool = flag(False, "with the distributed optimizer (or O3 at DP > 1): all-gather the "
+                                             "updated weights on the communication thread, each bucket waited "
+                                             "for by the next forward that reads it")
+
+    def __post_init__(self) -> None:
+        check_positive(self, "tensor_model_parallel_size", "pipeline_model_parallel_size",
+                  "num_layers_per_virtual_pipeline_stage", "ddp_bucket_size")

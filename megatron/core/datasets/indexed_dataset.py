@@ -151,7 +151,7 @@ class IndexedDataset:
             if cached.get("stamp") == stamp:
                 return int(cached["min"]), int(cached["max"])
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            pass
+            pass  # no cache, or a damaged one: scan the tokens below and rewrite it
         low, high = self._scan_token_range()
         try:
             cache.mkdir(parents=True, exist_ok=True)
