@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from fp8 import fused
 from fp8.formats import FormatSpec, get_spec
 from fp8.scaling import (CHUNK_NUMEL, Tile, compute_scale, expand_tiles, num_tiles, resolve_tile, row_chunks,
                          tile_amax)
@@ -162,6 +163,9 @@ def quantize(
         if scale.shape != expected:
             raise ValueError(f"scale of shape {tuple(scale.shape)} does not fit tile {tile} of a "
                              f"{tuple(x.shape)} tensor; expected {tuple(expected)}")
+    if fused.active(x.device) and x.numel():
+        data = fused.compiled(fused.scaled_cast)(x2d, scale, tile, spec.max, spec.dtype, inf_to_nan)
+        return ScalingTensor(data.reshape(x.shape), scale, spec, tile)
     # A bounded chunk of rows at a time (whole tiles each): no FP32 copy of all of `x` exists.
     data = torch.empty(shape2d, dtype=spec.dtype, device=x.device)
     rows_per_tile = 1 if tile is None else tile[0]

@@ -132,6 +132,8 @@ class PrecisionArgs(Section):
     fp8_margin: int = flag(0)
     fp8_min_features: int = flag(128, "linears narrower than this (per rank) stay in high precision")
     fp8_output_layer: bool = flag(False, "FP8 GEMMs in the output head too")
+    fp8_fused_casts: str = flag("auto", "FP8 casts as compiled kernels (fp8/fused.py): auto = on CUDA with Triton; "
+                                        "the same bits either way", choices=("auto", "on", "off"))
     fp8_wgrad_auto_scaling: bool = flag(
         True, "O1+: adapt the gradient pre-scaling factor mu (FP8-LM 2.1); off: divide by DP first")
     fp8_wgrad_auto_scaling_ratio: float = flag(1e-5, "overflow fraction above which mu halves")

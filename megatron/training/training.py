@@ -33,6 +33,7 @@ from typing import Any, Iterator, Protocol
 
 import torch
 
+from fp8 import fused
 from fp8.params import param_nbytes
 from megatron.core.datasets.builder import train_valid_test_num_samples
 from megatron.core.datasets.samplers import build_pretraining_data_loader, cyclic_iterator
@@ -221,6 +222,7 @@ class Trainer:
     def __init__(self, config: RunConfig, ps: ParallelState, task: TrainingTask):
         self.config, self.ps, self.task, self.forward_step = config, ps, task, task.forward_step
         self.rng = model_parallel_seed(ps, config.seed)
+        fused.set_mode(config.precision.fp8_fused_casts)
         self.model = task.model_provider(config, ps, self.rng)
         # Once for the whole model (every pipeline chunk): one FP8 gradient store, one ZeRO layout.
         dense_mb, fp8_mb = bucket_sizes_mb(config.ddp_bucket_size)

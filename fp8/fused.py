@@ -1,0 +1,97 @@
+"""Fused casts: an FP8 cast as two compiled kernels instead of a loop of PyTorch operations.
+
+The eager cast (`fp8.tensor.quantize`) walks a tensor a million values at a time, and each chunk
+takes several operations (abs, amax, multiply, clamp, convert), each a kernel that reads and writes
+the whole chunk; on a GPU a large activation costs hundreds of launches and several passes over
+memory. Here, with `torch.compile`, a cast is one reduction kernel (the amax per tile) and one
+pointwise kernel (multiply by the scale, clamp, convert), with no FP32 temporary. The scale
+between them is computed eagerly by `fp8.scaling.compute_scale`, so that no approximate division,
+``log2`` or ``exp2`` of a compiler's choosing enters it.
+
+Results are the eager cast's to the bit: an amax is exact in any order, and the pointwise kernel
+does the eager path's operations (one FP32 product, a clamp, a round-to-nearest-even convert)
+element by element. `tests/test_fused_casts.py` checks that on CPU (C++ kernels), and
+`bench/gpu_suite.py` on CUDA (Triton kernels).
+
+Mode (`--fp8-fused-casts`): ``auto`` fuses on CUDA when Triton is present, ``on`` everywhere
+torch.compile works (on CPU it needs a C++ compiler; the first call of each kind compiles for
+seconds), ``off`` never.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import torch
+
+MODES = ("auto", "on", "off")
+_state = {"mode": "auto"}
+
+
+def set_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"--fp8-fused-casts {mode!r}: use one of {', '.join(MODES)}")
+    _state["mode"] = mode
+
+
+def mode() -> str:
+    return _state["mode"]
+
+
+@functools.lru_cache(maxsize=None)
+def _has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def active(device: torch.device) -> bool:
+    """Whether casts on `device` go through the compiled kernels."""
+    current = _state["mode"]
+    if current == "off" or torch.compiler.is_compiling():
+        return False
+    if current == "on":
+        return True
+    return device.type == "cuda" and _has_triton()
+
+
+@functools.lru_cache(maxsize=None)
+def compiled(fn):
+    """`fn` compiled once for any shapes. Every (format, tile, flags) combination is a compiled
+    variant of its own; the limit is raised so that a model's few dozen never fall back to eager
+    (which would still be correct: the same operations, uncompiled)."""
+    from torch._dynamo import config as dynamo_config
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+    return torch.compile(fn, dynamic=True, fullgraph=True)
+
+
+def _padded_tiles(x2d: torch.Tensor, tile: tuple[int, int]) -> torch.Tensor:
+    """`x2d` zero-padded to whole tiles, viewed as (tile rows, rows per tile, tile cols, cols per tile)."""
+    rows, cols = x2d.shape
+    tr, tc = tile
+    pad_r, pad_c = -rows % tr, -cols % tc
+    if pad_r or pad_c:
+        x2d = torch.nn.functional.pad(x2d, (0, pad_c, 0, pad_r))
+    return x2d.reshape(x2d.shape[0] // tr, tr, x2d.shape[1] // tc, tc)
+
+
+def tile_amax(x2d: torch.Tensor, tile: tuple[int, int] | None) -> torch.Tensor:
+    """`fp8.scaling.tile_amax` over the whole tensor at once (FP32: 0-dim, or one per tile)."""
+    if tile is None:
+        return x2d.abs().amax().float()
+    return _padded_tiles(x2d.abs().float(), tile).amax(dim=(1, 3))
+
+
+def scaled_cast(x2d: torch.Tensor, scale: torch.Tensor, tile: tuple[int, int] | None, fmt_max: float,
+                dtype: torch.dtype, inf_to_nan: bool) -> torch.Tensor:
+    """``convert(clamp(x * scale))`` with `scale` per tile (0-dim for one scale); the eager
+    `fp8.tensor._scaled_cast` with the scales expanded in the kernel rather than in memory."""
+    if tile is None:
+        y = x2d.float() * scale
+    else:
+        rows, cols = x2d.shape
+        y = (_padded_tiles(x2d.float(), tile) * scale[:, None, :, None]).reshape(
+            -(-rows // tile[0]) * tile[0], -1)[:rows, :cols]
+    if inf_to_nan:
+        y = torch.where(torch.isinf(y), torch.full_like(y, float("nan")), y)
+    return y.clamp(-fmt_max, fmt_max).to(dtype)
+

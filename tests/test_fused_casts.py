@@ -1,0 +1,116 @@
+"""Fused casts (fp8/fused.py, --fp8-fused-casts): the compiled amax and cast kernels give the
+eager chunked cast's bytes and scales, for every scaling granularity and format, with
+infinities, NaN and values beyond the format's range; and a training run takes the same steps to
+the bit with them as without. On CPU the kernels are torch.compile's C++ ones (on a GPU, Triton's:
+bench/gpu_suite.py checks those)."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from fp8 import fused
+from fp8.scaling import tile_amax
+from fp8.tensor import quantize
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def restore_mode():
+    yield
+    fused.set_mode("auto")
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bytes, NaN's sign aside (the C++ kernels' convert may set it, the eager one does not)."""
+    nan_a, nan_b = torch.isnan(a.float()), torch.isnan(b.float())
+    return torch.equal(nan_a, nan_b) and torch.equal(a.view(torch.uint8)[~nan_a], b.view(torch.uint8)[~nan_b])
+
+
+def cast(mode, x, **kwargs):
+    fused.set_mode(mode)
+    return quantize(x, **kwargs)
+
+
+def awkward(shape, seed=0):
+    """Normal values over a wide range, with inf, -inf, NaN and a value past every FP8 format."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=generator) * torch.logspace(-3, 3, shape[-1])
+    flat = x.view(-1)
+    flat[3], flat[11], flat[17], flat[23] = float("inf"), float("-inf"), float("nan"), 1e30
+    return x.to(torch.bfloat16)
+
+
+CASES = [  # (format, granularity, role, inf_to_nan)
+    ("e4m3", "tensor", "activation", False),
+    ("e5m2", "tensor", "activation", True),
+    ("e4m3", "row", "activation", False),
+    ("e4m3", "block", "activation", False),
+    ("e5m2", "block", "weight", False),
+]
+
+
+@pytest.mark.parametrize("fmt,granularity,role,inf_to_nan", CASES)
+def test_fused_cast_equals_eager(fmt, granularity, role, inf_to_nan):
+    for shape in [(200, 300), (3, 7, 130)]:  # tiles that do not divide the shape; leading dims flattened
+        x = awkward(shape)
+        kwargs = dict(fmt=fmt, granularity=granularity, role=role, inf_to_nan=inf_to_nan)
+        eager, compiled = cast("off", x, **kwargs), cast("on", x, **kwargs)
+        assert torch.equal(eager.scale, compiled.scale)
+        assert compiled.data.shape == x.shape and compiled.data.dtype == eager.data.dtype
+        assert same_bits(eager.data, compiled.data), (shape, kwargs)
+        finite = torch.isfinite(x.float())
+        # The infinities saturate to +-max, or become NaN with inf_to_nan, as the eager cast does.
+        assert torch.isnan(compiled.data.float()[~finite]).sum() == (3 if inf_to_nan else 1)
+
+
+def test_fused_cast_with_given_scale_and_amax():
+    x = awkward((64, 256), seed=1)
+    for tile in (None, (1, 256), (1, 128), (128, 128)):
+        fused.set_mode("off")
+        amax_eager = tile_amax(x.reshape(64, 256), tile)
+        fused.set_mode("on")
+        amax_fused = tile_amax(x.reshape(64, 256), tile)
+        assert torch.equal(amax_eager, amax_fused) or torch.equal(torch.isnan(amax_eager), torch.isnan(amax_fused))
+    scale = torch.tensor(3.5)  # delayed scaling: a scale from earlier casts
+    eager, compiled = cast("off", x, fmt="e4m3", scale=scale), cast("on", x, fmt="e4m3", scale=scale)
+    assert torch.equal(compiled.scale, scale) and same_bits(eager.data, compiled.data)
+    # Every finite value lands where the eager cast puts it: checked against float64 arithmetic too.
+    finite = torch.isfinite(x.float())
+    want = (x.double() * 3.5).clamp(-448, 448).float().to(torch.float8_e4m3fn)
+    assert same_bits(want[finite], compiled.data[finite])
+
+
+def test_modes():
+    cpu = torch.device("cpu")
+    fused.set_mode("auto")
+    assert not fused.active(cpu)  # auto fuses on CUDA only
+    fused.set_mode("on")
+    assert fused.active(cpu)
+    fused.set_mode("off")
+    assert not fused.active(torch.device("cuda"))
+    with pytest.raises(ValueError, match="--fp8-fused-casts 'fast': use one of auto, on, off"):
+        fused.set_mode("fast")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags", [["--fp8-level", "O2"], ["--fp8-level", "O3", "--fp8-recipe", "blockwise",
+                                                           "--fp8-format", "e4m3"]], ids=["O2-delayed", "O3-block"])
+def test_training_is_bit_identical_with_fused_casts(builtin_corpus_small, tmp_path, flags):
+    import pretrain_gpt
+
+    base = ["--config", os.path.join(REPO, "configs", "gpt-tiny.yaml"), "--device", "cpu", "--seq-length", "32",
+            "--max-position-embeddings", "32", "--micro-batch-size", "2", "--global-batch-size", "4",
+            "--eval-iters", "0", "--lr-warmup-iters", "1", "--train-iters", "3", "--log-interval", "1",
+            "--fp8-min-features", "16", *builtin_corpus_small.training_args(), *flags]
+    records = {}
+    for mode in ("off", "on"):
+        metrics = tmp_path / f"{mode}.jsonl"
+        assert pretrain_gpt.main(base + ["--fp8-fused-casts", mode, "--metrics-file", str(metrics)]) == 0
+        records[mode] = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert len(records["on"]) == 3
+    for off, on in zip(records["off"], records["on"]):
+        assert (off["loss"], off["grad_norm"], off.get("fp8")) == (on["loss"], on["grad_norm"], on.get("fp8"))
+    assert records["on"][-1]["loss"] != records["on"][0]["loss"]
