@@ -15,11 +15,17 @@ raises records the exception and the run goes on:
 - sqnr: the FP8 GEMM on the device against the CPU emulation (`emulated_matmul`) and against
   float64 (of the same FP8 operands, and of the unquantized inputs), in dB. In the dry run the
   device is the CPU, whose `torch._scaled_mm` stands in for CUDA.
+- casts: `fp8.tensor.quantize` of an 8192-token activation of width 4096 and 8192 (dry: 64 x 128),
+  per-tensor, row-wise and block-wise, eager (chunked PyTorch operations) against fused (two
+  compiled kernels, `fp8/fused.py`): milliseconds, GB/s of the BF16 input read, and whether the
+  fused bytes and scales equal the eager ones (NaN's sign aside).
 - fp8_linear: `fp8.FP8Linear` (each recipe) forward + backward against BF16 `nn.Linear`, square
   layers of width 1024, 2048, 4096 and 8192 on 8192 tokens (dry: 32, 64, 128 on 64), and per
   recipe the crossover: the narrowest width from which FP8 is faster at every larger width
   measured, the value for `--fp8-min-features` (narrower linears then stay in BF16); None
-  where FP8 is slower at every width.
+  where FP8 is slower at every width. Casts are fused as `--fused-casts` says (auto: on CUDA).
+  The crossovers are also written as a calibration file (`fp8/calibration.py`), beside the JSON
+  as `fp8_calibration.json`: `--fp8-calibration` takes it, or commit it to `fp8/calibrations/`.
 - gpt: a ~1B GPT (24 layers, hidden 2048, FFN 8192, 16 heads, seq 2048, vocabulary 32768,
   micro-batch 4, BF16 parameters) trained in-process through `bench.common.build_gpt_training`
   (the model / DDP / optimizer / `apply_precision` code of the trainer, as bench/gpu_check.py does)
@@ -35,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import json
 import math
 import os
 import platform
@@ -51,12 +58,14 @@ import fp8  # noqa: E402
 from bench.common import RESULTS, run_meta, save_results  # noqa: E402
 from bench.gpu_check import (_jsonable, error_entry, exact_value, guarded, median_seconds, synthetic_batches,  # noqa: E402
                              train_level)
+from fp8 import fused  # noqa: E402
+from fp8.calibration import calibration_record  # noqa: E402
 from fp8.gemm import device_info, emulated_matmul, fp8_matmul, select_path  # noqa: E402
 from fp8.tensor import quantize  # noqa: E402
 from megatron.training.metrics import model_flops_per_token, peak_flops  # noqa: E402
 
-SECTIONS = ("environment", "gemm", "sqnr", "fp8_linear", "gpt")
-BUDGETS = {"environment": 10.0, "gemm": 45.0, "sqnr": 25.0, "fp8_linear": 45.0, "gpt": 280.0}
+SECTIONS = ("environment", "gemm", "sqnr", "casts", "fp8_linear", "gpt")
+BUDGETS = {"environment": 10.0, "gemm": 45.0, "sqnr": 25.0, "casts": 40.0, "fp8_linear": 60.0, "gpt": 250.0}
 LEVELS = ("none", "O0", "O2", "O3")
 SCALINGS = ("tensorwise", "rowwise", "blockwise")
 SKIPPED = {"ok": False, "skipped": "time budget"}
@@ -195,6 +204,52 @@ def section_sqnr(ctx: Ctx) -> dict:
             "sqnr_vs_exact_f64_db is the product of the same FP8 operands in float64"}
 
 
+# ----- casts -------------------------------------------------------------------------------------
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bytes, NaN's sign aside."""
+    nan_a, nan_b = torch.isnan(a.float()), torch.isnan(b.float())
+    return torch.equal(nan_a, nan_b) and torch.equal(a.view(torch.uint8)[~nan_a], b.view(torch.uint8)[~nan_b])
+
+
+def section_casts(ctx: Ctx) -> dict:
+    shapes = [(64, 128)] if ctx.dry else [(8192, 4096), (8192, 8192)]
+    n_reps, warmup = reps(ctx)
+    rows = []
+    before = fused.mode()
+    try:
+        for tokens, width in shapes:
+            torch.manual_seed(2)
+            x = torch.randn(tokens, width, device=ctx.device, dtype=torch.bfloat16)
+            for granularity in ("tensor", "row", "block"):
+                row = {"tokens": tokens, "width": width, "granularity": granularity}
+                if ctx.time_left() <= 0:
+                    rows.append({**row, **SKIPPED})
+                    continue
+
+                def measure(granularity=granularity):
+                    out, cast = {}, {}
+                    for mode in ("off", "on"):
+                        fused.set_mode(mode)
+                        cast[mode] = quantize(x, "e4m3", granularity=granularity)
+                        seconds = median_seconds(ctx, lambda: quantize(x, "e4m3", granularity=granularity),
+                                                 n_reps, warmup)
+                        key = "fused" if mode == "on" else "eager"
+                        out[f"{key}_ms"] = seconds * 1e3
+                        out[f"{key}_gb_per_s"] = x.numel() * 2 / seconds / 1e9
+                    out["speedup"] = out["eager_ms"] / out["fused_ms"]
+                    out["bit_identical"] = (torch.equal(cast["off"].scale, cast["on"].scale)
+                                            and same_bits(cast["off"].data, cast["on"].data))
+                    return out
+
+                row.update(guarded(ctx, measure))
+                rows.append(row)
+            del x
+    finally:
+        fused.set_mode(before)
+    return {"rows": rows, "reps": n_reps, "warmup": warmup,
+            "all_bit_identical": all(r.get("bit_identical") for r in rows if r.get("ok"))}
+
+
 # ----- fp8_linear --------------------------------------------------------------------------------
 def crossover(rows: list[dict]) -> dict[str, int | None]:
     """Per FP8 recipe, the narrowest measured width from which FP8Linear beats BF16 at that width
@@ -233,7 +288,7 @@ def section_fp8_linear(ctx: Ctx) -> dict:
                 if name == "bf16":
                     layer = nn.Linear(size, size, device=ctx.device, dtype=torch.bfloat16)
                 else:
-                    layer = fp8.FP8Linear(size, size, bias=True, recipe=fp8.Recipe(recipe=name), device=ctx.device,
+                    layer = fp8.FP8Linear(size, size, bias=True, recipe=fp8.Recipe(recipe=name, min_features=0), device=ctx.device,
                                           dtype=torch.bfloat16)
 
                 def step():
@@ -254,7 +309,8 @@ def section_fp8_linear(ctx: Ctx) -> dict:
         del x, dy
         if ctx.cuda:
             torch.cuda.empty_cache()
-    return {"rows": rows, "reps": n_reps, "warmup": warmup, "fp8_min_features": crossover(rows)}
+    return {"rows": rows, "reps": n_reps, "warmup": warmup, "fp8_min_features": crossover(rows),
+            "fused_casts": fused.active(ctx.device)}
 
 
 # ----- gpt ---------------------------------------------------------------------------------------
@@ -338,7 +394,18 @@ def print_section(name: str, r: dict) -> None:
             print(f"{row['scaling']:<11} {row['out_dtype']:<9} {row['path']:<10} "
                   f"{row['sqnr_vs_cpu_emulation_db']:>9.1f} {row['sqnr_vs_exact_f64_db']:>11.1f} "
                   f"{row['sqnr_vs_f64_db']:>9.1f} {row['cpu_emulation_sqnr_vs_f64_db']:>10.1f}")
+    elif name == "casts":
+        print(f"{'cast':<7} {'tokens x width':>15} {'eager ms':>9} {'fused ms':>9} {'x':>6} {'fused GB/s':>10}  bits")
+        for row in r["rows"]:
+            shape = f"{row['tokens']} x {row['width']}"
+            if not row.get("ok"):
+                print(f"{row['granularity']:<7} {shape:>15} {_status(row)}")
+                continue
+            print(f"{row['granularity']:<7} {shape:>15} {row['eager_ms']:>9.3f} {row['fused_ms']:>9.3f} "
+                  f"{row['speedup']:>6.2f} {row['fused_gb_per_s']:>10.0f}  "
+                  f"{'identical' if row['bit_identical'] else 'DIFFERENT'}")
     elif name == "fp8_linear":
+        print(f"casts {'fused' if r.get('fused_casts') else 'eager'}")
         print(f"{'fwd+bwd':<20} {'size':>5} {'ms':>9} {'TFLOP/s':>8} {'x bf16':>7}")
         for row in r["rows"]:
             if not row.get("ok"):
@@ -376,6 +443,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="GPT steps per level (default 12, dry 2)")
     parser.add_argument("--budget-scale", type=float, default=1.0, help="multiplies every section's budget")
     parser.add_argument("--out", default=None, help="default bench/results/gpu_suite.json (-dryrun with --dry-run)")
+    parser.add_argument("--fused-casts", default="auto", choices=fused.MODES,
+                        help="FP8 casts in fp8_linear and gpt (fp8/fused.py); auto: fused on CUDA")
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cpu" if args.dry_run else "cuda"))
     if device.type == "cuda":
@@ -386,10 +455,11 @@ def main(argv=None) -> int:
             device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     ctx = Ctx(device, args.dry_run, args.budget_scale)
+    fused.set_mode(args.fused_casts)
     out = Path(args.out) if args.out else RESULTS / ("gpu_suite-dryrun.json" if args.dry_run else "gpu_suite.json")
     meta = run_meta("gpu_suite.py", argv, device=str(device), dry_run=args.dry_run, torch=torch.__version__,
                     budgets_s={k: v * args.budget_scale for k, v in BUDGETS.items()})
-    runners = {"environment": section_environment, "gemm": section_gemm, "sqnr": section_sqnr,
+    runners = {"environment": section_environment, "gemm": section_gemm, "sqnr": section_sqnr, "casts": section_casts,
                "fp8_linear": section_fp8_linear,
                "gpt": lambda c: section_gpt(c, tuple(args.levels), args.steps)}
     results: dict = {}
@@ -408,6 +478,8 @@ def main(argv=None) -> int:
         entry["skipped_cases"] = _count_skipped(entry)
         results[name] = entry
         print_section(name, entry)
+        if name == "fp8_linear" and entry.get("ok"):
+            write_calibration(out, entry, device)
         sys.stdout.flush()
         with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
             save_results(out, meta, results=_jsonable(results))
@@ -417,6 +489,20 @@ def main(argv=None) -> int:
     meta["wall_s"] = round(time.monotonic() - t_all, 1)
     save_results(out, meta, results=_jsonable(results))
     return 0
+
+
+def write_calibration(out: Path, linear: dict, device: torch.device) -> Path:
+    """fp8_calibration.json (-dryrun.json in a dry run) beside `out`: what --fp8-calibration reads."""
+    cuda = device.type == "cuda"
+    record = calibration_record(
+        linear, device_name=torch.cuda.get_device_name(device) if cuda else f"cpu ({platform.machine()})",
+        fused_casts=bool(linear.get("fused_casts")), torch_version=torch.__version__,
+        capability=list(torch.cuda.get_device_capability(device)) if cuda else None)
+    path = out.with_name("fp8_calibration" + ("-dryrun" if out.stem.endswith("dryrun") else "") + ".json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"calibration: {path} (--fp8-calibration {path})")
+    return path
 
 
 def _count_skipped(x) -> int:

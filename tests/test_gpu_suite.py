@@ -36,14 +36,14 @@ def suite(tmp_path_factory):
     proc = subprocess.run([sys.executable, "bench/gpu_suite.py", "--dry-run", "--out", str(out)], cwd=REPO,
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(out.read_text()), proc.stdout
+    return json.loads(out.read_text()), proc.stdout, out.parent
 
 
 def test_every_section_ok_and_finite(suite):
-    data, stdout = suite
+    data, stdout, _ = suite
     assert data["meta"]["dry_run"] is True and data["meta"]["command"].startswith("python bench/gpu_suite.py")
     results = data["results"]
-    assert set(results) == {"environment", "gemm", "sqnr", "fp8_linear", "gpt"}
+    assert set(results) == {"environment", "gemm", "sqnr", "casts", "fp8_linear", "gpt"}
     for name, r in results.items():
         assert r["ok"], (name, r.get("error"), r.get("traceback"))
         assert r["skipped_cases"] == 0 and r["budget_s"] > 0
@@ -70,6 +70,27 @@ def test_gemm_and_linear_rows(suite):
     from bench.gpu_suite import crossover
     assert results["fp8_linear"]["fp8_min_features"] == crossover(linear)
     assert set(results["fp8_linear"]["fp8_min_features"]) == {"delayed", "current", "rowwise", "blockwise"}
+    assert results["fp8_linear"]["fused_casts"] is False  # auto: fused on CUDA only
+
+
+def test_casts_fused_against_eager(suite):
+    casts = suite[0]["results"]["casts"]
+    assert [r["granularity"] for r in casts["rows"]] == ["tensor", "row", "block"]
+    for r in casts["rows"]:
+        assert r["ok"] and r["bit_identical"] and r["eager_ms"] > 0 and r["fused_ms"] > 0, r
+    assert casts["all_bit_identical"] is True
+
+
+def test_calibration_file_is_what_the_trainer_reads(suite):
+    from fp8.calibration import load
+
+    data, stdout, folder = suite
+    calibration = load(folder / "fp8_calibration-dryrun.json")
+    linear = data["results"]["fp8_linear"]
+    assert calibration.widths == (32, 64, 128) and calibration.min_features == linear["fp8_min_features"]
+    for recipe, width in linear["fp8_min_features"].items():
+        assert calibration.threshold(recipe) == (129 if width is None else width)
+    assert "--fp8-calibration" in stdout
 
 
 def test_crossover_is_the_narrowest_width_from_which_fp8_always_wins():

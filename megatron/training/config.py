@@ -34,6 +34,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from fp8.calibration import DEFAULT_MIN_FEATURES
+from fp8.calibration import load as load_calibration
 from fp8.scaling import RECIPES
 from megatron.core.datasets.config import GPTDatasetConfig
 from megatron.core.num_microbatches_calculator import BatchSchedule
@@ -130,7 +132,10 @@ class PrecisionArgs(Section):
                                              "amax (Megatron-LM's flag defaults to most_recent)",
                                       choices=("max", "most_recent"))
     fp8_margin: int = flag(0)
-    fp8_min_features: int = flag(128, "linears narrower than this (per rank) stay in high precision")
+    fp8_min_features: int | None = flag(
+        None, "linears narrower than this (per rank) stay in high precision; auto (default): from the GPU's "
+              "calibration (fp8/calibration.py), else 128", auto=True, metavar="N|auto")
+    fp8_calibration: str | None = flag(None, "--fp8-min-features auto: the calibration file bench/gpu_suite.py wrote")
     fp8_output_layer: bool = flag(False, "FP8 GEMMs in the output head too")
     fp8_fused_casts: str = flag("auto", "FP8 casts as compiled kernels (fp8/fused.py): auto = on CUDA with Triton; "
                                         "the same bits either way", choices=("auto", "on", "off"))
@@ -175,12 +180,16 @@ class PrecisionArgs(Section):
                              "weights become their own FP16 masters with per-tensor scales (made from an FP32 or BF16 "
                              "model) and their gradients FP8 with scales of their own, which need no loss scale; use "
                              "--bf16 at O1-O3, or --fp16 at --fp8-level none or O0")
+        if self.fp8_calibration is not None and self.fp8_min_features is not None:
+            raise ValueError(f"--fp8-calibration applies to --fp8-min-features auto, but the run has "
+                             f"--fp8-min-features {self.fp8_min_features} (from the command line or --config file); "
+                             "pass --fp8-min-features auto or drop --fp8-calibration")
         self.fp8_config()  # FP8Config checks the combination
 
     def fp8_config(self) -> FP8Config:
         return FP8Config(level=self.fp8_level, format=self.fp8_format, recipe=self.fp8_recipe,
                          amax_history_len=self.fp8_amax_history_len, amax_compute_algo=self.fp8_amax_compute_algo,
-                         margin=self.fp8_margin, min_features=self.fp8_min_features,
+                         margin=self.fp8_margin, min_features=self.min_features_or_calibrated(),
                          output_layer=self.fp8_output_layer, wgrad_auto_scaling=self.fp8_wgrad_auto_scaling,
                          wgrad_auto_scaling_ratio=self.fp8_wgrad_auto_scaling_ratio,
                          wgrad_auto_scaling_window=self.fp8_wgrad_auto_scaling_window,
@@ -188,6 +197,15 @@ class PrecisionArgs(Section):
                          exp_avg_sq_dtype=self.exp_avg_sq_dtype,
                          fp16_master_stochastic_rounding=self.fp16_master_stochastic_rounding,
                          reduce_scatter=self.fp8_reduce_scatter, pipeline_p2p=self.fp8_pipeline_p2p)
+
+    def min_features_or_calibrated(self) -> int:
+        """--fp8-min-features, or under auto the --fp8-calibration file's width for the recipe
+        (the trainer also consults the GPU's own calibration and a resumed checkpoint)."""
+        if self.fp8_min_features is not None:
+            return self.fp8_min_features
+        if self.fp8_calibration is None:
+            return DEFAULT_MIN_FEATURES
+        return load_calibration(self.fp8_calibration).threshold(self.fp8_recipe)
 
     def loss_scaler_config(self) -> LossScalerConfig | None:
         """The loss scaler: dynamic with --fp16 (unless --loss-scale), constant with --loss-scale,

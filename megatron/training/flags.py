@@ -20,11 +20,12 @@ from megatron.core.tokenizers.tokenizer import TOKENIZER_TYPES, TokenizerConfig
 
 
 def flag(default: Any = None, help: str = "", *, choices=None, negatable: bool = False, nargs=None,
-         metavar=None) -> Any:
+         metavar=None, auto: bool = False) -> Any:
     """A field that is a command-line flag. Booleans are switches (``--x``), or ``--x/--no-x``
-    with `negatable`; a list takes `nargs` values (default any number) of its element type."""
+    with `negatable`; a list takes `nargs` values (default any number) of its element type. With
+    `auto`, the word ``auto`` stands for None (the run works the value out)."""
     return field(default=default, metadata={"help": help, "choices": choices, "negatable": negatable,
-                                            "nargs": nargs, "metavar": metavar})
+                                            "nargs": nargs, "metavar": metavar, "auto": auto})
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -77,10 +78,17 @@ def _argparse_kwargs(f, hint) -> dict:
         if element in (int, float):
             kwargs["type"] = element
     elif base in (int, float):
-        kwargs["type"] = base
+        kwargs["type"] = _or_auto(base) if meta.get("auto") else base
     if meta.get("metavar"):
         kwargs["metavar"] = meta["metavar"]
     return kwargs
+
+
+def _or_auto(base):
+    def parse(text: str):
+        return None if text == "auto" else base(text)
+    parse.__name__ = base.__name__  # argparse names the type in its error line
+    return parse
 
 
 def _element_type(hint):
@@ -108,6 +116,8 @@ def checked_value(f, hint, value):
     optional = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
     inner = next(arg for arg in typing.get_args(hint) if arg is not type(None)) if optional else hint
     base, element = typing.get_origin(inner) or inner, (typing.get_args(inner) or (str,))[0]
+    if value == "auto" and f.metadata.get("auto"):
+        value = None
     if value is None:
         if optional or f.default is None:
             return None

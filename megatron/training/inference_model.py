@@ -262,8 +262,12 @@ def inference_fp8_config(args: dict, level: str, recipe: str | None) -> FP8Confi
                      amax_history_len=args.get("fp8_amax_history_len") or defaults.amax_history_len,
                      amax_compute_algo=args.get("fp8_amax_compute_algo") or defaults.amax_compute_algo,
                      margin=args.get("fp8_margin") or defaults.margin,
-                     min_features=args.get("fp8_min_features") or defaults.min_features,
+                     min_features=_or(args.get("fp8_min_features"), defaults.min_features),
                      output_layer=bool(args.get("fp8_output_layer")))
+
+
+def _or(value, default):
+    return default if value is None else value
 
 
 def policy_prefix(saved: SavedCheckpoint) -> str:

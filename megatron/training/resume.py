@@ -38,6 +38,19 @@ def _plain(value):
     return str(value)
 
 
+def saved_fp8_min_features(load: str | None) -> int | None:
+    """The FP8 size filter the checkpoint to resume from was trained with (None: no checkpoint,
+    or one written before the filter was recorded). A resumed run keeps it, so that the same
+    linears are FP8 whatever GPU it resumes on."""
+    if not load:
+        return None
+    iteration = checkpointing.latest_iteration(load)
+    if iteration is None:
+        return None
+    value = checkpointing.read_metadata(load, iteration).get("fp8_min_features")
+    return value if type(value) is int and value >= 0 else None
+
+
 class Checkpointer:
     """Saves and restores a run: the model, the optimizer and the RNG streams in each rank's file
     (`megatron.core.checkpointing`), and the run's stateful components (anything with
@@ -77,7 +90,7 @@ class Checkpointer:
                       args={k: _plain(v) for k, v in args.flat().items()})
         metadata = {"format": checkpointing.FORMAT_VERSION, "iteration": iteration,
                     "model": self.signature, "layout": self.layout, "fp8_level": args.fp8_level,
-                    "tokenizer": self.tokenizer}
+                    "fp8_min_features": args.fp8_min_features, "tokenizer": self.tokenizer}
         start = time.perf_counter()
         folder = checkpointing.save_checkpoint(args.save, iteration, ps=ps, payload=payload, common=common,
                                                metadata=metadata)

@@ -34,6 +34,7 @@ from typing import Any, Iterator, Protocol
 import torch
 
 from fp8 import fused
+from fp8.calibration import resolve_min_features
 from fp8.params import param_nbytes
 from megatron.core.datasets.builder import train_valid_test_num_samples
 from megatron.core.datasets.samplers import build_pretraining_data_loader, cyclic_iterator
@@ -216,6 +217,24 @@ def build_data_iterators(config: RunConfig, ps: ParallelState, datasets_provider
     return train_iter, valid_iter
 
 
+def resolve_fp8_min_features(config: RunConfig, ps: ParallelState) -> None:
+    """`--fp8-min-features auto`: the width the checkpoint being resumed was trained with, else
+    this GPU's calibration (`fp8.calibration`), else the default. Written back into the run's
+    flags, so that checkpoints and the W&B / TensorBoard run config hold the number."""
+    precision = config.precision
+    if precision.fp8_min_features is not None:
+        return
+    saved = resume.saved_fp8_min_features(config.load) if not config.finetune else None
+    if saved is not None:
+        value, why = saved, f"as the checkpoint in {config.load} was trained"
+    else:
+        value, why = resolve_min_features(precision.fp8_recipe, ps.device, path=precision.fp8_calibration,
+                                          fused_casts=fused.active(ps.device))
+    object.__setattr__(precision, "fp8_min_features", value)
+    if precision.fp8_level != "none":
+        print_rank0(ps, f"> --fp8-min-features auto: {value}, {why}")
+
+
 class Trainer:
     """One training run: model, optimizer, schedule, data and logging, wired together."""
 
@@ -223,6 +242,7 @@ class Trainer:
         self.config, self.ps, self.task, self.forward_step = config, ps, task, task.forward_step
         self.rng = model_parallel_seed(ps, config.seed)
         fused.set_mode(config.precision.fp8_fused_casts)
+        resolve_fp8_min_features(config, ps)
         self.model = task.model_provider(config, ps, self.rng)
         # Once for the whole model (every pipeline chunk): one FP8 gradient store, one ZeRO layout.
         dense_mb, fp8_mb = bucket_sizes_mb(config.ddp_bucket_size)
