@@ -1,7 +1,8 @@
 """Time the FP8 building blocks: quantize / dequantize, fp8_matmul (native and emulated), and
-FP8Linear forward+backward against nn.Linear in BF16, at a few square sizes.
+FP8Linear forward+backward against nn.Linear in BF16, at a few square sizes; the casts and
+FP8Linear with eager and with fused casts (`fp8/fused.py`; the fused bytes are checked equal).
 
-    python bench/fp8_ops.py [--device cuda] [--sizes 1024 4096] [--iters 20] [--out FILE.json]
+    python bench/fp8_ops.py [--device cuda] [--sizes 1024 4096] [--iters 20] [--casts eager fused] [--out FILE.json]
 
 Prints a table and writes JSON (default bench/results/fp8_ops-<device>.json). On CUDA the GEMM
 rows also give TFLOP/s.
@@ -20,6 +21,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fp8  # noqa: E402
+from fp8 import fused  # noqa: E402
 from bench.common import RESULTS, requested_device, run_meta, save_results  # noqa: E402
 from fp8.gemm import device_info, select_path  # noqa: E402
 
@@ -41,15 +43,28 @@ def timed(fn, device: torch.device, iters: int, warmup: int = 3) -> float:
     return samples[len(samples) // 2]
 
 
-def bench_casts(n: int, device, iters: int) -> list[dict]:
+CAST_MODES = {"eager": "off", "fused": "on"}
+
+
+def bench_casts(n: int, device, iters: int, casts: list[str]) -> list[dict]:
     x = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     rows = []
     for granularity in ("tensor", "row", "block"):
-        q = fp8.quantize(x, "e4m3", granularity=granularity)
-        rows.append({"op": f"quantize[{granularity}]", "size": n,
-                     "seconds": timed(lambda: fp8.quantize(x, "e4m3", granularity=granularity), device, iters)})
+        first = None
+        for cast in casts:
+            fused.set_mode(CAST_MODES[cast])
+            q = fp8.quantize(x, "e4m3", granularity=granularity)
+            row = {"op": f"quantize[{granularity}] {cast}", "size": n,
+                   "seconds": timed(lambda: fp8.quantize(x, "e4m3", granularity=granularity), device, iters)}
+            if first is None:
+                first = q
+            else:
+                row["same_bytes_as_" + casts[0]] = (torch.equal(q.scale, first.scale)
+                                                    and torch.equal(q.data.view(torch.uint8), first.data.view(torch.uint8)))
+            rows.append(row)
         rows.append({"op": f"dequantize[{granularity}]", "size": n,
                      "seconds": timed(lambda: q.dequantize(torch.bfloat16), device, iters)})
+    fused.set_mode("auto")
     return rows
 
 
@@ -71,17 +86,20 @@ def bench_gemms(n: int, device, iters: int) -> list[dict]:
     return rows
 
 
-def bench_linear(n: int, tokens: int, device, iters: int) -> list[dict]:
+def bench_linear(n: int, tokens: int, device, iters: int, casts: list[str]) -> list[dict]:
     x = torch.randn(tokens, n, device=device, dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn(tokens, n, device=device, dtype=torch.bfloat16)
-    layers = {"nn.Linear bf16": nn.Linear(n, n, device=device, dtype=torch.bfloat16)}
+    layers = {"nn.Linear bf16": ("auto", nn.Linear(n, n, device=device, dtype=torch.bfloat16))}
     for recipe in fp8.scaling.RECIPES:
-        layers[f"FP8Linear {recipe}"] = fp8.FP8Linear(n, n, device=device, recipe=fp8.Recipe(recipe=recipe))
+        for cast in casts:
+            layer = fp8.FP8Linear(n, n, device=device, recipe=fp8.Recipe(recipe=recipe, min_features=0))
+            layers[f"FP8Linear {recipe} {cast}"] = (CAST_MODES[cast], layer)
     rows = []
-    for name, layer in layers.items():
+    for name, (mode, layer) in layers.items():
         def step():
             x.grad = None
             layer(x).backward(dy)
+        fused.set_mode(mode)
         seconds = timed(step, device, iters)
         rows.append({"op": f"{name} fwd+bwd", "size": n, "tokens": tokens, "seconds": seconds,
                      "tflops": 6 * tokens * n * n / seconds / 1e12})
@@ -90,11 +108,11 @@ def bench_linear(n: int, tokens: int, device, iters: int) -> list[dict]:
 
 def print_table(rows: list[dict], device) -> None:
     show_tflops = device.type == "cuda"
-    header = f"{'op':<36} {'size':>6} {'ms':>10}" + (f" {'TFLOP/s':>9}" if show_tflops else "")
+    header = f"{'op':<40} {'size':>6} {'ms':>10}" + (f" {'TFLOP/s':>9}" if show_tflops else "")
     print(header)
     print("-" * len(header))
     for r in rows:
-        line = f"{r['op']:<36} {r['size']:>6} {r['seconds'] * 1e3:>10.3f}"
+        line = f"{r['op']:<40} {r['size']:>6} {r['seconds'] * 1e3:>10.3f}"
         if show_tflops and "tflops" in r:
             line += f" {r['tflops']:>9.1f}"
         print(line)
@@ -107,6 +125,8 @@ def main(argv=None) -> int:
                         help="square GEMM sizes (default: 512 1024 2048 on CPU, 1024 4096 8192 on CUDA)")
     parser.add_argument("--tokens", type=int, default=None, help="tokens per FP8Linear call (default: the size)")
     parser.add_argument("--iters", type=int, default=None)
+    parser.add_argument("--casts", nargs="+", default=["eager", "fused"], choices=list(CAST_MODES),
+                        help="FP8 cast modes to time (fused compiles each kind of cast once, untimed)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     device = requested_device(args.device)
@@ -117,8 +137,9 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     rows = []
     for n in sizes:
-        rows += bench_casts(n, device, iters) + bench_gemms(n, device, iters)
-        rows += bench_linear(n, args.tokens or n, device, iters)
+        rows += bench_casts(n, device, iters, args.casts) + bench_gemms(n, device, iters)
+        rows += bench_linear(n, args.tokens or n, device, iters, args.casts)
+    fused.set_mode("auto")
     print_table(rows, device)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     meta = run_meta("fp8_ops.py", argv, device=device_name, torch=torch.__version__, threads=torch.get_num_threads())

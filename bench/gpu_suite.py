@@ -479,7 +479,7 @@ def main(argv=None) -> int:
         results[name] = entry
         print_section(name, entry)
         if name == "fp8_linear" and entry.get("ok"):
-            write_calibration(out, entry, device)
+            write_calibration(out, entry, device, args.dry_run)
         sys.stdout.flush()
         with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
             save_results(out, meta, results=_jsonable(results))
@@ -491,14 +491,14 @@ def main(argv=None) -> int:
     return 0
 
 
-def write_calibration(out: Path, linear: dict, device: torch.device) -> Path:
+def write_calibration(out: Path, linear: dict, device: torch.device, dry: bool) -> Path:
     """fp8_calibration.json (-dryrun.json in a dry run) beside `out`: what --fp8-calibration reads."""
     cuda = device.type == "cuda"
     record = calibration_record(
         linear, device_name=torch.cuda.get_device_name(device) if cuda else f"cpu ({platform.machine()})",
         fused_casts=bool(linear.get("fused_casts")), torch_version=torch.__version__,
         capability=list(torch.cuda.get_device_capability(device)) if cuda else None)
-    path = out.with_name("fp8_calibration" + ("-dryrun" if out.stem.endswith("dryrun") else "") + ".json")
+    path = out.with_name("fp8_calibration" + ("-dryrun" if dry else "") + ".json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1) + "\n")
     print(f"calibration: {path} (--fp8-calibration {path})")

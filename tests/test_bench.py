@@ -14,8 +14,12 @@ def test_fp8_ops_bench_writes_its_table_as_json(tmp_path, capsys):
     assert fp8_ops.main(["--device", "cpu", "--sizes", "128", "--iters", "1", "--out", str(out)]) == 0
     saved = json.loads(out.read_text())
     ops = {row["op"] for row in saved["rows"]}
-    assert {"quantize[tensor]", "matmul bf16", "fp8_matmul[tensor] scaled_mm", "fp8_matmul[tensor] emulate",
-            "fp8_matmul[block] emulate", "nn.Linear bf16 fwd+bwd", "FP8Linear blockwise fwd+bwd"} <= ops
+    assert {"quantize[tensor] eager", "quantize[block] fused", "matmul bf16", "fp8_matmul[tensor] scaled_mm",
+            "fp8_matmul[tensor] emulate", "fp8_matmul[block] emulate", "nn.Linear bf16 fwd+bwd",
+            "FP8Linear blockwise eager fwd+bwd", "FP8Linear blockwise fused fwd+bwd"} <= ops
+    # The fused casts' bytes are the eager ones'.
+    checked = [row["same_bytes_as_eager"] for row in saved["rows"] if "same_bytes_as_eager" in row]
+    assert len(checked) == 3 and all(checked)
     assert all(row["seconds"] > 0 for row in saved["rows"])
     assert saved["meta"]["torch"] and "bench/fp8_ops.py" in saved["meta"]["command"]
     printed = capsys.readouterr().out
