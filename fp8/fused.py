@@ -64,34 +64,50 @@ def compiled(fn):
     return torch.compile(fn, dynamic=True, fullgraph=True)
 
 
-def _padded_tiles(x2d: torch.Tensor, tile: tuple[int, int]) -> torch.Tensor:
+def tile_key(tile: tuple[int, int] | None, shape2d: tuple[int, int]) -> str:
+    """`tile` as text for the compiled functions, a side that spans the tensor as ``all``: so
+    that tile sizes are constants of the compiled code (its innermost loops vectorize), while the
+    tensor's own sizes stay symbolic (one compilation for every shape)."""
+    if tile is None:
+        return "tensor"
+    return "x".join("all" if t >= n else str(t) for t, n in zip(tile, shape2d))
+
+
+def _tile_dims(key: str, rows, cols):
+    tr, tc = key.split("x")
+    return (rows if tr == "all" else int(tr)), (cols if tc == "all" else int(tc))
+
+
+def _padded_tiles(x2d: torch.Tensor, key: str) -> torch.Tensor:
     """`x2d` zero-padded to whole tiles, viewed as (tile rows, rows per tile, tile cols, cols per tile)."""
     rows, cols = x2d.shape
-    tr, tc = tile
+    tr, tc = _tile_dims(key, rows, cols)
     pad_r, pad_c = -rows % tr, -cols % tc
     if pad_r or pad_c:
         x2d = torch.nn.functional.pad(x2d, (0, pad_c, 0, pad_r))
     return x2d.reshape(x2d.shape[0] // tr, tr, x2d.shape[1] // tc, tc)
 
 
-def tile_amax(x2d: torch.Tensor, tile: tuple[int, int] | None) -> torch.Tensor:
+def tile_amax(x2d: torch.Tensor, key: str) -> torch.Tensor:
     """`fp8.scaling.tile_amax` over the whole tensor at once (FP32: 0-dim, or one per tile)."""
-    if tile is None:
+    if key == "tensor":
         return x2d.abs().amax().float()
-    return _padded_tiles(x2d.abs().float(), tile).amax(dim=(1, 3))
+    return _padded_tiles(x2d.abs().float(), key).amax(dim=(1, 3))
 
 
-def scaled_cast(x2d: torch.Tensor, scale: torch.Tensor, tile: tuple[int, int] | None, fmt_max: float,
-                dtype: torch.dtype, inf_to_nan: bool) -> torch.Tensor:
-    """``convert(clamp(x * scale))`` with `scale` per tile (0-dim for one scale); the eager
-    `fp8.tensor._scaled_cast` with the scales expanded in the kernel rather than in memory."""
-    if tile is None:
+def scaled_cast(x2d: torch.Tensor, scale: torch.Tensor, key: str, fmt_max: float, dtype: torch.dtype,
+                inf_to_nan: bool) -> torch.Tensor:
+    """``convert(clamp(x * scale))`` with `scale` per tile of `key` (`tile_key`); the eager
+    `fp8.tensor._scaled_cast`, with the scales broadcast in the kernel rather than expanded in memory."""
+    rows, cols = x2d.shape
+    if key in ("tensor", "1xall", "allx1", "allxall"):  # one scale, per row or per column: a plain broadcast
         y = x2d.float() * scale
     else:
-        rows, cols = x2d.shape
-        y = (_padded_tiles(x2d.float(), tile) * scale[:, None, :, None]).reshape(
-            -(-rows // tile[0]) * tile[0], -1)[:rows, :cols]
+        tr, tc = _tile_dims(key, rows, cols)
+        tiles = _padded_tiles(x2d.float(), key)  # whole tiles: a view; partial ones padded with zeros
+        y = (tiles * scale[:, None, :, None]).reshape(tiles.shape[0] * tiles.shape[1], -1)
+        if y.shape != x2d.shape:
+            y = y[:rows, :cols]
     if inf_to_nan:
         y = torch.where(torch.isinf(y), torch.full_like(y, float("nan")), y)
     return y.clamp(-fmt_max, fmt_max).to(dtype)
-

@@ -92,7 +92,7 @@ def tile_amax(x2d: torch.Tensor, tile: Tile, chunk_numel: int = CHUNK_NUMEL) -> 
     Computed a bounded chunk of rows at a time, so no copy of the whole tensor is made; or as one
     compiled kernel where casts are fused (`fp8.fused`), with the same result."""
     if fused.active(x2d.device) and x2d.numel():
-        return fused.compiled(fused.tile_amax)(x2d, tile)
+        return fused.compiled(fused.tile_amax)(x2d, fused.tile_key(tile, tuple(x2d.shape)))
     rows, cols = x2d.shape
     if tile is None:
         amax = torch.zeros((), device=x2d.device)

@@ -164,7 +164,8 @@ def quantize(
             raise ValueError(f"scale of shape {tuple(scale.shape)} does not fit tile {tile} of a "
                              f"{tuple(x.shape)} tensor; expected {tuple(expected)}")
     if fused.active(x.device) and x.numel():
-        data = fused.compiled(fused.scaled_cast)(x2d, scale, tile, spec.max, spec.dtype, inf_to_nan)
+        data = fused.compiled(fused.scaled_cast)(x2d, scale, fused.tile_key(tile, shape2d), spec.max, spec.dtype,
+                                                  inf_to_nan)
         return ScalingTensor(data.reshape(x.shape), scale, spec, tile)
     # A bounded chunk of rows at a time (whole tiles each): no FP32 copy of all of `x` exists.
     data = torch.empty(shape2d, dtype=spec.dtype, device=x.device)
