@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import threading
 
 import torch
 
@@ -54,14 +55,25 @@ def active(device: torch.device) -> bool:
     return device.type == "cuda" and _has_triton()
 
 
+# A cast may be called from any thread (--overlap-grad-reduce runs a communication thread beside
+# the main one); torch.compile's tracing and caches are not made for concurrent use: calls take turns.
+_compile_lock = threading.Lock()
+
+
 @functools.lru_cache(maxsize=None)
 def compiled(fn):
-    """`fn` compiled once for any shapes. Every (format, tile, flags) combination is a compiled
-    variant of its own; the limit is raised so that a model's few dozen never fall back to eager
-    (which would still be correct: the same operations, uncompiled)."""
+    """`fn` compiled once for any shapes, callable from any thread. Every (format, tile, flags)
+    combination is a compiled variant of its own; the limit is raised so that a model's few dozen
+    never fall back to eager (which would still be correct: the same operations, uncompiled)."""
     from torch._dynamo import config as dynamo_config
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
-    return torch.compile(fn, dynamic=True, fullgraph=True)
+    compiled_fn = torch.compile(fn, dynamic=True, fullgraph=True)
+
+    @functools.wraps(fn)
+    def call(*args):
+        with _compile_lock:
+            return compiled_fn(*args)
+    return call
 
 
 def tile_key(tile: tuple[int, int] | None, shape2d: tuple[int, int]) -> str:

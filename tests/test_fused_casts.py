@@ -114,3 +114,32 @@ def test_training_is_bit_identical_with_fused_casts(builtin_corpus_small, tmp_pa
     for off, on in zip(records["off"], records["on"]):
         assert (off["loss"], off["grad_norm"], off.get("fp8")) == (on["loss"], on["grad_norm"], on.get("fp8"))
     assert records["on"][-1]["loss"] != records["on"][0]["loss"]
+
+
+def _overlapped_runs(rank, world_size, data_args, folder):
+    import pretrain_gpt
+
+    os.environ.update(WORLD_SIZE=str(world_size), RANK=str(rank), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    for mode in ("off", "on"):
+        argv = ["--config", os.path.join(REPO, "configs", "gpt-tiny.yaml"), "--device", "cpu", "--seq-length", "32",
+                "--max-position-embeddings", "32", "--micro-batch-size", "2", "--global-batch-size", "8",
+                "--eval-iters", "0", "--lr-warmup-iters", "1", "--train-iters", "3", "--log-interval", "1",
+                "--fp8-level", "O2", "--fp8-min-features", "16", "--overlap-grad-reduce", "--ddp-bucket-size", "20000",
+                *data_args, "--fp8-fused-casts", mode, "--metrics-file", os.path.join(folder, f"{mode}.jsonl")]
+        assert pretrain_gpt.main(argv) == 0
+    return True
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_fused_casts_at_dp2_with_overlapped_reduction(builtin_corpus_small, tmp_path):
+    """DP 2, O2, --overlap-grad-reduce (the FP8 all-reduce on the communication thread while
+    backward's casts are compiled kernels): the same steps, statistics and bytes as eager casts."""
+    from distributed import run_distributed
+
+    run_distributed(_overlapped_runs, 2, builtin_corpus_small.training_args(), str(tmp_path), timeout=600)
+    off, on = ([json.loads(line) for line in (tmp_path / f"{mode}.jsonl").read_text().splitlines()]
+               for mode in ("off", "on"))
+    assert len(on) == 3
+    for a, b in zip(off, on):
+        assert (a["loss"], a["grad_norm"], a["fp8"], a["comm"]) == (b["loss"], b["grad_norm"], b["fp8"], b["comm"])
