@@ -27,6 +27,9 @@ import threading
 import torch
 
 MODES = ("auto", "on", "off")
+# Values per chunk where a fused device still works in chunks (FP8 gradient accumulation):
+# 16x `fp8.scaling.CHUNK_NUMEL`, bounding its FP32 temporaries at 64 MB each.
+CHUNK_NUMEL = 1 << 24
 _state = {"mode": "auto"}
 
 
@@ -111,11 +114,10 @@ def scaled_cast(x2d: torch.Tensor, scale: torch.Tensor, key: str, fmt_max: float
                 inf_to_nan: bool) -> torch.Tensor:
     """``convert(clamp(x * scale))`` with `scale` per tile of `key` (`tile_key`); the eager
     `fp8.tensor._scaled_cast`, with the scales broadcast in the kernel rather than expanded in memory."""
-    rows, cols = x2d.shape
     if key in ("tensor", "1xall", "allx1", "allxall"):  # one scale, per row or per column: a plain broadcast
-        y = x2d.float() * scale
+        y = x2d.float() * scale  # (any shape under one scale)
     else:
-        tr, tc = _tile_dims(key, rows, cols)
+        rows, cols = x2d.shape
         tiles = _padded_tiles(x2d.float(), key)  # whole tiles: a view; partial ones padded with zeros
         y = (tiles * scale[:, None, :, None]).reshape(tiles.shape[0] * tiles.shape[1], -1)
         if y.shape != x2d.shape:

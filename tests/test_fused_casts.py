@@ -12,7 +12,7 @@ import torch
 
 from fp8 import fused
 from fp8.scaling import tile_amax
-from fp8.tensor import quantize
+from fp8.tensor import accumulate, quantize
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -81,6 +81,23 @@ def test_fused_cast_with_given_scale_and_amax():
     finite = torch.isfinite(x.float())
     want = (x.double() * 3.5).clamp(-448, 448).float().to(torch.float8_e4m3fn)
     assert same_bits(want[finite], compiled.data[finite])
+
+
+def test_fused_gradient_accumulation_equals_eager():
+    """FP8 weight gradients summed over micro-batches (fp8.tensor.accumulate), with an overflow
+    in the second one: the same bytes and scales, NaN where the sum overflowed."""
+    grads = [awkward((96, 160), seed=s).float() * 1e-3 for s in (2, 3, 4)]
+    grads[0] = torch.nan_to_num(grads[0], nan=0.0, posinf=1.0, neginf=-1.0)
+    results = {}
+    for mode in ("off", "on"):
+        fused.set_mode(mode)
+        acc = None
+        for g in grads:
+            acc = accumulate(acc, g, "e4m3")
+        results[mode] = acc
+    assert torch.equal(results["off"].scale, results["on"].scale)
+    assert same_bits(results["off"].data, results["on"].data)
+    assert torch.isnan(results["on"].data.float()).any()
 
 
 def test_modes():
