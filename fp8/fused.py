@@ -13,15 +13,17 @@ does the eager path's operations (one FP32 product, a clamp, a round-to-nearest-
 element by element. `tests/test_fused_casts.py` checks that on CPU (C++ kernels), and
 `bench/gpu_suite.py` on CUDA (Triton kernels).
 
-Mode (`--fp8-fused-casts`): ``auto`` fuses on CUDA when Triton is present, ``on`` everywhere
-torch.compile works (on CPU it needs a C++ compiler; the first call of each kind compiles for
-seconds), ``off`` never.
+Mode (`--fp8-fused-casts`): ``auto`` fuses on CUDA when Triton is present (and, should compiling
+fail, says so in one line and casts eagerly from then on), ``on`` everywhere torch.compile works
+(on CPU it needs a C++ compiler; the first call of each kind compiles for seconds; a failure is an
+error), ``off`` never.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import sys
 import threading
 
 import torch
@@ -75,7 +77,16 @@ def compiled(fn):
     @functools.wraps(fn)
     def call(*args):
         with _compile_lock:
-            return compiled_fn(*args)
+            if _state["mode"] != "auto":
+                return compiled_fn(*args)
+            try:
+                return compiled_fn(*args)
+            except Exception as exc:  # noqa: BLE001 - a compiler failure must not end a run that asked for nothing
+                _state["mode"] = "off"
+                print(f"warning: fused FP8 casts could not be compiled ({type(exc).__name__}: "
+                      f"{str(exc).splitlines()[0] if str(exc) else ''}); casting eagerly from now on, with the same "
+                      "results (--fp8-fused-casts off skips the attempt)", file=sys.stderr, flush=True)
+                return fn(*args)
     return call
 
 

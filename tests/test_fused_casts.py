@@ -100,6 +100,24 @@ def test_fused_gradient_accumulation_equals_eager():
     assert torch.isnan(results["on"].data.float()).any()
 
 
+def _untraceable(x):
+    if x.sum() > 0:  # a branch on a value: torch.compile(fullgraph=True) refuses it
+        return x * 2
+    return x
+
+
+def test_a_compile_failure_under_auto_falls_back_to_eager(capsys):
+    fused.set_mode("auto")
+    x = torch.ones(4)
+    assert torch.equal(fused.compiled(_untraceable)(x), x * 2)
+    assert fused.mode() == "off"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: fused FP8 casts could not be compiled")
+    fused.set_mode("on")  # asked for explicitly: the failure is an error
+    with pytest.raises(Exception):
+        fused.compiled(_untraceable)(x)
+
+
 def test_modes():
     cpu = torch.device("cpu")
     fused.set_mode("auto")
