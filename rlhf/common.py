@@ -35,8 +35,10 @@ FP8_CASTING_FLAGS = ("fp8_format", "fp8_recipe", "fp8_amax_history_len", "fp8_am
 
 def fp8_settings_of(config) -> dict:
     """The run's FP8 casting flags, for the frozen models it loads (`load_gpt_for_inference`'s
-    `fp8_settings`): they cast as the trained model does."""
-    return {name: getattr(config.precision, name) for name in FP8_CASTING_FLAGS}
+    `fp8_settings`): they cast as the trained model does. A flag the run leaves to be worked out
+    (None: --fp8-min-features auto before the trainer resolves it) keeps the checkpoint's value."""
+    settings = {name: getattr(config.precision, name) for name in FP8_CASTING_FLAGS}
+    return {name: value for name, value in settings.items() if value is not None}
 
 
 def chat_template_for(tokenizer_config: TokenizerConfig, choice: str = "auto") -> ChatTemplate:
