@@ -205,12 +205,6 @@ def section_sqnr(ctx: Ctx) -> dict:
 
 
 # ----- casts -------------------------------------------------------------------------------------
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal bytes, NaN's sign aside."""
-    nan_a, nan_b = torch.isnan(a.float()), torch.isnan(b.float())
-    return torch.equal(nan_a, nan_b) and torch.equal(a.view(torch.uint8)[~nan_a], b.view(torch.uint8)[~nan_b])
-
-
 def section_casts(ctx: Ctx) -> dict:
     shapes = [(64, 128)] if ctx.dry else [(8192, 4096), (8192, 8192)]
     n_reps, warmup = reps(ctx)
@@ -238,7 +232,7 @@ def section_casts(ctx: Ctx) -> dict:
                         out[f"{key}_gb_per_s"] = x.numel() * 2 / seconds / 1e9
                     out["speedup"] = out["eager_ms"] / out["fused_ms"]
                     out["bit_identical"] = (torch.equal(cast["off"].scale, cast["on"].scale)
-                                            and same_bits(cast["off"].data, cast["on"].data))
+                                            and fused.same_bits(cast["off"].data, cast["on"].data))
                     return out
 
                 row.update(guarded(ctx, measure))

@@ -90,6 +90,13 @@ def compiled(fn):
     return call
 
 
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two casts' payloads are equal byte for byte, NaN's sign aside (a compiled convert
+    may set it where the eager one does not)."""
+    nan_a, nan_b = torch.isnan(a.float()), torch.isnan(b.float())
+    return torch.equal(nan_a, nan_b) and torch.equal(a.view(torch.uint8)[~nan_a], b.view(torch.uint8)[~nan_b])
+
+
 def tile_key(tile: tuple[int, int] | None, shape2d: tuple[int, int]) -> str:
     """`tile` as text for the compiled functions, a side that spans the tensor as ``all``: so
     that tile sizes are constants of the compiled code (its innermost loops vectorize), while the

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fp8 import fused
+from fp8.fused import same_bits
 from fp8.scaling import tile_amax
 from fp8.tensor import accumulate, quantize
 
@@ -21,12 +22,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def restore_mode():
     yield
     fused.set_mode("auto")
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal bytes, NaN's sign aside (the C++ kernels' convert may set it, the eager one does not)."""
-    nan_a, nan_b = torch.isnan(a.float()), torch.isnan(b.float())
-    return torch.equal(nan_a, nan_b) and torch.equal(a.view(torch.uint8)[~nan_a], b.view(torch.uint8)[~nan_b])
 
 
 def cast(mode, x, **kwargs):
