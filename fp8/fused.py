@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 import sys
 import threading
 
@@ -71,6 +72,12 @@ def compiled(fn):
     combination is a compiled variant of its own; the limit is raised so that a model's few dozen
     never fall back to eager (which would still be correct: the same operations, uncompiled)."""
     from torch._dynamo import config as dynamo_config
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    capability = os.environ.get("ATEN_CPU_CAPABILITY")
+    if capability and os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, default_cache_dir()):
+        # Inductor caches its C++ kernels and precompiled headers without regard to this setting, and a
+        # cache written under another one fails to compile under it: each setting gets a cache of its own.
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = f"{default_cache_dir()}_{capability}"
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
     compiled_fn = torch.compile(fn, dynamic=True, fullgraph=True)
 
