@@ -59,8 +59,8 @@ def bench_casts(n: int, device, iters: int, casts: list[str]) -> list[dict]:
             if first is None:
                 first = q
             else:
-                row["same_bytes_as_" + casts[0]] = (torch.equal(q.scale, first.scale)
-                                                    and torch.equal(q.data.view(torch.uint8), first.data.view(torch.uint8)))
+                same = torch.equal(q.scale, first.scale) and fused.same_bits(q.data, first.data)
+                row["same_bytes_as_" + casts[0]] = same
             rows.append(row)
         rows.append({"op": f"dequantize[{granularity}]", "size": n,
                      "seconds": timed(lambda: q.dequantize(torch.bfloat16), device, iters)})

@@ -282,7 +282,8 @@ def section_fp8_linear(ctx: Ctx) -> dict:
                 if name == "bf16":
                     layer = nn.Linear(size, size, device=ctx.device, dtype=torch.bfloat16)
                 else:
-                    layer = fp8.FP8Linear(size, size, bias=True, recipe=fp8.Recipe(recipe=name, min_features=0), device=ctx.device,
+                    recipe = fp8.Recipe(recipe=name, min_features=0)  # every width in FP8: it is what is timed
+                    layer = fp8.FP8Linear(size, size, bias=True, recipe=recipe, device=ctx.device,
                                           dtype=torch.bfloat16)
 
                 def step():

@@ -101,6 +101,15 @@ def shipped(device_name: str, fused_casts: bool, directory: Path = CALIBRATION_D
     return found[0] if found else None
 
 
+def configured_min_features(value: int | None, path: str | Path | None, recipe: str) -> int:
+    """`--fp8-min-features` as given, or under auto (None) the `--fp8-calibration` file's width
+    for `recipe`, else the default: what the flags alone say (the trainer also consults the GPU's
+    own calibration and a resumed checkpoint, `resolve_min_features`)."""
+    if value is not None:
+        return value
+    return DEFAULT_MIN_FEATURES if path is None else load(path).threshold(recipe)
+
+
 def resolve_min_features(recipe: str, device: torch.device, *, path: str | Path | None = None,
                          fused_casts: bool = False, directory: Path = CALIBRATION_DIR) -> tuple[int, str]:
     """(min_features, why) for `--fp8-min-features auto` on `device`."""

@@ -34,8 +34,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from fp8.calibration import DEFAULT_MIN_FEATURES
-from fp8.calibration import load as load_calibration
+from fp8.calibration import configured_min_features
 from fp8.scaling import RECIPES
 from megatron.core.datasets.config import GPTDatasetConfig
 from megatron.core.num_microbatches_calculator import BatchSchedule
@@ -137,8 +136,8 @@ class PrecisionArgs(Section):
               "calibration (fp8/calibration.py), else 128", auto=True, metavar="N|auto")
     fp8_calibration: str | None = flag(None, "--fp8-min-features auto: the calibration file bench/gpu_suite.py wrote")
     fp8_output_layer: bool = flag(False, "FP8 GEMMs in the output head too")
-    fp8_fused_casts: str = flag("auto", "FP8 casts as compiled kernels (fp8/fused.py): auto = on CUDA with Triton; "
-                                        "the same bits either way", choices=("auto", "on", "off"))
+    fp8_fused_casts: str = flag("auto", "FP8 casts as compiled kernels (fp8/fused.py; auto: on CUDA with Triton), "
+                                        "the same bits", choices=("auto", "on", "off"))
     fp8_wgrad_auto_scaling: bool = flag(
         True, "O1+: adapt the gradient pre-scaling factor mu (FP8-LM 2.1); off: divide by DP first")
     fp8_wgrad_auto_scaling_ratio: float = flag(1e-5, "overflow fraction above which mu halves")
@@ -189,7 +188,9 @@ class PrecisionArgs(Section):
     def fp8_config(self) -> FP8Config:
         return FP8Config(level=self.fp8_level, format=self.fp8_format, recipe=self.fp8_recipe,
                          amax_history_len=self.fp8_amax_history_len, amax_compute_algo=self.fp8_amax_compute_algo,
-                         margin=self.fp8_margin, min_features=self.min_features_or_calibrated(),
+                         margin=self.fp8_margin,
+                         min_features=configured_min_features(self.fp8_min_features, self.fp8_calibration,
+                                                              self.fp8_recipe),
                          output_layer=self.fp8_output_layer, wgrad_auto_scaling=self.fp8_wgrad_auto_scaling,
                          wgrad_auto_scaling_ratio=self.fp8_wgrad_auto_scaling_ratio,
                          wgrad_auto_scaling_window=self.fp8_wgrad_auto_scaling_window,
@@ -197,15 +198,6 @@ class PrecisionArgs(Section):
                          exp_avg_sq_dtype=self.exp_avg_sq_dtype,
                          fp16_master_stochastic_rounding=self.fp16_master_stochastic_rounding,
                          reduce_scatter=self.fp8_reduce_scatter, pipeline_p2p=self.fp8_pipeline_p2p)
-
-    def min_features_or_calibrated(self) -> int:
-        """--fp8-min-features, or under auto the --fp8-calibration file's width for the recipe
-        (the trainer also consults the GPU's own calibration and a resumed checkpoint)."""
-        if self.fp8_min_features is not None:
-            return self.fp8_min_features
-        if self.fp8_calibration is None:
-            return DEFAULT_MIN_FEATURES
-        return load_calibration(self.fp8_calibration).threshold(self.fp8_recipe)
 
     def loss_scaler_config(self) -> LossScalerConfig | None:
         """The loss scaler: dynamic with --fp16 (unless --loss-scale), constant with --loss-scale,
