@@ -110,6 +110,14 @@ def configured_min_features(value: int | None, path: str | Path | None, recipe: 
     return DEFAULT_MIN_FEATURES if path is None else load(path).threshold(recipe)
 
 
+def check_flags(value: int | None, path: str | Path | None) -> None:
+    """The command line's pair, before anything resolves `auto`: a calibration with a width is refused."""
+    if value is not None and path is not None:
+        raise CalibrationError(f"--fp8-calibration applies to --fp8-min-features auto, but the run has "
+                               f"--fp8-min-features {value} (from the command line or --config file); "
+                               "pass --fp8-min-features auto or drop --fp8-calibration")
+
+
 def resolve_min_features(recipe: str, device: torch.device, *, path: str | Path | None = None,
                          fused_casts: bool = False, directory: Path = CALIBRATION_DIR) -> tuple[int, str]:
     """(min_features, why) for `--fp8-min-features auto` on `device`."""

@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from fp8.calibration import configured_min_features
+from fp8.calibration import check_flags as check_calibration_flags, configured_min_features
 from fp8.scaling import RECIPES
 from megatron.core.datasets.config import GPTDatasetConfig
 from megatron.core.num_microbatches_calculator import BatchSchedule
@@ -179,18 +179,14 @@ class PrecisionArgs(Section):
                              "weights become their own FP16 masters with per-tensor scales (made from an FP32 or BF16 "
                              "model) and their gradients FP8 with scales of their own, which need no loss scale; use "
                              "--bf16 at O1-O3, or --fp16 at --fp8-level none or O0")
-        if self.fp8_calibration is not None and self.fp8_min_features is not None:
-            raise ValueError(f"--fp8-calibration applies to --fp8-min-features auto, but the run has "
-                             f"--fp8-min-features {self.fp8_min_features} (from the command line or --config file); "
-                             "pass --fp8-min-features auto or drop --fp8-calibration")
+        check_calibration_flags(self.fp8_min_features, self.fp8_calibration)
         self.fp8_config()  # FP8Config checks the combination
 
     def fp8_config(self) -> FP8Config:
         return FP8Config(level=self.fp8_level, format=self.fp8_format, recipe=self.fp8_recipe,
                          amax_history_len=self.fp8_amax_history_len, amax_compute_algo=self.fp8_amax_compute_algo,
-                         margin=self.fp8_margin,
-                         min_features=configured_min_features(self.fp8_min_features, self.fp8_calibration,
-                                                              self.fp8_recipe),
+                         margin=self.fp8_margin, min_features=configured_min_features(
+                             self.fp8_min_features, self.fp8_calibration, self.fp8_recipe),
                          output_layer=self.fp8_output_layer, wgrad_auto_scaling=self.fp8_wgrad_auto_scaling,
                          wgrad_auto_scaling_ratio=self.fp8_wgrad_auto_scaling_ratio,
                          wgrad_auto_scaling_window=self.fp8_wgrad_auto_scaling_window,
