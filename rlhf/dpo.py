@@ -266,7 +266,7 @@ def dpo_task(config: RunConfig, ps: ParallelState, data: DPOData, vocab_size: in
     """The GPT task of pretraining with preference data and the DPO step, starting from
     --pretrained-checkpoint."""
     args = config.extra["dpo"]
-    base = gpt_task(config, ps, vocab_size, eod_id=None)
+    base = gpt_task(config, ps, vocab_size, eod_id=None, start_from=args.pretrained_checkpoint)
     return replace(base, forward_step=partial(dpo_forward_step, reference=data.reference, beta=args.dpo_beta,
                                               label_smoothing=args.dpo_label_smoothing, device=ps.device),
                    datasets_provider=partial(data.datasets, ps=ps), loss_key=LOSS_KEY,

@@ -121,9 +121,9 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
 
 
 def entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean entropy of the next-token distributions at the response tokens."""
-    logp = torch.log_softmax(logits, dim=-1)
-    return masked_mean(-(logp.exp() * logp).sum(-1), mask)
+    """Mean entropy of the next-token distributions at the response tokens (-inf logits, the
+    padding rows', have probability 0 and add nothing)."""
+    return masked_mean(torch.special.entr(torch.softmax(logits, dim=-1)).sum(-1), mask)
 
 
 class AdaptiveKLController:

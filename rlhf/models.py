@@ -48,7 +48,7 @@ SIGNATURE = {"head": "scalar"}
 # Signature keys that need not agree between a checkpoint and the backbone it gives: the LM head's
 # tying (the scalar head is never tied) and the padded vocabulary (padding depends on the
 # tensor-parallel size; the real rows are fitted, see `_fit_rows`).
-_FREE_KEYS = ("untie_embeddings_and_output_weights", "vocab_size")
+_FREE_KEYS = ("untie_embeddings_and_output_weights", "vocab_size", "unpadded_vocab_size")
 
 
 class ScalarHeadGPT(GPTModel):

@@ -171,7 +171,7 @@ def grpo_task(config: RunConfig, ps: ParallelState, tokenizer, tokenizer_config,
                                reward_model_scorer=reward_model_scorer)
     if rl.group_size < 2:
         raise ValueError("GRPO compares samples of a prompt: use --group-size 2 or more")
-    base = gpt_task(config, ps, tokenizer.vocab_size, eod_id=None)
+    base = gpt_task(config, ps, tokenizer.vocab_size, eod_id=None, start_from=rl.pretrained_checkpoint)
 
     def experience(trainer):
         exp = PolicyExperience(trainer, prompts=rollout.prompts, settings=rollout.settings, tokenizer=tokenizer,

@@ -30,7 +30,7 @@ from megatron.core.distributed import comm
 from megatron.core.parallel_state import ParallelState
 from megatron.training.config import RunConfig
 from megatron.training.flags import Section, flag
-from megatron.training.gpt_providers import gpt_task, model_provider, model_signature, transformer_config
+from megatron.training.gpt_providers import gpt_task, gpt_transformer, model_provider, model_signature
 from megatron.training.inference_model import load_gpt_weights
 from megatron.training.training import TrainingTask
 from rlhf.common import fp8_settings_of
@@ -166,9 +166,8 @@ def ppo_task(config: RunConfig, ps: ParallelState, tokenizer, tokenizer_config) 
     check_folder("--critic-checkpoint", ppo.critic_checkpoint)
     rollout = prepare_rollouts(config, ps, tokenizer, tokenizer_config, group_size=rl.group_size,
                                reward_model_scorer=reward_model_scorer)
-    base = gpt_task(config, ps, tokenizer.vocab_size, eod_id=None)
-    padded = config.model.padded_vocab_size(tokenizer.vocab_size, ps.tp_size)
-    transformer = transformer_config(config, padded)
+    base = gpt_task(config, ps, tokenizer.vocab_size, eod_id=None, start_from=rl.pretrained_checkpoint)
+    transformer = gpt_transformer(config, ps, tokenizer.vocab_size, rl.pretrained_checkpoint)
     critic_from = ppo.critic_checkpoint or rl.reward_model or rl.pretrained_checkpoint
     kl = AdaptiveKLController(rl.kl_coef, ppo.kl_target, ppo.kl_horizon)
     head = transformer.vocab_size * transformer.hidden_size if transformer.untie_embeddings_and_output_weights else 0

@@ -250,9 +250,8 @@ class PolicyExperience:
             tokens, labels = batch["tokens"][part], batch["labels"][part]
             logits = policy(tokens)  # [b, s, V / tp]
             old.append(-token_losses(policy, logits, labels, temperature).float())
-            full = gather_vocab(logits, self.ps).float() / temperature
-            logp = torch.log_softmax(full, dim=-1)
-            ent.append(-(logp.exp() * logp).sum(-1))
+            full = gather_vocab(logits, self.ps).float() / temperature  # padding columns: -inf
+            ent.append(torch.special.entr(torch.softmax(full, dim=-1)).sum(-1))
             ref.append(-token_losses(self.reference, self.reference(tokens), labels, temperature).float())
         batch["old_logprobs"], batch["ref_logprobs"], batch["entropy"] = torch.cat(old), torch.cat(ref), torch.cat(ent)
 

@@ -51,7 +51,7 @@ from megatron.core.tokenizers.tokenizer import build_tokenizer  # noqa: E402
 from megatron.training.cli import run_cli  # noqa: E402
 from megatron.training.config import RunConfig, parse_config  # noqa: E402
 from megatron.training.flags import Section, flag  # noqa: E402
-from megatron.training.gpt_providers import gpt_task, transformer_config  # noqa: E402
+from megatron.training.gpt_providers import gpt_task, gpt_transformer  # noqa: E402
 from megatron.training.inference_model import open_checkpoint  # noqa: E402
 from megatron.training.metrics import model_flops_per_token  # noqa: E402
 from megatron.training.training import run_training, TrainingTask, print_rank0, setup_parallel  # noqa: E402
@@ -157,12 +157,12 @@ def reward_forward_step(data_iterator, model, device: torch.device):
 def reward_model_task(config: RunConfig, ps: ParallelState, vocab_size: int, pad_id: int,
                       train_pairs: list, valid_pairs: list, init_from: str | None) -> TrainingTask:
     """GPT pretraining's task with the scalar-head model, preference data and the pairwise step."""
-    transformer = transformer_config(config, config.model.padded_vocab_size(vocab_size, ps.tp_size))
+    transformer = gpt_transformer(config, ps, vocab_size, init_from)
     m, h = config.model, config.model.hidden_size
     lm_head = transformer.vocab_size * h if transformer.untie_embeddings_and_output_weights else 0
     flops = model_flops_per_token(m.num_layers, h, m.ffn_hidden_size or 4 * h, m.num_attention_heads,
                                   m.query_groups, config.data.seq_length, 1, m.swiglu)
-    return replace(gpt_task(config, ps, vocab_size, eod_id=None),
+    return replace(gpt_task(config, ps, vocab_size, eod_id=None, start_from=init_from),
                    model_provider=partial(reward_model_provider, transformer=transformer, init_from=init_from),
                    forward_step=partial(reward_forward_step, device=ps.device),
                    datasets_provider=partial(reward_datasets_provider, train_pairs=train_pairs,

@@ -103,9 +103,9 @@ class Generator:
         self.loaded = load_gpt_for_inference(args.load, self.ps, params_dtype=dtype, fp8_level=level,
                                              fp8_recipe=args.fp8_recipe)
         self.tokenizer = build_tokenizer(tokenizer_config_of(self.loaded.args, **tokenizer_overrides(args)))
-        if self.tokenizer.vocab_size > self.loaded.config.vocab_size:
-            raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} tokens, the checkpoint's model "
-                             f"{self.loaded.config.vocab_size}; give the checkpoint's tokenizer")
+        if self.tokenizer.vocab_size > self.loaded.config.unpadded_vocab_size:
+            raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} tokens, the checkpoint's model a "
+                             f"vocabulary of {self.loaded.config.unpadded_vocab_size}; give the checkpoint's tokenizer")
         self.params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                      top_k=args.top_k, top_p=args.top_p, greedy=args.greedy, seed=args.seed,
                                      stop_on_eod=not args.no_stop_on_eod)

@@ -288,10 +288,50 @@ def _refuse_non_finite(root: str, iteration: int, what: str) -> None:
 
 def check_model_matches(saved: dict, current: dict) -> None:
     for key, value in current.items():
-        if key in saved and saved[key] != value:
-            flag = "--" + key.replace("_", "-")
-            raise CheckpointError(f"the checkpoint is of another model: it has {flag} {saved[key]}, this run "
-                                  f"{value}; use the same model settings or another --load folder")
+        if key not in saved or saved[key] == value:
+            continue
+        if key == "vocab_size":  # the embedding's rows: the vocabulary padded for this layout
+            raise CheckpointError(f"the checkpoint's vocabulary is padded to {saved[key]} rows, this run's to {value} "
+                                  f"(a multiple of --make-vocab-size-divisible-by x --tensor-model-parallel-size); pass "
+                                  f"the --make-vocab-size-divisible-by that pads to {saved[key]} at this "
+                                  f"tensor-parallel size, or convert the checkpoint (tools/checkpoint/convert.py)")
+        if key == "unpadded_vocab_size":
+            raise CheckpointError(f"the checkpoint's model has a vocabulary of {saved[key]} ids, this run's "
+                                  f"{value}; pass the tokenizer of the run that saved it, or another --load folder")
+        flag = "--" + key.replace("_", "-")
+        raise CheckpointError(f"the checkpoint is of another model: it has {flag} {saved[key]}, this run "
+                              f"{value}; use the same model settings or another --load folder")
+
+
+def recorded_vocab_size(metadata: dict, common: dict) -> int | None:
+    """The model's vocabulary (ids; the embedding's rows may pad it) as a checkpoint records it.
+    Checkpoints written before it was recorded: the imported model's rows (tools/checkpoint/convert.py
+    notes them), else the size of the tokenizer its run recorded, else every row."""
+    signature = metadata.get("model") or {}
+    if isinstance(signature.get("actor"), dict):  # an actor-critic checkpoint: its actor's
+        signature = signature["actor"]
+    rows = signature.get("vocab_size")
+    if signature.get("unpadded_vocab_size"):
+        return int(signature["unpadded_vocab_size"])
+    imported = ((common or {}).get("hf_import") or {}).get("vocab_size")
+    if imported:
+        return int(imported)
+    tokenizer = (metadata.get("tokenizer") or {}).get("vocab_size")
+    if tokenizer and rows and tokenizer <= rows:
+        return int(tokenizer)
+    return None if rows is None else int(rows)
+
+
+def saved_vocab_size(root: str) -> int | None:
+    """`recorded_vocab_size` of the latest checkpoint in `root`; None when it holds none."""
+    iteration = latest_iteration(root) if Path(root).is_dir() else None
+    if iteration is None:
+        return None
+    folder = iteration_dir(root, iteration)
+    manifest = read_manifest(folder)
+    metadata = read_metadata(root, iteration, manifest)
+    common = safe_load(folder / "common.pt", manifest)
+    return recorded_vocab_size(metadata, common if isinstance(common, dict) else {})
 
 
 def _assemble_tp(pieces_by_tp_rank: dict[int, torch.Tensor], shard: dict) -> torch.Tensor:

@@ -21,7 +21,7 @@ from dataclasses import replace
 import torch
 import torch.nn as nn
 
-from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt import GPTModel, mask_columns_from
 from megatron.core.parallel_state import ParallelState
 from megatron.core.tensor_parallel import mappings
 from megatron.core.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
@@ -32,12 +32,19 @@ NORMS = (nn.LayerNorm, nn.RMSNorm)
 
 
 class VocabParallelCrossEntropy(nn.Module):
-    def __init__(self, ps: ParallelState):
+    """`CrossEntropy` on logits sharded over the vocabulary: this rank holds columns
+    [tp_rank * V / tp, (tp_rank + 1) * V / tp) of the padded V."""
+
+    def __init__(self, ps: ParallelState, vocab_size: int):
         super().__init__()
-        self.ps = ps
+        self.ps, self.vocab_size = ps, vocab_size
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return vocab_parallel_cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels, self.ps)
+        wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        return vocab_parallel_cross_entropy(wide, labels, self.ps, vocab_size=self.vocab_size)
+
+    def mask_padding(self, logits: torch.Tensor) -> torch.Tensor:
+        return mask_columns_from(logits, self.vocab_size - self.ps.tp_rank * logits.shape[-1])
 
 
 def _column(linear: nn.Linear, ps, sp, parts: int = 1) -> ColumnParallelLinear:
@@ -76,7 +83,7 @@ def parallelize_gpt(model: GPTModel, ps: ParallelState, *, sequence_parallel: bo
     if model.output_layer is not None:
         model.output_layer = _column(model.output_layer, ps, sp)
         if ps.tp_size > 1:
-            model.cross_entropy = VocabParallelCrossEntropy(ps)
+            model.cross_entropy = VocabParallelCrossEntropy(ps, model.config.unpadded_vocab_size)
     model.tie_output_weight()
     model.param_layouts = _gpt_layouts(model, sp)
     return model

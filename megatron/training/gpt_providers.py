@@ -8,6 +8,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 
+from megatron.core.checkpointing import saved_vocab_size
 from megatron.core.datasets.builder import build_gpt_datasets
 from megatron.core.pipeline_parallel.model import build_gpt_stages
 from megatron.core.pipeline_parallel.p2p_communication import activation_shape
@@ -20,13 +21,16 @@ from megatron.training.metrics import model_flops_per_token
 from megatron.training.training import TrainingTask
 
 
-def transformer_config(config: RunConfig, vocab_size: int) -> TransformerConfig:
-    """The GPT of `config`'s model section (flag names differ from the core config's in two
-    places: --norm-epsilon and --disable-bias-linear)."""
+def transformer_config(config: RunConfig, vocab_size: int, unpadded_vocab_size: int | None = None
+                       ) -> TransformerConfig:
+    """The GPT of `config`'s model section with `vocab_size` embedding rows, the first
+    `unpadded_vocab_size` of them its vocabulary (default: all) (flag names differ from the core
+    config's in two places: --norm-epsilon and --disable-bias-linear)."""
     m = config.model
     return TransformerConfig(
         num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
-        vocab_size=vocab_size, max_position_embeddings=m.max_position_embeddings,
+        vocab_size=vocab_size, unpadded_vocab_size=unpadded_vocab_size,
+        max_position_embeddings=m.max_position_embeddings,
         ffn_hidden_size=m.ffn_hidden_size, num_query_groups=m.query_groups, kv_channels=m.kv_channels,
         normalization=m.normalization, layernorm_epsilon=m.norm_epsilon, swiglu=m.swiglu,
         position_embedding_type=m.position_embedding_type, rotary_base=m.rotary_base,
@@ -41,7 +45,7 @@ def transformer_config(config: RunConfig, vocab_size: int) -> TransformerConfig:
 
 # What a checkpoint must agree on to load into a GPT of this configuration.
 MODEL_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
-              "kv_channels", "vocab_size", "normalization", "swiglu", "position_embedding_type",
+              "kv_channels", "vocab_size", "unpadded_vocab_size", "normalization", "swiglu", "position_embedding_type",
               "untie_embeddings_and_output_weights", "add_bias_linear")
 
 
@@ -77,13 +81,38 @@ def forward_step(data_iterator, model, device: torch.device):
     return output, partial(loss_func, batch["loss_mask"])
 
 
-def gpt_task(config: RunConfig, ps: ParallelState, vocab_size: int, eod_id: int | None) -> TrainingTask:
-    """GPT pretraining as the loop's task, for a tokenizer of `vocab_size` ids (padded here)."""
-    padded = config.model.padded_vocab_size(vocab_size, ps.tp_size)
-    transformer = transformer_config(config, padded)
+def model_vocab_size(config: RunConfig, tokenizer_size: int, start_from: str | None = None) -> int:
+    """The vocabulary of the model a run trains: that of the checkpoint it starts from (--load when
+    it holds one, else `start_from`: --pretrained-checkpoint), which may have more ids than the
+    tokenizer (an imported model's extra rows); the tokenizer's for a model trained from scratch."""
+    load = config.checkpoint.load
+    source = load if load and saved_vocab_size(load) is not None else start_from
+    saved = saved_vocab_size(source) if source else None
+    if saved is None:
+        return tokenizer_size
+    if tokenizer_size > saved:
+        raise ValueError(f"the tokenizer has {tokenizer_size} ids but the model in {source} a vocabulary of only "
+                         f"{saved}; pass the --tokenizer-* flags of the run (or import) that made that checkpoint")
+    return saved
+
+
+def gpt_transformer(config: RunConfig, ps: ParallelState, tokenizer_size: int, start_from: str | None = None
+                    ) -> TransformerConfig:
+    """The run's GPT: vocabulary `model_vocab_size`, padded for this tensor-parallel size."""
+    vocab = model_vocab_size(config, tokenizer_size, start_from)
+    return transformer_config(config, config.model.padded_vocab_size(vocab, ps.tp_size), vocab)
+
+
+def gpt_task(config: RunConfig, ps: ParallelState, vocab_size: int, eod_id: int | None, *,
+             start_from: str | None = None) -> TrainingTask:
+    """GPT pretraining as the loop's task, for a tokenizer of `vocab_size` ids, the model's
+    vocabulary `model_vocab_size` (padded here); `start_from`: the checkpoint whose weights the
+    run starts from when --load holds none (--pretrained-checkpoint)."""
+    transformer = gpt_transformer(config, ps, vocab_size, start_from)
     m = config.model
     flops = model_flops_per_token(m.num_layers, m.hidden_size, m.ffn_hidden_size or 4 * m.hidden_size,
-                                  m.num_attention_heads, m.query_groups, config.data.seq_length, padded, m.swiglu)
+                                  m.num_attention_heads, m.query_groups, config.data.seq_length,
+                                  transformer.vocab_size, m.swiglu)
     return TrainingTask(
         model_provider=partial(model_provider, transformer=transformer),
         forward_step=partial(forward_step, device=ps.device),

@@ -79,6 +79,11 @@ class SavedCheckpoint:
         """The dtype the run kept its weights in."""
         return torch.bfloat16 if self.args.get("bf16") else torch.float32
 
+    @property
+    def vocab_size(self) -> int | None:
+        """The model's vocabulary (ids); its embedding's rows may pad it."""
+        return checkpointing.recorded_vocab_size(self.metadata, self.common)
+
     def transformer_config(self, params_dtype: torch.dtype | None = None) -> TransformerConfig:
         """The saved GPT's shape (padded vocabulary), checked against the metadata's signature (an
         actor-critic checkpoint's: its actor's)."""
@@ -89,7 +94,8 @@ class SavedCheckpoint:
             raise CheckpointError(f"{self.folder}/metadata.json does not record the model's vocab_size; it was not "
                                   f"written by a GPT run of this framework - load a checkpoint that pretrain_gpt.py saved")
         try:
-            config = transformer_config_of(self.args, signature["vocab_size"], params_dtype or self.params_dtype())
+            config = transformer_config_of(self.args, signature["vocab_size"], params_dtype or self.params_dtype(),
+                                           unpadded_vocab_size=self.vocab_size)
         except ValueError as exc:
             raise CheckpointError(f"{self.folder}/common.pt holds model flags that do not make a GPT "
                                   f"({_first_line(exc)}); the checkpoint is damaged") from None
@@ -196,15 +202,17 @@ class ModelWeights(checkpointing.ShardedCheckpoint):
 
 
 # ----- the model ---------------------------------------------------------------------------------
-def transformer_config_of(args: dict, vocab_size: int, params_dtype: torch.dtype) -> TransformerConfig:
-    """The GPT that a run with these flat flags builds for a (padded) vocabulary of `vocab_size`:
-    the same mapping as training (`gpt_providers.transformer_config`)."""
+def transformer_config_of(args: dict, vocab_size: int, params_dtype: torch.dtype, *,
+                          unpadded_vocab_size: int | None = None) -> TransformerConfig:
+    """The GPT that a run with these flat flags builds for a (padded) vocabulary of `vocab_size`
+    rows, the first `unpadded_vocab_size` its vocabulary (default all): the same mapping as
+    training (`gpt_providers.transformer_config`)."""
     missing = [name for name in _REQUIRED_MODEL_FLAGS if args.get(name) is None]
     if missing:
         raise ValueError(f"the run's flags lack {', '.join('--' + m.replace('_', '-') for m in missing)}")
     model = ModelArgs(**{f.name: args[f.name] for f in fields(ModelArgs) if f.name in args})
     run = SimpleNamespace(model=model, precision=SimpleNamespace(params_dtype=params_dtype))
-    return transformer_config(run, vocab_size)
+    return transformer_config(run, vocab_size, unpadded_vocab_size)
 
 
 def check_tensor_parallel_fits(config: TransformerConfig, tp_size: int) -> None:

@@ -106,7 +106,7 @@ def sft_task(config: RunConfig, ps: ParallelState, vocab_size: int, pad_id: int)
     pretrained = config.extra["sft"].pretrained_checkpoint
     if pretrained and not Path(pretrained).is_dir():
         raise ValueError(f"--pretrained-checkpoint {pretrained} does not exist; pass a checkpoint folder")
-    return replace(gpt_task(config, ps, vocab_size, eod_id=None),
+    return replace(gpt_task(config, ps, vocab_size, eod_id=None, start_from=pretrained),
                    forward_step=partial(sft_forward_step, device=ps.device),
                    datasets_provider=partial(sft_datasets_provider, pad_id=pad_id),
                    loss_key="lm loss", initial_weights=pretrained,

@@ -98,14 +98,15 @@ def _checkpoint_tokenizer(saved: SavedCheckpoint, overrides: dict) -> MegatronTo
 
 def _vocab_rows(saved: SavedCheckpoint, tokenizer: MegatronTokenizer | None, padded: int) -> tuple[int, str]:
     """How many embedding rows to export, and why."""
-    imported = (saved.common.get("hf_import") or {}).get("vocab_size")
-    rows, why = (imported, "the imported model's") if imported else \
+    signature = saved.metadata.get("model") or {}
+    imported = signature.get("unpadded_vocab_size") or (saved.common.get("hf_import") or {}).get("vocab_size")
+    rows, why = (imported, "the model's vocabulary") if imported else \
         (tokenizer.vocab_size, "the tokenizer's") if tokenizer is not None else (padded, "the padded size; no tokenizer")
     if rows > padded:
         raise ValueError(f"the checkpoint's vocabulary has {padded} rows but {why} size is {rows}; pass the "
                          f"tokenizer the model was trained with (--tokenizer-type / --tokenizer-model)")
     if tokenizer is not None and tokenizer.vocab_size > rows:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model {rows} embedding rows; "
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model a vocabulary of {rows}; "
                          f"pass the tokenizer the model was trained with (--tokenizer-type / --tokenizer-model)")
     return rows, why
 
@@ -153,7 +154,7 @@ def export_hf_model(load_dir: str, out_dir: str, *, dtype: torch.dtype | None = 
     for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
         if name in full:
             full[name] = full[name][:rows]
-    exported = replace(config, vocab_size=rows)
+    exported = replace(config, vocab_size=rows, unpadded_vocab_size=rows)
     state = {name: t.to(dtype).contiguous() for name, t in hf.ours_to_hf(architecture, exported, full).items()}
     token_ids = _token_ids(saved, tokenizer)
     hf_config = hf.hf_config_for(exported, rows, dtype, **token_ids)

@@ -55,14 +55,15 @@ def _check_model(model, ps: ParallelState | None) -> None:
 
 
 @torch.no_grad()
-def next_logits(model, tokens: torch.Tensor, ps: ParallelState | None, vocab_size: int,
+def next_logits(model, tokens: torch.Tensor, ps: ParallelState | None,
                 kv_cache: KVCache | None = None) -> torch.Tensor:
-    """Logits [b, vocab_size] (float32 at least) after `tokens` [b, s]: with `kv_cache`, `tokens` are the
-    positions after those cached (the cache then holds them too); without, the whole sequence."""
+    """Logits [b, V] (float32 at least; the padding rows' columns -inf) after `tokens` [b, s]: with
+    `kv_cache`, `tokens` are the positions after those cached (the cache then holds them too);
+    without, the whole sequence."""
     logits = model(tokens, kv_cache=kv_cache, last_only=True)[:, -1]
     if kv_cache is not None:
         kv_cache.advance(tokens.shape[1])
-    logits = gather_vocab(logits, ps)[:, :vocab_size]
+    logits = gather_vocab(logits, ps)
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
@@ -70,8 +71,10 @@ def next_logits(model, tokens: torch.Tensor, ps: ParallelState | None, vocab_siz
 def generate(model, prompts: list[list[int]], params: SamplingParams, *, vocab_size: int, eod_id: int | None = None,
              ps: ParallelState | None = None, indices: list[int] | None = None, use_cache: bool = True,
              max_length: int | None = None) -> list[GenerationResult]:
-    """Continue each of `prompts` (token ids). `vocab_size`: the tokenizer's (the model's padded
-    rows are never chosen); `eod_id`: ends a sequence when `params.stop_on_eod`; `indices`: the
+    """Continue each of `prompts` (token ids). `vocab_size`: the tokenizer's; tokens are chosen
+    among its ids only (never a padding row, nor a row of the model's past the tokenizer), while
+    the log-probabilities are those of the model's distribution (its whole vocabulary, as in
+    training); `eod_id`: ends a sequence when `params.stop_on_eod`; `indices`: the
     prompts' global positions (default 0..n-1), which seed their sampling; `use_cache=False`
     recomputes the whole sequence every step (the reference the cache must match); `max_length`
     caps prompt plus continuation (default: the model's --max-position-embeddings)."""
@@ -97,9 +100,9 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, *, vocab_s
     model.eval()
     try:
         position = min(lengths)
-        logits = next_logits(model, tokens[:, :position], ps, vocab_size, cache)
+        logits = next_logits(model, tokens[:, :position], ps, cache)
         while True:
-            chosen = choose_tokens(logits, params, generators,
+            chosen = choose_tokens(logits[:, :vocab_size], params, generators,
                                    [position >= lengths[row] and not done[row] for row in range(batch)])
             logprobs = torch.log_softmax(logits, dim=-1).gather(-1, chosen[:, None]).squeeze(-1)
             for row in range(batch):
@@ -118,9 +121,9 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, *, vocab_s
             if all(done) or position == total:
                 break
             if cache is not None:
-                logits = next_logits(model, tokens[:, position - 1:position], ps, vocab_size, cache)
+                logits = next_logits(model, tokens[:, position - 1:position], ps, cache)
             else:
-                logits = next_logits(model, tokens[:, :position], ps, vocab_size)
+                logits = next_logits(model, tokens[:, :position], ps)
     finally:
         model.train(was_training)
     return results

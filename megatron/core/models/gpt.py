@@ -17,13 +17,32 @@ from megatron.core.transformer.layer import TransformerBlock
 
 
 class CrossEntropy(nn.Module):
-    """Per-token loss from [s, b, V] logits and [s, b] labels; the tensor-parallel plan swaps
-    this for the vocab-parallel version."""
+    """The model's output distribution over its vocabulary, the first `vocab_size` of the V logit
+    columns (the rest are rows that pad the output layer and are no part of it): the per-token
+    loss from [s, b, V] logits and [s, b] labels, and the logits with the padding columns at -inf.
+    The tensor-parallel plan swaps this for the vocab-parallel version."""
+
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.vocab_size = vocab_size
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        wide = logits[..., :self.vocab_size].to(torch.promote_types(logits.dtype, torch.float32))
         loss = F.cross_entropy(wide.flatten(0, 1), labels.flatten(), reduction="none")
         return loss.view_as(labels)
+
+    def mask_padding(self, logits: torch.Tensor) -> torch.Tensor:
+        """`logits` [..., V] with the padding columns set to -inf (a copy; `logits` when unpadded)."""
+        return mask_columns_from(logits, self.vocab_size)
+
+
+def mask_columns_from(logits: torch.Tensor, first: int) -> torch.Tensor:
+    """`logits` with columns `first`.. of the last dimension at -inf (a copy; `logits` itself when
+    there are none): their softmax probability is exactly 0."""
+    if first >= logits.shape[-1]:
+        return logits
+    padding = torch.arange(logits.shape[-1], device=logits.device) >= max(first, 0)
+    return logits.masked_fill(padding, float("-inf"))
 
 
 class LanguageModelEmbedding(nn.Module):
@@ -51,7 +70,8 @@ class GPTModel(nn.Module, LaidOut):
 
     `pre_process` / `post_process`: whether this part holds the embedding / the final norm, head
     and loss. `first_layer`, `num_layers`: which transformer layers (global numbering).
-    With labels, `forward` returns the per-token loss [b, s]; without, the logits [b, s, V].
+    With labels, `forward` returns the per-token loss [b, s]; without, the logits [b, s, V], whose
+    columns past the vocabulary (`config.unpadded_vocab_size`: padding rows) are -inf.
     """
 
     def __init__(self, config: TransformerConfig, *, pre_process: bool = True, post_process: bool = True,
@@ -65,7 +85,7 @@ class GPTModel(nn.Module, LaidOut):
         if post_process:
             self.output_layer = nn.Linear(config.hidden_size, config.vocab_size, bias=False,
                                           device=device, dtype=config.params_dtype)
-            self.cross_entropy = CrossEntropy()
+            self.cross_entropy = CrossEntropy(config.unpadded_vocab_size)
         self.tie_output_weight()
         self.input_tensor: torch.Tensor | None = None
         # Every parameter replicated on one device; `parallelize_gpt` records the parallel layout.
@@ -115,5 +135,5 @@ class GPTModel(nn.Module, LaidOut):
             hidden_states = hidden_states[-1:]
         logits = self.output_layer(hidden_states)
         if labels is None:
-            return logits.transpose(0, 1)
+            return self.cross_entropy.mask_padding(logits).transpose(0, 1)
         return self.cross_entropy(logits, labels.t().contiguous()).t()

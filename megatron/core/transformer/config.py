@@ -24,8 +24,12 @@ class TransformerConfig:
     num_layers: int
     hidden_size: int
     num_attention_heads: int
-    vocab_size: int
+    vocab_size: int  # rows of the word embedding and output layer (padded for tensor parallelism)
     max_position_embeddings: int
+    # The model's vocabulary: ids below it. Rows past it only pad the embedding and output layer to
+    # a multiple of --make-vocab-size-divisible-by x TP; they are no part of the output distribution
+    # (excluded from every softmax) and never sampled. None: every row is the vocabulary's.
+    unpadded_vocab_size: int | None = None
     ffn_hidden_size: int | None = None
     num_query_groups: int | None = None
     kv_channels: int | None = None
@@ -46,6 +50,11 @@ class TransformerConfig:
 
     def __post_init__(self):
         self._check_types_and_ranges()
+        if self.unpadded_vocab_size is None:
+            self.unpadded_vocab_size = self.vocab_size
+        if self.unpadded_vocab_size > self.vocab_size:
+            raise ValueError(f"the vocabulary ({self.unpadded_vocab_size} ids) has more ids than the model's "
+                             f"{self.vocab_size} embedding rows")
         if self.ffn_hidden_size is None:
             self.ffn_hidden_size = 4 * self.hidden_size
         if self.num_query_groups is None:
@@ -70,7 +79,7 @@ class TransformerConfig:
     def _check_types_and_ranges(self) -> None:
         """Each value of the right type and range, named by its flag (a YAML file can give anything)."""
         counts = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_position_embeddings",
-                  "ffn_hidden_size", "num_query_groups", "kv_channels", "recompute_num_layers")
+                  "ffn_hidden_size", "num_query_groups", "kv_channels", "recompute_num_layers", "unpadded_vocab_size")
         for name in counts:
             value = getattr(self, name)
             if value is None and name not in counts[:5]:
