@@ -102,22 +102,32 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: fl
     return out * mask
 
 
+def token_average(x: torch.Tensor, mask: torch.Tensor, denominator: torch.Tensor | None) -> torch.Tensor:
+    """sum(x x mask) / `denominator` (the global batch's tokens per micro-batch under the per-token
+    loss); the mean over `mask` when None."""
+    if denominator is None:
+        return masked_mean(x, mask)
+    return (x * mask.to(x.dtype)).sum() / denominator.to(x.dtype)
+
+
 def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                    mask: torch.Tensor, clip: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(clipped surrogate loss, fraction of tokens where the clip was active), means over tokens."""
+                    mask: torch.Tensor, clip: float, denominator: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(clipped surrogate loss, fraction of tokens where the clip was active), averages over tokens
+    (`token_average`)."""
     ratio = torch.exp(logprobs - old_logprobs)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip, 1.0 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
-    return loss, masked_mean((clipped > unclipped).to(logprobs.dtype), mask)
+    loss = token_average(torch.maximum(unclipped, clipped), mask, denominator)
+    return loss, token_average((clipped > unclipped).to(logprobs.dtype), mask, denominator)
 
 
 def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-                   clip: float) -> torch.Tensor:
+                   clip: float, denominator: torch.Tensor | None = None) -> torch.Tensor:
     """0.5 x the larger of the squared errors of the values and of the values clipped to within
-    `clip` of those the rollout saw, mean over tokens."""
+    `clip` of those the rollout saw, averaged over tokens (`token_average`)."""
     clipped = old_values + (values - old_values).clamp(-clip, clip)
-    return 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
+    return 0.5 * token_average(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask, denominator)
 
 
 def entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

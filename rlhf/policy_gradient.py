@@ -19,13 +19,14 @@ import torch
 
 from fp8.params import param_nbytes
 from megatron.core.parallel_state import ParallelState
+from megatron.core.pipeline_parallel.token_loss import TOKEN_DENOMINATOR
 from megatron.training.config import RunConfig
 from megatron.training.flags import Section, flag
 from megatron.training.gpt_providers import gpt_task
 from megatron.training.inference_model import load_gpt_for_inference
 from megatron.training.training import TrainingTask
 from rlhf.common import chat_template_for, check_same_tokenizer, fp8_settings_of
-from rlhf.losses import masked_mean, ppo_policy_loss
+from rlhf.losses import ppo_policy_loss, token_average
 from rlhf.rewards import load_reward_fn, score
 from rlhf.rollout import GroupRelative, PolicyExperience, PromptSet, RolloutSettings, token_losses
 
@@ -140,13 +141,21 @@ def prepare_rollouts(config: RunConfig, ps: ParallelState, tokenizer, tokenizer_
     return Rollout(prompts, settings, reference, scorer, length, frozen)
 
 
+def completion_tokens(batch: dict) -> torch.Tensor:
+    """The tokens a policy update's losses average over: the completions'."""
+    return batch["mask"].sum()
+
+
 # ----- GRPO ---------------------------------------------------------------------------------------
 def grpo_loss(batch: dict, clip: float, kl_coef: float, output: torch.Tensor):
-    """The clipped surrogate plus kl_coef x the k3 KL estimate, means over the completion tokens."""
+    """The clipped surrogate plus kl_coef x the k3 KL estimate, averages over the completion tokens
+    (those of the whole global batch under the per-token loss, the default)."""
     logprobs, mask = -output.float(), batch["mask"]
-    policy_loss, clipped = ppo_policy_loss(logprobs, batch["old_logprobs"], batch["advantages"], mask, clip)
+    denominator = batch.get(TOKEN_DENOMINATOR)
+    policy_loss, clipped = ppo_policy_loss(logprobs, batch["old_logprobs"], batch["advantages"], mask, clip,
+                                           denominator)
     log_ratio = batch["ref_logprobs"] - logprobs
-    kl = masked_mean(torch.exp(log_ratio) - log_ratio - 1.0, mask)
+    kl = token_average(torch.exp(log_ratio) - log_ratio - 1.0, mask, denominator)
     loss = policy_loss + kl_coef * kl
     return loss, {"rl loss": loss.detach(), "policy loss": policy_loss.detach(), "kl k3": kl.detach(),
                   "clip fraction": clipped.detach()}
@@ -183,6 +192,7 @@ def grpo_task(config: RunConfig, ps: ParallelState, tokenizer, tokenizer_config,
     return replace(base, forward_step=partial(grpo_forward_step, clip=rl.clip_range, kl_coef=rl.kl_coef,
                                               temperature=rl.temperature),
                    datasets_provider=None, experience_provider=experience, initial_weights=rl.pretrained_checkpoint,
+                   loss_tokens=completion_tokens, per_token_loss=True,
                    loss_key="rl loss", tokens_per_sample=rollout.length, pipeline_tensor_shape=None,
                    reported_means=dict(POLICY_MEANS, **{"kl k3": "kl_k3"}), log_fields=LOG_FIELDS,
                    metrics_section="rlhf")

@@ -28,6 +28,7 @@ import torch.nn as nn
 from fp8.params import param_nbytes
 from megatron.core.distributed import comm
 from megatron.core.parallel_state import ParallelState
+from megatron.core.pipeline_parallel.token_loss import TOKEN_DENOMINATOR
 from megatron.training.config import RunConfig
 from megatron.training.flags import Section, flag
 from megatron.training.gpt_providers import gpt_task, gpt_transformer, model_provider, model_signature
@@ -38,7 +39,7 @@ from rlhf.losses import AdaptiveKLController, gae, kl_penalized_rewards, ppo_pol
 from rlhf.models import (
     load_reward_model_for_inference, reward_model_provider, reward_model_signature, sequence_rewards,
 )
-from rlhf.policy_gradient import LOG_FIELDS, POLICY_MEANS, check_folder, prepare_rollouts
+from rlhf.policy_gradient import LOG_FIELDS, POLICY_MEANS, check_folder, completion_tokens, prepare_rollouts
 from rlhf.rollout import PolicyExperience, token_losses
 
 
@@ -126,8 +127,10 @@ class PPOAdvantages:
 def ppo_loss(batch: dict, clip: float, value_clip: float, vf_coef: float, output):
     losses, values = output
     logprobs, mask = -losses.float(), batch["mask"]
-    policy_loss, clipped = ppo_policy_loss(logprobs, batch["old_logprobs"], batch["advantages"], mask, clip)
-    value_loss = ppo_value_loss(values.float(), batch["old_values"], batch["returns"], mask, value_clip)
+    denominator = batch.get(TOKEN_DENOMINATOR)
+    policy_loss, clipped = ppo_policy_loss(logprobs, batch["old_logprobs"], batch["advantages"], mask, clip,
+                                           denominator)
+    value_loss = ppo_value_loss(values.float(), batch["old_values"], batch["returns"], mask, value_clip, denominator)
     loss = policy_loss + vf_coef * value_loss
     return loss, {"rl loss": loss.detach(), "policy loss": policy_loss.detach(), "value loss": value_loss.detach(),
                   "clip fraction": clipped.detach()}
@@ -186,6 +189,7 @@ def ppo_task(config: RunConfig, ps: ParallelState, tokenizer, tokenizer_config) 
                    forward_step=partial(ppo_forward_step, clip=rl.clip_range, value_clip=ppo.value_clip,
                                         vf_coef=ppo.vf_coef, temperature=rl.temperature),
                    datasets_provider=None, experience_provider=experience, initial_weights=None,
+                   loss_tokens=completion_tokens, per_token_loss=True,
                    loss_key="rl loss", tokens_per_sample=rollout.length, pipeline_tensor_shape=None,
                    flops_per_token=None, num_params=num_params,
                    model_signature={"actor": model_signature(transformer),

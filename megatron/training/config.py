@@ -342,6 +342,11 @@ class TrainingArgs(Section):
         DEFAULT_THRESHOLD_MB, "on CPU: glibc returns freed blocks of this many MiB and more to the system at once "
         "(0: glibc's adaptive default, which keeps a step's peak resident; MALLOC_MMAP_THRESHOLD_ in the "
         "environment wins)")
+    calculate_per_token_loss: bool | None = flag(
+        None, "a token-averaged loss is the sum over the global batch's tokens divided by their number, across "
+              "micro-batches and data-parallel ranks (Megatron-LM's), so it does not depend on --micro-batch-size "
+              "or the data-parallel size; --no-calculate-per-token-loss: each micro-batch's own token mean, "
+              "averaged. Default: on for SFT, GRPO and PPO, off for pretraining", negatable=True)
     log_interval: int = flag(100)
     eval_interval: int = flag(1000)
     eval_iters: int = flag(100)

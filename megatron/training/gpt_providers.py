@@ -12,6 +12,7 @@ from megatron.core.checkpointing import saved_vocab_size
 from megatron.core.datasets.builder import build_gpt_datasets
 from megatron.core.pipeline_parallel.model import build_gpt_stages
 from megatron.core.pipeline_parallel.p2p_communication import activation_shape
+from megatron.core.pipeline_parallel.token_loss import token_denominator, token_mean
 from megatron.core.parallel_state import ParallelState
 from megatron.core.parallelize import global_name, initialize_parameters, parallelize_gpt
 from megatron.core.transformer.config import TransformerConfig
@@ -69,16 +70,23 @@ def datasets_provider(config: RunConfig, num_samples, *, eod_id: int | None = No
     return build_gpt_datasets(config.data.dataset_config(config.training.seed), num_samples, eod_id=eod_id)
 
 
-def loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
-    """Mean loss over the tokens the mask keeps."""
-    loss = (output.float() * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
+def loss_func(loss_mask: torch.Tensor, denominator: torch.Tensor, output: torch.Tensor):
+    """The token losses the mask keeps, summed and divided by `denominator` (`token_denominator`:
+    this micro-batch's tokens, or with --calculate-per-token-loss the global batch's per
+    micro-batch)."""
+    loss = token_mean(output, loss_mask, denominator)
     return loss, {"lm loss": loss.detach()}
+
+
+def loss_tokens(batch: dict) -> torch.Tensor:
+    """The tokens a GPT micro-batch's loss averages over."""
+    return batch["loss_mask"].sum()
 
 
 def forward_step(data_iterator, model, device: torch.device):
     batch = {k: v.to(device, non_blocking=True) for k, v in next(data_iterator).items()}
     output = model(batch["tokens"], batch["labels"], position_ids=batch["position_ids"])
-    return output, partial(loss_func, batch["loss_mask"])
+    return output, partial(loss_func, batch["loss_mask"], token_denominator(batch, batch["loss_mask"]))
 
 
 def model_vocab_size(config: RunConfig, tokenizer_size: int, start_from: str | None = None) -> int:
@@ -117,7 +125,7 @@ def gpt_task(config: RunConfig, ps: ParallelState, vocab_size: int, eod_id: int 
         model_provider=partial(model_provider, transformer=transformer),
         forward_step=partial(forward_step, device=ps.device),
         datasets_provider=partial(datasets_provider, eod_id=eod_id), tokens_per_sample=config.data.seq_length,
-        loss_key="lm loss",
+        loss_key="lm loss", loss_tokens=loss_tokens,
         pipeline_tensor_shape=activation_shape(config.data.seq_length, config.training.micro_batch_size,
                                                m.hidden_size, tp_size=ps.tp_size,
                                                sequence_parallel=config.parallel.sequence_parallel),

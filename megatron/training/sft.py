@@ -15,6 +15,7 @@ import torch
 from megatron.core.datasets.indexed_dataset import dataset_exists
 from megatron.core.datasets.sft_dataset import LOSS_MASK_SUFFIX, VALID_SUFFIX, SFTDataset
 from megatron.core.parallel_state import ParallelState
+from megatron.core.pipeline_parallel.token_loss import token_denominator
 from megatron.training.config import RunConfig
 from megatron.training.flags import Section, flag
 from megatron.training.gpt_providers import gpt_task, loss_func
@@ -86,19 +87,20 @@ def sft_datasets_provider(config: RunConfig, num_samples, *, pad_id: int):
 RESPONSE_TOKENS = "response tokens"
 
 
-def sft_loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
-    """The mean loss over response tokens, and how many there were (for the metrics record)."""
-    loss, reported = loss_func(loss_mask, output)
+def sft_loss_func(loss_mask: torch.Tensor, denominator: torch.Tensor, output: torch.Tensor):
+    """The loss over response tokens (`loss_func`), and how many there were (for the metrics record)."""
+    loss, reported = loss_func(loss_mask, denominator, output)
     return loss, dict(reported, **{RESPONSE_TOKENS: loss_mask.sum().detach()})
 
 
 def sft_forward_step(data_iterator, model, device: torch.device):
     """The GPT step on a packed batch: positions restart and attention stays within each sample;
-    the loss is the mean over response tokens."""
+    the loss is a mean over response tokens (by default those of the whole global batch:
+    --calculate-per-token-loss)."""
     batch = {k: v.to(device, non_blocking=True) for k, v in next(data_iterator).items()}
     output = model(batch["tokens"], batch["labels"], position_ids=batch["position_ids"],
                    segment_ids=batch["segment_ids"])
-    return output, partial(sft_loss_func, batch["loss_mask"])
+    return output, partial(sft_loss_func, batch["loss_mask"], token_denominator(batch, batch["loss_mask"]))
 
 
 def sft_task(config: RunConfig, ps: ParallelState, vocab_size: int, pad_id: int) -> TrainingTask:
@@ -109,5 +111,5 @@ def sft_task(config: RunConfig, ps: ParallelState, vocab_size: int, pad_id: int)
     return replace(gpt_task(config, ps, vocab_size, eod_id=None, start_from=pretrained),
                    forward_step=partial(sft_forward_step, device=ps.device),
                    datasets_provider=partial(sft_datasets_provider, pad_id=pad_id),
-                   loss_key="lm loss", initial_weights=pretrained,
+                   loss_key="lm loss", initial_weights=pretrained, per_token_loss=True,
                    reported_counts={RESPONSE_TOKENS: "response_tokens"})

@@ -45,6 +45,7 @@ from megatron.core.precision import apply_precision
 from megatron.core.parallel_state import ParallelState, init_distributed
 from megatron.core.pipeline_parallel.model import allreduce_embedding_grads
 from megatron.core.pipeline_parallel.schedules import get_forward_backward_func, reported_mean, reported_sum
+from megatron.core.pipeline_parallel.token_loss import read_micro_batches, with_global_denominator
 from megatron.core.tensor_parallel.random import model_parallel_seed
 from megatron.training import resume
 from megatron.training.attention_backend import attention_context, check_attention_backend
@@ -88,6 +89,10 @@ class TrainingTask:
     log_fields: dict = field(default_factory=dict)
     # Data made from the model being trained (RLHF rollouts) instead of `datasets_provider`'s.
     experience_provider: Callable[["Trainer"], "Experience"] | None = None
+    # The tokens a micro-batch's loss averages over (None: the loss is no token mean, e.g. DPO's
+    # mean over pairs), and whether --calculate-per-token-loss is on unless a flag says otherwise.
+    loss_tokens: Callable[[dict], torch.Tensor] | None = None
+    per_token_loss: bool = False
 
 
 class Experience(Protocol):
@@ -109,6 +114,17 @@ class Experience(Protocol):
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
+
+
+def per_token_loss(flag: bool | None, task: TrainingTask) -> bool:
+    """--calculate-per-token-loss as given, else the task's default; refused for a loss that is no
+    mean over tokens."""
+    if flag is None:
+        return task.per_token_loss and task.loss_tokens is not None
+    if flag and task.loss_tokens is None:
+        raise ValueError(f"--calculate-per-token-loss: the {task.loss_key} is a mean over pairs or sequences, not "
+                         f"tokens (each micro-batch holds as many); drop the flag")
+    return flag
 
 
 @dataclass
@@ -287,6 +303,7 @@ class Trainer:
         # Evaluation takes whole global batches of the final size; training follows the batch schedule.
         self.num_microbatches = config.global_batch_size // (config.micro_batch_size * ps.dp_size)
         self.forward_backward, self.schedule_model = self._schedule()
+        self.per_token_loss = per_token_loss(config.training.calculate_per_token_loss, task)
         if self.experience is not None:
             self.train_iter, self.valid_iter = self.experience.iterator, None
         else:
@@ -357,8 +374,9 @@ class Trainer:
             self.ddp.module.train()
             self.ddp.zero_grad_buffer()
             self.ddp.start_grad_sync(num_microbatches)
+            data, _ = self._global_batch(self.train_iter, num_microbatches)
             with attention_context(self.config.model.attention_backend):
-                reported += self.forward_backward(forward_step=self.forward_step, data_iterator=self.train_iter,
+                reported += self.forward_backward(forward_step=self.forward_step, data_iterator=data,
                                                   model=self.schedule_model, num_microbatches=num_microbatches)
             self.ddp.finish_grad_sync()
             allreduce_embedding_grads(self.model, self.ps, self.ddp.reduced_grad)
@@ -368,16 +386,32 @@ class Trainer:
         self.means = {name: reported_mean(reported, key, self.ps) for key, name in self.task.reported_means.items()}
         return reported_mean(reported, self.task.loss_key, self.ps), skipped, result.grad_norm
 
+    def _global_batch(self, iterator, num_microbatches: int):
+        """The iterator a schedule reads one global batch from, and the batch's token count
+        (None without --calculate-per-token-loss, when the micro-batches are read as they go)."""
+        if not self.per_token_loss:
+            return iterator, None
+        batches, tokens = with_global_denominator(read_micro_batches(iterator, num_microbatches),
+                                                  self.task.loss_tokens, self.ps)
+        return iter(batches), tokens
+
     @torch.no_grad()
     def evaluate(self) -> float:
+        """The validation loss over --eval-iters global batches: their mean, or with the per-token
+        loss the mean over all their tokens (each batch's weighted by its token count)."""
         self.ddp.module.eval()
-        reported = []
+        losses, weights = [], []
         for _ in range(self.config.eval_iters):
+            data, tokens = self._global_batch(self.valid_iter, self.num_microbatches)
             with attention_context(self.config.model.attention_backend):
-                reported += self.forward_backward(forward_step=self.task.forward_step, data_iterator=self.valid_iter,
-                                                  model=self.schedule_model, num_microbatches=self.num_microbatches,
-                                                  forward_only=True)
-        return reported_mean(reported, self.task.loss_key, self.ps)
+                reported = self.forward_backward(forward_step=self.task.forward_step, data_iterator=data,
+                                                 model=self.schedule_model, num_microbatches=self.num_microbatches,
+                                                 forward_only=True)
+            losses.append(reported_mean(reported, self.task.loss_key, self.ps))
+            weights.append(1.0 if tokens is None else float(tokens))
+        if not losses:
+            return float("nan")
+        return sum(loss * weight for loss, weight in zip(losses, weights)) / max(sum(weights), 1.0)
 
     def record(self, loss: float, skipped: int, grad_norm: float, step_time: float, lr: float,
                comm_bytes: dict, samples_per_iteration: float, batch_size: int) -> dict:
@@ -392,6 +426,7 @@ class Trainer:
             "memory": memory_record(self.model, self.ddp, self.optimizer, self.num_params),
             "comm": comm_bytes, "consumed_samples": self.state.consumed_samples,
             "train_iters": self.config.train_iters, "global_batch_size": batch_size,
+            "loss_normalization": "per_token" if self.per_token_loss else "per_micro_batch",
             **self.progress.metrics(self.state.iteration),
         }
         if self.loss_scaler is not None:
