@@ -381,3 +381,90 @@ def test_the_converter_imports_transformers_only_when_it_runs():
             "print([m for m in ('transformers', 'safetensors') if m in sys.modules])")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
+
+
+# ----- the model's distribution: padding rows and extra rows -------------------------------------
+def hf_token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log p(next token) at each position but the last, from transformers' logits of the whole rows."""
+    return torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
+
+
+def our_token_losses(model, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the training loss per token, the RLHF updates' -log p per token) of `tokens`' next tokens."""
+    from rlhf.rollout import token_losses
+
+    with torch.no_grad():
+        return model(tokens[:, :-1], tokens[:, 1:]), token_losses(model, model(tokens[:, :-1]), tokens[:, 1:])
+
+
+def tp2_loss_worker(rank, world_size, folder, tokens):
+    loaded = load_gpt_for_inference(folder, ParallelState.build(2, 1, device="cpu"), params_dtype=torch.float32)
+    return our_token_losses(loaded.model, tokens)
+
+
+@pytest.mark.distributed
+def test_losses_and_logprobs_are_those_of_the_unpadded_model(hf_models, tmp_path):
+    """A GPT-2 whose rows are no multiple of 128 imports padded to the next multiple. The training loss
+    (SFT, DPO, the reward model's backbone), the RLHF updates' log-probabilities and generation's
+    equal transformers' log_softmax of the unpadded model, at TP 1 and TP 2."""
+    from megatron.core.inference.generation import generate
+    from megatron.core.inference.sampling import SamplingParams
+
+    vocab = hf_models.gpt2_logits.shape[-1]
+    assert vocab % 128
+    assert convert_cli("import", "--hf", hf_models.gpt2, "--save", tmp_path / "ckpt") == 0
+    metadata = json.loads((tmp_path / "ckpt" / "iter_0000000" / "metadata.json").read_text())
+    assert metadata["model"]["vocab_size"] == -(-vocab // 128) * 128 and metadata["model"]["unpadded_vocab_size"] == vocab
+    loaded = load_gpt_for_inference(str(tmp_path / "ckpt"), ParallelState.single("cpu"), params_dtype=torch.float32)
+    tokens = hf_models.gpt2_tokens
+    want = -hf_token_logprobs(hf_models.gpt2_logits, tokens)
+    loss, rl = our_token_losses(loaded.model, tokens)
+    torch.testing.assert_close(loss.double(), want, atol=1e-4, rtol=0)
+    torch.testing.assert_close(rl.double(), want, atol=1e-4, rtol=0)
+    result = generate(loaded.model, [tokens[0, :5].tolist()], SamplingParams(max_new_tokens=6, temperature=1.0, seed=5),
+                      vocab_size=vocab)[0]
+    hf = transformers.GPT2LMHeadModel.from_pretrained(str(hf_models.gpt2)).eval()
+    sequence = torch.tensor([result.prompt + result.tokens])
+    with torch.no_grad():
+        hf_logprobs = hf_token_logprobs(hf(sequence).logits, sequence)[0, 4:]
+    torch.testing.assert_close(torch.tensor(result.logprobs, dtype=torch.float64), hf_logprobs, atol=1e-4, rtol=0)
+    for rank_loss, rank_rl in run_distributed(tp2_loss_worker, 2, str(tmp_path / "ckpt"), tokens):
+        torch.testing.assert_close(rank_loss, loss, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(rank_rl, rl, rtol=1e-6, atol=1e-6)
+
+
+def test_a_model_with_more_rows_than_tokenizer_ids_fine_tunes(hf_models, tmp_path, capsys):
+    """Shaped like Qwen2 (more embedding rows than tokenizer ids): the import's own suggested
+    fine-tuning line and finetune_sft.py --pretrained-checkpoint run with the model's vocabulary,
+    which the checkpoints record; a model smaller than the tokenizer is one line naming both sizes."""
+    import finetune_sft
+    from test_sft_training import synthetic_samples, write_sft
+
+    tokenizer_ids = build_tokenizer(tokenizer_config_of({}, tokenizer_type="HuggingFaceTokenizer",
+                                                        tokenizer_model=str(hf_models.gpt2 / "tokenizer.json"))).vocab_size
+    rows = tokenizer_ids + 10
+    hf_dir = tmp_path / "qwen-shaped"
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**dict(LLAMA_CONFIG, vocab_size=rows)))
+    model.save_pretrained(str(hf_dir))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(hf_models.gpt2 / name, hf_dir / name)
+    assert convert_cli("import", "--hf", hf_dir, "--save", tmp_path / "ckpt") == 0
+    data = write_sft(tmp_path / "sft", synthetic_samples(16, seed=3))
+    run = ["--config", str(tmp_path / "ckpt" / "model_config.yaml"), "--data-path", data, "--seq-length", "32",
+           "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "2", "--lr", "1e-4",
+           "--device", "cpu", "--num-workers", "0", "--log-interval", "1", "--eval-iters", "0"]
+    for name, start in (("pretrained", ["--pretrained-checkpoint", str(tmp_path / "ckpt")]),
+                        ("finetune", ["--load", str(tmp_path / "ckpt"), "--finetune"])):
+        out = tmp_path / name
+        assert run_training_cli(lambda: finetune_sft.main(run + start + ["--save", str(out)])) == 0, name
+        saved = json.loads((out / "iter_0000002" / "metadata.json").read_text())["model"]
+        assert saved["unpadded_vocab_size"] == rows and saved["vocab_size"] == -(-rows // 128) * 128, saved
+    capsys.readouterr()
+    # The GPT-2 import's vocabulary is its tokenizer's; a 500-id tokenizer does not fit it.
+    assert convert_cli("import", "--hf", hf_models.gpt2, "--save", tmp_path / "gpt2") == 0
+    code = run_training_cli(lambda: finetune_sft.main(run[2:] + [
+        "--config", str(tmp_path / "gpt2" / "model_config.yaml"), "--tokenizer-type", "NullTokenizer",
+        "--vocab-size", "500", "--pretrained-checkpoint", str(tmp_path / "gpt2")]))
+    _assert_one_line_error(code, capsys, f"the tokenizer has 501 ids but the model in {tmp_path / 'gpt2'} a "
+                                         f"vocabulary of only {tokenizer_ids}")
