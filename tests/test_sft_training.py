@@ -218,13 +218,15 @@ def test_sft_starts_from_pretrained_weights_and_counts_epochs(sft_data, tmp_path
     data = SFTDataset(str(sft_data / "train"), seq_length=32, num_samples=8, seed=1234, pad_id=VOCAB)
     assert len(records) == (2 * data.sequences_per_epoch) // 8
     model = load_gpt_for_inference(str(first), ParallelState.single("cpu")).model
-    want = []
+    token_sum, tokens = 0.0, 0
     for start in range(0, 8, 2):
         batch = {k: torch.stack([data[start][k], data[start + 1][k]]) for k in data[0]}
         with torch.no_grad():
             output, loss_fn = sft_forward_step(iter([batch]), model, torch.device("cpu"))
-            want.append(loss_fn(output)[0].item())
-    assert records[0]["loss"] == pytest.approx(sum(want) / 4, rel=1e-5)
+            count = int(batch["loss_mask"].sum())
+            token_sum, tokens = token_sum + loss_fn(output)[0].item() * count, tokens + count
+    # The per-token loss (SFT's default): every response token of the global batch weighs the same.
+    assert records[0]["loss"] == pytest.approx(token_sum / tokens, rel=1e-5)
     bad = run_sft(TRAIN + ["--data-path", str(sft_data / "train"), "--train-iters", "1",
                            "--pretrained-checkpoint", str(tmp_path / "missing")])
     assert bad == 2
