@@ -68,6 +68,9 @@ class ScalarHeadGPT(GPTModel):
     def shares_embeddings_and_output_weights(self) -> bool:
         return False
 
+    def head_output(self, values: torch.Tensor) -> torch.Tensor:
+        return values  # one value per position: no vocabulary to mask
+
     def forward(self, input_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None, **kwargs):
         if labels is not None:
             raise TypeError("a reward model has no labels; call it with the token ids alone")

@@ -434,10 +434,16 @@ def test_losses_and_logprobs_are_those_of_the_unpadded_model(hf_models, tmp_path
 
 
 def test_a_model_with_more_rows_than_tokenizer_ids_fine_tunes(hf_models, tmp_path, capsys):
-    """Shaped like Qwen2 (more embedding rows than tokenizer ids): the import's own suggested
-    fine-tuning line and finetune_sft.py --pretrained-checkpoint run with the model's vocabulary,
-    which the checkpoints record; a model smaller than the tokenizer is one line naming both sizes."""
+    """Shaped like Qwen2 (more embedding rows than tokenizer ids): finetune_sft.py
+    (--pretrained-checkpoint, or --load with --finetune), the import's own suggested pretrain_gpt.py
+    line and rlhf/train_dpo.py run with the model's vocabulary, which their checkpoints record; a
+    model smaller than the tokenizer is one line naming both sizes."""
+    import numpy as np
+
     import finetune_sft
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetWriter
+    from rlhf import train_dpo
+    from test_dpo import write_pairs
     from test_sft_training import synthetic_samples, write_sft
 
     tokenizer_ids = build_tokenizer(tokenizer_config_of({}, tokenizer_type="HuggingFaceTokenizer",
@@ -454,12 +460,22 @@ def test_a_model_with_more_rows_than_tokenizer_ids_fine_tunes(hf_models, tmp_pat
     run = ["--config", str(tmp_path / "ckpt" / "model_config.yaml"), "--data-path", data, "--seq-length", "32",
            "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "2", "--lr", "1e-4",
            "--device", "cpu", "--num-workers", "0", "--log-interval", "1", "--eval-iters", "0"]
-    for name, start in (("pretrained", ["--pretrained-checkpoint", str(tmp_path / "ckpt")]),
-                        ("finetune", ["--load", str(tmp_path / "ckpt"), "--finetune"])):
+    with IndexedDatasetWriter(str(tmp_path / "corpus"), np.uint16) as corpus:
+        for seed in range(8):
+            corpus.add_document(np.random.RandomState(seed).randint(0, tokenizer_ids, size=40))
+        corpus.finalize()
+    pairs = write_pairs(tmp_path / "pairs.jsonl", 8, seed=1)
+    runs = {"pretrained": (finetune_sft.main, run + ["--pretrained-checkpoint", str(tmp_path / "ckpt")]),
+            "finetune": (finetune_sft.main, run + ["--load", str(tmp_path / "ckpt"), "--finetune"]),
+            "pretrain_gpt": (pretrain_gpt.main, run[:2] + ["--data-path", str(tmp_path / "corpus")] + run[4:]
+                             + ["--load", str(tmp_path / "ckpt"), "--finetune"]),
+            "dpo": (train_dpo.main, run[:2] + ["--data-path", str(pairs)] + run[4:]
+                    + ["--pretrained-checkpoint", str(tmp_path / "ckpt"), "--seq-length", "64"])}
+    for name, (main, argv) in runs.items():
         out = tmp_path / name
-        assert run_training_cli(lambda: finetune_sft.main(run + start + ["--save", str(out)])) == 0, name
+        assert run_training_cli(lambda: main(argv + ["--save", str(out)])) == 0, name
         saved = json.loads((out / "iter_0000002" / "metadata.json").read_text())["model"]
-        assert saved["unpadded_vocab_size"] == rows and saved["vocab_size"] == -(-rows // 128) * 128, saved
+        assert saved["unpadded_vocab_size"] == rows and saved["vocab_size"] == -(-rows // 128) * 128, (name, saved)
     capsys.readouterr()
     # The GPT-2 import's vocabulary is its tokenizer's; a 500-id tokenizer does not fit it.
     assert convert_cli("import", "--hf", hf_models.gpt2, "--save", tmp_path / "gpt2") == 0

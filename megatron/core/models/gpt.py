@@ -101,6 +101,11 @@ class GPTModel(nn.Module, LaidOut):
         if self.shares_embeddings_and_output_weights and self.embedding is not None and self.output_layer is not None:
             self.output_layer.weight = self.embedding.word_embeddings.weight
 
+    def head_output(self, logits: torch.Tensor) -> torch.Tensor:
+        """What `forward` returns without labels, from the output layer's [s, b, V] logits: the
+        padding columns at -inf, so that any softmax of them is the model's distribution."""
+        return self.cross_entropy.mask_padding(logits)
+
     def set_input_tensor(self, input_tensor: torch.Tensor | None) -> None:
         """The previous stage's output for the next `forward` of a part without the embedding.
         A pipeline schedule sets it, so the caller's `forward(input_ids, labels)` is the same on
@@ -135,5 +140,5 @@ class GPTModel(nn.Module, LaidOut):
             hidden_states = hidden_states[-1:]
         logits = self.output_layer(hidden_states)
         if labels is None:
-            return self.cross_entropy.mask_padding(logits).transpose(0, 1)
+            return self.head_output(logits).transpose(0, 1)
         return self.cross_entropy(logits, labels.t().contiguous()).t()
