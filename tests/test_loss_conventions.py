@@ -104,12 +104,13 @@ def first_record(path) -> dict:
 def records32(tmp_path_factory):
     root = tmp_path_factory.mktemp("records32")
     write_sft(root / "train", synthetic_samples(32, seed=21))
+    write_sft(root / "train-valid", synthetic_samples(32, seed=22))
     return root
 
 
 def split_runs(records32, tmp_path, level: str, extra=()) -> dict:
     """Iteration 1's record with the 32 records as 1 x 32, 4 x 8 and DP 2 x 2 x 8 micro-batches."""
-    base = TRAIN + ["--data-path", str(records32 / "train"), "--train-iters", "1",
+    base = TRAIN + ["--data-path", str(records32 / "train"), "--train-iters", "1", "--eval-interval", "1",
                     "--global-batch-size", "32", "--no-sft-packing", "--fp8-level", level,
                     "--fp8-min-features", "32", "--fp8-recipe", "current", *extra]
     out = {}
@@ -127,16 +128,18 @@ def split_runs(records32, tmp_path, level: str, extra=()) -> dict:
 @pytest.mark.distributed
 def test_sft_loss_and_gradient_do_not_depend_on_the_split(records32, tmp_path):
     """The 32 records' response loss and gradient norm are the same as one micro-batch of 32,
-    four of 8, and two data-parallel ranks of two micro-batches of 8 (float tolerance at none,
+    four of 8, and two data-parallel ranks of two micro-batches of 8, and so is the validation loss
+    of 32 other records (float tolerance at none,
     within the FP8 casts' noise at O3); with --no-calculate-per-token-loss they are not."""
     none = split_runs(records32, tmp_path, "none")
     assert all(r["loss_normalization"] == "per_token" for r in none.values())
     for name in ("4x8", "dp2x2x8"):
-        assert none[name]["loss"] == pytest.approx(none["1x32"]["loss"], rel=1e-5), name
-        assert none[name]["grad_norm"] == pytest.approx(none["1x32"]["grad_norm"], rel=1e-5), name
+        for key in ("loss", "grad_norm", "val_loss"):
+            assert none[name][key] == pytest.approx(none["1x32"][key], rel=1e-5), (name, key)
     old = split_runs(records32, tmp_path, "none", ["--no-calculate-per-token-loss"])
     assert old["1x32"]["loss"] == pytest.approx(none["1x32"]["loss"], rel=1e-6)  # one micro-batch: one mean
     assert old["4x8"]["loss_normalization"] == "per_micro_batch"
+    assert abs(old["4x8"]["val_loss"] / none["1x32"]["val_loss"] - 1) > 5e-5
     assert abs(old["4x8"]["loss"] / none["1x32"]["loss"] - 1) > 5e-5  # the mean of means differs (1.2e-4)
     assert abs(old["4x8"]["grad_norm"] / none["1x32"]["grad_norm"] - 1) > 2e-3  # (4.7e-3)
     o3 = split_runs(records32, tmp_path, "O3")
@@ -147,3 +150,20 @@ def test_sft_loss_and_gradient_do_not_depend_on_the_split(records32, tmp_path):
         assert o3[name]["loss"] == pytest.approx(o3["1x32"]["loss"], rel=5e-4), name
         assert o3[name]["grad_norm"] == pytest.approx(o3["1x32"]["grad_norm"], rel=1e-2), name
     assert o3["1x32"]["loss"] == pytest.approx(none["1x32"]["loss"], rel=1e-3)
+
+
+def test_which_losses_are_per_token():
+    """Off for pretraining unless asked (Megatron-LM's default), on for SFT, GRPO and PPO unless
+    --no-calculate-per-token-loss; refused for a loss that averages over pairs (DPO, the reward model)."""
+    from megatron.training.training import TrainingTask, per_token_loss
+
+    def task(**kw):
+        return TrainingTask(model_provider=None, forward_step=None, datasets_provider=None, tokens_per_sample=1, **kw)
+
+    count = lambda batch: batch["loss_mask"].sum()  # noqa: E731
+    pretraining, sft, pairs = task(loss_tokens=count), task(loss_tokens=count, per_token_loss=True), task(loss_key="dpo loss")
+    assert [per_token_loss(flag, pretraining) for flag in (None, True, False)] == [False, True, False]
+    assert [per_token_loss(flag, sft) for flag in (None, True, False)] == [True, True, False]
+    assert [per_token_loss(flag, pairs) for flag in (None, False)] == [False, False]
+    with pytest.raises(ValueError, match="the dpo loss is a mean over pairs or sequences, not tokens"):
+        per_token_loss(True, pairs)
