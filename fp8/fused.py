@@ -64,26 +64,39 @@ def active(device: torch.device) -> bool:
 # A cast may be called from any thread (--overlap-grad-reduce runs a communication thread beside
 # the main one); torch.compile's tracing and caches are not made for concurrent use: calls take turns.
 _compile_lock = threading.Lock()
+# Dynamo's settings are per thread (torch >= 2.12): each thread that casts raises its own limit.
+_thread_settings = threading.local()
+RECOMPILE_LIMIT = 64
+
+
+def _raise_recompile_limit() -> None:
+    """Let this thread compile every variant a model needs: autograd's backward threads and the
+    communication thread start with dynamo's default limit (8), past which a cast would fall back
+    to eager (or, under ``on``, fail)."""
+    if not getattr(_thread_settings, "raised", False):
+        from torch._dynamo import config as dynamo_config
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
+        _thread_settings.raised = True
 
 
 @functools.lru_cache(maxsize=None)
 def compiled(fn):
     """`fn` compiled once for any shapes, callable from any thread. Every (format, tile, flags)
-    combination is a compiled variant of its own; the limit is raised so that a model's few dozen
-    never fall back to eager (which would still be correct: the same operations, uncompiled)."""
-    from torch._dynamo import config as dynamo_config
+    combination is a compiled variant of its own; the limit is raised, in each calling thread, so
+    that a model's few dozen never fall back to eager (which would still be correct: the same
+    operations, uncompiled)."""
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
     capability = os.environ.get("ATEN_CPU_CAPABILITY")
     if capability and os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, default_cache_dir()):
         # Inductor caches its C++ kernels and precompiled headers without regard to this setting, and a
         # cache written under another one fails to compile under it: each setting gets a cache of its own.
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = f"{default_cache_dir()}_{capability}"
-    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
     compiled_fn = torch.compile(fn, dynamic=True, fullgraph=True)
 
     @functools.wraps(fn)
     def call(*args):
         with _compile_lock:
+            _raise_recompile_limit()
             if _state["mode"] != "auto":
                 return compiled_fn(*args)
             try:

@@ -64,10 +64,11 @@ def compute_scale(
     if power_of_two:
         scale = torch.exp2(torch.floor(torch.log2(scale)))
     valid = torch.isfinite(amax) & (amax > 0) & torch.isfinite(scale)
-    if prev_scale is None:
-        prev_scale = 1.0
-    prev = torch.as_tensor(prev_scale, dtype=torch.float32, device=scale.device)
-    return torch.where(valid, scale, prev)
+    if isinstance(prev_scale, torch.Tensor):
+        return torch.where(valid, scale, prev_scale.to(device=scale.device, dtype=torch.float32))
+    # A Python number enters the kernel as a scalar argument: no tensor is copied to the device
+    # (torch.as_tensor(1.0, device="cuda") would be a host-to-device copy and a stream sync).
+    return torch.where(valid, scale, 1.0 if prev_scale is None else float(prev_scale))
 
 
 def resolve_tile(granularity: str, shape2d: tuple[int, int], role: str = "activation") -> Tile:

@@ -178,3 +178,29 @@ def test_accumulate_sums_in_fp32_and_keeps_overflow():
     assert fp8.sqnr_db(exact, acc.dequantize()) > 25
     bad = fp8.accumulate(acc, torch.full((64, 64), math.inf))
     assert bad.dequantize().isnan().all()
+
+
+def test_compute_scale_copies_no_python_number_to_the_device():
+    """The fallback scale for a zero or non-finite amax (1.0, or a previous scale given as a
+    number) is made on the scale's device (a fill), never a host tensor copied there (on CUDA that
+    is a host-to-device copy and a stream sync on every cast). The values are unchanged."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names, self.devices = [], []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func.overloadpacket.__name__))
+            if "device" in (kwargs or {}):
+                self.devices.append(kwargs["device"])
+            return func(*args, **(kwargs or {}))
+
+    amax = torch.tensor([0.0, 2.0, float("inf"), 448.0])
+    for prev, fallback in ((None, 1.0), (0.25, 0.25), (torch.tensor(0.5), 0.5)):
+        with Ops() as ops:
+            scale = fp8.compute_scale(amax, 448.0, prev_scale=prev)
+        assert not {"lift_fresh", "_to_copy", "copy_"} & set(ops.names), ops.names  # lift_fresh: host data
+        assert all(device == amax.device for device in ops.devices), ops.devices
+        assert scale.tolist() == [fallback, 224.0, fallback, 1.0]

@@ -173,3 +173,32 @@ def test_fused_casts_at_dp2_with_overlapped_reduction(builtin_corpus_small, tmp_
     assert len(on) == 3
     for a, b in zip(off, on):
         assert (a["loss"], a["grad_norm"], a["fp8"], a["comm"]) == (b["loss"], b["grad_norm"], b["fp8"], b["comm"])
+
+
+def _offset_by_key(x, key):
+    return x + len(key)
+
+
+def test_casts_compile_every_variant_in_any_thread():
+    """Dynamo's recompile limit is per thread (torch >= 2.12): a thread that did not raise it (an
+    autograd backward thread, the communication thread) would stop compiling after 8 variants
+    and, under ``on``, fail. Ten variants compiled from a fresh thread give the eager results."""
+    import threading
+
+    fused.set_mode("on")
+    fn = fused.compiled(_offset_by_key)
+    x = torch.arange(8.0)
+    results, errors = {}, []
+
+    def work():
+        try:
+            for length in range(1, 11):
+                results[length] = fn(x, "k" * length)
+        except Exception as exc:  # noqa: BLE001 - reported to the test below
+            errors.append(exc)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    assert not errors, errors
+    assert all(torch.equal(results[n], x + n) for n in range(1, 11))
