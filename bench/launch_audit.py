@@ -1,0 +1,281 @@
+"""What one training step asks of a GPU, counted on the CPU: kernel-launching operations, host
+syncs, tensors made from host data, and collectives with the bytes handed to torch.distributed,
+per precision level beside `none`.
+
+    python bench/launch_audit.py --config configs/gpt-tiny.yaml --levels none,O2,O3 --world-size 2
+    python bench/launch_audit.py --levels none,O3 --world-size 8 --json out.json -- --hidden-size 256
+
+One process runs the real trainer (pretrain_gpt.py's task on the built-in corpus) at rank 0 of a
+world of `--world-size` ranks; above 1 the ranks are torch's fake process group, so any
+data-parallel (and tensor- or pipeline-parallel) layout runs one rank's code path without the other
+ranks (their collectives return at once, with this rank's values). A first step warms up (fused
+casts compile, buffers are allocated); the second is counted:
+
+- `launches`: every ATen operation that reaches a kernel (TorchDispatchMode, below autograd), except
+  views, metadata and allocations, which launch nothing on a GPU; fused casts count as the kernels
+  their compiled code runs. On CPU the data loader's and the console's own operations happen outside
+  the counted region (the step's micro-batches are read before it).
+- `host_syncs`: operations whose result the host waits for (`.item()`, `.tolist()`, `nonzero`,
+  `equal`, `is_nonzero`): each a device-to-host copy and a stream sync on a GPU. Reads of
+  torch.optim's step counts, which a CUDA run keeps on the host, are `host_reads` instead.
+- `scalar_to_device`: tensors made from Python data inside the step (`lift_fresh`): on a GPU, a
+  host-to-device copy.
+- `collectives` and `collective_bytes`: the calls into torch.distributed and the bytes of the
+  tensors handed to them (the input of a reduction or an all-to-all, the local part of a gather,
+  what a rank sends), for one rank.
+
+torch's AdamW (the dense parameters' optimizer) is built with ``foreach=True``, the multi-tensor
+path torch picks for CUDA parameters (on CPU it would loop over the tensors one by one).
+Operations run by another thread (`--overlap-grad-reduce`'s communication thread) are not seen;
+the audit runs without the overlap flags. The counts come from a real step on this machine's CPU
+kernels: a CUDA build dispatches the same ATen operations, but cuBLAS, Triton and NCCL may split or
+merge kernels below them. Not yet done: the paper's model sizes (gpt-7b at DP 32 needs the step on
+the meta device or fake tensors, which the FP8 scale updates' host reads do not allow yet).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from bench.common import RESULTS, run_meta, save_results  # noqa: E402
+
+SYNC_OPS = frozenset({"_local_scalar_dense", "nonzero", "equal", "is_nonzero", "item"})
+HOST_DATA_OPS = frozenset({"lift_fresh", "lift_fresh_copy"})
+# Neither a view nor a kernel: allocation and tensor metadata.
+NO_KERNEL_OPS = frozenset({"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "detach",
+                           "set_", "resize_", "_to_copy_noop", "lift", "sym_size", "sym_stride", "sym_numel",
+                           "sym_storage_offset", "is_same_size", "_has_compatible_shallow_copy_type"})
+GEMM_OPS = frozenset({"mm", "addmm", "bmm", "baddbmm", "_scaled_mm"})
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
+               "all_to_all", "all_to_all_single", "broadcast", "send", "recv", "isend", "irecv",
+               "batch_isend_irecv", "barrier", "reduce", "gather", "scatter")
+
+
+def op_kind(func) -> str:
+    """"sync", "host_data", "none" (a view, metadata or an allocation) or "launch"."""
+    name = func.overloadpacket.__name__
+    if name in SYNC_OPS:
+        return "sync"
+    if name in HOST_DATA_OPS:
+        return "host_data"
+    if name in NO_KERNEL_OPS or getattr(func, "is_view", False):
+        return "none"
+    return "launch"
+
+
+class OpCounter(TorchDispatchMode):
+    """Every ATen operation dispatched in this thread while active, by name and by kind. Reads of
+    `host_tensors` (tensors a CUDA run keeps in host memory: torch.optim's step counts) are
+    "host_read", not syncs."""
+
+    def __init__(self, host_tensors: Iterable[torch.Tensor] = ()):
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+        self.kinds: Counter[str] = Counter()
+        self.host_ids = {id(t) for t in host_tensors}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] += 1
+        kind = op_kind(func)
+        if kind == "sync" and args and id(args[0]) in self.host_ids:
+            kind = "host_read"
+        self.kinds[kind] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def host_step_counts(optimizer) -> list[torch.Tensor]:
+    """torch.optim's per-parameter step counts anywhere in `optimizer` (a chained one included):
+    on CUDA torch keeps them on the host (unless capturable or fused), so reading them syncs nothing."""
+    found, stack = [], [optimizer]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.optim.Optimizer):
+            found += [s["step"] for s in item.state.values() if isinstance(s.get("step"), torch.Tensor)]
+        stack += [getattr(item, name) for name in ("optimizer", "parts", "inner", "dense") if hasattr(item, name)]
+        if isinstance(item, (list, tuple)):
+            stack += list(item)
+    return found
+
+
+@contextlib.contextmanager
+def cuda_optimizer_defaults():
+    """torch.optim.AdamW as torch builds it for CUDA parameters: the multi-tensor (foreach) path,
+    which on CPU it takes only when asked."""
+    original = torch.optim.AdamW.__init__
+
+    def init(self, *args, **kwargs):
+        kwargs.setdefault("foreach", True)
+        original(self, *args, **kwargs)
+
+    torch.optim.AdamW.__init__ = init
+    try:
+        yield
+    finally:
+        torch.optim.AdamW.__init__ = original
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for item in value for t in _tensors(item)]
+    if hasattr(value, "tensor") and isinstance(getattr(value, "tensor"), torch.Tensor):  # P2POp
+        return [value.tensor]
+    return []
+
+
+def _sent_bytes(name: str, args: tuple, kwargs: dict) -> int:
+    """The bytes of the tensors a rank hands over: what a reduction or gather puts in, what a
+    send or an all-to-all gives away (the receive buffers are not counted)."""
+    if name in ("all_gather", "gather"):
+        return sum(t.nbytes for t in _tensors(args[1] if len(args) > 1 else kwargs.get("tensor")))
+    if name in ("all_gather_into_tensor", "reduce_scatter_tensor", "all_to_all_single", "all_to_all",
+                "reduce_scatter"):
+        return sum(t.nbytes for t in _tensors(args[1] if len(args) > 1 else kwargs.get("input_tensor",
+                                                                                        kwargs.get("input"))))
+    if name in ("recv", "irecv", "barrier"):
+        return 0
+    if name == "batch_isend_irecv":
+        return sum(op.tensor.nbytes for op in args[0] if getattr(op.op, "__name__", "") == "isend")
+    return sum(t.nbytes for t in _tensors(args[0] if args else kwargs.get("tensor")))
+
+
+class CollectiveCounter:
+    """Calls into torch.distributed's collectives (and the bytes handed to them) while active,
+    from any thread."""
+
+    def __init__(self):
+        self.calls: Counter[str] = Counter()
+        self.bytes = 0
+        self._saved: dict = {}
+
+    def __enter__(self) -> CollectiveCounter:
+        for name in COLLECTIVES:
+            original = getattr(dist, name, None)
+            if original is None:
+                continue
+            self._saved[name] = original
+
+            def counted(*args, __name=name, __original=original, **kwargs):
+                self.calls[__name] += 1
+                self.bytes += _sent_bytes(__name, args, kwargs)
+                return __original(*args, **kwargs)
+
+            setattr(dist, name, counted)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, original in self._saved.items():
+            setattr(dist, name, original)
+        self._saved.clear()
+
+
+def audit_step(trainer) -> dict:
+    """One counted `train_step` of `trainer` (its micro-batches read before counting starts)."""
+    read_step_batches(trainer)
+    return count_step(trainer)
+
+
+def read_step_batches(trainer) -> None:
+    """The next step's micro-batches read now, so that the data loader's work stays uncounted."""
+    batches = [next(trainer.train_iter) for _ in range(trainer.num_microbatches)]
+    trainer.train_iter = iter(batches)
+
+
+def count_step(trainer) -> dict:
+    """`trainer.train_step()` counted (see the module docstring)."""
+    trainer.ps.counter.reset()
+    with CollectiveCounter() as collectives, OpCounter(host_step_counts(trainer.optimizer)) as ops:
+        _, skipped, _ = trainer.train_step()
+    return {"launches": ops.kinds["launch"], "host_syncs": ops.kinds["sync"], "host_reads": ops.kinds["host_read"],
+            "scalar_to_device": ops.kinds["host_data"], "collectives": sum(collectives.calls.values()),
+            "collective_bytes": collectives.bytes, "skipped": bool(skipped),
+            "dispatched": sum(ops.kinds.values()), "collectives_by_name": dict(collectives.calls),
+            "gemms": sum(n for name, n in ops.ops.items() if name.split(".")[1] in GEMM_OPS),
+            # The trainer's own per-group figures (ring cost model), for comparison.
+            "comm_ring_bytes": trainer.ps.counter.snapshot(), "top_ops": dict(ops.ops.most_common(12))}
+
+
+def start_world(world_size: int) -> None:
+    """Rank 0 of a world of `world_size`: the fake process group above 1 rank."""
+    os.environ.update(WORLD_SIZE=str(world_size), RANK="0", LOCAL_RANK="0")
+    if world_size > 1 and not dist.is_initialized():
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+
+
+def audit_level(level: str, flags: list[str], world_size: int) -> dict:
+    from megatron.core.tokenizers.tokenizer import build_tokenizer
+    from megatron.training.config import parse_config
+    from megatron.training.gpt_providers import gpt_task
+    from megatron.training.training import Trainer, setup_parallel
+
+    start_world(world_size)
+    config, ps = setup_parallel(parse_config(flags + ["--fp8-level", level]))
+    tokenizer = build_tokenizer(config.tokenizer.tokenizer_config())
+    with cuda_optimizer_defaults():
+        trainer = Trainer(config, ps, gpt_task(config, ps, vocab_size=tokenizer.vocab_size, eod_id=tokenizer.eod))
+    try:
+        trainer.train_step()  # warm-up: compilation and first allocations
+        counts = audit_step(trainer)
+    finally:
+        trainer.close()
+    return dict(counts, layout=ps.describe(), num_microbatches=trainer.num_microbatches)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(REPO / "configs" / "gpt-tiny.yaml"))
+    parser.add_argument("--levels", default="none,O2,O3", help="comma-separated --fp8-level values")
+    parser.add_argument("--world-size", type=int, default=1, help="ranks of the (fake) world; this process is rank 0")
+    parser.add_argument("--data-args", default=None,
+                        help="the --data-path / --tokenizer-* flags as one string (default: the built-in corpus)")
+    parser.add_argument("--json", default=str(RESULTS / "launch_audit-cpu.json"))
+    parser.add_argument("flags", nargs="*", help="more pretrain_gpt.py flags, after --")
+    args = parser.parse_args(argv)
+    data = args.data_args.split() if args.data_args else builtin_corpus_args()
+    base = ["--config", args.config, "--device", "cpu", "--train-iters", "100", "--lr-warmup-iters", "1", "--eval-iters", "0",
+            "--log-interval", "1000", "--num-workers", "0", "--fp8-fused-casts", "off", *data, *args.flags]
+    rows = {}
+    for level in args.levels.split(","):
+        rows[level] = audit_level(level, base, args.world_size)
+    print(format_table(rows))
+    save_results(args.json, run_meta("launch_audit.py", argv, world_size=args.world_size, flags=base), levels=rows)
+    return 0
+
+
+def format_table(rows: dict) -> str:
+    """A line per level; launches and collectives also as a multiple of `none`'s when it ran."""
+    none = rows.get("none")
+    lines = [f"{'level':6} {'launches':>9} {'x none':>7} {'syncs':>6} {'host reads':>10} {'host data':>9} "
+             f"{'collectives':>11} {'x none':>7} {'bytes':>12}"]
+    for level, row in rows.items():
+        ratio = f"{row['launches'] / none['launches']:.2f}" if none else "-"
+        coll = f"{row['collectives'] / max(none['collectives'], 1):.2f}" if none else "-"
+        lines.append(f"{level:6} {row['launches']:>9,} {ratio:>7} {row['host_syncs']:>6} {row['host_reads']:>10} "
+                     f"{row['scalar_to_device']:>9} {row['collectives']:>11} {coll:>7} {row['collective_bytes']:>12,}")
+    return "\n".join(lines)
+
+
+def builtin_corpus_args() -> list[str]:
+    import subprocess
+    out = subprocess.run([sys.executable, "tools/builtin_corpus.py", "--print-args", "--quiet"], cwd=REPO,
+                         check=True, capture_output=True, text=True)
+    return out.stdout.split()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

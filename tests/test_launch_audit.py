@@ -1,0 +1,92 @@
+"""bench/launch_audit.py: its counts of one training step agree with independent counts of the
+same step (every dispatched operation, the model's GEMMs, the bytes the trainer's own counters
+charge), and its command line writes the JSON and table it promises."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from bench import launch_audit
+
+REPO = Path(__file__).resolve().parent.parent
+SMALL = ["--micro-batch-size", "2", "--global-batch-size", "4", "--seq-length", "64",
+         "--max-position-embeddings", "64"]
+
+
+class AllOps(TorchDispatchMode):
+    """The plainest count: every operation that reaches the dispatcher below autograd."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_counts_agree_with_an_independent_count_of_the_same_step(builtin_corpus_small, monkeypatch):
+    """One process, level none: every operation the audit sees is one the plain counter sees, each
+    is put in one class, and the GEMMs are the model's: forward, input gradient and weight gradient
+    of 4 linears per layer plus the output layer, per micro-batch."""
+    from megatron.core.tokenizers.tokenizer import build_tokenizer
+    from megatron.training.config import parse_config
+    from megatron.training.gpt_providers import gpt_task
+    from megatron.training.training import Trainer, setup_parallel
+
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    flags = ["--config", str(REPO / "configs" / "gpt-tiny.yaml"), "--device", "cpu", "--train-iters", "10",
+             "--lr-warmup-iters", "1", "--eval-iters", "0", "--num-workers", "0", "--fp8-level", "none",
+             *SMALL, *builtin_corpus_small.training_args()]
+    config, ps = setup_parallel(parse_config(flags))
+    tokenizer = build_tokenizer(config.tokenizer.tokenizer_config())
+    with launch_audit.cuda_optimizer_defaults():
+        trainer = Trainer(config, ps, gpt_task(config, ps, vocab_size=tokenizer.vocab_size, eod_id=tokenizer.eod))
+    try:
+        trainer.train_step()
+        launch_audit.read_step_batches(trainer)
+        with AllOps() as plain:
+            counts = launch_audit.count_step(trainer)
+    finally:
+        trainer.close()
+    assert counts["dispatched"] == sum(plain.ops.values())
+    classes = ("launches", "host_syncs", "host_reads", "scalar_to_device")
+    views = sum(n for func, n in plain.ops.items() if launch_audit.op_kind(func) == "none")
+    assert sum(counts[c] for c in classes) + views == counts["dispatched"]
+    layers, micro = config.model.num_layers, trainer.num_microbatches
+    assert micro == 2 and counts["gemms"] == 3 * (4 * layers + 1) * micro
+    assert counts["collectives"] == 0 and not counts["skipped"]
+    # The trainer reads the loss and the gradient norm: a handful of syncs, not one per tensor.
+    assert 1 <= counts["host_syncs"] <= 4
+    # AdamW's step counts, on the host in a CUDA run: read once or twice per parameter (torch's choice).
+    assert counts["host_reads"] in {k * sum(1 for _ in trainer.model.parameters()) for k in (1, 2)}
+
+
+def test_the_command_line_at_data_parallel_2(builtin_corpus_small, tmp_path):
+    """Two ranks of the fake process group, none and O3: every collective of `none` is an
+    all-reduce over 2 ranks, whose ring cost is the tensor's size, so the bytes handed to
+    torch.distributed equal the trainer's own count; O3 reduces FP8 gradients to their owners
+    (all-to-all) and gathers the updated FP8 weights."""
+    out = tmp_path / "audit.json"
+    data = " ".join(builtin_corpus_small.training_args())
+    done = subprocess.run([sys.executable, "bench/launch_audit.py", "--levels", "none,O3", "--world-size", "2",
+                           "--data-args", data, "--json", str(out), "--", *SMALL],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())["levels"]
+    none, o3 = rows["none"], rows["O3"]
+    assert set(none["collectives_by_name"]) == {"all_reduce"}
+    assert none["collective_bytes"] == sum(none["comm_ring_bytes"].values()) > 0
+    assert {"all_to_all_single", "all_gather"} <= set(o3["collectives_by_name"])
+    assert o3["launches"] > none["launches"] > 0 and not o3["skipped"]
+    table = done.stdout.splitlines()
+    assert any(line.startswith("none ") and " 1.00 " in line for line in table)
+    assert any(line.startswith("O3 ") for line in table)
