@@ -63,7 +63,10 @@ def compute_scale(
     scale = torch.full_like(amax, fmt_max / 2.0**margin) / amax
     if power_of_two:
         scale = torch.exp2(torch.floor(torch.log2(scale)))
-    valid = torch.isfinite(amax) & (amax > 0) & torch.isfinite(scale)
+    # Finite, positive amax and a finite scale, in three comparisons (NaN fails each): the
+    # same test as isfinite(amax) & (amax > 0) & isfinite(scale) for a positive scale, in 5
+    # kernels instead of 11 on every cast.
+    valid = (amax > 0) & (amax < math.inf) & (scale < math.inf)
     if isinstance(prev_scale, torch.Tensor):
         return torch.where(valid, scale, prev_scale.to(device=scale.device, dtype=torch.float32))
     # A Python number enters the kernel as a scalar argument: no tensor is copied to the device
