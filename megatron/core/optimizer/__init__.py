@@ -64,6 +64,13 @@ def global_grad_norm(params: list[nn.Parameter], grads: list[torch.Tensor], ps: 
     parameters once per model (on tensor-parallel rank 0), the tied output weight of the last
     pipeline stage not at all (the first stage counts it), summed over the tp and pp groups.
     `extra_square_sum`: this rank's sum of squares of gradients kept elsewhere (FP8 ones)."""
+    total = global_grad_square_sum(params, grads, ps, layouts, extra_square_sum)
+    return norm_from_squares(total.item())  # one read of the device: one sync
+
+
+def global_grad_square_sum(params: list[nn.Parameter], grads: list[torch.Tensor], ps: ParallelState,
+                           layouts: ParamLayouts, extra_square_sum: torch.Tensor | None = None) -> torch.Tensor:
+    """`global_grad_norm`'s sum of squares, a float32 0-dim tensor left on the device."""
     counted = [g for p, g in zip(params, grads) if layouts[p].counts_in_norm(ps.tp_rank)]
     device = grads[0].device if grads else ps.device
     total = torch.zeros((), dtype=torch.float32, device=device)
@@ -75,7 +82,7 @@ def global_grad_norm(params: list[nn.Parameter], grads: list[torch.Tensor], ps: 
     for group in ("tp", "pp"):
         if ps.group_size(group) > 1:
             comm.all_reduce(total, ps, group)
-    return math.sqrt(total.item()) if math.isfinite(total.item()) else math.inf
+    return total
 
 
 def clip_coefficient(clip_grad: float, norm: float) -> float:
@@ -101,6 +108,11 @@ class Optimizer(ABC):
     def grad_norm_squared(self) -> float:
         """This part's share of the global squared norm (summed over the groups it spans)."""
         return self.grad_norm() ** 2
+
+    def grad_norm_squared_tensor(self) -> torch.Tensor:
+        """`grad_norm_squared` as a float64 0-dim tensor, left on the device where the part can (a
+        chain adds its parts' there and reads the total once: one host sync per step)."""
+        return torch.tensor(self.grad_norm_squared(), dtype=torch.float64)
 
     @abstractmethod
     def apply(self, coefficient: float) -> None:
@@ -133,7 +145,15 @@ class ChainedOptimizer(Optimizer):
         return [group for part in self.parts for group in part.param_groups]
 
     def grad_norm_squared(self) -> float:
-        return sum(part.grad_norm_squared() for part in self.parts)
+        return self.grad_norm_squared_tensor().item()
+
+    def grad_norm_squared_tensor(self) -> torch.Tensor:
+        """The parts' squares added in order in float64 (the bits of a sum of Python floats)."""
+        total = None
+        for part in self.parts:
+            square = part.grad_norm_squared_tensor()
+            total = square if total is None else total + square  # 0-dim: any two devices add
+        return total if total is not None else torch.zeros((), dtype=torch.float64)
 
     def grad_norm(self) -> float:
         return norm_from_squares(self.grad_norm_squared())
@@ -199,6 +219,15 @@ class MixedPrecisionOptimizer(Optimizer):
 
     def grad_norm(self) -> float:
         return global_grad_norm(self.params, self.grads(), self.ps, self.layouts)
+
+    def grad_norm_squared(self) -> float:
+        return self.grad_norm_squared_tensor().item()
+
+    def grad_norm_squared_tensor(self) -> torch.Tensor:
+        # The sum of squares itself (not the norm squared again, which rounded it through a sqrt),
+        # a non-finite one as inf; on the device.
+        total = global_grad_square_sum(self.params, self.grads(), self.ps, self.layouts).double()
+        return torch.where(torch.isfinite(total), total, math.inf)
 
     def apply(self, coefficient: float) -> None:
         self.update(self.grads(), coefficient)

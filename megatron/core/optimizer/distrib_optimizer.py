@@ -30,7 +30,8 @@ import torch.nn as nn
 from megatron.core.distributed import comm
 from megatron.core.distributed.data_parallel import DistributedDataParallel
 from megatron.core.optimizer import (
-    Optimizer, OptimizerConfig, StepResult, _no_weight_decay, clip_coefficient, global_grad_norm,
+    Optimizer, OptimizerConfig, StepResult, _no_weight_decay, clip_coefficient, global_grad_square_sum,
+    norm_from_squares,
 )
 from megatron.core.parallel_state import ParallelState
 
@@ -157,7 +158,19 @@ class DistributedOptimizer(Optimizer):
         return StepResult(skipped=False, grad_norm=norm)
 
     def grad_norm(self) -> float:
-        return self._global_grad_norm()
+        return norm_from_squares(self.grad_norm_squared_tensor().item())  # one read of the device
+
+    def grad_norm_squared(self) -> float:
+        return self.grad_norm_squared_tensor().item()
+
+    def grad_norm_squared_tensor(self) -> torch.Tensor:
+        """The model's sum of squares (float64, on the device; non-finite as inf): this rank's
+        chunks, already summed over tp and pp, then summed over dp."""
+        segments = self._norm_segments
+        squares = global_grad_square_sum([s.param for s in segments], [self._grad_view(s) for s in segments],
+                                         self.ps, self.ddp.layouts).double()
+        comm.all_reduce(squares, self.ps, "dp")
+        return torch.where(torch.isfinite(squares), squares, math.inf)
 
     @torch.no_grad()
     def apply(self, coefficient: float) -> None:
@@ -166,14 +179,6 @@ class DistributedOptimizer(Optimizer):
             torch._foreach_mul_(self._grad_chunks, coefficient)
         self._adamw_update()
         self._all_gather_params(overlap=self.ddp.overlap_param_gather)
-
-    def _global_grad_norm(self) -> float:
-        segments = self._norm_segments
-        # This rank's chunks, already summed over tp and pp; the dp sum completes the model.
-        partial = global_grad_norm([s.param for s in segments], [self._grad_view(s) for s in segments], self.ps,
-                                   self.ddp.layouts)
-        squares = comm.all_reduce_scalar(partial * partial, self.ps, "dp")
-        return math.sqrt(squares) if math.isfinite(squares) else math.inf
 
     def _ensure_adam_state(self) -> None:
         if self._exp_avg is None:

@@ -29,13 +29,14 @@ from megatron.core.optimizer import Optimizer, OptimizerConfig, norm_from_square
 from megatron.core.parallel_state import ParallelState
 
 
-def _fp8_grad_norm_squared(params: list[nn.Parameter], grads: FP8GradStore, ps: ParallelState,
-                           owned: list[nn.Parameter] | None = None) -> float:
+def fp8_grad_square_sum(params: list[nn.Parameter], grads: FP8GradStore, ps: ParallelState,
+                        owned: list[nn.Parameter] | None = None) -> torch.Tensor:
     """Sum of squares of the FP8 gradients over the model. After the FP8 all-reduce they are equal
     on every data-parallel rank and tensor-parallel shards otherwise, so sum over tp and pp. Under
     FP8 ZeRO only the `owned` gradients are here: each rank fills its tensors' entries of one
     per-tensor vector and the vector is summed over dp. The total is always summed in the model's
-    tensor order, so it has the same bits whichever rank owns which tensor (O3 and O2 agree)."""
+    tensor order, so it has the same bits whichever rank owns which tensor (O3 and O2 agree).
+    A float64 0-dim tensor (the float32 sum, exactly), left on the device."""
     device = params[0].device if params else ps.device
     mine = None if owned is None else {id(p) for p in owned}
     zero = torch.zeros((), dtype=torch.float32, device=device)
@@ -47,7 +48,7 @@ def _fp8_grad_norm_squared(params: list[nn.Parameter], grads: FP8GradStore, ps: 
     for group in ("tp", "pp"):
         if ps.group_size(group) > 1:
             comm.all_reduce(total, ps, group)
-    return total.item()
+    return total.double()
 
 
 def fp8_adamw(params: list[torch.Tensor], grads: FP8GradStore, config: OptimizerConfig, ps: ParallelState, *,
@@ -90,7 +91,10 @@ class FP8WeightOptimizer(Optimizer):
         return self.fp8.param_groups if self.fp8 is not None else []
 
     def grad_norm_squared(self) -> float:
-        return _fp8_grad_norm_squared(self.fp8_params, self.fp8_grads, self.ps)
+        return self.grad_norm_squared_tensor().item()
+
+    def grad_norm_squared_tensor(self) -> torch.Tensor:
+        return fp8_grad_square_sum(self.fp8_params, self.fp8_grads, self.ps)
 
     def grad_norm(self) -> float:
         return norm_from_squares(self.grad_norm_squared())

@@ -26,7 +26,7 @@ from fp8.params import SCALE_BYTES, fp8_weight_from_master, param_value
 from megatron.core.distributed import comm
 from megatron.core.distributed.fp8_zero import FP8ZeroLayout
 from megatron.core.optimizer import OptimizerConfig
-from megatron.core.optimizer.fp8_optimizer import FP8WeightOptimizer, _fp8_grad_norm_squared, fp8_adamw
+from megatron.core.optimizer.fp8_optimizer import FP8WeightOptimizer, fp8_adamw, fp8_grad_square_sum
 from megatron.core.parallel_state import ParallelState
 
 
@@ -51,7 +51,10 @@ class FP8ZeroWeightOptimizer(FP8WeightOptimizer):
                              exp_avg_sq_dtype=exp_avg_sq_dtype, stochastic_rounding=stochastic_rounding, seed=seed)
 
     def grad_norm_squared(self) -> float:
-        return _fp8_grad_norm_squared(self.fp8_params, self.fp8_grads, self.ps, owned=self.owned)
+        return self.grad_norm_squared_tensor().item()
+
+    def grad_norm_squared_tensor(self) -> torch.Tensor:
+        return fp8_grad_square_sum(self.fp8_params, self.fp8_grads, self.ps, owned=self.owned)
 
     def _fp8_step(self) -> None:
         for param, master in self.masters.items():
