@@ -17,7 +17,7 @@ from megatron.core.parallel_state import ParallelState
 from megatron.core.parallelize import initialize_parameters, parallelize_gpt
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from megatron.core.transformer.config import TransformerConfig
-from test_sft_training import TRAIN, VOCAB, run_sft, sft_worker, synthetic_samples, write_sft
+from test_sft_training import TRAIN, run_sft, sft_worker, write_train_and_valid
 
 REAL, ROWS = 100, 128
 
@@ -102,10 +102,7 @@ def first_record(path) -> dict:
 
 @pytest.fixture(scope="module")
 def records32(tmp_path_factory):
-    root = tmp_path_factory.mktemp("records32")
-    write_sft(root / "train", synthetic_samples(32, seed=21))
-    write_sft(root / "train-valid", synthetic_samples(32, seed=22))
-    return root
+    return write_train_and_valid(tmp_path_factory.mktemp("records32"), 32, 32, seed=21)
 
 
 def split_runs(records32, tmp_path, level: str, extra=()) -> dict:

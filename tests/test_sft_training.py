@@ -156,12 +156,16 @@ TRAIN = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4
          "--position-embedding-type", "rope"]
 
 
+def write_train_and_valid(root, num_train: int, num_valid: int, seed: int):
+    """`root`/train and its validation files `root`/train-valid (which finetune_sft.py finds)."""
+    write_sft(root / "train", synthetic_samples(num_train, seed=seed))
+    write_sft(root / "train-valid", synthetic_samples(num_valid, seed=seed + 1))
+    return root
+
+
 @pytest.fixture(scope="module")
 def sft_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sft-data")
-    write_sft(root / "train", synthetic_samples(64, seed=7))
-    write_sft(root / "train-valid", synthetic_samples(8, seed=8))
-    return root
+    return write_train_and_valid(tmp_path_factory.mktemp("sft-data"), 64, 8, seed=7)
 
 
 def metrics(path) -> list[dict]:
