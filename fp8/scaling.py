@@ -63,10 +63,10 @@ def compute_scale(
     scale = torch.full_like(amax, fmt_max / 2.0**margin) / amax
     if power_of_two:
         scale = torch.exp2(torch.floor(torch.log2(scale)))
-    # Finite, positive amax and a finite scale, in three comparisons (NaN fails each): the
-    # same test as isfinite(amax) & (amax > 0) & isfinite(scale) for a positive scale, in 5
-    # kernels instead of 11 on every cast.
-    valid = (amax > 0) & (amax < math.inf) & (scale < math.inf)
+    # isfinite(amax) & (amax > 0) & isfinite(scale) in 3 kernels instead of 11 on every cast: an
+    # amax that is 0 (or so small that the quotient overflows) gives an infinite scale, an
+    # infinite amax a zero one (also after rounding down to a power of two), NaN fails both tests.
+    valid = (scale > 0) & (scale < math.inf)
     if isinstance(prev_scale, torch.Tensor):
         return torch.where(valid, scale, prev_scale.to(device=scale.device, dtype=torch.float32))
     # A Python number enters the kernel as a scalar argument: no tensor is copied to the device
@@ -179,7 +179,7 @@ class DelayedScaling:
 
     def record(self, amax: torch.Tensor) -> None:
         # Non-finite amaxes stay out of the window; compute_scale then keeps the previous scale.
-        amax = torch.where(torch.isfinite(amax), amax.float(), torch.zeros_like(amax, dtype=torch.float32))
+        amax = amax.float().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)  # one kernel
         self.amax_history = torch.roll(self.amax_history, 1)
         self.amax_history[0] = amax
         self.num_recorded += 1
