@@ -99,11 +99,12 @@ def tile_amax(x2d: torch.Tensor, tile: Tile, chunk_numel: int = CHUNK_NUMEL) -> 
         return fused.compiled(fused.tile_amax)(x2d, fused.tile_key(tile, tuple(x2d.shape)))
     rows, cols = x2d.shape
     if tile is None:
-        amax = torch.zeros((), device=x2d.device)
         if x2d.numel() == 0:
-            return amax
+            return torch.zeros((), device=x2d.device)
+        amax = None  # the first chunk's own (>= 0, or NaN): what max(0, it) would give, without 2 kernels
         for start, end in row_chunks(rows, cols, 1, chunk_numel):
-            amax = torch.maximum(amax, x2d[start:end].abs().amax().float())
+            chunk = x2d[start:end].abs().amax().float()
+            amax = chunk if amax is None else torch.maximum(amax, chunk)
         return amax
     tr, tc = tile
     nr, nc = num_tiles((rows, cols), tile)

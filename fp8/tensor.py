@@ -168,9 +168,13 @@ def quantize(
                                                   inf_to_nan)
         return ScalingTensor(data.reshape(x.shape), scale, spec, tile)
     # A bounded chunk of rows at a time (whole tiles each): no FP32 copy of all of `x` exists.
-    data = torch.empty(shape2d, dtype=spec.dtype, device=x.device)
     rows_per_tile = 1 if tile is None else tile[0]
-    for start, end in row_chunks(*shape2d, rows_per_tile, chunk_numel):
+    chunks = list(row_chunks(*shape2d, rows_per_tile, chunk_numel))
+    if len(chunks) == 1:  # the cast itself is the payload: no buffer to copy it into
+        data = _scaled_cast(x2d, expand_tiles(scale, shape2d, tile), spec, inf_to_nan).contiguous()
+        return ScalingTensor(data.reshape(x.shape), scale, spec, tile)
+    data = torch.empty(shape2d, dtype=spec.dtype, device=x.device)
+    for start, end in chunks:
         chunk_scale = scale if tile is None else scale[start // rows_per_tile:-(-end // rows_per_tile)]
         chunk_scale = expand_tiles(chunk_scale, (end - start, shape2d[1]), tile)
         data[start:end] = _scaled_cast(x2d[start:end], chunk_scale, spec, inf_to_nan)
