@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from megatron.core.pipeline_parallel.token_loss import token_mean
+
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
     mask = mask.to(x.dtype)
@@ -105,9 +107,7 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: fl
 def token_average(x: torch.Tensor, mask: torch.Tensor, denominator: torch.Tensor | None) -> torch.Tensor:
     """sum(x x mask) / `denominator` (the global batch's tokens per micro-batch under the per-token
     loss); the mean over `mask` when None."""
-    if denominator is None:
-        return masked_mean(x, mask)
-    return (x * mask.to(x.dtype)).sum() / denominator.to(x.dtype)
+    return masked_mean(x, mask) if denominator is None else token_mean(x, mask, denominator)
 
 
 def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,

@@ -93,9 +93,11 @@ def model_vocab_size(config: RunConfig, tokenizer_size: int, start_from: str | N
     """The vocabulary of the model a run trains: that of the checkpoint it starts from (--load when
     it holds one, else `start_from`: --pretrained-checkpoint), which may have more ids than the
     tokenizer (an imported model's extra rows); the tokenizer's for a model trained from scratch."""
-    load = config.checkpoint.load
-    source = load if load and saved_vocab_size(load) is not None else start_from
-    saved = saved_vocab_size(source) if source else None
+    source, saved = config.checkpoint.load, None
+    if source:
+        saved = saved_vocab_size(source)
+    if saved is None and start_from:
+        source, saved = start_from, saved_vocab_size(start_from)
     if saved is None:
         return tokenizer_size
     if tokenizer_size > saved:

@@ -49,9 +49,8 @@ def with_global_denominator(batches: list[dict], count: Callable[[dict], torch.T
                             ) -> tuple[list[dict], torch.Tensor]:
     """`batches` (this rank's micro-batches of one global batch) each with the per-token
     denominator attached, and the global batch's token count N (float64, on `ps.device`)."""
-    local = torch.zeros((), dtype=torch.float64, device=ps.device)
-    for batch in batches:
-        local += count(batch).to(device=ps.device, dtype=torch.float64)
+    # Summed where the batches are (the host for a data loader's), then moved once.
+    local = sum(count(batch).to(torch.float64) for batch in batches).to(ps.device)
     total = comm.all_reduce(local, ps, "dp")
     denominator = (total.clamp(min=1.0) / (ps.dp_size * len(batches))).to(torch.float32)
     return [dict(batch, **{TOKEN_DENOMINATOR: denominator}) for batch in batches], total
