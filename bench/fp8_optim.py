@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import RESULTS, requested_device, run_meta, save_results  # noqa: E402
 from fp8.gradients import FP8GradStore  # noqa: E402
 from fp8.optim import FP8AdamW, is_scaled_fp16, make_scaled_fp16_param  # noqa: E402
-from fp8.scaling import CHUNK_NUMEL  # noqa: E402
+from fp8.scaling import default_chunk_numel  # noqa: E402
 from fp8.tensor import ScalingTensor, quantize  # noqa: E402
 
 STATES = {
@@ -158,7 +158,7 @@ def main(argv=None) -> int:
     parser.add_argument("--states", nargs="+", default=list(STATES), choices=list(STATES))
     parser.add_argument("--foreach-numel", type=int, nargs="+", default=[0, 8 << 20],
                         help="bounds of the multi-tensor batches to time (0: the optimizer's default)")
-    parser.add_argument("--chunk-numel", type=int, default=CHUNK_NUMEL,
+    parser.add_argument("--chunk-numel", type=int, default=default_chunk_numel(),
                         help="values per chunk of the per-tensor path (and the default bound of a batch)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=None, help="timed steps (default: 5 on CPU, 20 on CUDA)")

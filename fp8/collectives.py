@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from fp8.formats import FormatSpec, get_spec
-from fp8.scaling import CHUNK_NUMEL
+from fp8.scaling import default_chunk_numel
 from fp8.tensor import ScalingTensor, cast_saturate
 
 
@@ -157,8 +157,9 @@ def fp32_sum(segments: list[torch.Tensor], spec: FormatSpec) -> torch.Tensor:
 
 
 # ----- the gradient reduction in bounded chunks -------------------------------------------------
-# Gradient values one rank re-casts and sends per round (1 byte each) are `CHUNK_NUMEL`: the
-# reduction's FP32 working set is a few times that many bytes whatever the model's size.
+# Gradient values one rank re-casts and sends per round (1 byte each) are the configured chunk
+# (`fp8.scaling.set_chunk_mb`): the reduction's FP32 working set is a few times that many bytes
+# whatever the model's size, and a bucket smaller than it travels in one round.
 
 
 class _Flat:
@@ -285,11 +286,12 @@ def _scatter_rounds(flat: _Flat, transport: Transport, factors, spec: FormatSpec
 
 
 def fp8_reduce_scatter(grads: Sequence[ScalingTensor], transport: Transport, *, mu: float = 1.0,
-                       fmt: str = "e4m3", chunk_numel: int = CHUNK_NUMEL) -> ReduceScatterResult:
+                       fmt: str = "e4m3", chunk_numel: int | None = None) -> ReduceScatterResult:
     """Steps 1-3 of the module docstring up to the reduce-scatter: each rank ends with one of N
     equal segments (the last padded with zeros) of the flattened mean, in FP8. Works in rounds
     of `chunk_numel` values per rank."""
     spec = get_spec(fmt)
+    chunk_numel = default_chunk_numel() if chunk_numel is None else chunk_numel
     assert all(g.tile is None for g in grads), "the FP8 gradient reduction takes per-tensor scales"
     n, rank = transport.size, transport.rank
     flat = _Flat(grads, spec)
@@ -313,7 +315,7 @@ class OwnerReduceResult:
 
 
 def fp8_reduce_to_owners(grads: Sequence[ScalingTensor], owners: Sequence[int], transport: Transport, *,
-                         mu: float = 1.0, fmt: str = "e4m3", chunk_numel: int = CHUNK_NUMEL,
+                         mu: float = 1.0, fmt: str = "e4m3", chunk_numel: int | None = None,
                          in_place: bool = False) -> OwnerReduceResult:
     """The reduce-scatter of FP8 ZeRO: as `fp8_reduce_scatter`, but the segments follow tensor
     ownership (`fp8.greedy_partition`) instead of an even split, so each tensor is summed whole
@@ -323,6 +325,7 @@ def fp8_reduce_to_owners(grads: Sequence[ScalingTensor], owners: Sequence[int], 
     gradients' own bytes (their scales are replaced); otherwise into new tensors. In a group of
     one the gradients are returned as they are."""
     spec = get_spec(fmt)
+    chunk_numel = default_chunk_numel() if chunk_numel is None else chunk_numel
     assert len(owners) == len(grads) and all(g.tile is None for g in grads)
     n, rank = transport.size, transport.rank
     flat = _Flat(grads, spec)
@@ -365,13 +368,14 @@ def _stream_piece(flat: _Flat, stream: list[int], offset: int, length: int, fact
 
 
 def fp8_all_reduce(grads: Sequence[ScalingTensor], transport: Transport, *, mu: float = 1.0,
-                   fmt: str = "e4m3", chunk_numel: int = CHUNK_NUMEL, in_place: bool = False) -> ReduceResult:
+                   fmt: str = "e4m3", chunk_numel: int | None = None, in_place: bool = False) -> ReduceResult:
     """Mean of every rank's `grads` (per-tensor-scaled FP8, same shapes on every rank), in FP8:
     the reduce-scatter above, then an all-gather of the FP8 segments, round by round. With
     `in_place` the means are written into the gradients' own bytes (each round's values after
     they were sent); otherwise into new tensors. In a group of one the gradients are returned as
     they are (the statistics are still counted)."""
     spec = get_spec(fmt)
+    chunk_numel = default_chunk_numel() if chunk_numel is None else chunk_numel
     assert all(g.tile is None for g in grads), "the FP8 gradient reduction takes per-tensor scales"
     n = transport.size
     flat = _Flat(grads, spec)

@@ -30,9 +30,6 @@ import threading
 import torch
 
 MODES = ("auto", "on", "off")
-# Values per chunk where a fused device still works in chunks (FP8 gradient accumulation):
-# 16x `fp8.scaling.CHUNK_NUMEL`, bounding its FP32 temporaries at 64 MB each.
-CHUNK_NUMEL = 1 << 24
 _state = {"mode": "auto"}
 
 

@@ -23,10 +23,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fp8.scaling import BLOCK_SIZE, CHUNK_NUMEL
+from fp8.scaling import BLOCK_SIZE
 from fp8.tensor import ScalingTensor
 
 PATHS = ("scaled_mm", "blockwise", "emulate")
+# Values per block of the CPU GEMM's operands (see `_cpu_blocks`): a fixed bound, not the FP8
+# chunk of `--fp8-chunk-mb`, since the CPU GEMM's summation order depends on its blocks' shapes.
+CPU_GEMM_BLOCK_NUMEL = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -149,7 +152,7 @@ def _native_scaled_mm(a: ScalingTensor, b: ScalingTensor, out_dtype, bias, fast_
     return out if bias is None else out.add_(bias.to(out_dtype))
 
 
-def _cpu_blocks(gemm, a: torch.Tensor, b: torch.Tensor, out_dtype, chunk_numel: int = CHUNK_NUMEL) -> torch.Tensor:
+def _cpu_blocks(gemm, a: torch.Tensor, b: torch.Tensor, out_dtype, chunk_numel: int = CPU_GEMM_BLOCK_NUMEL) -> torch.Tensor:
     """``a @ b`` by `gemm` on blocks of `a`'s rows and `b`'s columns, each about `chunk_numel`
     values. The CPU kernel converts its operands to FP32 before multiplying (a GPU reads FP8
     directly), which would make FP32 copies of a whole activation and weight per call; per block

@@ -58,7 +58,7 @@ import torch.nn as nn
 
 from fp8.formats import E4M3, FP16
 from fp8.gradients import FP8GradStore
-from fp8.scaling import CHUNK_NUMEL, compute_scale
+from fp8.scaling import compute_scale, default_chunk_numel
 from fp8.stochastic import stochastic_round
 from fp8.tensor import ScalingTensor, cast_saturate, quantize
 
@@ -288,7 +288,7 @@ class FP8AdamW(torch.optim.Optimizer):
                  exp_avg_sq_dtype: str = "fp16", stochastic_rounding: bool = False, seed: int = 0,
                  power_of_two_scales: bool = True, fp8_grads: FP8GradStore | None = None,
                  grad_of: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
-                 chunk_numel: int = CHUNK_NUMEL, foreach: bool | None = None,
+                 chunk_numel: int | None = None, foreach: bool | None = None,
                  foreach_numel: int | None = None):
         _check_hparams(lr, betas, eps, weight_decay)
         self.exp_avg_dtype = _check_state_dtype("exp_avg_dtype", exp_avg_dtype)
@@ -299,6 +299,7 @@ class FP8AdamW(torch.optim.Optimizer):
         self.power_of_two_scales = bool(power_of_two_scales)
         self.fp8_grads = fp8_grads  # where FP8 gradients of the parameters are found (level O1+)
         self.grad_of = grad_of      # where other gradients kept outside `.grad` are found
+        chunk_numel = default_chunk_numel() if chunk_numel is None else chunk_numel
         if chunk_numel < 1:
             raise ValueError(f"chunk_numel must be >= 1, got {chunk_numel}")
         self.chunk_numel = int(chunk_numel)  # values updated at once: bounds the FP32 working set

@@ -25,7 +25,7 @@ import torch.nn as nn
 from fp8.formats import E4M3
 from fp8.optim import is_scaled_fp16, scaled_value, to_scaled_fp16
 from fp8.scaling import compute_scale
-from fp8.scaling import CHUNK_NUMEL
+from fp8.scaling import default_chunk_numel
 from fp8.tensor import ScalingTensor, cast_saturate
 
 SCALE_BYTES = 4
@@ -70,10 +70,11 @@ def quantize_fp8_weight(value: torch.Tensor, cast: WeightCast,
 
 
 def fp8_weight_from_master(master: torch.Tensor, cast: WeightCast, prev_scale: torch.Tensor | None = None,
-                           chunk_numel: int = CHUNK_NUMEL) -> tuple[torch.Tensor, torch.Tensor]:
+                           chunk_numel: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`quantize_fp8_weight` of a master's true value (`scaled_value`), read `chunk_numel` values
     at a time, twice (the amax, then the cast): the same bytes and scale without an FP32 copy of
     the whole tensor."""
+    chunk_numel = default_chunk_numel() if chunk_numel is None else chunk_numel
     flat, numel = master.detach().reshape(-1), master.numel()
     inv = master.scale.reciprocal() if is_scaled_fp16(master) else None
 

@@ -31,15 +31,39 @@ GRANULARITIES = ("tensor", "row", "block")
 RECIPES = ("delayed", "current", "rowwise", "blockwise")
 BLOCK_SIZE = 128
 
-# Values handled at once by the chunked casts, reductions and optimizer steps: their FP32
-# temporaries are a few times this many 4-byte values, whatever the tensor's size.
-CHUNK_NUMEL = 1 << 20
+# The chunk: values handled at once by the chunked casts, gradient-reduction rounds and optimizer
+# steps, whose FP32 temporaries are a few times this many 4-byte values whatever the tensor's
+# size. `--fp8-chunk-mb` sets it in MiB of FP32 values. Each chunk costs kernel launches (several
+# per operation of a cast or an optimizer step, one collective per reduction round), so on a GPU
+# the trainer takes a larger budget than on a CPU.
+DEFAULT_CHUNK_MB = 64
+CUDA_CHUNK_MB = 256
+_chunk = {"numel": DEFAULT_CHUNK_MB << 18}
 
 
-def row_chunks(rows: int, cols: int, row_multiple: int = 1, chunk_numel: int = CHUNK_NUMEL):
+def chunk_mb_for(device: torch.device | str) -> int:
+    """`--fp8-chunk-mb auto`: the budget for `device`."""
+    return CUDA_CHUNK_MB if torch.device(device).type == "cuda" else DEFAULT_CHUNK_MB
+
+
+def set_chunk_mb(mb: float) -> int:
+    """Sets the chunk to `mb` MiB of FP32 values (at least one value); returns it in values."""
+    if not mb > 0 or math.isinf(mb):
+        raise ValueError(f"--fp8-chunk-mb must be a positive number of MiB, got {mb}")
+    _chunk["numel"] = max(1, int(mb * (1 << 20)) // 4)
+    return _chunk["numel"]
+
+
+def default_chunk_numel() -> int:
+    """The chunk, in values (see `set_chunk_mb`)."""
+    return _chunk["numel"]
+
+
+def row_chunks(rows: int, cols: int, row_multiple: int = 1, chunk_numel: int | None = None):
     """``(start, end)`` row ranges of a ``rows x cols`` matrix, each about `chunk_numel` values
-    (at least one row) and a multiple of `row_multiple` rows, so that tiles of that many rows
-    never straddle two chunks."""
+    (default: the configured chunk; at least one row) and a multiple of `row_multiple` rows, so
+    that tiles of that many rows never straddle two chunks."""
+    chunk_numel = chunk_numel or default_chunk_numel()
     step = max(1, chunk_numel // max(cols, 1) // row_multiple) * row_multiple
     for start in range(0, rows, step):
         yield start, min(start + step, rows)
@@ -91,7 +115,7 @@ def num_tiles(shape2d: tuple[int, int], tile: Tile) -> tuple[int, int]:
     return (math.ceil(shape2d[0] / tile[0]), math.ceil(shape2d[1] / tile[1]))
 
 
-def tile_amax(x2d: torch.Tensor, tile: Tile, chunk_numel: int = CHUNK_NUMEL) -> torch.Tensor:
+def tile_amax(x2d: torch.Tensor, tile: Tile, chunk_numel: int | None = None) -> torch.Tensor:
     """amax of |x| per tile: 0-dim for `tile=None`, else shape `num_tiles(x2d.shape, tile)`.
     Computed a bounded chunk of rows at a time, so no copy of the whole tensor is made; or as one
     compiled kernel where casts are fused (`fp8.fused`), with the same result."""
@@ -147,6 +171,12 @@ class DelayedScaling:
     A cast uses the scale derived from the amaxes of earlier casts (the history window, reduced
     by ``max`` or ``most_recent``), then records its own amax. The first cast, with an empty
     history, is scaled from its own amax rather than from a guess.
+
+    On its own a scaler records every cast's amax at once (a history row per cast). Joined to a
+    `DelayedScalingGroup` (as the trainer joins a model's), it only keeps the largest amax of the
+    casts since the group's last `update()`, which then records it (a history row per training
+    step) for all the group's scalers in a few kernels: within a step every cast of a tensor uses
+    the same scale, as with Transformer Engine's once-per-step amax-and-scale update.
     """
 
     def __init__(
@@ -166,16 +196,24 @@ class DelayedScaling:
         self.amax_history = torch.zeros(history_len)
         self.scale = torch.ones(())
         self.num_recorded = 0
+        self.group: DelayedScalingGroup | None = None
+        self.pending: torch.Tensor | None = None  # in a group: the largest amax since its last update
 
     def scale_for(self, amax: torch.Tensor) -> torch.Tensor:
-        """The scale to cast the current tensor with; records its `amax` for later casts."""
+        """The scale to cast the current tensor with; records its `amax` for later casts (in a
+        group: keeps it for the group's next update)."""
         if self.amax_history.device != amax.device:
             self.amax_history = self.amax_history.to(amax.device)
             self.scale = self.scale.to(amax.device)
         if self.num_recorded == 0:
             self.scale = compute_scale(amax, self.spec.max, self.margin, self.power_of_two)
         scale = self.scale
-        self.record(amax)
+        if self.group is None:
+            self.record(amax)
+        else:
+            # fmax: a NaN amax leaves the largest finite one (an infinite one stays, and the
+            # update then records 0 for the step: no information about its range).
+            self.pending = amax.float() if self.pending is None else torch.fmax(self.pending, amax)
         return scale
 
     def record(self, amax: torch.Tensor) -> None:
@@ -196,6 +234,54 @@ class DelayedScaling:
         self.amax_history = state["amax_history"].clone()
         self.scale = state["scale"].clone()
         self.num_recorded = int(state["num_recorded"])
+        self.pending = None
+
+
+class DelayedScalingGroup:
+    """Delayed-scaling histories updated together, once per training step.
+
+    Joined scalers keep the largest amax of their casts until `update()`, which records it in each
+    one's history and derives the next scales for all of them at once: a fixed number of kernels
+    per format and settings, however many tensors, layers and micro-batches the model has (a
+    scaler on its own takes about ten per cast). The result is each scaler's `record` of its
+    step's largest amax, to the bit: the window is the history's max (its unrecorded entries are
+    zeros, below any amax) or its newest entry, and the scale follows `compute_scale`."""
+
+    def __init__(self, scalers=()):
+        self._members: dict[tuple, list[DelayedScaling]] = {}
+        for scaler in scalers:
+            self.join(scaler)
+
+    def join(self, scaler: DelayedScaling) -> None:
+        if scaler.group is not None and scaler.group is not self:
+            raise ValueError("a delayed scaler belongs to one DelayedScalingGroup")
+        key = (scaler.spec.max, scaler.margin, scaler.power_of_two, scaler.algo, scaler.history_len)
+        members = self._members.setdefault(key, [])
+        if not any(m is scaler for m in members):
+            members.append(scaler)
+        scaler.group = self
+
+    def __len__(self) -> int:
+        return sum(len(m) for m in self._members.values())
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Records every scaler's pending amax (scalers not cast since the last update keep
+        their history) and sets their next scales."""
+        for (fmt_max, margin, power_of_two, algo, _), members in self._members.items():
+            ready = [s for s in members if s.pending is not None]
+            if not ready:
+                continue
+            amax = torch.stack([s.pending for s in ready]).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+            history = torch.roll(torch.stack([s.amax_history for s in ready]), 1, dims=1)
+            history[:, 0] = amax
+            reduced = history[:, 0] if algo == "most_recent" else history.amax(dim=1)
+            scales = compute_scale(reduced, fmt_max, margin, power_of_two, torch.stack([s.scale for s in ready]))
+            # Each scaler keeps views of the group's new tensors: no copy back.
+            for i, scaler in enumerate(ready):
+                scaler.amax_history, scaler.scale = history[i], scales[i]
+                scaler.num_recorded += 1
+                scaler.pending = None
 
 
 Scaler = CurrentScaling | DelayedScaling

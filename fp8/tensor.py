@@ -6,7 +6,7 @@ import torch
 
 from fp8 import fused
 from fp8.formats import FormatSpec, get_spec
-from fp8.scaling import (CHUNK_NUMEL, Tile, compute_scale, expand_tiles, num_tiles, resolve_tile, row_chunks,
+from fp8.scaling import (Tile, compute_scale, default_chunk_numel, expand_tiles, num_tiles, resolve_tile, row_chunks,
                          tile_amax)
 
 
@@ -141,7 +141,7 @@ def quantize(
     margin: int = 0,
     power_of_two: bool = False,
     inf_to_nan: bool = False,
-    chunk_numel: int = CHUNK_NUMEL,
+    chunk_numel: int | None = None,
 ) -> ScalingTensor:
     """Cast `x` to `fmt` with one scale per tile of `granularity` ("tensor", "row", "block").
 
@@ -189,14 +189,14 @@ def requantize(x: ScalingTensor, *, fmt: str | FormatSpec | None = None, tile: T
 
 
 def accumulate(acc: ScalingTensor | None, x: torch.Tensor, fmt: str | FormatSpec = "e4m3",
-               chunk_numel: int = CHUNK_NUMEL) -> ScalingTensor:
+               chunk_numel: int | None = None) -> ScalingTensor:
     """``acc + x`` kept in `fmt`: dequantize, add in fp32, re-quantize with a fresh scale.
 
     Used for FP8 weight gradients across micro-batches. The scale is per tensor. An overflow
     (inf or NaN anywhere) leaves NaN in the result, so the optimizer sees it and skips the step.
     With an `acc` (per-tensor) the sum is formed `chunk_numel` values at a time, twice (its amax,
     then the cast, written over `acc`'s bytes), so no FP32 copy of the whole tensor is made;
-    where casts are fused (`fp8.fused`) the chunks are 16x larger and the cast is one kernel.
+    where casts are fused (`fp8.fused`) each chunk's cast is one kernel.
     """
     if acc is None:
         return quantize(x.float(), fmt, inf_to_nan=True)
@@ -209,8 +209,7 @@ def accumulate(acc: ScalingTensor | None, x: torch.Tensor, fmt: str | FormatSpec
 
     numel = flat_x.numel()
     cast_fused = fused.active(x.device)
-    if cast_fused and chunk_numel == CHUNK_NUMEL:
-        chunk_numel = fused.CHUNK_NUMEL  # fewer, larger chunks: a GPU's launches cost more than its memory
+    chunk_numel = default_chunk_numel() if chunk_numel is None else chunk_numel
     amax = torch.zeros((), device=x.device)
     for start in range(0, numel, chunk_numel):
         amax = torch.maximum(amax, total(start, min(start + chunk_numel, numel)).abs().amax())

@@ -143,3 +143,57 @@ def test_fp8_linear_bias_and_weight_gradients_round_once():
     dy8, x8 = state.cast(dy, "grad_output"), state.cast(torch.randn(333, 48, generator=gen).bfloat16(), "input")
     want = fp8_matmul(dy8.t(), x8, out_dtype=torch.float32).bfloat16()
     assert torch.equal(state.wgrad(weight, dy8, x8), want)
+
+
+def _train_o2(flags: list[str], corpus, steps: int = 2):
+    """`steps` steps of gpt-tiny at O2 in this process; returns (losses, parameters, the chunk)."""
+    from pathlib import Path
+
+    from megatron.core.tokenizers.tokenizer import build_tokenizer
+    from megatron.training.config import parse_config
+    from megatron.training.gpt_providers import gpt_task
+    from megatron.training.training import Trainer, setup_parallel
+
+    repo = Path(__file__).resolve().parent.parent
+    config, ps = setup_parallel(parse_config([
+        "--config", str(repo / "configs" / "gpt-tiny.yaml"), "--device", "cpu", "--train-iters", str(steps),
+        "--lr-warmup-iters", "1", "--eval-iters", "0", "--num-workers", "0", "--fp8-level", "O2",
+        "--micro-batch-size", "2", "--global-batch-size", "4", "--seq-length", "64",
+        "--max-position-embeddings", "64", *corpus.training_args(), *flags]))
+    tokenizer = build_tokenizer(config.tokenizer.tokenizer_config())
+    trainer = Trainer(config, ps, gpt_task(config, ps, vocab_size=tokenizer.vocab_size, eod_id=tokenizer.eod))
+    try:
+        chunk = fp8.scaling.default_chunk_numel()
+        losses = [trainer.train_step()[0] for _ in range(steps)]
+        params = [p.detach().clone() for p in trainer.model.parameters()]
+    finally:
+        trainer.close()
+    return losses, params, chunk
+
+
+def test_fp8_chunk_mb_sets_the_chunk_and_changes_no_bit(builtin_corpus_small, monkeypatch):
+    """`--fp8-chunk-mb`: the trainer sets the chunk from it (auto: 64 MiB of FP32 values on a CPU),
+    and O2 training with chunks of 262 values (every cast, accumulation and optimizer step of the
+    FP8 weights in many pieces) gives the losses and weights of whole-tensor chunks, to the bit."""
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    before = fp8.scaling.default_chunk_numel()
+    try:
+        whole_losses, whole, chunk = _train_o2([], builtin_corpus_small)
+        assert chunk == fp8.scaling.DEFAULT_CHUNK_MB * (1 << 20) // 4
+        small_losses, small, chunk = _train_o2(["--fp8-chunk-mb", "0.001"], builtin_corpus_small)
+        assert chunk == 262
+    finally:
+        fp8.scaling.set_chunk_mb(before * 4 / (1 << 20))
+    assert small_losses == whole_losses
+    assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(small, whole))
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "inf"])
+def test_fp8_chunk_mb_refuses_what_is_not_a_size(value):
+    from megatron.training.config import parse_config
+
+    with pytest.raises(ValueError, match="--fp8-chunk-mb must be a positive number of MiB"):
+        parse_config(["--fp8-chunk-mb", value])
+    with pytest.raises(ValueError, match="--fp8-chunk-mb must be a positive number of MiB"):
+        fp8.scaling.set_chunk_mb(float(value))

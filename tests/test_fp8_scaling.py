@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fp8
-from fp8.scaling import DelayedScaling, expand_tiles, tile_amax
+from fp8.scaling import DelayedScaling, DelayedScalingGroup, expand_tiles, tile_amax
 
 
 @pytest.mark.parametrize("fmt_max", [448.0, 57344.0, 65504.0])
@@ -68,6 +68,81 @@ def test_delayed_scaling_ignores_non_finite_amax():
     before = scaler.scale.item()
     scaler.scale_for(torch.tensor(math.inf))
     assert scaler.scale.item() == before
+
+
+@pytest.mark.parametrize("algo", ["max", "most_recent"])
+@pytest.mark.parametrize("power_of_two", [False, True])
+def test_a_group_updates_once_per_step_as_each_scaler_would_record_its_step_maximum(algo, power_of_two):
+    """Scalers in a DelayedScalingGroup, cast several times per step (some steps not at all, some
+    amaxes NaN or zero): every cast of a step uses the scale the step started with, and after
+    `update()` each history and scale are, to the bit, those of a lone scaler that records the
+    step's largest finite amax once. The first step scales each cast from its own amax."""
+    gen = torch.Generator().manual_seed(3)
+    specs = [fp8.E4M3, fp8.E5M2, fp8.E4M3, fp8.E4M3]
+    grouped = [DelayedScaling(spec, history_len=4, algo=algo, margin=1, power_of_two=power_of_two) for spec in specs]
+    alone = [DelayedScaling(spec, history_len=4, algo=algo, margin=1, power_of_two=power_of_two) for spec in specs]
+    group = DelayedScalingGroup(grouped)
+    assert len(group) == 4
+    for step in range(9):
+        for i, (g, a) in enumerate(zip(grouped, alone)):
+            if (step + i) % 4 == 3:
+                continue  # not cast this step: its history stays as it is
+            amaxes = torch.exp(torch.empty(3).uniform_(-20, 20, generator=gen))
+            if step == 5:
+                amaxes[1] = math.nan
+            if step == 6:
+                amaxes[:] = 0.0
+            start = a.scale.clone()
+            used = [g.scale_for(amax.clone()) for amax in amaxes]
+            if a.num_recorded == 0:
+                assert all(torch.equal(u, fp8.compute_scale(m, g.spec.max, 1, power_of_two))
+                           for u, m in zip(used, amaxes))
+                a.scale = used[0]
+            else:
+                assert all(torch.equal(u, start) for u in used)
+            a.record(amaxes.nan_to_num(nan=0.0).max())
+        group.update()
+        for g, a in zip(grouped, alone):
+            assert torch.equal(g.amax_history, a.amax_history) and g.num_recorded == a.num_recorded
+            assert torch.equal(g.scale, a.scale), (step, g.scale, a.scale)
+    # A grouped scaler's state resumes into a lone one.
+    other = DelayedScaling(fp8.E4M3, history_len=4, algo=algo, margin=1, power_of_two=power_of_two)
+    other.load_state_dict(grouped[0].state_dict())
+    assert torch.equal(other.scale_for(torch.tensor(1.0)), grouped[0].scale)
+
+
+def test_a_group_update_launches_the_same_kernels_for_any_number_of_scalers():
+    """The update's cost does not grow with the model: the same kernel-launching operations
+    (views aside) for 2 or 64 scalers of one format, against about ten per cast for a lone scaler."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from bench.launch_audit import op_kind
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if op_kind(func) == "launch":
+                self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    counts = []
+    for n in (2, 64):
+        group = DelayedScalingGroup([DelayedScaling(fp8.E4M3, history_len=16) for _ in range(n)])
+        for step in range(2):
+            for scaler in [s for members in group._members.values() for s in members]:
+                scaler.scale_for(torch.rand(()) + 0.5)
+                scaler.scale_for(torch.rand(()) + 0.5)
+            if step == 0:
+                group.update()
+        with Count() as count:
+            group.update()
+        counts.append(sorted(count.ops))
+    assert counts[0] == counts[1] and len(counts[0]) < 20
+    with pytest.raises(ValueError, match="one DelayedScalingGroup"):
+        DelayedScalingGroup([next(iter(group._members.values()))[0]])
 
 
 def test_bad_scaling_config_is_a_clear_error():

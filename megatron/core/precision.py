@@ -26,7 +26,7 @@ from fp8.gradients import FP8GradStore
 from fp8.linear import FP8LinearState
 from fp8.optim import ScaledFP16Parameter, make_scaled_fp16_param, to_scaled_fp16
 from fp8.params import WeightCast, make_fp8_param, param_value
-from fp8.scaling import RECIPES, Recipe
+from fp8.scaling import RECIPES, DelayedScaling, DelayedScalingGroup, Recipe
 from megatron.core.distributed.data_parallel import BUCKET_SIZE_MB
 from megatron.core.distributed.fp8_reducer import FP8GradReducer
 from megatron.core.distributed.fp8_zero import FP8ZeroLayout
@@ -149,6 +149,13 @@ class AppliedPrecision:
     reducer: FP8GradReducer | None = None            # O1+: the FP8 gradients' data-parallel mean (auto-scaler, owners)
     zero: FP8ZeroLayout | None = None                # O3: which data-parallel rank owns each FP8 weight
     masters: dict = field(default_factory=dict)      # O3: this rank's owned weights -> FP16 masters
+    # The FP8 linears' delayed-scaling histories, which the trainer updates once per step.
+    scalings: DelayedScalingGroup | None = None
+
+    def update_scales(self) -> None:
+        """Delayed scaling's once-per-step update (after a step's last micro-batch)."""
+        if self.scalings is not None:
+            self.scalings.update()
 
     def is_fp8_grad(self, param: nn.Parameter) -> bool:
         return any(param is p for p in self.fp8_grad_params)
@@ -172,12 +179,13 @@ def apply_precision(model: nn.Module, config: FP8Config, ps: ParallelState, *,
     plan = plan_for(config)
     grads = FP8GradStore() if plan.fp8_wgrad else None
     recipe = config.to_recipe()
-    names, params, casts = [], [], []
+    names, params, casts, delayed = [], [], [], []
     if plan.fp8_gemms:
         for name, module in _fp8_linears(model, config, recipe):
             module.kernel = FP8LinearState(recipe, fp8_wgrad=plan.fp8_wgrad, fp8_comm=plan.fp8_tp_comm,
                                            fp8_reduce_scatter=plan.fp8_reduce_scatter, grads=grads)
             names.append(name)
+            delayed += [s for s in module.kernel.scalers.values() if isinstance(s, DelayedScaling)]
             if plan.fp8_wgrad:
                 params.append(module.weight)
                 casts.append(WeightCast(recipe.margin, recipe.power_of_two))
@@ -200,7 +208,8 @@ def apply_precision(model: nn.Module, config: FP8Config, ps: ParallelState, *,
                                             window=config.wgrad_auto_scaling_window)
         reducer = FP8GradReducer(trainable, grads, ps, autoscaler=autoscaler, zero=zero)
     return AppliedPrecision(plan, grads, tuple(names), tuple(params), tuple(casts), config.optimizer_dtypes(),
-                            config.fp16_master_stochastic_rounding, reducer, zero, masters)
+                            config.fp16_master_stochastic_rounding, reducer, zero, masters,
+                            DelayedScalingGroup(delayed) if delayed else None)
 
 
 def _fp8_linears(model: nn.Module, config: FP8Config, recipe):

@@ -138,6 +138,10 @@ class PrecisionArgs(Section):
     fp8_output_layer: bool = flag(False, "FP8 GEMMs in the output head too")
     fp8_fused_casts: str = flag("auto", "FP8 casts as compiled kernels (fp8/fused.py; auto: on CUDA with Triton), "
                                         "the same bits", choices=("auto", "on", "off"))
+    fp8_chunk_mb: float | None = flag(
+        None, "MiB of FP32 values that an FP8 cast, a gradient-reduction round or an FP8 optimizer chunk works on "
+              "at once: bounds their temporaries; fewer, larger chunks launch fewer kernels and collectives; the "
+              "same bits at any size; auto (default): 256 on CUDA, 64 elsewhere", auto=True, metavar="MB|auto")
     fp8_wgrad_auto_scaling: bool = flag(
         True, "O1+: adapt the gradient pre-scaling factor mu (FP8-LM 2.1); off: divide by DP first")
     fp8_wgrad_auto_scaling_ratio: float = flag(1e-5, "overflow fraction above which mu halves")
@@ -179,6 +183,8 @@ class PrecisionArgs(Section):
                              "weights become their own FP16 masters with per-tensor scales (made from an FP32 or BF16 "
                              "model) and their gradients FP8 with scales of their own, which need no loss scale; use "
                              "--bf16 at O1-O3, or --fp16 at --fp8-level none or O0")
+        if self.fp8_chunk_mb is not None and not 0 < self.fp8_chunk_mb < math.inf:
+            raise ValueError(f"--fp8-chunk-mb must be a positive number of MiB (or auto), got {self.fp8_chunk_mb}")
         check_calibration_flags(self.fp8_min_features, self.fp8_calibration)
         self.fp8_config()  # FP8Config checks the combination
 

@@ -36,6 +36,7 @@ import torch
 from fp8 import fused
 from fp8.calibration import resolve_min_features
 from fp8.params import param_nbytes
+from fp8.scaling import chunk_mb_for, set_chunk_mb
 from megatron.core.datasets.builder import train_valid_test_num_samples
 from megatron.core.datasets.samplers import build_pretraining_data_loader, cyclic_iterator
 from megatron.core.distributed.data_parallel import DistributedDataParallel, bucket_sizes_mb
@@ -258,6 +259,8 @@ class Trainer:
         self.config, self.ps, self.task, self.forward_step = config, ps, task, task.forward_step
         self.rng = model_parallel_seed(ps, config.seed)
         fused.set_mode(config.precision.fp8_fused_casts)
+        chunk_mb = config.precision.fp8_chunk_mb
+        set_chunk_mb(chunk_mb_for(ps.device) if chunk_mb is None else chunk_mb)
         resolve_fp8_min_features(config, ps)
         self.model = task.model_provider(config, ps, self.rng)
         # Once for the whole model (every pipeline chunk): one FP8 gradient store, one ZeRO layout.
@@ -381,6 +384,7 @@ class Trainer:
             self.ddp.finish_grad_sync()
             allreduce_embedding_grads(self.model, self.ps, self.ddp.reduced_grad)
             result = self.optimizer.step()
+            self.precision.update_scales()  # delayed scaling: once per step, for every FP8 linear
             skipped = skipped or result.skipped
         self.counts = {name: int(reported_sum(reported, key, self.ps)) for key, name in self.task.reported_counts.items()}
         self.means = {name: reported_mean(reported, key, self.ps) for key, name in self.task.reported_means.items()}

@@ -4,7 +4,7 @@ plan that the data-parallel wrapper runs after backward.
 Each FP8 weight's gradient is an E4M3 `ScalingTensor` in the plan's `FP8GradStore`, accumulated
 across micro-batches by the FP8 linear itself. `reduce()` averages them over the data-parallel
 group in FP8 (`fp8.collectives`: shared minimum scale, auto-scaling factor mu, FP8 payloads, FP32
-sums), in place and in rounds of bounded size (`fp8.collectives.CHUNK_NUMEL` values per rank):
+sums), in place and in rounds of bounded size (`--fp8-chunk-mb`, `fp8.scaling.set_chunk_mb`):
 all-reduced into every rank's store (O1, O2), or, under FP8 ZeRO (O3, an `FP8ZeroLayout`),
 reduced to the rank that owns each tensor, the others dropping theirs. With one data-parallel
 rank nothing is copied: the gradients are their own mean. It returns what it measured: the mu used, the fractions of mu-scaled values that
