@@ -25,7 +25,8 @@ casts compile, buffers are allocated); the second is counted:
   what a rank sends), for one rank.
 
 torch's AdamW (the dense parameters' optimizer) is built with ``foreach=True``, the multi-tensor
-path torch picks for CUDA parameters (on CPU it would loop over the tensors one by one).
+path torch picks for CUDA parameters (on CPU it would loop over the tensors one by one), and each
+FP8 GEMM is one call, as on a GPU (the CPU emulation otherwise splits large products into blocks).
 Operations run by another thread (`--overlap-grad-reduce`'s communication thread) are not seen;
 the audit runs without the overlap flags. The counts come from a real step on this machine's CPU
 kernels: a CUDA build dispatches the same ATen operations, but cuBLAS, Triton and NCCL may split or
@@ -216,6 +217,20 @@ def start_world(world_size: int) -> None:
         dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
 
 
+@contextlib.contextmanager
+def one_cpu_gemm_per_product():
+    """The CPU GEMM as one call per product, as on a GPU: on the CPU `fp8.gemm` otherwise runs a
+    large product in blocks of rows and columns, to bound its FP32 operand copies."""
+    from fp8 import gemm
+
+    original = gemm.CPU_GEMM_BLOCK_NUMEL
+    gemm.CPU_GEMM_BLOCK_NUMEL = 1 << 62
+    try:
+        yield
+    finally:
+        gemm.CPU_GEMM_BLOCK_NUMEL = original
+
+
 def audit_level(level: str, flags: list[str], world_size: int) -> dict:
     from megatron.core.tokenizers.tokenizer import build_tokenizer
     from megatron.training.config import parse_config
@@ -228,8 +243,9 @@ def audit_level(level: str, flags: list[str], world_size: int) -> dict:
     with cuda_optimizer_defaults():
         trainer = Trainer(config, ps, gpt_task(config, ps, vocab_size=tokenizer.vocab_size, eod_id=tokenizer.eod))
     try:
-        trainer.train_step()  # warm-up: compilation and first allocations
-        counts = audit_step(trainer)
+        with one_cpu_gemm_per_product():
+            trainer.train_step()  # warm-up: compilation and first allocations
+            counts = audit_step(trainer)
     finally:
         trainer.close()
     return dict(counts, layout=ps.describe(), num_microbatches=trainer.num_microbatches)

@@ -180,20 +180,34 @@ class _Flat:
             if lo < hi:
                 yield i, lo - self.offsets[i], hi - self.offsets[i]
 
-    def recast(self, start: int, end: int, factors: Sequence[torch.Tensor], counts: torch.Tensor) -> torch.Tensor:
-        """The values in [start, end) times their tensor's factor, cast to FP8 (saturating), as
-        bytes; past the end, zero bytes (+0.0). Adds [saturated, flushed, non-zero] to `counts`."""
-        spec, parts = self.spec, []
-        for i, lo, hi in self.pieces(start, end):
-            scaled = self.grads[i].data.reshape(-1)[lo:hi].float() * factors[i]
-            payload = cast_saturate(scaled, spec, inf_to_nan=True)
-            nonzero = scaled != 0
-            counts += torch.stack([(scaled.abs() > spec.max).sum(), (nonzero & (payload.float() == 0)).sum(),
-                                   nonzero.sum()]).double()
-            parts.append(payload.view(torch.uint8))
-        pad = (end - start) - sum(p.numel() for p in parts)
-        device = self.grads[0].data.device if self.grads else None
-        return torch.cat(parts + [torch.zeros(pad, dtype=torch.uint8, device=device)])
+    def recast(self, ranges: Sequence[tuple[int, int]], factors: Sequence[torch.Tensor],
+               counts: torch.Tensor) -> torch.Tensor:
+        """The values of the flat ranges [start, end), one range after another, times their
+        tensor's factor, cast to FP8 (saturating), as bytes; past the end, zero bytes (+0.0).
+        Adds [saturated, flushed, non-zero] to `counts`. One FP32 buffer holds all the ranges:
+        two kernels per tensor piece (convert, then one multi-tensor multiply for all pieces) and
+        a fixed number per call for the cast and the counts, however many tensors it spans."""
+        spec, device = self.spec, counts.device
+        values = torch.empty(sum(end - start for start, end in ranges), dtype=torch.float32, device=device)
+        at, pieces, piece_factors = 0, [], []
+        for start, end in ranges:
+            for i, lo, hi in self.pieces(start, end):
+                piece = values[at + self.offsets[i] + lo - start:at + self.offsets[i] + hi - start]
+                piece.copy_(self.grads[i].data.reshape(-1)[lo:hi])
+                pieces.append(piece)
+                piece_factors.append(factors[i])
+            covered = min(max(self.numel - start, 0), end - start)
+            if covered < end - start:
+                values[at + covered:at + end - start].zero_()
+            at += end - start
+        if pieces:
+            torch._foreach_mul_(pieces, piece_factors)
+        nonzero, saturated = values != 0, values.abs() > spec.max
+        values.masked_fill_(torch.isinf(values), float("nan"))  # cast_saturate(inf_to_nan=True), in place
+        payload = values.clamp_(-spec.max, spec.max).to(spec.dtype)
+        flushed = nonzero & (payload.float() == 0)
+        counts += torch.stack([saturated, flushed, nonzero]).sum(dim=1).double()
+        return payload.view(torch.uint8)
 
     def count(self, start: int, end: int, factors: Sequence[torch.Tensor], counts: torch.Tensor) -> None:
         """What `recast` would add to `counts` (and NaNs as the sum would see them, in
@@ -281,8 +295,8 @@ def _scatter_rounds(flat: _Flat, transport: Transport, factors, spec: FormatSpec
     piece = max(1, -(-chunk_numel // n))
     for offset in range(0, size, piece):
         length = min(piece, size - offset)
-        chunks = [flat.recast(r * size + offset, r * size + offset + length, factors, presum) for r in range(n)]
-        yield offset, _sum_rounds(transport.all_to_all(chunks), spec, sums)
+        payload = flat.recast([(r * size + offset, r * size + offset + length) for r in range(n)], factors, presum)
+        yield offset, _sum_rounds(transport.all_to_all(list(payload.split(length))), spec, sums)
 
 
 def fp8_reduce_scatter(grads: Sequence[ScalingTensor], transport: Transport, *, mu: float = 1.0,
@@ -339,8 +353,9 @@ def fp8_reduce_to_owners(grads: Sequence[ScalingTensor], owners: Sequence[int], 
     mine_flat = _Flat([grads[i] for i in mine], spec)
     piece = max(1, -(-chunk_numel // n))
     for offset in range(0, max(lengths, default=0), piece):
-        chunks = [_stream_piece(flat, streams[r], offset, min(piece, max(lengths[r] - offset, 0)), factors, presum)
-                  for r in range(n)]
+        sent = [min(piece, max(lengths[r] - offset, 0)) for r in range(n)]
+        ranges = [span for r in range(n) for span in _stream_ranges(flat, streams[r], offset, sent[r])]
+        chunks = list(flat.recast(ranges, factors, presum).split(sent))
         length = min(piece, max(lengths[rank] - offset, 0))
         received = transport.all_to_all(chunks, [length] * n)
         if length:
@@ -352,19 +367,17 @@ def fp8_reduce_to_owners(grads: Sequence[ScalingTensor], owners: Sequence[int], 
     return OwnerReduceResult(tensors, stats)
 
 
-def _stream_piece(flat: _Flat, stream: list[int], offset: int, length: int, factors, presum) -> torch.Tensor:
-    """Bytes [offset, offset + length) of the stream of tensors `stream`, re-cast."""
-    if length == 0:
-        return torch.empty(0, dtype=torch.uint8, device=presum.device)
-    parts, position = [], 0
+def _stream_ranges(flat: _Flat, stream: list[int], offset: int, length: int) -> list[tuple[int, int]]:
+    """The flat ranges holding bytes [offset, offset + length) of the stream of tensors `stream`."""
+    ranges, position = [], 0
     for i in stream:
         size = flat.grads[i].numel()
         lo, hi = max(offset, position), min(offset + length, position + size)
         if lo < hi:
             start = flat.offsets[i] + lo - position
-            parts.append(flat.recast(start, start + hi - lo, factors, presum))
+            ranges.append((start, start + hi - lo))
         position += size
-    return torch.cat(parts)
+    return ranges
 
 
 def fp8_all_reduce(grads: Sequence[ScalingTensor], transport: Transport, *, mu: float = 1.0,

@@ -27,9 +27,9 @@ from fp8.scaling import BLOCK_SIZE
 from fp8.tensor import ScalingTensor
 
 PATHS = ("scaled_mm", "blockwise", "emulate")
-# Values per block of the CPU GEMM's operands (see `_cpu_blocks`): a fixed bound, not the FP8
+# Values per block of the CPU GEMM's operands (see `_cpu_blocks`): a bound of its own, not the FP8
 # chunk of `--fp8-chunk-mb`, since the CPU GEMM's summation order depends on its blocks' shapes.
-CPU_GEMM_BLOCK_NUMEL = 1 << 22
+CPU_GEMM_BLOCK_NUMEL = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -152,7 +152,7 @@ def _native_scaled_mm(a: ScalingTensor, b: ScalingTensor, out_dtype, bias, fast_
     return out if bias is None else out.add_(bias.to(out_dtype))
 
 
-def _cpu_blocks(gemm, a: torch.Tensor, b: torch.Tensor, out_dtype, chunk_numel: int = CPU_GEMM_BLOCK_NUMEL) -> torch.Tensor:
+def _cpu_blocks(gemm, a: torch.Tensor, b: torch.Tensor, out_dtype, chunk_numel: int | None = None) -> torch.Tensor:
     """``a @ b`` by `gemm` on blocks of `a`'s rows and `b`'s columns, each about `chunk_numel`
     values. The CPU kernel converts its operands to FP32 before multiplying (a GPU reads FP8
     directly), which would make FP32 copies of a whole activation and weight per call; per block
@@ -160,7 +160,7 @@ def _cpu_blocks(gemm, a: torch.Tensor, b: torch.Tensor, out_dtype, chunk_numel: 
     on the CPUs tried (AMD EPYC, ATen's default, AVX2 and AVX-512 kernels) blocks of 256 rows
     and more give one call's bits (the CPU GEMM picks other kernels for very small blocks)."""
     (rows, inner), cols = a.shape, b.shape[1]
-    step = max(1, chunk_numel // max(inner, 1))
+    step = max(1, (chunk_numel or CPU_GEMM_BLOCK_NUMEL) // max(inner, 1))
     if step >= rows and step >= cols:
         return gemm(a, b)
     out = torch.empty(rows, cols, dtype=out_dtype, device=a.device)

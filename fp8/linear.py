@@ -88,6 +88,8 @@ class FP8LinearState:
         # Sequence-parallel traffic of a tensor-parallel layer around this GEMM: all-gathers in FP8
         # (`fp8_comm`), and the input-gradient reduce-scatter in FP8 (`fp8_reduce_scatter`).
         self.fp8_comm, self.fp8_reduce_scatter = fp8_comm, fp8_reduce_scatter
+        # The FP8 weight copies of the current step, by weight, when kept (`keep_weight_copies`).
+        self._weight_copies: dict[int, tuple[torch.Tensor, ScalingTensor]] | None = None
         fmt = self.recipe.fmt
         self.scalers = {"input": self.recipe.make_scaler(fmt.forward),
                         "weight": CurrentScaling(fmt.forward, self.recipe.margin, self.recipe.power_of_two),
@@ -118,16 +120,35 @@ class FP8LinearState:
         scale = self.scalers[role].scale_for(amax)
         return quantize(x2d, spec, scale=scale, tile=tile)
 
+    def keep_weight_copies(self) -> None:
+        """From now on the FP8 copy of a weight is cast once and reused until
+        `drop_weight_copies()`, which the owner calls whenever the weight changes (the trainer:
+        after each optimizer update)."""
+        self._weight_copies = {}
+
+    def drop_weight_copies(self) -> None:
+        if self._weight_copies:
+            self._weight_copies.clear()
+
     @torch.no_grad()
     def fp8_weight(self, weight: torch.Tensor) -> ScalingTensor:
-        """The FP8 copy of `weight`, cast where it is used and not kept: forward casts it, backward
-        casts it again (the same bytes: the weight does not change within a step), so at most one
-        layer's copy exists at a time. An FP8 weight (level O3) is used as stored under per-tensor
-        recipes and re-cast to the recipe's tiles otherwise; an FP16 master with a per-tensor
-        ``scale`` (levels O1, O2) is cast from its true value, payload / scale."""
+        """The FP8 copy of `weight`. By default cast where it is used and not kept: forward casts
+        it, backward casts it again (the same bytes: the weight does not change within a step), so
+        at most one layer's copy exists at a time; after `keep_weight_copies()` cast once and
+        shared by every use until `drop_weight_copies()`. An FP8 weight (level O3) is used as
+        stored under per-tensor recipes and re-cast to the recipe's tiles otherwise; an FP16
+        master with a per-tensor ``scale`` (levels O1, O2) is cast from its true value, payload /
+        scale."""
+        copies = self._weight_copies
+        if copies is not None and id(weight) in copies and copies[id(weight)][0] is weight:
+            return copies[id(weight)][1]
         if is_fp8_param(weight) and self.recipe.granularity == "tensor":
-            return fp8_weight_tensor(weight)
-        return self.cast(param_value(weight), "weight")
+            cast = fp8_weight_tensor(weight)  # the weight's own bytes and scale (kept: one reciprocal)
+        else:
+            cast = self.cast(param_value(weight), "weight")
+        if copies is not None:
+            copies[id(weight)] = (weight, cast)
+        return cast
 
     def orient(self, x: ScalingTensor, contraction_dim: int) -> ScalingTensor:
         """`x` with scales constant along `contraction_dim` (whole for row, 128 for block)."""
@@ -194,14 +215,17 @@ class FP8LinearState:
     def save(self, ctx, weight: torch.Tensor, bias: torch.Tensor | None, *operands: ScalingTensor) -> None:
         """Keeps FP8 `operands` (payloads and scales only) and what backward needs besides."""
         ctx.save_for_backward(*[t for op in operands for t in (op.data, op.scale)])
-        ctx.fp8_layouts = [(op.spec, op.tile) for op in operands]
+        # With each scale's reciprocal when forward took it (a 0-dim tensor): backward's GEMM reuses it.
+        ctx.fp8_layouts = [(op.spec, op.tile, op._inv) for op in operands]
         ctx.kernel, ctx.weight, ctx.has_bias = self, weight, bias is not None
 
     @staticmethod
     def saved(ctx) -> list[ScalingTensor]:
-        saved = ctx.saved_tensors
-        return [ScalingTensor(saved[2 * i], saved[2 * i + 1], spec, tile)
-                for i, (spec, tile) in enumerate(ctx.fp8_layouts)]
+        saved, operands = ctx.saved_tensors, []
+        for i, (spec, tile, inv) in enumerate(ctx.fp8_layouts):
+            operands.append(ScalingTensor(saved[2 * i], saved[2 * i + 1], spec, tile))
+            operands[-1]._inv = inv
+        return operands
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

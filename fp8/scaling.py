@@ -69,6 +69,19 @@ def row_chunks(rows: int, cols: int, row_multiple: int = 1, chunk_numel: int | N
         yield start, min(start + step, rows)
 
 
+_SMALLEST_POSITIVE = 2.0**-149  # float32's smallest subnormal
+_LARGEST_FINITE = torch.finfo(torch.float32).max
+_NUMERATORS: dict[tuple[float, torch.device], torch.Tensor] = {}
+
+
+def _numerator(value: float, device: torch.device) -> torch.Tensor:
+    """A 0-dim FP32 `value` on `device`, made once (a fresh one per cast would be a fill kernel)."""
+    key = (value, device)
+    if key not in _NUMERATORS:
+        _NUMERATORS[key] = torch.full((), value, dtype=torch.float32, device=device)
+    return _NUMERATORS[key]
+
+
 def compute_scale(
     amax: torch.Tensor,
     fmt_max: float,
@@ -84,13 +97,15 @@ def compute_scale(
     amax = amax.float()
     # A tensor numerator: `number / tensor` would take amax's reciprocal and then multiply, rounding
     # twice; this is the correctly rounded quotient (what Transformer Engine and torchao compute).
-    scale = torch.full_like(amax, fmt_max / 2.0**margin) / amax
+    # The numerator is made once per device and value, not on every cast.
+    scale = torch.div(_numerator(fmt_max / 2.0**margin, amax.device), amax)
     if power_of_two:
         scale = torch.exp2(torch.floor(torch.log2(scale)))
-    # isfinite(amax) & (amax > 0) & isfinite(scale) in 3 kernels instead of 11 on every cast: an
+    # isfinite(amax) & (amax > 0) & isfinite(scale) in 2 kernels instead of 11 on every cast: an
     # amax that is 0 (or so small that the quotient overflows) gives an infinite scale, an
-    # infinite amax a zero one (also after rounding down to a power of two), NaN fails both tests.
-    valid = (scale > 0) & (scale < math.inf)
+    # infinite amax a zero one (also after rounding down to a power of two), and clamping to the
+    # positive finite floats changes exactly those (and NaN, which equals nothing).
+    valid = scale.clamp(_SMALLEST_POSITIVE, _LARGEST_FINITE) == scale
     if isinstance(prev_scale, torch.Tensor):
         return torch.where(valid, scale, prev_scale.to(device=scale.device, dtype=torch.float32))
     # A Python number enters the kernel as a scalar argument: no tensor is copied to the device

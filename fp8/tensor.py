@@ -17,7 +17,7 @@ class ScalingTensor:
     None for one scale, otherwise ``(tile_rows, tile_cols)``; see `fp8.scaling`.
     """
 
-    __slots__ = ("data", "scale", "spec", "tile")
+    __slots__ = ("data", "scale", "spec", "tile", "_inv")
 
     def __init__(self, data: torch.Tensor, scale: torch.Tensor, fmt: str | FormatSpec, tile: Tile = None):
         self.spec = get_spec(fmt)
@@ -27,6 +27,8 @@ class ScalingTensor:
             assert data.dim() >= 1 and scale.shape == num_tiles(_shape2d(data.shape), tile), (
                 data.shape, scale.shape, tile)
         self.data, self.scale, self.tile = data, scale, tile
+        # [(the scale's version, its reciprocal)], shared with the views that share the scale
+        self._inv: list[tuple[int, torch.Tensor] | None] = [None]
 
     # ----- description -------------------------------------------------------------------------
     @property
@@ -58,7 +60,14 @@ class ScalingTensor:
 
     # ----- conversions -------------------------------------------------------------------------
     def scale_inv(self) -> torch.Tensor:
-        return self.scale.reciprocal()
+        """1 / scale, computed once per value of the scale: a tensor used by several GEMMs (a
+        weight's FP8 copy in forward and backward, an output gradient in both backward GEMMs)
+        takes one reciprocal. An in-place change of the scale (a clipped gradient's, an optimizer
+        state's) bumps its version and the reciprocal is taken again."""
+        version, cached = self.scale._version, self._inv[0]
+        if cached is None or cached[0] != version:
+            cached = self._inv[0] = (version, self.scale.reciprocal())
+        return cached[1]
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         # Multiplying by the reciprocal (not dividing by the scale) is what the GEMM kernels do.
@@ -71,16 +80,21 @@ class ScalingTensor:
     def t(self) -> ScalingTensor:
         """Transpose of a 2-D tensor; exact: the scales are transposed with the payload."""
         assert self.dim() == 2, "ScalingTensor.t() needs a 2-D tensor"
-        tile = None if self.tile is None else (self.tile[1], self.tile[0])
-        scale = self.scale if self.tile is None else self.scale.t()
-        return ScalingTensor(self.data.t(), scale, self.spec, tile)
+        if self.tile is None:  # the same scale: its reciprocal too
+            return self._sharing_scale(self.data.t())
+        return ScalingTensor(self.data.t(), self.scale.t(), self.spec, (self.tile[1], self.tile[0]))
+
+    def _sharing_scale(self, data: torch.Tensor) -> ScalingTensor:
+        out = ScalingTensor(data, self.scale, self.spec, self.tile)
+        out._inv = self._inv
+        return out
 
     def reshape(self, *shape) -> ScalingTensor:
         """Reshape; tiled tensors must keep their last dimension (tiles are over the 2-D view)."""
         data = self.data.reshape(*shape)
         if self.tile is not None and data.shape[-1] != self.shape[-1]:
             raise ValueError("a row- or block-scaled ScalingTensor can only reshape its leading dimensions")
-        return ScalingTensor(data, self.scale, self.spec, self.tile)
+        return self._sharing_scale(data)
 
     def contiguous(self) -> ScalingTensor:
         return ScalingTensor(self.data.contiguous(), self.scale.contiguous(), self.spec, self.tile)
@@ -194,9 +208,10 @@ def accumulate(acc: ScalingTensor | None, x: torch.Tensor, fmt: str | FormatSpec
 
     Used for FP8 weight gradients across micro-batches. The scale is per tensor. An overflow
     (inf or NaN anywhere) leaves NaN in the result, so the optimizer sees it and skips the step.
-    With an `acc` (per-tensor) the sum is formed `chunk_numel` values at a time, twice (its amax,
-    then the cast, written over `acc`'s bytes), so no FP32 copy of the whole tensor is made;
-    where casts are fused (`fp8.fused`) each chunk's cast is one kernel.
+    With an `acc` (per-tensor) the sum is formed once where the tensor fits in one chunk (the
+    configured FP32 working set), else `chunk_numel` values at a time, twice (its amax, then the
+    cast, written over `acc`'s bytes), so no FP32 copy of a larger tensor is made; where casts
+    are fused (`fp8.fused`) each chunk's cast is one kernel.
     """
     if acc is None:
         return quantize(x.float(), fmt, inf_to_nan=True)
@@ -210,6 +225,14 @@ def accumulate(acc: ScalingTensor | None, x: torch.Tensor, fmt: str | FormatSpec
     numel = flat_x.numel()
     cast_fused = fused.active(x.device)
     chunk_numel = default_chunk_numel() if chunk_numel is None else chunk_numel
+    if numel <= chunk_numel and not cast_fused:
+        # One chunk: the sum is formed once and cast in place (the same bits as two passes).
+        summed = total(0, numel)
+        scale = compute_scale(summed.abs().amax(), spec.max)
+        summed.mul_(scale).masked_fill_(torch.isinf(summed), float("nan")).clamp_(-spec.max, spec.max)
+        # Written over `acc`'s bytes by the converting copy (the rounding of `.to`), or new.
+        payload = data.copy_(summed) if acc.spec is spec else summed.to(spec.dtype)
+        return ScalingTensor(payload.view(x.shape), scale, spec)
     amax = torch.zeros((), device=x.device)
     for start in range(0, numel, chunk_numel):
         amax = torch.maximum(amax, total(start, min(start + chunk_numel, numel)).abs().amax())

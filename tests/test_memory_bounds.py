@@ -5,7 +5,8 @@ blocks as soon as they are freed (`mallopt`), so that what is measured is what w
 
 Sizes: 24M FP8 gradient values (24 MB) reduced over 2 gloo ranks, and a 4M-value FP16 master
 (FP8 / FP16 moments) stepped. One FP32 copy of those gradients is 96 MB, and the step's
-whole-tensor FP32 temporaries are about ten 16 MB tensors; in chunks of 1M values both stay
+whole-tensor FP32 temporaries are about ten 16 MB tensors; in chunks of 1M values (`--fp8-chunk-mb
+4`, set here: the default chunk holds these tensors whole) both stay
 within a few tens of MB (measured here: about 17, 10 and 44 MB).
 
 The FP8 linear's casts and GEMMs are bounded the same way: an 8M-value BF16 activation (one FP32
@@ -25,6 +26,7 @@ from distributed import run_distributed
 from megatron.training.host_memory import has_mallopt, set_mmap_threshold
 
 MB = 2**20
+CHUNK_MB = 4  # chunks of 1M values (--fp8-chunk-mb 4), smaller than the tensors measured
 MEASURABLE = has_mallopt() and Path("/proc/self/clear_refs").exists()
 
 
@@ -50,6 +52,7 @@ def measure_worker(rank, world_size):
     from megatron.core.parallel_state import ParallelState
 
     assert set_mmap_threshold(64 * 1024)
+    fp8.scaling.set_chunk_mb(CHUNK_MB)
     ps = ParallelState.build(1, 1)
     gen = torch.Generator().manual_seed(rank)
     grads = [fp8.quantize(torch.randn(2048, 2048, generator=gen), "e4m3") for _ in range(6)]
@@ -92,10 +95,17 @@ def test_fp8_linear_casts_and_gemms_stay_within_their_chunks():
 
     def step():
         fp8_linear(x, weight, None, state).backward(dy)
-    step()
-    x.grad = weight.grad = None
-    # What a step must hold at its peak: y and dy-sized BF16 tensors (16 MB each), dx (16 MB), the
-    # FP8 operands (8 + 8 + 4 MB) and dw (8 MB): about 76 MB; whole-tensor work adds ~100 MB more.
-    assert transient_bytes(step) < 100 * MB
-    # The payload (8 MB) and a few chunks' FP32 temporaries; one FP32 copy of x alone is 32 MB.
-    assert transient_bytes(lambda: fp8.quantize(x.detach(), "e4m3")) < 24 * MB
+    before = fp8.scaling.default_chunk_numel()
+    fp8.scaling.set_chunk_mb(CHUNK_MB)
+    try:
+        step()
+        x.grad = weight.grad = None
+        # What a step must hold at its peak: y and dy-sized BF16 tensors (16 MB each), dx (16 MB), the
+        # FP8 operands (8 + 8 + 4 MB) and dw (8 MB): about 76 MB; whole-tensor work adds ~100 MB more.
+        step_bytes = transient_bytes(step)
+        # The payload (8 MB) and a few chunks' FP32 temporaries; one FP32 copy of x alone is 32 MB.
+        cast_bytes = transient_bytes(lambda: fp8.quantize(x.detach(), "e4m3"))
+    finally:
+        fp8.scaling.set_chunk_mb(before * 4 / MB)
+    assert step_bytes < 100 * MB
+    assert cast_bytes < 24 * MB

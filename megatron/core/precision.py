@@ -149,13 +149,19 @@ class AppliedPrecision:
     reducer: FP8GradReducer | None = None            # O1+: the FP8 gradients' data-parallel mean (auto-scaler, owners)
     zero: FP8ZeroLayout | None = None                # O3: which data-parallel rank owns each FP8 weight
     masters: dict = field(default_factory=dict)      # O3: this rank's owned weights -> FP16 masters
-    # The FP8 linears' delayed-scaling histories, which the trainer updates once per step.
+    # With `once_per_step`: the FP8 linears' delayed-scaling histories (updated together by
+    # `end_step`) and their kernels (whose FP8 weight copies `end_step` drops).
     scalings: DelayedScalingGroup | None = None
+    kernels: tuple[FP8LinearState, ...] = ()
 
-    def update_scales(self) -> None:
-        """Delayed scaling's once-per-step update (after a step's last micro-batch)."""
+    def end_step(self) -> None:
+        """After a step's optimizer update (`apply_precision(..., once_per_step=True)`): delayed
+        scaling records the step's amaxes, and the FP8 weight copies the step's micro-batches
+        shared are dropped (the weights just changed)."""
         if self.scalings is not None:
             self.scalings.update()
+        for kernel in self.kernels:
+            kernel.drop_weight_copies()
 
     def is_fp8_grad(self, param: nn.Parameter) -> bool:
         return any(param is p for p in self.fp8_grad_params)
@@ -166,7 +172,7 @@ class AppliedPrecision:
 
 
 def apply_precision(model: nn.Module, config: FP8Config, ps: ParallelState, *,
-                    bucket_size_mb: float = BUCKET_SIZE_MB) -> AppliedPrecision:
+                    bucket_size_mb: float = BUCKET_SIZE_MB, once_per_step: bool = False) -> AppliedPrecision:
     """Give the transformer linears of a parallelized model (every pipeline chunk of it) the FP8
     kernel the level asks for, turn their weights into the level's kinds, and return what
     changed. The size filter looks at each rank's local shard, which is what the GEMM kernels see.
@@ -175,17 +181,28 @@ def apply_precision(model: nn.Module, config: FP8Config, ps: ParallelState, *,
     gradients get a reducer (`FP8GradReducer`, with the auto-scaler). O3: the weights are given
     owners over the data-parallel ranks (`FP8ZeroLayout`, buckets of `bucket_size_mb`), each owner
     keeps an FP16 master of its weights, and every weight becomes FP8 - cast from the same FP16
-    values on every rank, so no collective is needed to start."""
+    values on every rank, so no collective is needed to start.
+
+    With `once_per_step` (the trainer's choice) the caller calls `end_step()` after every optimizer
+    update: delayed-scaling histories are then updated once per step for all linears
+    (`fp8.scaling.DelayedScalingGroup`), and each linear casts its weight to FP8 once per step and
+    shares that copy among the step's micro-batches, forward and backward (the same bits as a
+    cast per use; one byte per FP8 weight value held during the step). Without it every cast
+    records its amax and every use casts the weight again, which loops that do not call
+    `end_step` rely on."""
     plan = plan_for(config)
     grads = FP8GradStore() if plan.fp8_wgrad else None
     recipe = config.to_recipe()
-    names, params, casts, delayed = [], [], [], []
+    names, params, casts, delayed, kernels = [], [], [], [], []
     if plan.fp8_gemms:
         for name, module in _fp8_linears(model, config, recipe):
             module.kernel = FP8LinearState(recipe, fp8_wgrad=plan.fp8_wgrad, fp8_comm=plan.fp8_tp_comm,
                                            fp8_reduce_scatter=plan.fp8_reduce_scatter, grads=grads)
             names.append(name)
             delayed += [s for s in module.kernel.scalers.values() if isinstance(s, DelayedScaling)]
+            if once_per_step:
+                module.kernel.keep_weight_copies()
+                kernels.append(module.kernel)
             if plan.fp8_wgrad:
                 params.append(module.weight)
                 casts.append(WeightCast(recipe.margin, recipe.power_of_two))
@@ -209,7 +226,7 @@ def apply_precision(model: nn.Module, config: FP8Config, ps: ParallelState, *,
         reducer = FP8GradReducer(trainable, grads, ps, autoscaler=autoscaler, zero=zero)
     return AppliedPrecision(plan, grads, tuple(names), tuple(params), tuple(casts), config.optimizer_dtypes(),
                             config.fp16_master_stochastic_rounding, reducer, zero, masters,
-                            DelayedScalingGroup(delayed) if delayed else None)
+                            DelayedScalingGroup(delayed) if delayed and once_per_step else None, tuple(kernels))
 
 
 def _fp8_linears(model: nn.Module, config: FP8Config, recipe):

@@ -265,7 +265,8 @@ class Trainer:
         self.model = task.model_provider(config, ps, self.rng)
         # Once for the whole model (every pipeline chunk): one FP8 gradient store, one ZeRO layout.
         dense_mb, fp8_mb = bucket_sizes_mb(config.ddp_bucket_size)
-        self.precision = apply_precision(self.model, config.precision.fp8_config(), ps, bucket_size_mb=fp8_mb)
+        self.precision = apply_precision(self.model, config.precision.fp8_config(), ps, bucket_size_mb=fp8_mb,
+                                         once_per_step=True)
         plan = self.precision.plan
         # O3 is FP8 ZeRO: with more than one data-parallel rank the dense states are sharded too.
         self.use_distributed_optimizer = config.use_distributed_optimizer or (plan.fp8_zero and ps.dp_size > 1)
@@ -384,7 +385,7 @@ class Trainer:
             self.ddp.finish_grad_sync()
             allreduce_embedding_grads(self.model, self.ps, self.ddp.reduced_grad)
             result = self.optimizer.step()
-            self.precision.update_scales()  # delayed scaling: once per step, for every FP8 linear
+            self.precision.end_step()  # delayed scaling's update, FP8 weight copies dropped
             skipped = skipped or result.skipped
         self.counts = {name: int(reported_sum(reported, key, self.ps)) for key, name in self.task.reported_counts.items()}
         self.means = {name: reported_mean(reported, key, self.ps) for key, name in self.task.reported_means.items()}
