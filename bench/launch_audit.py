@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import sys
 from collections import Counter
@@ -51,6 +52,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from bench.common import RESULTS, run_meta, save_results  # noqa: E402
+from fp8.scaling import CUDA_CHUNK_MB  # noqa: E402
 
 SYNC_OPS = frozenset({"_local_scalar_dense", "nonzero", "equal", "is_nonzero", "item"})
 HOST_DATA_OPS = frozenset({"lift_fresh", "lift_fresh_copy"})
@@ -93,7 +95,44 @@ class OpCounter(TorchDispatchMode):
         if kind == "sync" and args and id(args[0]) in self.host_ids:
             kind = "host_read"
         self.kinds[kind] += 1
+        if kind == "sync" and args and isinstance(args[0], torch.Tensor) and args[0].is_meta:
+            return meta_value(func, args[0])
         return func(*args, **(kwargs or {}))
+
+    @contextlib.contextmanager
+    def host_copies(self):
+        """`.tolist()` and `.numpy()` counted as syncs too: on a GPU each is a device-to-host copy
+        and a stream sync, on the CPU they dispatch nothing. On the meta device they give zeros."""
+        saved = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy")}
+
+        def counted(name):
+            def read(tensor, *args, **kwargs):
+                kind = "host_read" if id(tensor) in self.host_ids else "sync"
+                self.ops[f"Tensor.{name}"] += 1
+                self.kinds[kind] += 1
+                if tensor.is_meta:
+                    zeros = torch.zeros(tensor.shape, dtype=torch.float64 if tensor.is_floating_point() else torch.int64)
+                    return saved[name](zeros, *args, **kwargs)
+                return saved[name](tensor, *args, **kwargs)
+            return read
+
+        for name in saved:
+            setattr(torch.Tensor, name, counted(name))
+        try:
+            yield self
+        finally:
+            for name, original in saved.items():
+                setattr(torch.Tensor, name, original)
+
+
+def meta_value(func, tensor: torch.Tensor):
+    """What a host read of a meta tensor stands in for: False for a test, 1 for a number (a finite
+    loss or gradient norm, so that the step is not skipped)."""
+    if func.overloadpacket.__name__ in ("is_nonzero", "equal") or tensor.dtype == torch.bool:
+        return False
+    if func.overloadpacket.__name__ == "nonzero":
+        return torch.zeros((0, tensor.dim()), dtype=torch.int64, device="meta")
+    return 1.0 if tensor.is_floating_point() else 1
 
 
 def host_step_counts(optimizer) -> list[torch.Tensor]:
@@ -198,7 +237,8 @@ def read_step_batches(trainer) -> None:
 def count_step(trainer) -> dict:
     """`trainer.train_step()` counted (see the module docstring)."""
     trainer.ps.counter.reset()
-    with CollectiveCounter() as collectives, OpCounter(host_step_counts(trainer.optimizer)) as ops:
+    ops = OpCounter(host_step_counts(trainer.optimizer))
+    with CollectiveCounter() as collectives, ops, ops.host_copies():
         _, skipped, _ = trainer.train_step()
     return {"launches": ops.kinds["launch"], "host_syncs": ops.kinds["sync"], "host_reads": ops.kinds["host_read"],
             "scalar_to_device": ops.kinds["host_data"], "collectives": sum(collectives.calls.values()),
@@ -231,7 +271,48 @@ def one_cpu_gemm_per_product():
         gemm.CPU_GEMM_BLOCK_NUMEL = original
 
 
-def audit_level(level: str, flags: list[str], world_size: int) -> dict:
+@contextlib.contextmanager
+def fused_attention_on_meta():
+    """On the meta device `scaled_dot_product_attention` falls back to its unfused reference
+    (matmuls, masks, softmax); a GPU runs the flash kernel. Causal attention without a mask or
+    dropout goes to the flash operator here too (its meta kernel and its backward), as on CUDA."""
+    import torch.nn.functional as F
+
+    original = F.scaled_dot_product_attention
+
+    def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, **kwargs):
+        if query.is_meta and attn_mask is None and dropout_p == 0.0 and not kwargs:
+            return torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, 0.0, is_causal)[0]
+        return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **kwargs)
+
+    F.scaled_dot_product_attention = attention
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
+@contextlib.contextmanager
+def meta_as_a_gpu():
+    """Meta tensors take the code paths of an H100's: FP8 GEMMs through `torch._scaled_mm` (its
+    meta kernel) where sm90 has one, and FP8AdamW's multi-tensor step."""
+    from fp8 import gemm, optim_foreach
+
+    info, types = gemm.device_info, optim_foreach.FOREACH_DEVICE_TYPES
+
+    def device_info(device: torch.device):
+        if torch.device(device).type != "meta":
+            return info(device)
+        return dataclasses.replace(info(torch.device("cpu")), type="cuda", capability=(9, 0), cuda_version=(12, 9))
+
+    gemm.device_info, optim_foreach.FOREACH_DEVICE_TYPES = device_info, tuple(types) + ("meta",)
+    try:
+        yield
+    finally:
+        gemm.device_info, optim_foreach.FOREACH_DEVICE_TYPES = info, types
+
+
+def audit_level(level: str, flags: list[str], world_size: int, device: str = "cpu") -> dict:
     from megatron.core.tokenizers.tokenizer import build_tokenizer
     from megatron.training.config import parse_config
     from megatron.training.gpt_providers import gpt_task
@@ -239,12 +320,16 @@ def audit_level(level: str, flags: list[str], world_size: int) -> dict:
 
     start_world(world_size)
     config, ps = setup_parallel(parse_config(flags + ["--fp8-level", level]))
+    if device == "meta":  # tensors with shapes and no data: any model size in no memory
+        ps = dataclasses.replace(ps, device=torch.device("meta"))
     tokenizer = build_tokenizer(config.tokenizer.tokenizer_config())
-    with cuda_optimizer_defaults():
+    values = OpCounter()  # on the meta device: stand-ins for what the host reads outside the count
+    with cuda_optimizer_defaults(), values, values.host_copies():
         trainer = Trainer(config, ps, gpt_task(config, ps, vocab_size=tokenizer.vocab_size, eod_id=tokenizer.eod))
     try:
-        with one_cpu_gemm_per_product():
-            trainer.train_step()  # warm-up: compilation and first allocations
+        with one_cpu_gemm_per_product(), fused_attention_on_meta(), meta_as_a_gpu():
+            with values, values.host_copies():
+                trainer.train_step()  # warm-up: compilation and first allocations
             counts = audit_step(trainer)
     finally:
         trainer.close()
@@ -257,19 +342,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=str(REPO / "configs" / "gpt-tiny.yaml"))
     parser.add_argument("--levels", default="none,O2,O3", help="comma-separated --fp8-level values")
     parser.add_argument("--world-size", type=int, default=1, help="ranks of the (fake) world; this process is rank 0")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "meta"),
+                        help="meta: tensors without data, so that any model size runs (host reads see 1 / 0)")
     parser.add_argument("--data-args", default=None,
                         help="the --data-path / --tokenizer-* flags as one string (default: the built-in corpus)")
     parser.add_argument("--json", default=str(RESULTS / "launch_audit-cpu.json"))
     parser.add_argument("flags", nargs="*", help="more pretrain_gpt.py flags, after --")
     args = parser.parse_args(argv)
     data = args.data_args.split() if args.data_args else builtin_corpus_args()
+    # On the meta device (a GPU's stand-in) the chunk is the one a CUDA run takes.
+    chunk = ["--fp8-chunk-mb", str(CUDA_CHUNK_MB)] if args.device == "meta" else []
     base = ["--config", args.config, "--device", "cpu", "--train-iters", "100", "--lr-warmup-iters", "1", "--eval-iters", "0",
-            "--log-interval", "1000", "--num-workers", "0", "--fp8-fused-casts", "off", *data, *args.flags]
+            "--log-interval", "1000", "--num-workers", "0", "--fp8-fused-casts", "off", *chunk, *data, *args.flags]
     rows = {}
     for level in args.levels.split(","):
-        rows[level] = audit_level(level, base, args.world_size)
+        rows[level] = audit_level(level, base, args.world_size, args.device)
     print(format_table(rows))
-    save_results(args.json, run_meta("launch_audit.py", argv, world_size=args.world_size, flags=base), levels=rows)
+    save_results(args.json, run_meta("launch_audit.py", argv, world_size=args.world_size, device=args.device,
+                                      flags=base), levels=rows)
     return 0
 
 

@@ -76,7 +76,6 @@ class ProcessGroupTransport:
         return torch.cat(parts)
 
 
-@dataclass
 class ReductionStats:
     """What one FP8 gradient reduction did to the mu-scaled values, counted over the whole group.
 
@@ -85,15 +84,28 @@ class ReductionStats:
     out of `ranks` x `numel` values), or in the FP32 sum of the ranks' values (`sum_saturated`,
     out of `numel`; never at one rank). A value exactly at the maximum is not clipped: with
     current scaling every tensor's largest gradient sits there at mu = 1. `flushed` counts the
-    non-zero values (of `nonzero`) that the re-cast turned into zeros; `nan` the non-finite sums."""
+    non-zero values (of `nonzero`) that the re-cast turned into zeros; `nan` the non-finite sums.
 
-    numel: int = 0
-    ranks: int = 1
-    presum_saturated: int = 0
-    sum_saturated: int = 0
-    flushed: int = 0
-    nonzero: int = 0
-    nan: int = 0
+    The reductions leave the counts on the device (`counts`, in the order of `_DEVICE_ORDER`);
+    statistics of several buckets add up there, and the first read of a count copies them to the
+    host once: one device-to-host sync per step, not one per bucket."""
+
+    def __init__(self, numel: int = 0, ranks: int = 1, presum_saturated: int = 0, sum_saturated: int = 0,
+                 flushed: int = 0, nonzero: int = 0, nan: int = 0, *, counts: torch.Tensor | None = None):
+        self.numel, self.ranks, self._counts = numel, ranks, counts
+        self._values = None if counts is not None else dict(
+            presum_saturated=presum_saturated, sum_saturated=sum_saturated, flushed=flushed, nonzero=nonzero, nan=nan)
+
+    def _read(self) -> dict[str, int]:
+        if self._values is None:
+            self._values = dict(zip(_DEVICE_ORDER, (int(c) for c in self._counts.tolist())))
+        return self._values
+
+    presum_saturated = property(lambda self: self._read()["presum_saturated"])
+    sum_saturated = property(lambda self: self._read()["sum_saturated"])
+    flushed = property(lambda self: self._read()["flushed"])
+    nonzero = property(lambda self: self._read()["nonzero"])
+    nan = property(lambda self: self._read()["nan"])
 
     @property
     def overflow_frac(self) -> float:
@@ -113,12 +125,33 @@ class ReductionStats:
         return self.nan > 0
 
     def __add__(self, other: ReductionStats) -> ReductionStats:
-        assert self.numel == 0 or other.numel == 0 or self.ranks == other.ranks
-        return ReductionStats(self.numel + other.numel, max(self.ranks, other.ranks),
-                              *(getattr(self, f) + getattr(other, f) for f in _COUNT_FIELDS))
+        if self.numel == 0 and self._counts is None and not any(self._values.values()):
+            return other
+        if other.numel == 0 and other._counts is None and not any(other._values.values()):
+            return self
+        assert self.ranks == other.ranks
+        if self._values is None and other._values is None:  # both still on the device: add there
+            return ReductionStats(self.numel + other.numel, self.ranks, counts=self._counts + other._counts)
+        mine, theirs = self._read(), other._read()
+        return ReductionStats(self.numel + other.numel, self.ranks, **{f: mine[f] + theirs[f] for f in _COUNT_FIELDS})
+
+    def astuple(self) -> tuple[int, ...]:
+        """(numel, ranks, presum_saturated, sum_saturated, flushed, nonzero, nan)."""
+        values = self._read()
+        return (self.numel, self.ranks, *(values[f] for f in _COUNT_FIELDS))
+
+    def __eq__(self, other) -> bool:
+        return (isinstance(other, ReductionStats) and (self.numel, self.ranks) == (other.numel, other.ranks)
+                and self._read() == other._read())
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{f}={v}" for f, v in self._read().items())
+        return f"ReductionStats(numel={self.numel}, ranks={self.ranks}, {counts})"
 
 
 _COUNT_FIELDS = ("presum_saturated", "sum_saturated", "flushed", "nonzero", "nan")
+# The order of the counts a reduction leaves on the device: its re-cast's, then its sums'.
+_DEVICE_ORDER = ("presum_saturated", "flushed", "nonzero", "sum_saturated", "nan")
 
 
 @dataclass
@@ -249,8 +282,7 @@ def _sum_rounds(received: list[torch.Tensor], spec: FormatSpec, sum_counts: torc
 def _group_stats(transport: Transport, presum: torch.Tensor, sums: torch.Tensor, numel: int) -> ReductionStats:
     """The group's statistics from this rank's counts: one small all-reduce."""
     counts = transport.all_reduce_(torch.cat([presum, sums]), "sum")
-    saturated, flushed, nonzero, sum_saturated, nan = (int(c) for c in counts.tolist())
-    return ReductionStats(numel, transport.size, saturated, sum_saturated, flushed, nonzero, nan)
+    return ReductionStats(numel, transport.size, counts=counts)  # read when first asked
 
 
 def _alone(flat: _Flat, mu: float, chunk_numel: int) -> ReductionStats:
@@ -261,8 +293,8 @@ def _alone(flat: _Flat, mu: float, chunk_numel: int) -> ReductionStats:
     factors = [mu * own / own for own in scales]  # the re-cast factor with the group's scale = own
     for start in range(0, flat.numel, chunk_numel):
         flat.count(start, min(start + chunk_numel, flat.numel), factors, counts)
-    saturated, flushed, nonzero, nan = (int(c) for c in counts.tolist())
-    return ReductionStats(flat.numel, 1, saturated, 0, flushed, nonzero, nan)
+    # [saturated, flushed, non-zero, NaN] -> the device order, with no saturated sums.
+    return ReductionStats(flat.numel, 1, counts=torch.cat([counts[:3], counts.new_zeros(1), counts[3:]]))
 
 
 @dataclass

@@ -207,7 +207,6 @@ def _copies(grads):
 
 def chunk_worker(rank, world_size):
     """Every reduction at every chunk size, copied and in place: bytes, scales, stats, traffic."""
-    from dataclasses import astuple
 
     from fp8.collectives import fp8_reduce_to_owners
     grads = [fp8.quantize(x, "e4m3") for x in rank_grads(rank)]
@@ -230,7 +229,7 @@ def chunk_worker(rank, world_size):
                            for t in result.tensors]
                 shared = [t is not None and t.data.data_ptr() == x.data.data_ptr()
                           for t, x in zip(result.tensors, inputs)]
-                out[kind, chunk, in_place] = (tensors, astuple(result.stats), sent, shared)
+                out[kind, chunk, in_place] = (tensors, result.stats.astuple(), sent, shared)
     return out
 
 
@@ -272,3 +271,27 @@ def test_one_rank_copies_nothing_and_still_counts():
             assert (stats.numel, stats.ranks, stats.sum_saturated) == (values.numel(), 1, 0)
             assert stats.presum_saturated == saturated and stats.nan == int((~finite).sum())
             assert stats.nonzero == int((values != 0).sum())
+
+
+def test_statistics_of_several_buckets_are_read_from_the_device_once(monkeypatch):
+    """A reduction leaves its counts on the device; adding the statistics of several buckets adds
+    there, and the first read copies them to the host once (a GPU's only sync for them)."""
+    from fp8.collectives import ReductionStats, fp8_all_reduce
+
+    class Alone:
+        size, rank = 1, 0
+
+    reads = []
+    original = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t.shape) or original(t))
+    gen = torch.Generator().manual_seed(0)
+    buckets = [[fp8.quantize(torch.randn(64, 32, generator=gen) * 500, "e4m3") for _ in range(2)] for _ in range(3)]
+    total = ReductionStats()
+    for grads in buckets:
+        total = total + fp8_all_reduce(grads, Alone(), mu=2.0).stats
+    assert reads == []
+    expected = [fp8_all_reduce(grads, Alone(), mu=2.0).stats for grads in buckets]
+    assert total.numel == 3 * 2 * 64 * 32 and len(reads) == 0
+    assert total.presum_saturated == sum(s.presum_saturated for s in expected) > 0
+    assert len(reads) == 1 + 3  # the total's one read, then one per bucket for the reference
+    assert total.astuple()[2:] == tuple(map(sum, zip(*(s.astuple()[2:] for s in expected))))

@@ -90,3 +90,32 @@ def test_the_command_line_at_data_parallel_2(builtin_corpus_small, tmp_path):
     table = done.stdout.splitlines()
     assert any(line.startswith("none ") and " 1.00 " in line for line in table)
     assert any(line.startswith("O3 ") for line in table)
+
+
+def test_the_meta_device_counts_what_the_cpu_counts(builtin_corpus_small, monkeypatch):
+    """`--device meta` (how the paper's sizes are audited): the same step on tensors without data
+    dispatches what the CPU step does, apart from copying the micro-batches to the device (a real
+    copy on a GPU, none on the CPU), the attention kernel's name, and the gradient clipping, which
+    the stand-in norm (1.0) does not trigger; syncs, collectives and bytes are the same. At O3 the
+    reduction's statistics are read once (`none`'s two reads plus one): `.tolist()` counts as a
+    sync."""
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    flags = ["--config", str(REPO / "configs" / "gpt-tiny.yaml"), "--device", "cpu", "--train-iters", "10",
+             "--lr-warmup-iters", "1", "--eval-iters", "0", "--num-workers", "0", "--fp8-fused-casts", "off",
+             *SMALL, *builtin_corpus_small.training_args()]
+    launch_audit.start_world(2)
+    try:
+        rows = {(level, device): launch_audit.audit_level(level, flags, 2, device)
+                for level in ("none", "O3") for device in ("cpu", "meta")}
+    finally:
+        import torch.distributed as dist
+        dist.destroy_process_group()
+    for level in ("none", "O3"):
+        cpu, meta = rows[level, "cpu"], rows[level, "meta"]
+        batch_copies = 4 * cpu["num_microbatches"]  # tokens, labels, loss mask, positions: to the device
+        for key in ("host_syncs", "scalar_to_device", "collectives", "collective_bytes", "gemms"):
+            assert cpu[key] == meta[key], (level, key, cpu[key], meta[key])
+        assert abs(meta["launches"] - cpu["launches"] - batch_copies) <= 2, (level, cpu["launches"], meta["launches"])
+    assert rows["none", "cpu"]["host_syncs"] == 2
+    assert rows["O3", "cpu"]["host_syncs"] == 3
