@@ -43,11 +43,13 @@ def save_results(out: str | Path, meta: dict, **payload) -> Path:
     return out
 
 
-def build_gpt_training(model: dict, ps, device, fp8_config, *, lr: float, use_distributed_optimizer: bool = False):
+def build_gpt_training(model: dict, ps, device, fp8_config, *, lr: float, use_distributed_optimizer: bool = False,
+                       once_per_step: bool = False):
     """A single-device-layout GPT of `model` (num_layers, hidden_size, num_attention_heads,
     vocab_size, seq_length, ffn_hidden_size) in BF16, initialised, given `fp8_config`'s precision,
     wrapped for data parallelism, with its optimizer (weight decay 0.1, clip 1.0):
-    (model, ddp, optimizer, precision)."""
+    (model, ddp, optimizer, precision). With `once_per_step` (as the trainer) the caller calls
+    ``precision.end_step()`` after each optimizer step."""
     import torch
 
     from megatron.core.distributed.data_parallel import DistributedDataParallel
@@ -65,7 +67,7 @@ def build_gpt_training(model: dict, ps, device, fp8_config, *, lr: float, use_di
     gpt = GPTModel(config, device="meta")
     parallelize_gpt(gpt, ps)
     initialize_parameters(gpt, ps, seed=1234, device=device)
-    precision = apply_precision(gpt, fp8_config, ps)
+    precision = apply_precision(gpt, fp8_config, ps, once_per_step=once_per_step)
     ddp = DistributedDataParallel(gpt, ps, use_distributed_optimizer=use_distributed_optimizer, precision=precision,
                                   shard_dense_grads=precision.zero is not None)  # as the trainer: ZeRO-2 at O3
     named = [(n, p) for n, p in gpt.named_parameters() if p.requires_grad]

@@ -26,7 +26,8 @@ casts compile, buffers are allocated); the second is counted:
 
 torch's AdamW (the dense parameters' optimizer) is built with ``foreach=True``, the multi-tensor
 path torch picks for CUDA parameters (on CPU it would loop over the tensors one by one), and each
-FP8 GEMM is one call, as on a GPU (the CPU emulation otherwise splits large products into blocks).
+FP8 GEMM is one call, as on a GPU (the CPU emulation otherwise splits large products into blocks);
+the FP8 chunk is CUDA's (`--fp8-chunk-mb 256` unless the flags after ``--`` set one).
 Operations run by another thread (`--overlap-grad-reduce`'s communication thread) are not seen;
 the audit runs without the overlap flags. The counts come from a real step on this machine's CPU
 kernels: a CUDA build dispatches the same ATen operations, but cuBLAS, Triton and NCCL may split or
@@ -350,8 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("flags", nargs="*", help="more pretrain_gpt.py flags, after --")
     args = parser.parse_args(argv)
     data = args.data_args.split() if args.data_args else builtin_corpus_args()
-    # On the meta device (a GPU's stand-in) the chunk is the one a CUDA run takes.
-    chunk = ["--fp8-chunk-mb", str(CUDA_CHUNK_MB)] if args.device == "meta" else []
+    # The chunk a CUDA run takes (unless given): the audit counts what a GPU would launch.
+    chunk = [] if "--fp8-chunk-mb" in args.flags else ["--fp8-chunk-mb", str(CUDA_CHUNK_MB)]
     base = ["--config", args.config, "--device", "cpu", "--train-iters", "100", "--lr-warmup-iters", "1", "--eval-iters", "0",
             "--log-interval", "1000", "--num-workers", "0", "--fp8-fused-casts", "off", *chunk, *data, *args.flags]
     rows = {}

@@ -69,9 +69,10 @@ def build(level: str, ps, device):
     fp8 = FP8Config(level=level, recipe="current")
     # FP8 ZeRO with several data-parallel ranks shards the dense states too, as the trainer does.
     use_dist_opt = plan_for(fp8).fp8_zero and ps.dp_size > 1
-    model, ddp, optimizer, _ = build_gpt_training(MODEL, ps, device, fp8, lr=1e-4,
-                                                  use_distributed_optimizer=use_dist_opt)
-    return model, ddp, optimizer
+    # As the trainer: FP8 weights cast once per step, delayed-scaling updates after the step.
+    model, ddp, optimizer, precision = build_gpt_training(MODEL, ps, device, fp8, lr=1e-4,
+                                                          use_distributed_optimizer=use_dist_opt, once_per_step=True)
+    return model, ddp, optimizer, precision
 
 
 def measure(rank: int, world_size: int, level: str, steps: int, device_name: str, port: int,
@@ -92,7 +93,7 @@ def measure(rank: int, world_size: int, level: str, steps: int, device_name: str
         torch.cuda.set_device(device)
     ps = ParallelState.build(1, 1, device=device) if dist.is_initialized() else ParallelState.single(device)
     torch.manual_seed(rank)
-    model, ddp, optimizer = build(level, ps, device)
+    model, ddp, optimizer, precision = build(level, ps, device)
     meter = PeakMeter(device)
     gen = torch.Generator().manual_seed(100 + rank)
     peaks = {phase: 0 for phase in PHASES}
@@ -115,6 +116,7 @@ def measure(rank: int, world_size: int, level: str, steps: int, device_name: str
         peaks["reduction"] = max(peaks["reduction"], meter.peak())
         meter.reset()
         optimizer.step()
+        precision.end_step()
         peaks["optimizer"] = max(peaks["optimizer"], meter.peak())
         step_times.append(time.perf_counter() - started)
     if dist.is_initialized():

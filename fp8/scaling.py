@@ -34,9 +34,10 @@ BLOCK_SIZE = 128
 # The chunk: values handled at once by the chunked casts, gradient-reduction rounds and optimizer
 # steps, whose FP32 temporaries are a few times this many 4-byte values whatever the tensor's
 # size. `--fp8-chunk-mb` sets it in MiB of FP32 values. Each chunk costs kernel launches (several
-# per operation of a cast or an optimizer step, one collective per reduction round), so on a GPU
-# the trainer takes a larger budget than on a CPU.
-DEFAULT_CHUNK_MB = 64
+# per operation of a cast or an optimizer step, one collective per reduction round), so on a GPU,
+# where launches cost more than memory, the trainer takes a larger budget; on a CPU, where they
+# cost little, a small one keeps the FP8 levels' peak memory below BF16's (bench/memory.py).
+DEFAULT_CHUNK_MB = 4
 CUDA_CHUNK_MB = 256
 _chunk = {"numel": DEFAULT_CHUNK_MB << 18}
 

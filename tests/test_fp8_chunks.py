@@ -172,7 +172,7 @@ def _train_o2(flags: list[str], corpus, steps: int = 2):
 
 
 def test_fp8_chunk_mb_sets_the_chunk_and_changes_no_bit(builtin_corpus_small, monkeypatch):
-    """`--fp8-chunk-mb`: the trainer sets the chunk from it (auto: 64 MiB of FP32 values on a CPU),
+    """`--fp8-chunk-mb`: the trainer sets the chunk from it (auto: 4 MiB of FP32 values on a CPU),
     and O2 training with chunks of 262 values (every cast, accumulation and optimizer step of the
     FP8 weights in many pieces) gives the losses and weights of whole-tensor chunks, to the bit."""
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):

@@ -185,9 +185,9 @@ def apply_precision(model: nn.Module, config: FP8Config, ps: ParallelState, *,
 
     With `once_per_step` (the trainer's choice) the caller calls `end_step()` after every optimizer
     update: delayed-scaling histories are then updated once per step for all linears
-    (`fp8.scaling.DelayedScalingGroup`), and each linear casts its weight to FP8 once per step and
-    shares that copy among the step's micro-batches, forward and backward (the same bits as a
-    cast per use; one byte per FP8 weight value held during the step). Without it every cast
+    (`fp8.scaling.DelayedScalingGroup`), and from O1 each linear casts its weight to FP8 once per
+    step and shares that copy among the step's micro-batches, forward and backward (the same bits
+    as a cast per use; one byte per FP8 weight value held during the step). Without it every cast
     records its amax and every use casts the weight again, which loops that do not call
     `end_step` rely on."""
     plan = plan_for(config)
@@ -201,8 +201,12 @@ def apply_precision(model: nn.Module, config: FP8Config, ps: ParallelState, *,
             names.append(name)
             delayed += [s for s in module.kernel.scalers.values() if isinstance(s, DelayedScaling)]
             if once_per_step:
-                module.kernel.keep_weight_copies()
                 kernels.append(module.kernel)
+                if plan.fp8_wgrad:
+                    # O1 and up, whose FP8 weights and gradients leave room for the copies (one
+                    # byte per weight value during the step). O0 keeps BF16's weights and
+                    # gradients: its copies would take it above BF16's peak memory.
+                    module.kernel.keep_weight_copies()
             if plan.fp8_wgrad:
                 params.append(module.weight)
                 casts.append(WeightCast(recipe.margin, recipe.power_of_two))

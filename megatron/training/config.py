@@ -141,7 +141,7 @@ class PrecisionArgs(Section):
     fp8_chunk_mb: float | None = flag(
         None, "MiB of FP32 values that an FP8 cast, a gradient-reduction round or an FP8 optimizer chunk works on "
               "at once: bounds their temporaries; fewer, larger chunks launch fewer kernels and collectives; the "
-              "same bits at any size; auto (default): 256 on CUDA, 64 elsewhere", auto=True, metavar="MB|auto")
+              "same bits at any size; auto (default): 256 on CUDA, 4 elsewhere", auto=True, metavar="MB|auto")
     fp8_wgrad_auto_scaling: bool = flag(
         True, "O1+: adapt the gradient pre-scaling factor mu (FP8-LM 2.1); off: divide by DP first")
     fp8_wgrad_auto_scaling_ratio: float = flag(1e-5, "overflow fraction above which mu halves")
