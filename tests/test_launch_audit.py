@@ -99,8 +99,8 @@ def test_the_meta_device_counts_what_the_cpu_counts(builtin_corpus_small, monkey
     the stand-in norm (1.0) does not trigger; syncs, collectives and bytes are the same. At O3 the
     reduction's statistics are read once (`none`'s two reads plus one): `.tolist()` counts as a
     sync."""
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        monkeypatch.delenv(name, raising=False)
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)  # what start_world sets, undone after the test
     flags = ["--config", str(REPO / "configs" / "gpt-tiny.yaml"), "--device", "cpu", "--train-iters", "10",
              "--lr-warmup-iters", "1", "--eval-iters", "0", "--num-workers", "0", "--fp8-fused-casts", "off",
              *SMALL, *builtin_corpus_small.training_args()]
