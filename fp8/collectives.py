@@ -124,11 +124,12 @@ class ReductionStats:
     def nonfinite(self) -> bool:
         return self.nan > 0
 
+    def _is_empty(self) -> bool:  # what ReductionStats() is: the start of a sum
+        return self.numel == 0 and self._counts is None and not any(self._values.values())
+
     def __add__(self, other: ReductionStats) -> ReductionStats:
-        if self.numel == 0 and self._counts is None and not any(self._values.values()):
-            return other
-        if other.numel == 0 and other._counts is None and not any(other._values.values()):
-            return self
+        if self._is_empty() or other._is_empty():
+            return other if self._is_empty() else self
         assert self.ranks == other.ranks
         if self._values is None and other._values is None:  # both still on the device: add there
             return ReductionStats(self.numel + other.numel, self.ranks, counts=self._counts + other._counts)
@@ -337,7 +338,7 @@ def fp8_reduce_scatter(grads: Sequence[ScalingTensor], transport: Transport, *, 
     equal segments (the last padded with zeros) of the flattened mean, in FP8. Works in rounds
     of `chunk_numel` values per rank."""
     spec = get_spec(fmt)
-    chunk_numel = default_chunk_numel() if chunk_numel is None else chunk_numel
+    chunk_numel = default_chunk_numel(chunk_numel)
     assert all(g.tile is None for g in grads), "the FP8 gradient reduction takes per-tensor scales"
     n, rank = transport.size, transport.rank
     flat = _Flat(grads, spec)
@@ -371,7 +372,7 @@ def fp8_reduce_to_owners(grads: Sequence[ScalingTensor], owners: Sequence[int], 
     gradients' own bytes (their scales are replaced); otherwise into new tensors. In a group of
     one the gradients are returned as they are."""
     spec = get_spec(fmt)
-    chunk_numel = default_chunk_numel() if chunk_numel is None else chunk_numel
+    chunk_numel = default_chunk_numel(chunk_numel)
     assert len(owners) == len(grads) and all(g.tile is None for g in grads)
     n, rank = transport.size, transport.rank
     flat = _Flat(grads, spec)
@@ -420,7 +421,7 @@ def fp8_all_reduce(grads: Sequence[ScalingTensor], transport: Transport, *, mu: 
     they were sent); otherwise into new tensors. In a group of one the gradients are returned as
     they are (the statistics are still counted)."""
     spec = get_spec(fmt)
-    chunk_numel = default_chunk_numel() if chunk_numel is None else chunk_numel
+    chunk_numel = default_chunk_numel(chunk_numel)
     assert all(g.tile is None for g in grads), "the FP8 gradient reduction takes per-tensor scales"
     n = transport.size
     flat = _Flat(grads, spec)

@@ -299,7 +299,7 @@ class FP8AdamW(torch.optim.Optimizer):
         self.power_of_two_scales = bool(power_of_two_scales)
         self.fp8_grads = fp8_grads  # where FP8 gradients of the parameters are found (level O1+)
         self.grad_of = grad_of      # where other gradients kept outside `.grad` are found
-        chunk_numel = default_chunk_numel() if chunk_numel is None else chunk_numel
+        chunk_numel = default_chunk_numel(chunk_numel)
         if chunk_numel < 1:
             raise ValueError(f"chunk_numel must be >= 1, got {chunk_numel}")
         self.chunk_numel = int(chunk_numel)  # values updated at once: bounds the FP32 working set

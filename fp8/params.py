@@ -74,7 +74,7 @@ def fp8_weight_from_master(master: torch.Tensor, cast: WeightCast, prev_scale: t
     """`quantize_fp8_weight` of a master's true value (`scaled_value`), read `chunk_numel` values
     at a time, twice (the amax, then the cast): the same bytes and scale without an FP32 copy of
     the whole tensor."""
-    chunk_numel = default_chunk_numel() if chunk_numel is None else chunk_numel
+    chunk_numel = default_chunk_numel(chunk_numel)
     flat, numel = master.detach().reshape(-1), master.numel()
     inv = master.scale.reciprocal() if is_scaled_fp16(master) else None
 

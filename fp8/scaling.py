@@ -55,16 +55,16 @@ def set_chunk_mb(mb: float) -> int:
     return _chunk["numel"]
 
 
-def default_chunk_numel() -> int:
-    """The chunk, in values (see `set_chunk_mb`)."""
-    return _chunk["numel"]
+def default_chunk_numel(given: int | None = None) -> int:
+    """`given`, or where it is None the configured chunk, in values (see `set_chunk_mb`)."""
+    return _chunk["numel"] if given is None else given
 
 
 def row_chunks(rows: int, cols: int, row_multiple: int = 1, chunk_numel: int | None = None):
     """``(start, end)`` row ranges of a ``rows x cols`` matrix, each about `chunk_numel` values
     (default: the configured chunk; at least one row) and a multiple of `row_multiple` rows, so
     that tiles of that many rows never straddle two chunks."""
-    chunk_numel = chunk_numel or default_chunk_numel()
+    chunk_numel = default_chunk_numel(chunk_numel)
     step = max(1, chunk_numel // max(cols, 1) // row_multiple) * row_multiple
     for start in range(0, rows, step):
         yield start, min(start + step, rows)

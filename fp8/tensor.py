@@ -224,7 +224,7 @@ def accumulate(acc: ScalingTensor | None, x: torch.Tensor, fmt: str | FormatSpec
 
     numel = flat_x.numel()
     cast_fused = fused.active(x.device)
-    chunk_numel = default_chunk_numel() if chunk_numel is None else chunk_numel
+    chunk_numel = default_chunk_numel(chunk_numel)
     if 0 < numel <= chunk_numel and not cast_fused:
         # One chunk: the sum is formed once and cast in place (the same bits as two passes).
         summed = total(0, numel)
