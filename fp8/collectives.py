@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from fp8.formats import FormatSpec, get_spec
 from fp8.scaling import default_chunk_numel
-from fp8.tensor import ScalingTensor, cast_saturate
+from fp8.tensor import ScalingTensor, cast_saturate, saturate_
 
 
 class Transport(Protocol):
@@ -237,8 +237,7 @@ class _Flat:
         if pieces:
             torch._foreach_mul_(pieces, piece_factors)
         nonzero, saturated = values != 0, values.abs() > spec.max
-        values.masked_fill_(torch.isinf(values), float("nan"))  # cast_saturate(inf_to_nan=True), in place
-        payload = values.clamp_(-spec.max, spec.max).to(spec.dtype)
+        payload = saturate_(values, spec, inf_to_nan=True).to(spec.dtype)  # cast_saturate, in place
         flushed = nonzero & (payload.float() == 0)
         counts += torch.stack([saturated, flushed, nonzero]).sum(dim=1).double()
         return payload.view(torch.uint8)

@@ -136,12 +136,17 @@ def cast_saturate(x: torch.Tensor, spec: FormatSpec, inf_to_nan: bool = False) -
     return x.clamp(-spec.max, spec.max).to(spec.dtype)
 
 
-def _scaled_cast(x: torch.Tensor, scale: torch.Tensor, spec: FormatSpec, inf_to_nan: bool) -> torch.Tensor:
-    """``cast_saturate(x * scale)`` with one FP32 temporary (multiplied and clamped in place)."""
-    y = x.float() * scale
+def saturate_(y: torch.Tensor, spec: FormatSpec, inf_to_nan: bool) -> torch.Tensor:
+    """`cast_saturate`'s work before the conversion, in place on an FP32 temporary `y`: clamped to
+    the format's range (infinities to NaN first with `inf_to_nan`). Returns `y`."""
     if inf_to_nan:
         y.masked_fill_(torch.isinf(y), float("nan"))
-    return y.clamp_(-spec.max, spec.max).to(spec.dtype)
+    return y.clamp_(-spec.max, spec.max)
+
+
+def _scaled_cast(x: torch.Tensor, scale: torch.Tensor, spec: FormatSpec, inf_to_nan: bool) -> torch.Tensor:
+    """``cast_saturate(x * scale)`` with one FP32 temporary (multiplied and clamped in place)."""
+    return saturate_(x.float() * scale, spec, inf_to_nan).to(spec.dtype)
 
 
 def quantize(
@@ -229,7 +234,7 @@ def accumulate(acc: ScalingTensor | None, x: torch.Tensor, fmt: str | FormatSpec
         # One chunk: the sum is formed once and cast in place (the same bits as two passes).
         summed = total(0, numel)
         scale = compute_scale(summed.abs().amax(), spec.max)
-        summed.mul_(scale).masked_fill_(torch.isinf(summed), float("nan")).clamp_(-spec.max, spec.max)
+        saturate_(summed.mul_(scale), spec, inf_to_nan=True)
         # Written over `acc`'s bytes by the converting copy (the rounding of `.to`), or new.
         payload = data.copy_(summed) if acc.spec is spec else summed.to(spec.dtype)
         return ScalingTensor(payload.view(x.shape), scale, spec)
