@@ -88,15 +88,26 @@ class ReductionStats:
 
     The reductions leave the counts on the device (`counts`, in the order of `_DEVICE_ORDER`);
     statistics of several buckets add up there, and the first read of a count copies them to the
-    host once: one device-to-host sync per step, not one per bucket."""
+    host once: one device-to-host sync per step, not one per bucket. A reduction asked for
+    ``group_stats=False`` leaves this rank's counts alone (`local`): they add up bucket by bucket
+    and `summed` adds them over the group with one all-reduce for the whole step."""
 
     def __init__(self, numel: int = 0, ranks: int = 1, presum_saturated: int = 0, sum_saturated: int = 0,
-                 flushed: int = 0, nonzero: int = 0, nan: int = 0, *, counts: torch.Tensor | None = None):
-        self.numel, self.ranks, self._counts = numel, ranks, counts
+                 flushed: int = 0, nonzero: int = 0, nan: int = 0, *, counts: torch.Tensor | None = None,
+                 local: bool = False):
+        self.numel, self.ranks, self._counts, self.local = numel, ranks, counts, local and counts is not None
         self._values = None if counts is not None else dict(
             presum_saturated=presum_saturated, sum_saturated=sum_saturated, flushed=flushed, nonzero=nonzero, nan=nan)
 
+    def summed(self, transport: Transport) -> ReductionStats:
+        """The group's statistics: this rank's local counts summed over `transport`'s group (one
+        small all-reduce); statistics that are the group's already are returned as they are."""
+        if not self.local:
+            return self
+        return ReductionStats(self.numel, self.ranks, counts=transport.all_reduce_(self._counts.clone(), "sum"))
+
     def _read(self) -> dict[str, int]:
+        assert not self.local, "one rank's counts: sum them over the group first (ReductionStats.summed)"
         if self._values is None:
             self._values = dict(zip(_DEVICE_ORDER, (int(c) for c in self._counts.tolist())))
         return self._values
@@ -130,9 +141,10 @@ class ReductionStats:
     def __add__(self, other: ReductionStats) -> ReductionStats:
         if self._is_empty() or other._is_empty():
             return other if self._is_empty() else self
-        assert self.ranks == other.ranks
+        assert self.ranks == other.ranks and self.local == other.local, "local counts add to local counts only"
         if self._values is None and other._values is None:  # both still on the device: add there
-            return ReductionStats(self.numel + other.numel, self.ranks, counts=self._counts + other._counts)
+            return ReductionStats(self.numel + other.numel, self.ranks, counts=self._counts + other._counts,
+                                  local=self.local)
         mine, theirs = self._read(), other._read()
         return ReductionStats(self.numel + other.numel, self.ranks, **{f: mine[f] + theirs[f] for f in _COUNT_FIELDS})
 
@@ -186,8 +198,9 @@ def shared_scale_payloads(grads: Sequence[ScalingTensor], transport: Transport, 
 
 
 def fp32_sum(segments: list[torch.Tensor], spec: FormatSpec) -> torch.Tensor:
-    """Every rank's FP8 bytes of one segment (all at one scale) summed in FP32, never in FP8."""
-    return torch.stack([s.view(spec.dtype).float() for s in segments]).sum(0)
+    """Every rank's FP8 bytes of one segment (all at one scale, equal lengths) summed in FP32, in
+    rank order, never in FP8: one concatenation, one conversion and one sum, however many ranks."""
+    return torch.cat(segments).view(spec.dtype).float().view(len(segments), -1).sum(0)
 
 
 # ----- the gradient reduction in bounded chunks -------------------------------------------------
@@ -222,6 +235,7 @@ class _Flat:
         two kernels per tensor piece (convert, then one multi-tensor multiply for all pieces) and
         a fixed number per call for the cast and the counts, however many tensors it spans."""
         spec, device = self.spec, counts.device
+        ranges = _merged(ranges)
         values = torch.empty(sum(end - start for start, end in ranges), dtype=torch.float32, device=device)
         at, pieces, piece_factors = 0, [], []
         for start, end in ranges:
@@ -260,12 +274,30 @@ class _Flat:
             outputs[i].view(-1)[lo:hi].view(torch.uint8).copy_(payload[at:at + hi - lo])
 
 
-def _begin(grads: Sequence[ScalingTensor], transport: Transport, mu: float):
-    """Step 1: the group's minimum scale of each tensor and this rank's re-cast factor to mu x it;
-    with zeroed counters for the re-cast ([saturated, flushed, non-zero]) and the sums
-    ([saturated, NaN])."""
+def _merged(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """`ranges` with each range that starts where the one before it ends joined to it."""
+    out: list[tuple[int, int]] = []
+    for start, end in ranges:
+        if out and out[-1][1] == start:
+            out[-1] = (out[-1][0], end)
+        else:
+            out.append((start, end))
+    return out
+
+
+def shared_scales(grads: Sequence[ScalingTensor], transport: Transport) -> torch.Tensor:
+    """Step 1: the group's minimum scale of each tensor (one small all-reduce for all of them). A
+    caller that reduces its gradients in several calls may take it once for all and pass each
+    call its tensors' part (``shared=``)."""
+    return transport.all_reduce_(torch.stack([g.scale.reshape(()).float() for g in grads]), "min")
+
+
+def _begin(grads: Sequence[ScalingTensor], transport: Transport, mu: float, shared: torch.Tensor | None = None):
+    """Step 1 (unless `shared` gives its result) and this rank's re-cast factor to mu x the
+    shared scale of each tensor; with zeroed counters for the re-cast ([saturated, flushed,
+    non-zero]) and the sums ([saturated, NaN])."""
     scales = torch.stack([g.scale.reshape(()).float() for g in grads])
-    shared = transport.all_reduce_(scales.clone(), "min")
+    shared = shared_scales(grads, transport) if shared is None else shared
     factors = [mu * common / own for own, common in zip(scales, shared)]
     presum = torch.zeros(3, dtype=torch.float64, device=shared.device)
     return shared, factors, presum, torch.zeros(2, dtype=torch.float64, device=shared.device)
@@ -279,10 +311,12 @@ def _sum_rounds(received: list[torch.Tensor], spec: FormatSpec, sum_counts: torc
     return cast_saturate(summed, spec, inf_to_nan=True).view(torch.uint8)
 
 
-def _group_stats(transport: Transport, presum: torch.Tensor, sums: torch.Tensor, numel: int) -> ReductionStats:
-    """The group's statistics from this rank's counts: one small all-reduce."""
-    counts = transport.all_reduce_(torch.cat([presum, sums]), "sum")
-    return ReductionStats(numel, transport.size, counts=counts)  # read when first asked
+def _group_stats(transport: Transport, presum: torch.Tensor, sums: torch.Tensor, numel: int,
+                 summed: bool = True) -> ReductionStats:
+    """The group's statistics from this rank's counts (one small all-reduce), or with `summed`
+    false this rank's own, to be summed later (`ReductionStats.summed`)."""
+    local = ReductionStats(numel, transport.size, counts=torch.cat([presum, sums]), local=True)
+    return local.summed(transport) if summed else local  # read when first asked
 
 
 def _alone(flat: _Flat, mu: float, chunk_numel: int) -> ReductionStats:
@@ -351,6 +385,26 @@ def fp8_reduce_scatter(grads: Sequence[ScalingTensor], transport: Transport, *, 
     return ReduceScatterResult(segment[:end - start].view(spec.dtype), start, end, (n * mu * shared).float(), stats)
 
 
+def round_parts(numel: int, ranks: int, chunk_numel: int) -> list[tuple[int, int]]:
+    """(start, L) of each round of `_rounds` over `numel` values in a group of `ranks`: rounds of
+    about `chunk_numel` values, each rank's part L values (the last round's padded with zeros)."""
+    step = ranks * max(1, -(-chunk_numel // ranks))
+    return [(start, -(-min(step, numel - start) // ranks)) for start in range(0, numel, step)]
+
+
+def _rounds(flat: _Flat, transport: Transport, factors, spec: FormatSpec, chunk_numel: int,
+            presum: torch.Tensor, sums: torch.Tensor):
+    """The reduce-scatter of an all-reduce, round after round over consecutive flat ranges: a
+    round covers [start, start + N L) (past the end, zeros), about `chunk_numel` values, and rank
+    r sums its part [start + r L, start + (r + 1) L) of every rank's re-cast values. Each round
+    re-casts one contiguous range, so its kernels do not grow with the group. Yields (start, L,
+    this rank's summed FP8 bytes of its part)."""
+    n = transport.size
+    for start, length in round_parts(flat.numel, n, chunk_numel):
+        payload = flat.recast([(start, start + n * length)], factors, presum)
+        yield start, length, _sum_rounds(transport.all_to_all(list(payload.split(length))), spec, sums)
+
+
 @dataclass
 class OwnerReduceResult:
     """The mean of every rank's gradients, each tensor whole on its owner: ``tensors[i]`` for the
@@ -360,16 +414,33 @@ class OwnerReduceResult:
     stats: ReductionStats
 
 
+def owner_rounds(numels: Sequence[int], owners: Sequence[int], ranks: int, chunk_numel: int):
+    """How `fp8_reduce_to_owners` runs one call over tensors of `numels` owned by `owners`:
+    ``("direct", piece)`` - each round every rank sends every owner the next `piece` values of the
+    tensors it owns (one all-to-all per round); or ``("rounds", round_parts(...))`` - the
+    all-reduce's rounds then a hand-over of each summed value to its owner (two per round). Direct
+    sends only what others own (the ring's (n-1)/n of the bytes); it is taken unless it needs more
+    collectives. A direct round's FP8 bytes received (n x piece) are at most the chunk's bytes
+    (4 x `chunk_numel`), and what one rank re-casts in a round at most the chunk's values."""
+    streams = [sum(size for size, owner in zip(numels, owners) if owner == r) for r in range(ranks)]
+    receivers = max(1, sum(1 for length in streams if length))
+    piece = max(1, min(4 * chunk_numel // ranks, chunk_numel // receivers))
+    parts = round_parts(sum(numels), ranks, chunk_numel)
+    if -(-max(streams, default=0) // piece) <= 2 * len(parts):
+        return "direct", piece
+    return "rounds", parts
+
+
 def fp8_reduce_to_owners(grads: Sequence[ScalingTensor], owners: Sequence[int], transport: Transport, *,
                          mu: float = 1.0, fmt: str = "e4m3", chunk_numel: int | None = None,
-                         in_place: bool = False) -> OwnerReduceResult:
-    """The reduce-scatter of FP8 ZeRO: as `fp8_reduce_scatter`, but the segments follow tensor
-    ownership (`fp8.greedy_partition`) instead of an even split, so each tensor is summed whole
-    by its owner. Rank r's stream is the payloads of the tensors r owns, in order; each round
-    every rank sends every owner the next piece of its stream (one uneven all-to-all), so the
-    FP32 working set is a round's. With `in_place` the owned means are written into the owned
-    gradients' own bytes (their scales are replaced); otherwise into new tensors. In a group of
-    one the gradients are returned as they are."""
+                         in_place: bool = False, shared: torch.Tensor | None = None,
+                         group_stats: bool = True) -> OwnerReduceResult:
+    """The reduction of FP8 ZeRO: every tensor's mean, whole, on the rank that owns it
+    (`fp8.greedy_partition`), by the way `owner_rounds` picks; both give the same bytes (each
+    value re-cast, summed over the ranks in FP32 in rank order and cast back on its own). With
+    `in_place` the owned means are written into the owned gradients' own bytes (their scales are
+    replaced); otherwise into new tensors. `shared` and `group_stats` as in `fp8_all_reduce`. In
+    a group of one the gradients are returned as they are."""
     spec = get_spec(fmt)
     chunk_numel = default_chunk_numel(chunk_numel)
     assert len(owners) == len(grads) and all(g.tile is None for g in grads)
@@ -377,26 +448,61 @@ def fp8_reduce_to_owners(grads: Sequence[ScalingTensor], owners: Sequence[int], 
     flat = _Flat(grads, spec)
     if n == 1:
         return OwnerReduceResult(list(grads), _alone(flat, mu, chunk_numel))
-    shared, factors, presum, sums = _begin(grads, transport, mu)
+    shared, factors, presum, sums = _begin(grads, transport, mu, shared)
+    outputs = {i: grads[i].data if in_place else torch.empty_like(grads[i].data)
+               for i, owner in enumerate(owners) if owner == rank}
+    how, layout = owner_rounds([g.numel() for g in grads], owners, n, chunk_numel)
+    reduce = _to_owners_direct if how == "direct" else _to_owners_in_rounds
+    reduce(flat, owners, transport, factors, outputs, layout, chunk_numel, presum, sums)
+    stats = _group_stats(transport, presum, sums, flat.numel, group_stats)
+    tensors: list[ScalingTensor | None] = [None] * len(grads)
+    for i, out in outputs.items():
+        tensors[i] = ScalingTensor(out, (n * mu * shared[i]).float(), spec)
+    return OwnerReduceResult(tensors, stats)
+
+
+def _to_owners_direct(flat: _Flat, owners, transport: Transport, factors, outputs, piece: int, chunk_numel: int,
+                      presum: torch.Tensor, sums: torch.Tensor) -> None:
+    """Rank r's stream is the tensors r owns, in order; each round every rank re-casts and sends
+    every owner the next `piece` values of its stream (one uneven all-to-all), and the owner sums
+    them in FP32 a chunk's share per rank at a time."""
+    n, rank, spec = transport.size, transport.rank, flat.spec
     streams = [[i for i, o in enumerate(owners) if o == r] for r in range(n)]
-    lengths = [sum(grads[i].numel() for i in stream) for stream in streams]
-    mine = streams[rank]
-    outputs = {i: grads[i].data if in_place else torch.empty_like(grads[i].data) for i in mine}
-    mine_flat = _Flat([grads[i] for i in mine], spec)
-    piece = max(1, -(-chunk_numel // n))
+    lengths = [sum(flat.grads[i].numel() for i in stream) for stream in streams]
+    mine_flat = _Flat([flat.grads[i] for i in streams[rank]], spec)
+    mine_out = [outputs[i] for i in streams[rank]]
+    step = max(1, chunk_numel // n)  # values per rank summed at once: a chunk of FP32 for all ranks
     for offset in range(0, max(lengths, default=0), piece):
         sent = [min(piece, max(lengths[r] - offset, 0)) for r in range(n)]
         ranges = [span for r in range(n) for span in _stream_ranges(flat, streams[r], offset, sent[r])]
         chunks = list(flat.recast(ranges, factors, presum).split(sent))
-        length = min(piece, max(lengths[rank] - offset, 0))
+        length = sent[rank]
         received = transport.all_to_all(chunks, [length] * n)
-        if length:
-            mine_flat.write(offset, _sum_rounds(received, spec, sums), [outputs[i] for i in mine])
-    stats = _group_stats(transport, presum, sums, flat.numel)
-    tensors: list[ScalingTensor | None] = [None] * len(grads)
-    for i in mine:
-        tensors[i] = ScalingTensor(outputs[i], (n * mu * shared[i]).float(), spec)
-    return OwnerReduceResult(tensors, stats)
+        for at in range(0, length, step):
+            summed = _sum_rounds([part[at:at + step] for part in received], spec, sums)
+            mine_flat.write(offset + at, summed, mine_out)
+
+
+def _to_owners_in_rounds(flat: _Flat, owners, transport: Transport, factors, outputs, parts, chunk_numel: int,
+                         presum: torch.Tensor, sums: torch.Tensor) -> None:
+    """The all-reduce's rounds (`_rounds`: each rank sums an even part of a flat range), then
+    each summed value handed to its tensor's owner (one uneven all-to-all): two collectives per
+    round whatever the group's size; each rank sends 1/n of the bytes more than direct."""
+    n, rank = transport.size, transport.rank
+    for start, length, reduced in _rounds(flat, transport, factors, flat.spec, chunk_numel, presum, sums):
+        spans = [(start + r * length, min(start + (r + 1) * length, flat.numel)) for r in range(n)]
+        to_owner: list[list[torch.Tensor]] = [[] for _ in range(n)]
+        for i, lo, hi in flat.pieces(*spans[rank]):
+            at = flat.offsets[i] + lo - spans[rank][0]
+            to_owner[owners[i]].append(reduced[at:at + hi - lo])
+        chunks = [torch.cat(c) if len(c) > 1 else c[0] if c else reduced[:0] for c in to_owner]
+        mine = [[(i, lo, hi) for i, lo, hi in flat.pieces(*span) if owners[i] == rank] for span in spans]
+        received = transport.all_to_all(chunks, [sum(hi - lo for _, lo, hi in pieces) for pieces in mine])
+        for pieces, data in zip(mine, received):
+            at = 0
+            for i, lo, hi in pieces:
+                outputs[i].view(-1)[lo:hi].view(torch.uint8).copy_(data[at:at + hi - lo])
+                at += hi - lo
 
 
 def _stream_ranges(flat: _Flat, stream: list[int], offset: int, length: int) -> list[tuple[int, int]]:
@@ -413,12 +519,15 @@ def _stream_ranges(flat: _Flat, stream: list[int], offset: int, length: int) -> 
 
 
 def fp8_all_reduce(grads: Sequence[ScalingTensor], transport: Transport, *, mu: float = 1.0,
-                   fmt: str = "e4m3", chunk_numel: int | None = None, in_place: bool = False) -> ReduceResult:
+                   fmt: str = "e4m3", chunk_numel: int | None = None, in_place: bool = False,
+                   shared: torch.Tensor | None = None, group_stats: bool = True) -> ReduceResult:
     """Mean of every rank's `grads` (per-tensor-scaled FP8, same shapes on every rank), in FP8:
-    the reduce-scatter above, then an all-gather of the FP8 segments, round by round. With
+    round by round (`_rounds`), a reduce-scatter then an all-gather of the FP8 sums. With
     `in_place` the means are written into the gradients' own bytes (each round's values after
-    they were sent); otherwise into new tensors. In a group of one the gradients are returned as
-    they are (the statistics are still counted)."""
+    they were sent); otherwise into new tensors. `shared`: step 1's result for these tensors,
+    taken once for several calls (`shared_scales`); without `group_stats` the statistics are this
+    rank's, for the caller to sum once for all its calls (`ReductionStats.summed`). In a group
+    of one the gradients are returned as they are (the statistics are still counted)."""
     spec = get_spec(fmt)
     chunk_numel = default_chunk_numel(chunk_numel)
     assert all(g.tile is None for g in grads), "the FP8 gradient reduction takes per-tensor scales"
@@ -426,16 +535,10 @@ def fp8_all_reduce(grads: Sequence[ScalingTensor], transport: Transport, *, mu: 
     flat = _Flat(grads, spec)
     if n == 1:
         return ReduceResult(list(grads), _alone(flat, mu, chunk_numel))
-    shared, factors, presum, sums = _begin(grads, transport, mu)
+    shared, factors, presum, sums = _begin(grads, transport, mu, shared)
     outputs = [g.data if in_place else torch.empty_like(g.data) for g in grads]
-    size = -(-flat.numel // n)
-    for offset, reduced in _scatter_rounds(flat, transport, factors, spec, chunk_numel, presum, sums):
-        gathered = transport.all_gather(reduced)  # every rank's piece of this round, in rank order
-        length = reduced.numel()
-        for r in range(n):
-            start = r * size + offset
-            if start < flat.numel:
-                flat.write(start, gathered[r * length:(r + 1) * length], outputs)
-    stats = _group_stats(transport, presum, sums, flat.numel)
+    for start, _, reduced in _rounds(flat, transport, factors, spec, chunk_numel, presum, sums):
+        flat.write(start, transport.all_gather(reduced), outputs)  # every rank's part, in rank order
+    stats = _group_stats(transport, presum, sums, flat.numel, group_stats)
     tensors = [ScalingTensor(out, (n * mu * common).float(), spec) for out, common in zip(outputs, shared)]
     return ReduceResult(tensors, stats)

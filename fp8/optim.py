@@ -58,7 +58,7 @@ import torch.nn as nn
 
 from fp8.formats import E4M3, FP16
 from fp8.gradients import FP8GradStore
-from fp8.scaling import compute_scale, default_chunk_numel
+from fp8.scaling import abs_max, compute_scale, default_chunk_numel
 from fp8.stochastic import stochastic_round
 from fp8.tensor import ScalingTensor, cast_saturate, quantize
 
@@ -112,7 +112,7 @@ def to_scaled_fp16(tensor: torch.Tensor, *, power_of_two: bool = True,
     FP16's maximum (or just below, for a power-of-two scale). A tensor of zeros (or with a
     non-finite amax) keeps `prev_scale` (1.0 when None)."""
     x = tensor.detach().float()
-    amax = x.abs().amax() if x.numel() else torch.zeros((), device=x.device)
+    amax = abs_max(x) if x.numel() else torch.zeros((), device=x.device)
     scale = compute_scale(amax, FP16.max, 0, power_of_two, prev_scale)
     return cast_saturate(x * scale, FP16), scale
 
@@ -164,7 +164,7 @@ def encode_state(x_fp32: torch.Tensor, dtype: str, prev: Stored | None = None,
     if dtype == "bf16":
         return x_fp32.to(torch.bfloat16)
     spec = _SCALED_STATE_SPECS[dtype]
-    amax = x_fp32.abs().amax() if x_fp32.numel() else torch.zeros((), device=x_fp32.device)
+    amax = abs_max(x_fp32) if x_fp32.numel() else torch.zeros((), device=x_fp32.device)
     prev_scale = prev.scale if isinstance(prev, ScalingTensor) else None
     scale = compute_scale(amax, spec.max, 0, power_of_two, prev_scale)
     return quantize(x_fp32, spec, scale=scale)
@@ -359,9 +359,9 @@ class FP8AdamW(torch.optim.Optimizer):
                 m, v, w_old, delta = self._chunk_update(p, stored, grad, start, end, hp, copy=True)
                 for key, value in (("exp_avg", m), ("exp_avg_sq", v)):
                     if key in amax:
-                        amax[key] = torch.maximum(amax[key], value.abs().amax())
+                        amax[key] = torch.maximum(amax[key], abs_max(value))
                 if w_old is not None and is_scaled_fp16(p):
-                    amax["param"] = torch.maximum(amax["param"], (w_old + delta).abs().amax())
+                    amax["param"] = torch.maximum(amax["param"], abs_max(w_old + delta))
         pow2 = self.power_of_two_scales
         scales = {key: compute_scale(amax[key], _SCALED_STATE_SPECS[dtype].max, 0, pow2, stored[key].scale)
                   for key, dtype in zip(_MOMENTS, (self.exp_avg_dtype, self.exp_avg_sq_dtype)) if key in scaled}

@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from fp8.formats import E4M3
 from fp8.optim import is_scaled_fp16, scaled_value, to_scaled_fp16
-from fp8.scaling import compute_scale
+from fp8.scaling import abs_max, compute_scale
 from fp8.scaling import default_chunk_numel
 from fp8.tensor import ScalingTensor, cast_saturate
 
@@ -64,7 +64,7 @@ def quantize_fp8_weight(value: torch.Tensor, cast: WeightCast,
     """``(payload, scale)``: `value` as E4M3 with a per-tensor scale from its amax under `cast`.
     A zero (or non-finite) amax keeps `prev_scale`."""
     x = value.detach().float()
-    amax = x.abs().amax() if x.numel() else torch.zeros((), device=x.device)
+    amax = abs_max(x) if x.numel() else torch.zeros((), device=x.device)
     scale = compute_scale(amax, E4M3.max, cast.margin, cast.power_of_two, prev_scale)
     return cast_saturate(x * scale, E4M3), scale.reshape(())
 
@@ -84,7 +84,7 @@ def fp8_weight_from_master(master: torch.Tensor, cast: WeightCast, prev_scale: t
 
     amax = torch.zeros((), device=master.device)
     for start in range(0, numel, chunk_numel):
-        amax = torch.maximum(amax, value(start, min(start + chunk_numel, numel)).abs().amax())
+        amax = torch.maximum(amax, abs_max(value(start, min(start + chunk_numel, numel))))
     scale = compute_scale(amax, E4M3.max, cast.margin, cast.power_of_two, prev_scale)
     payload = torch.empty(numel, dtype=E4M3.dtype, device=master.device)
     for start in range(0, numel, chunk_numel):

@@ -51,8 +51,13 @@ def set_chunk_mb(mb: float) -> int:
     """Sets the chunk to `mb` MiB of FP32 values (at least one value); returns it in values."""
     if not mb > 0 or math.isinf(mb):
         raise ValueError(f"--fp8-chunk-mb must be a positive number of MiB, got {mb}")
-    _chunk["numel"] = max(1, int(mb * (1 << 20)) // 4)
+    _chunk["numel"] = chunk_numel_of(mb)
     return _chunk["numel"]
+
+
+def chunk_numel_of(mb: float) -> int:
+    """`mb` MiB of FP32 values, in values (at least one)."""
+    return max(1, int(mb * (1 << 20)) // 4)
 
 
 def default_chunk_numel(given: int | None = None) -> int:
@@ -83,6 +88,15 @@ def _numerator(value: float, device: torch.device) -> torch.Tensor:
     return _NUMERATORS[key]
 
 
+def abs_max(x: torch.Tensor) -> torch.Tensor:
+    """max |x| as a 0-dim FP32 tensor, in one kernel (the infinity norm, computed in FP32): what
+    ``x.abs().amax().float()`` gives, NaN propagated, in three (two for FP32 input). Wider or
+    other inputs (FP64 references) take that route."""
+    if x.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        return torch.linalg.vector_norm(x, float("inf"), dtype=torch.float32)
+    return x.abs().amax().float()
+
+
 def compute_scale(
     amax: torch.Tensor,
     fmt_max: float,
@@ -109,9 +123,9 @@ def compute_scale(
     valid = scale.clamp(_SMALLEST_POSITIVE, _LARGEST_FINITE) == scale
     if isinstance(prev_scale, torch.Tensor):
         return torch.where(valid, scale, prev_scale.to(device=scale.device, dtype=torch.float32))
-    # A Python number enters the kernel as a scalar argument: no tensor is copied to the device
-    # (torch.as_tensor(1.0, device="cuda") would be a host-to-device copy and a stream sync).
-    return torch.where(valid, scale, 1.0 if prev_scale is None else float(prev_scale))
+    # The fallback as a tensor made once per device and value (`_numerator`): a Python number would
+    # be a fill kernel per call, and torch.as_tensor(1.0, device="cuda") a copy and a stream sync.
+    return torch.where(valid, scale, _numerator(1.0 if prev_scale is None else float(prev_scale), scale.device))
 
 
 def resolve_tile(granularity: str, shape2d: tuple[int, int], role: str = "activation") -> Tile:
@@ -143,7 +157,7 @@ def tile_amax(x2d: torch.Tensor, tile: Tile, chunk_numel: int | None = None) -> 
             return torch.zeros((), device=x2d.device)
         amax = None  # the first chunk's own (>= 0, or NaN): what max(0, it) would give, without 2 kernels
         for start, end in row_chunks(rows, cols, 1, chunk_numel):
-            chunk = x2d[start:end].abs().amax().float()
+            chunk = abs_max(x2d[start:end])
             amax = chunk if amax is None else torch.maximum(amax, chunk)
         return amax
     tr, tc = tile

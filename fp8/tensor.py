@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from fp8 import fused
 from fp8.formats import FormatSpec, get_spec
-from fp8.scaling import (Tile, compute_scale, default_chunk_numel, expand_tiles, num_tiles, resolve_tile, row_chunks,
+from fp8.scaling import (Tile, abs_max, compute_scale, default_chunk_numel, expand_tiles, num_tiles, resolve_tile, row_chunks,
                          tile_amax)
+
+
+# Per scale tensor (weakly held, by identity: a copy or a reloaded one starts afresh), the holder
+# of its reciprocal that every ScalingTensor of that scale shares.
+_INVERSES: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 class ScalingTensor:
@@ -27,8 +33,12 @@ class ScalingTensor:
             assert data.dim() >= 1 and scale.shape == num_tiles(_shape2d(data.shape), tile), (
                 data.shape, scale.shape, tile)
         self.data, self.scale, self.tile = data, scale, tile
-        # [(the scale's version, its reciprocal)], shared with the views that share the scale
-        self._inv: list[tuple[int, torch.Tensor] | None] = [None]
+        # [(the scale's version, its reciprocal)], kept with the scale tensor itself: every cast by
+        # one scale (a delayed-scaling scaler's, all of a step's casts) shares one reciprocal.
+        holder = _INVERSES.get(scale)
+        if holder is None:
+            holder = _INVERSES[scale] = [None]
+        self._inv: list[tuple[int, torch.Tensor] | None] = holder
 
     # ----- description -------------------------------------------------------------------------
     @property
@@ -60,9 +70,9 @@ class ScalingTensor:
 
     # ----- conversions -------------------------------------------------------------------------
     def scale_inv(self) -> torch.Tensor:
-        """1 / scale, computed once per value of the scale: a tensor used by several GEMMs (a
-        weight's FP8 copy in forward and backward, an output gradient in both backward GEMMs)
-        takes one reciprocal. An in-place change of the scale (a clipped gradient's, an optimizer
+        """1 / scale, computed once per value of the scale: tensors cast by one scale (a delayed
+        scaler's, for a whole step) and a tensor used by several GEMMs (a weight's FP8 copy in
+        forward and backward, an output gradient in both backward GEMMs) take one reciprocal. An in-place change of the scale (a clipped gradient's, an optimizer
         state's) bumps its version and the reciprocal is taken again."""
         version, cached = self.scale._version, self._inv[0]
         if cached is None or cached[0] != version:
@@ -233,14 +243,14 @@ def accumulate(acc: ScalingTensor | None, x: torch.Tensor, fmt: str | FormatSpec
     if 0 < numel <= chunk_numel and not cast_fused:
         # One chunk: the sum is formed once and cast in place (the same bits as two passes).
         summed = total(0, numel)
-        scale = compute_scale(summed.abs().amax(), spec.max)
+        scale = compute_scale(abs_max(summed), spec.max)
         saturate_(summed.mul_(scale), spec, inf_to_nan=True)
         # Written over `acc`'s bytes by the converting copy (the rounding of `.to`), or new.
         payload = data.copy_(summed) if acc.spec is spec else summed.to(spec.dtype)
         return ScalingTensor(payload.view(x.shape), scale, spec)
     amax = torch.zeros((), device=x.device)
     for start in range(0, numel, chunk_numel):
-        amax = torch.maximum(amax, total(start, min(start + chunk_numel, numel)).abs().amax())
+        amax = torch.maximum(amax, abs_max(total(start, min(start + chunk_numel, numel))))
     scale = compute_scale(amax, spec.max)
     out = data if acc.spec is spec else torch.empty(numel, dtype=spec.dtype, device=x.device)
     for start in range(0, numel, chunk_numel):

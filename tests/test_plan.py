@@ -188,9 +188,12 @@ def test_paper_table_beside_the_papers_figures(tmp_path, capsys):
     assert len(rows) == 9
     for model in ("7B", "13B", "175B"):
         bf16, fp8 = rows[model, "none"], rows[model, "O3"]
-        # Weight-related traffic: within 7% of the paper's BF16 figures, 5% of its FP8-LM ones.
+        # Weight-related traffic: within 7% of the paper's BF16 figures. FP8-LM's: no more than 5%
+        # below, and above by at most the broadcast publication's and the reduction rounds' extra
+        # shares (1/DP each, 25% at DP 4; see tools/plan_paper.py's notes).
         assert bf16["weight_traffic_gb"] == pytest.approx(bf16["paper_weight_traffic_gb"], rel=0.07)
-        assert fp8["weight_traffic_gb"] == pytest.approx(fp8["paper_weight_traffic_gb"], rel=0.05)
+        dp = fp8["plan"]["layout"]["dp"]
+        assert 0.95 <= fp8["weight_traffic_gb"] / fp8["paper_weight_traffic_gb"] <= 1.02 + 2 / dp
         # Memory: states and activations only, so below the measured peaks; FP8-LM well below BF16.
         for row in (bf16, fp8, rows[model, "O0"]):
             assert row["memory_gb"] < row["paper_memory_gb"] < 80

@@ -51,9 +51,11 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import yaml  # noqa: E402
 
+from fp8.collectives import owner_rounds, round_parts  # noqa: E402
 from fp8.params import SCALE_BYTES  # noqa: E402
+from fp8.scaling import chunk_mb_for, chunk_numel_of  # noqa: E402
 from fp8.zero import greedy_partition  # noqa: E402
-from megatron.core.distributed.comm import ring_bytes  # noqa: E402
+from megatron.core.distributed.comm import all_gather_uneven_bytes, ring_bytes  # noqa: E402
 from megatron.core.distributed.data_parallel import (  # noqa: E402
     SHARD_ALIGN_NUMEL, DistributedDataParallel, GradBuffer, bucket_sizes_mb)
 from megatron.core.distributed.fp8_zero import FP8ZeroLayout, backward_buckets  # noqa: E402
@@ -230,26 +232,57 @@ class Stage:
         n, params = self.layout.dp, self.fp8_params
         if not params:
             return 0
-        stats = ring_bytes("all_reduce", 40, n)  # the reduction's five counts (float64)
+        total = ring_bytes("all_reduce", 40, n)  # the reduction's five counts (float64), once per step
+        chunk = self.fp8_chunk_numel
         if self.zero is None:
-            # One reduction of all, or (overlapped) one per bucket of FP8GradReducer.buckets.
-            total = 0
+            # One reduction of all, or (overlapped) one per bucket of FP8GradReducer.buckets: per
+            # round an all-to-all and an all-gather of a part of L values each.
             for bucket in self._fp8_allreduce_buckets():
                 numel = sum(params[i].numel() for i in bucket)
-                total += ring_bytes("all_reduce", 4 * len(bucket), n) + 2 * (n - 1) * -(-numel // n) + stats
+                parts = round_parts(numel, n, chunk)
+                total += ring_bytes("all_reduce", 4 * len(bucket), n) + 2 * (n - 1) * sum(L for _, L in parts)
             if self.owners is not None and any(o != dp_rank for o in self.owners):  # owners broadcast FP16
                 for owner in set(self.owners):
                     mine = [p for p, o in zip(params, self.owners) if o == owner]
                     total += sum(p.numel() * (2 if self.fp16_masters else p.element_size()) for p in mine)
                     total += SCALE_BYTES * len(mine) if self.fp16_masters else 0
             return total
-        total = ring_bytes("all_reduce", 4 * len(params), n)  # the FP8 gradients' squared norms
-        for bucket in self.zero.bucket_owned:
-            numels = [sum(p.numel() for p in owned) for owned in bucket]
-            count = sum(len(owned) for owned in bucket)
-            total += ring_bytes("all_reduce", 4 * count, n) + sum(numels) - numels[dp_rank] + stats
-            total += ring_bytes("all_gather", sum(numels) + SCALE_BYTES * count, n)
+        total += ring_bytes("all_reduce", 4 * len(params), n)  # the FP8 gradients' squared norms
+        if not self.overlap:  # the shared scales agreed once for all buckets
+            total += ring_bytes("all_reduce", 4 * len(params), n)
+        for bucket, by_rank in zip(self.zero.buckets, self.zero.bucket_owned):
+            if self.overlap:
+                total += ring_bytes("all_reduce", 4 * len(bucket), n)
+            numels, owners = [params[i].numel() for i in bucket], [self.zero.owners[i] for i in bucket]
+            if owner_rounds(numels, owners, n, chunk)[0] == "direct":  # what the others own, once
+                total += sum(size for size, owner in zip(numels, owners) if owner != dp_rank)
+            else:
+                total += self._owner_round_bytes(numels, owners, dp_rank, chunk)
+            pieces = [sum(p.numel() for p in owned) + SCALE_BYTES * len(owned) for owned in by_rank]
+            total += all_gather_uneven_bytes(pieces)  # published, padded to the largest piece
         return total
+
+    def _owner_round_bytes(self, numels: list[int], owners: list[int], dp_rank: int, chunk: int) -> int:
+        """FP8 ZeRO's reduction of one bucket in rounds: per round an all-to-all of L values to
+        each other rank, then this rank's summed part sent on to the owners of its values but
+        itself."""
+        n, total = self.layout.dp, 0
+        ends = [sum(numels[:i + 1]) for i in range(len(numels))]
+        for start, length in round_parts(ends[-1], n, chunk):
+            lo, hi = start + dp_rank * length, min(start + (dp_rank + 1) * length, ends[-1])
+            others = sum(max(0, min(hi, end) - max(lo, end - size))
+                         for size, end, owner in zip(numels, ends, owners) if owner != dp_rank)
+            total += (n - 1) * length + others
+        return total
+
+    @property
+    def fp8_chunk_numel(self) -> int:
+        """The run's `--fp8-chunk-mb` in values (auto: the budget of its `--device`, CUDA's for
+        `auto`: a plan is for GPUs). The FP8 reductions' rounds, hence a few bytes of padding and
+        FP8 ZeRO's choice of reduction (`fp8.collectives.owner_rounds`), depend on it."""
+        mb = self.config.precision.fp8_chunk_mb
+        device = "cuda" if self.config.training.device == "auto" else self.config.training.device
+        return chunk_numel_of(chunk_mb_for(device) if mb is None else mb)
 
     def _fp8_allreduce_buckets(self) -> list[list[int]]:
         if not self.overlap:  # one reduction of all

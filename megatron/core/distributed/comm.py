@@ -202,24 +202,43 @@ def all_to_all(tensors: Sequence[torch.Tensor], ps: ParallelState, group: str,
     return [part.view(dtype).view(shape) for part, shape in zip(recv_bytes.split(recv_splits), shapes)]
 
 
+def _uneven_by_broadcast(numels: Sequence[int]) -> bool:
+    """Whether `all_gather_uneven` broadcasts (S bytes per rank, S the pieces' total) rather than
+    all-gathers pieces padded to the largest ((n-1) x the largest per rank)."""
+    return sum(numels) < (len(numels) - 1) * max(numels)
+
+
+def all_gather_uneven_bytes(numels: Sequence[int], itemsize: int = 1) -> int:
+    """What `all_gather_uneven` of pieces of `numels` elements counts on each rank."""
+    if len(numels) <= 1:
+        return 0
+    if _uneven_by_broadcast(numels):
+        return sum(numels) * itemsize
+    return ring_bytes("all_gather", max(numels) * itemsize * len(numels), len(numels))
+
+
 def all_gather_uneven(t: torch.Tensor, numels: Sequence[int], ps: ParallelState, group: str) -> list[torch.Tensor]:
     """Each group rank's 1-D `t`, where rank r's holds ``numels[r]`` elements (all one dtype), in
-    group-rank order. Counted as an all-gather of the concatenation. It runs as one all-to-all
-    that sends this rank's piece to every rank, which gloo and NCCL both take with uneven sizes.
-
-    Rank r hands torch.distributed its piece p_r repeated n times and sends (n-1)*p_r of it, n*p_r/S
-    times the (n-1)/n*S counted (S the sum of the pieces): more on ranks that own more than 1/n of
-    the bytes, less on the others, and the same as the ring model summed over the group."""
+    group-rank order, by whichever of two sends fewer bytes (`all_gather_uneven_bytes`): one
+    all-gather of the pieces padded to the largest (NCCL's and gloo's all-gathers take equal
+    pieces), for pieces of about one size; or, where a few ranks hold most of the bytes (FP8
+    ZeRO's bucket of one or two whole tensors), a broadcast from each rank that has a piece.
+    Neither copies a piece once per rank."""
     process_group, size = _resolve(ps, group)
     if size == 1:
         return [t]
-    assert t.dim() == 1 and t.numel() == numels[ps.group_rank(group)], (t.shape, numels)
+    rank = ps.group_rank(group)
+    assert t.dim() == 1 and t.numel() == numels[rank], (t.shape, numels)
+    if _uneven_by_broadcast(numels):
+        return [broadcast(t.contiguous() if r == rank else t.new_empty(n), ps, group, src_group_rank=r)
+                if n else t.new_empty(0) for r, n in enumerate(numels)]
+    width = max(numels)
     local = t.contiguous().view(torch.uint8)
-    recv_splits = [n * t.dtype.itemsize for n in numels]
-    received = local.new_empty(sum(recv_splits))
-    dist.all_to_all_single(received, local.repeat(size), recv_splits, [local.numel()] * size, group=process_group)
-    _count(ps, group, "all_gather", sum(recv_splits), size)
-    return [part.view(t.dtype) for part in received.split(recv_splits)]
+    if t.numel() < width:
+        local = torch.cat([local, local.new_zeros((width - t.numel()) * t.dtype.itemsize)])
+    gathered = all_gather(local, ps, group)
+    step = width * t.dtype.itemsize
+    return [gathered[r * step:r * step + n * t.dtype.itemsize].view(t.dtype) for r, n in enumerate(numels)]
 
 
 def broadcast(t: torch.Tensor, ps: ParallelState, group: str, src_group_rank: int = 0) -> torch.Tensor:

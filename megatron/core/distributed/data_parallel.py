@@ -427,7 +427,8 @@ class DistributedDataParallel(nn.Module):
         self._hand_over_ready(everything=True)
         self._worker.wait()
         if self.fp8_reducer is not None:
-            self.fp8_stats = self.fp8_reducer.finish(self._mu, self._fp8_result, self._fp8_dp_bytes)
+            self.fp8_stats = self.fp8_reducer.finish(self._mu, self._fp8_result, CommTransport(self.ps, "dp"),
+                                                     self._fp8_dp_bytes)
             if self._worker.device.type == "cuda":
                 # Scales made on the worker's stream are read on this one from now on.
                 stream = torch.cuda.current_stream(self._worker.device)

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from fp8.autoscale import GradientAutoScaler
-from fp8.collectives import ReductionStats, fp8_all_reduce, fp8_reduce_to_owners
+from fp8.collectives import ReductionStats, fp8_all_reduce, fp8_reduce_to_owners, shared_scales
 from fp8.gradients import FP8GradStore
 from fp8.params import SCALE_BYTES
 from fp8.formats import E4M3
@@ -51,12 +51,15 @@ class FP8GradReducer:
         mu = self.mu
         transport = CommTransport(self.ps, "dp")
         if self.zero is not None:
+            # One all-reduce of every tensor's scale for all the buckets, one of the counts at the end.
+            self._fill_unused(self.zero.params)
+            shared = shared_scales([self.store.get(p) for p in self.zero.params], transport)
             stats = ReductionStats()
             for bucket in self.zero.buckets:
-                stats = stats + self.reduce_bucket(bucket, mu, transport)
+                stats = stats + self.reduce_bucket(bucket, mu, transport, shared=shared[list(bucket)])
         else:
             stats = self.reduce_bucket(range(len(self.params)), mu, transport)
-        return self.finish(mu, stats, self.ps.counter.since(before)["dp_bytes"])
+        return self.finish(mu, stats, transport, self.ps.counter.since(before)["dp_bytes"])
 
     @property
     def mu(self) -> float:
@@ -76,27 +79,38 @@ class FP8GradReducer:
         """The parameters a bucket of `buckets` (or of FP8 ZeRO's layout) stands for."""
         return [(self.zero.params if self.zero is not None else self.params)[i] for i in indices]
 
-    def reduce_bucket(self, indices, mu: float, transport: CommTransport) -> ReductionStats:
-        """The mean of the gradients of ``params[i] for i in indices`` (to their owners under
-        FP8 ZeRO, where the indices are the layout's); a parameter that got no gradient this step
-        counts as zeros."""
-        params = self.bucket_params(indices)
+    def _fill_unused(self, params) -> None:
         for param in params:
             if param not in self.store:  # unused this step: a zero gradient (as quantizing zeros gives)
                 zeros = torch.zeros(param.shape, dtype=E4M3.dtype, device=param.device)
                 self.store.set(param, ScalingTensor(zeros, torch.ones((), device=param.device), E4M3))
+
+    def reduce_bucket(self, indices, mu: float, transport: CommTransport,
+                      shared: torch.Tensor | None = None) -> ReductionStats:
+        """The mean of the gradients of ``params[i] for i in indices`` (to their owners under
+        FP8 ZeRO, where the indices are the layout's); a parameter that got no gradient this step
+        counts as zeros. `shared`: the group's minimum scales of these gradients when already
+        agreed (else one all-reduce here). Returns this rank's statistics, which `finish` sums
+        over the group once for all buckets."""
+        params = self.bucket_params(indices)
+        self._fill_unused(params)
         grads = [self.store.get(p) for p in params]
         if self.zero is not None:
             owners = [self.zero.owners[i] for i in indices]
-            result = fp8_reduce_to_owners(grads, owners, transport, mu=mu, in_place=True)
+            result = fp8_reduce_to_owners(grads, owners, transport, mu=mu, in_place=True, shared=shared,
+                                          group_stats=False)
         else:
-            result = fp8_all_reduce(grads, transport, mu=mu, in_place=True)
+            result = fp8_all_reduce(grads, transport, mu=mu, in_place=True, shared=shared, group_stats=False)
         for param, reduced in zip(params, result.tensors):
             self.store.set(param, reduced)  # None where another rank owns the tensor (FP8 ZeRO)
         return result.stats
 
-    def finish(self, mu: float, stats: ReductionStats, dp_bytes: int) -> dict[str, float]:
-        """The auto-scaler's update from the whole reduction's statistics; what `reduce` returns."""
+    def finish(self, mu: float, stats: ReductionStats, transport: CommTransport, dp_bytes: int) -> dict[str, float]:
+        """The whole reduction's statistics summed over the group (one all-reduce), the
+        auto-scaler's update from them; what `reduce` returns. `dp_bytes`: what the buckets sent."""
+        before = self.ps.counter.snapshot()
+        stats = stats.summed(transport)
+        dp_bytes += self.ps.counter.since(before)["dp_bytes"]
         if self.autoscaler is not None:
             self.autoscaler.update(stats.overflow_frac)
         return {"mu": mu, "overflow_frac": stats.overflow_frac, "underflow_frac": stats.underflow_frac,

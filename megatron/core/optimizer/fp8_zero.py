@@ -8,7 +8,8 @@ data-parallel ranks (`megatron.core.distributed.fp8_zero.FP8ZeroLayout`); the pr
 each owner an FP16 master with a scale of its weights; the DDP wrapper delivers the reduced FP8
 gradients to the owners. Here the owners update their masters and Adam moments (FP8 / FP16 at the
 defaults) with `fp8.optim.FP8AdamW`, re-quantize their weights from the masters, and one uneven
-FP8 all-gather per bucket (payloads and scales in one message) gives every rank the new weights.
+FP8 all-gather per bucket (payloads and scales in one message, padded to the largest rank's) gives
+every rank the new weights.
 
 As a part of a `ChainedOptimizer` (with the dense optimizer, sharded by the distributed optimizer
 as at any level): one norm over the dense part and the owners' FP8 gradients (summed over dp as
@@ -72,10 +73,9 @@ class FP8ZeroWeightOptimizer(FP8WeightOptimizer):
             for index in range(len(layout.bucket_owned)):
                 self._publish_bucket(index, self.ps)
             return
-        n = self.ps.dp_size
         for index in reversed(range(len(layout.bucket_owned))):  # forward needs the last bucket first
             by_rank = layout.bucket_owned[index]
-            nbytes = comm.ring_bytes("all_gather", sum(self._bucket_numels(by_rank)), n)
+            nbytes = comm.all_gather_uneven_bytes(self._bucket_numels(by_rank))
             self.ddp.gather_async([p for params in by_rank for p in params],
                                   lambda ps, i=index: self._publish_bucket(i, ps), nbytes)
 
