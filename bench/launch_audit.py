@@ -12,9 +12,12 @@ ranks (their collectives return at once, with this rank's values). A first step 
 casts compile, buffers are allocated); the second is counted:
 
 - `launches`: every ATen operation that reaches a kernel (TorchDispatchMode, below autograd), except
-  views, metadata and allocations, which launch nothing on a GPU; fused casts count as the kernels
-  their compiled code runs. On CPU the data loader's and the console's own operations happen outside
-  the counted region (the step's micro-batches are read before it).
+  views, metadata and allocations, which launch nothing on a GPU. With `--fused-casts` (the
+  trainer's `--fp8-fused-casts on`, what a CUDA run with Triton takes by default) each compiled
+  FP8 cast counts as the kernels Inductor generates for it, compiled once per variant for this
+  machine's CPU (`fused_kernels`; a GPU's Triton code may split a large reduction in two), and
+  its operations run uncounted. On CPU the data loader's and the console's own operations happen
+  outside the counted region (the step's micro-batches are read before it).
 - `host_syncs`: operations whose result the host waits for (`.item()`, `.tolist()`, `nonzero`,
   `equal`, `is_nonzero`): each a device-to-host copy and a stream sync on a GPU. Reads of
   torch.optim's step counts, which a CUDA run keeps on the host, are `host_reads` instead.
@@ -30,9 +33,10 @@ FP8 GEMM is one call, as on a GPU (the CPU emulation otherwise splits large prod
 the FP8 chunk is CUDA's (`--fp8-chunk-mb 256` unless the flags after ``--`` set one).
 Operations run by another thread (`--overlap-grad-reduce`'s communication thread) are not seen;
 the audit runs without the overlap flags. The counts come from a real step on this machine's CPU
-kernels: a CUDA build dispatches the same ATen operations, but cuBLAS, Triton and NCCL may split or
-merge kernels below them. Not yet done: the paper's model sizes (gpt-7b at DP 32 needs the step on
-the meta device or fake tensors, which the FP8 scale updates' host reads do not allow yet).
+kernels, or with `--device meta` from a step on tensors without data (any model size: FP8 GEMMs,
+FP8AdamW and attention take an H100's paths, host reads see stand-in values): a CUDA build
+dispatches the same ATen operations, but cuBLAS, Triton and NCCL may split or merge kernels below
+them.
 """
 
 from __future__ import annotations
@@ -89,8 +93,11 @@ class OpCounter(TorchDispatchMode):
         self.ops: Counter[str] = Counter()
         self.kinds: Counter[str] = Counter()
         self.host_ids = {id(t) for t in host_tensors}
+        self.paused = False  # operations that stand for a compiled kernel counted on its own
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.paused:
+            return func(*args, **(kwargs or {}))
         self.ops[str(func)] += 1
         kind = op_kind(func)
         if kind == "sync" and args and id(args[0]) in self.host_ids:
@@ -124,6 +131,49 @@ class OpCounter(TorchDispatchMode):
         finally:
             for name, original in saved.items():
                 setattr(torch.Tensor, name, original)
+
+
+@contextlib.contextmanager
+def fused_kernels():
+    """Compiled FP8 casts (`fp8.fused.compiled`) counted as the kernels Inductor generates for
+    them: each variant (function, flags, operand dtypes and ranks) compiled once for this
+    machine's CPU on zeros of the call's shapes, outside any count, its kernel count read from
+    Inductor's metrics; every call then runs the function's operations eagerly (on the meta device
+    nothing compiles), uncounted, and adds that many launches to the counter in use."""
+    import torch._inductor.metrics as inductor_metrics
+    from torch.utils._python_dispatch import _disable_current_modes, _get_current_dispatch_mode
+
+    from fp8 import fused
+
+    original, kernels = fused.compiled, {}
+
+    def compiled(fn):
+        def call(*args):
+            key = (fn.__name__, *((a.dtype, a.dim()) if isinstance(a, torch.Tensor) else a for a in args))
+            if key not in kernels:
+                with _disable_current_modes():
+                    example = [torch.zeros(a.shape, dtype=a.dtype) if isinstance(a, torch.Tensor) else a for a in args]
+                    before = inductor_metrics.generated_kernel_count
+                    original(fn)(*example)
+                    kernels[key] = inductor_metrics.generated_kernel_count - before
+            counter = _get_current_dispatch_mode()
+            if not isinstance(counter, OpCounter):
+                return fn(*args)
+            counter.paused = True
+            try:
+                out = fn(*args)
+            finally:
+                counter.paused = False
+            counter.ops[f"compiled.{fn.__name__}"] += kernels[key]
+            counter.kinds["launch"] += kernels[key]
+            return out
+        return call
+
+    fused.compiled = compiled
+    try:
+        yield kernels
+    finally:
+        fused.compiled = original
 
 
 def meta_value(func, tensor: torch.Tensor):
@@ -313,7 +363,7 @@ def meta_as_a_gpu():
         gemm.device_info, optim_foreach.FOREACH_DEVICE_TYPES = info, types
 
 
-def audit_level(level: str, flags: list[str], world_size: int, device: str = "cpu") -> dict:
+def audit_level(level: str, flags: list[str], world_size: int, device: str = "cpu", fused_casts: bool = False) -> dict:
     from megatron.core.tokenizers.tokenizer import build_tokenizer
     from megatron.training.config import parse_config
     from megatron.training.gpt_providers import gpt_task
@@ -328,7 +378,8 @@ def audit_level(level: str, flags: list[str], world_size: int, device: str = "cp
     with cuda_optimizer_defaults(), values, values.host_copies():
         trainer = Trainer(config, ps, gpt_task(config, ps, vocab_size=tokenizer.vocab_size, eod_id=tokenizer.eod))
     try:
-        with one_cpu_gemm_per_product(), fused_attention_on_meta(), meta_as_a_gpu():
+        compiled = fused_kernels() if fused_casts else contextlib.nullcontext()
+        with one_cpu_gemm_per_product(), fused_attention_on_meta(), meta_as_a_gpu(), compiled:
             with values, values.host_copies():
                 trainer.train_step()  # warm-up: compilation and first allocations
             counts = audit_step(trainer)
@@ -347,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="meta: tensors without data, so that any model size runs (host reads see 1 / 0)")
     parser.add_argument("--data-args", default=None,
                         help="the --data-path / --tokenizer-* flags as one string (default: the built-in corpus)")
+    parser.add_argument("--fused-casts", action="store_true",
+                        help="FP8 casts compiled (--fp8-fused-casts on), each counted as the kernels Inductor makes of it")
     parser.add_argument("--json", default=str(RESULTS / "launch_audit-cpu.json"))
     parser.add_argument("flags", nargs="*", help="more pretrain_gpt.py flags, after --")
     args = parser.parse_args(argv)
@@ -354,13 +407,14 @@ def main(argv: list[str] | None = None) -> int:
     # The chunk a CUDA run takes (unless given): the audit counts what a GPU would launch.
     chunk = [] if "--fp8-chunk-mb" in args.flags else ["--fp8-chunk-mb", str(CUDA_CHUNK_MB)]
     base = ["--config", args.config, "--device", "cpu", "--train-iters", "100", "--lr-warmup-iters", "1", "--eval-iters", "0",
-            "--log-interval", "1000", "--num-workers", "0", "--fp8-fused-casts", "off", *chunk, *data, *args.flags]
+            "--log-interval", "1000", "--num-workers", "0", "--fp8-fused-casts", "on" if args.fused_casts else "off",
+            *chunk, *data, *args.flags]
     rows = {}
     for level in args.levels.split(","):
-        rows[level] = audit_level(level, base, args.world_size, args.device)
+        rows[level] = audit_level(level, base, args.world_size, args.device, args.fused_casts)
     print(format_table(rows))
     save_results(args.json, run_meta("launch_audit.py", argv, world_size=args.world_size, device=args.device,
-                                      flags=base), levels=rows)
+                                      fused_casts=args.fused_casts, flags=base), levels=rows)
     return 0
 
 

@@ -147,9 +147,10 @@ def num_tiles(shape2d: tuple[int, int], tile: Tile) -> tuple[int, int]:
 
 def tile_amax(x2d: torch.Tensor, tile: Tile, chunk_numel: int | None = None) -> torch.Tensor:
     """amax of |x| per tile: 0-dim for `tile=None`, else shape `num_tiles(x2d.shape, tile)`.
-    Computed a bounded chunk of rows at a time, so no copy of the whole tensor is made; or as one
-    compiled kernel where casts are fused (`fp8.fused`), with the same result."""
-    if fused.active(x2d.device) and x2d.numel():
+    Computed a bounded chunk of rows at a time, so no copy of the whole tensor is made (a whole
+    tensor's in one kernel a chunk, `abs_max`); tiled ones as one compiled kernel where casts are
+    fused (`fp8.fused`), with the same result."""
+    if tile is not None and fused.active(x2d.device) and x2d.numel():  # a whole tensor's is one kernel eagerly
         return fused.compiled(fused.tile_amax)(x2d, fused.tile_key(tile, tuple(x2d.shape)))
     rows, cols = x2d.shape
     if tile is None:

@@ -240,12 +240,16 @@ def accumulate(acc: ScalingTensor | None, x: torch.Tensor, fmt: str | FormatSpec
     numel = flat_x.numel()
     cast_fused = fused.active(x.device)
     chunk_numel = default_chunk_numel(chunk_numel)
-    if 0 < numel <= chunk_numel and not cast_fused:
-        # One chunk: the sum is formed once and cast in place (the same bits as two passes).
+    if 0 < numel <= chunk_numel:
+        # One chunk: the sum is formed once and cast (the same bits as two passes), in place or
+        # by the fused kernel; written over `acc`'s bytes by the converting copy, or new.
         summed = total(0, numel)
         scale = compute_scale(abs_max(summed), spec.max)
+        if cast_fused:
+            cast = fused.compiled(fused.scaled_cast)(summed, scale, "tensor", spec.max, spec.dtype, True)
+            return ScalingTensor(data.copy_(cast).view(x.shape) if acc.spec is spec else cast.view(x.shape),
+                                 scale, spec)
         saturate_(summed.mul_(scale), spec, inf_to_nan=True)
-        # Written over `acc`'s bytes by the converting copy (the rounding of `.to`), or new.
         payload = data.copy_(summed) if acc.spec is spec else summed.to(spec.dtype)
         return ScalingTensor(payload.view(x.shape), scale, spec)
     amax = torch.zeros((), device=x.device)

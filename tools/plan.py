@@ -250,7 +250,10 @@ class Stage:
         total += ring_bytes("all_reduce", 4 * len(params), n)  # the FP8 gradients' squared norms
         if not self.overlap:  # the shared scales agreed once for all buckets
             total += ring_bytes("all_reduce", 4 * len(params), n)
-        for bucket, by_rank in zip(self.zero.buckets, self.zero.bucket_owned):
+        for by_rank in self.zero.publication_groups(4 * chunk):  # published, padded to the largest piece
+            total += all_gather_uneven_bytes([sum(p.numel() for p in owned) + SCALE_BYTES * len(owned)
+                                              for owned in by_rank])
+        for bucket in self.zero.buckets:
             if self.overlap:
                 total += ring_bytes("all_reduce", 4 * len(bucket), n)
             numels, owners = [params[i].numel() for i in bucket], [self.zero.owners[i] for i in bucket]
@@ -258,8 +261,6 @@ class Stage:
                 total += sum(size for size, owner in zip(numels, owners) if owner != dp_rank)
             else:
                 total += self._owner_round_bytes(numels, owners, dp_rank, chunk)
-            pieces = [sum(p.numel() for p in owned) + SCALE_BYTES * len(owned) for owned in by_rank]
-            total += all_gather_uneven_bytes(pieces)  # published, padded to the largest piece
         return total
 
     def _owner_round_bytes(self, numels: list[int], owners: list[int], dp_rank: int, chunk: int) -> int:

@@ -3,9 +3,10 @@ its collectives run over.
 
 Tensors are never split (FP8-LM's Algorithm 1, `fp8.greedy_partition`): each FP8 weight, with its
 scale, belongs whole to one rank, which alone keeps its FP16 master and Adam moments. Gradients
-reach their owner through `fp8.collectives.fp8_reduce_to_owners`, one uneven all-to-all per
-bucket; after the optimizer step every rank receives the re-quantized weights through one uneven
-FP8 all-gather per bucket (payloads and scales together). Buckets follow backward order and hold
+reach their owner through `fp8.collectives.fp8_reduce_to_owners`; after the optimizer step every
+rank receives the re-quantized weights (payloads and scales together) through one collective per
+run of buckets (`publication_groups`): a padded all-gather where the run's owners hold about equal
+shares, broadcasts from the owners where one or two hold it all. Buckets follow backward order and hold
 about `bucket_numel` weights (bytes, at one byte each); the partition is global, so the loads
 balance over the whole model, not per bucket.
 """
@@ -43,6 +44,28 @@ class FP8ZeroLayout:
         # Per bucket, each rank's tensors in bucket order: what the collectives carry, fixed for the run.
         self.bucket_owned: list[list[list[nn.Parameter]]] = [
             [[self.params[i] for i in bucket if self.owners[i] == r] for r in range(dp_size)] for bucket in self.buckets]
+
+    def publication_groups(self, byte_budget: int) -> list[list[list[nn.Parameter]]]:
+        """Per publication (one collective), each rank's weights in bucket order: runs of
+        consecutive buckets. A run closes once its pieces are balanced - the largest at most
+        1.25x an even share, so that an all-gather padded to it sends little padding - or before
+        a bucket would take it past `byte_budget` (one byte per weight: the all-gather's receive
+        buffer is about the run's size). A bucket held by one or two owners alone is broadcast
+        (`comm.all_gather_uneven`), in a ring as fast as a balanced all-gather of it."""
+        groups: list[list[list[nn.Parameter]]] = []
+        current: list[list[nn.Parameter]] | None = None
+        for by_rank in self.bucket_owned:
+            size = sum(p.numel() for owned in by_rank for p in owned)
+            if current is not None and sum(p.numel() for owned in current for p in owned) + size > byte_budget:
+                groups.append(current)
+                current = None
+            current = [list(owned) for owned in by_rank] if current is None else [
+                mine + list(owned) for mine, owned in zip(current, by_rank)]
+            loads = [sum(p.numel() for p in owned) for owned in current]
+            if max(loads) * self.dp_size <= 1.25 * sum(loads):
+                groups.append(current)
+                current = None
+        return groups + ([current] if current is not None else [])
 
     def owned(self, dp_rank: int) -> list[nn.Parameter]:
         return [p for p, owner in zip(self.params, self.owners) if owner == dp_rank]

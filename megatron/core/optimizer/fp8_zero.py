@@ -7,9 +7,9 @@ data-parallel ranks (`megatron.core.distributed.fp8_zero.FP8ZeroLayout`); the pr
 (`megatron.core.precision.apply_precision`) decides the owners, makes the weights FP8 and gives
 each owner an FP16 master with a scale of its weights; the DDP wrapper delivers the reduced FP8
 gradients to the owners. Here the owners update their masters and Adam moments (FP8 / FP16 at the
-defaults) with `fp8.optim.FP8AdamW`, re-quantize their weights from the masters, and one uneven
-FP8 all-gather per bucket (payloads and scales in one message, padded to the largest rank's) gives
-every rank the new weights.
+defaults) with `fp8.optim.FP8AdamW`, re-quantize their weights from the masters, and one collective
+per run of buckets (payloads and scales in one message: a padded all-gather, or broadcasts from
+the owners, `FP8ZeroLayout.publication_groups`) gives every rank the new weights.
 
 As a part of a `ChainedOptimizer` (with the dense optimizer, sharded by the distributed optimizer
 as at any level): one norm over the dense part and the owners' FP8 gradients (summed over dp as
@@ -24,6 +24,7 @@ import torch.nn as nn
 from fp8.gradients import FP8GradStore
 from fp8.optim import ScaledFP16Parameter, scaled_value, to_scaled_fp16
 from fp8.params import SCALE_BYTES, fp8_weight_from_master, param_value
+from fp8.scaling import default_chunk_numel
 from megatron.core.distributed import comm
 from megatron.core.distributed.fp8_zero import FP8ZeroLayout
 from megatron.core.optimizer import OptimizerConfig
@@ -65,31 +66,31 @@ class FP8ZeroWeightOptimizer(FP8WeightOptimizer):
 
     @torch.no_grad()
     def _publish(self, overlap: bool | None = None) -> None:
-        """Owners re-quantize their weights; one uneven FP8 all-gather per bucket delivers them -
+        """Owners re-quantize their weights; one collective per run of buckets
+        (`FP8ZeroLayout.publication_groups`, bounded by the FP8 chunk's bytes) delivers them -
         with ``--overlap-param-gather`` by the communication thread, in the order the next forward
         needs them, each waited for by the forward that reads it."""
-        layout = self.layout
+        groups = self.layout.publication_groups(4 * default_chunk_numel())
         if not (self.overlap_param_gather if overlap is None else overlap):
-            for index in range(len(layout.bucket_owned)):
-                self._publish_bucket(index, self.ps)
+            for by_rank in groups:
+                self._publish_group(by_rank, self.ps)
             return
-        for index in reversed(range(len(layout.bucket_owned))):  # forward needs the last bucket first
-            by_rank = layout.bucket_owned[index]
-            nbytes = comm.all_gather_uneven_bytes(self._bucket_numels(by_rank))
+        for by_rank in reversed(groups):  # forward needs the last bucket first
+            nbytes = comm.all_gather_uneven_bytes(self._group_numels(by_rank))
             self.ddp.gather_async([p for params in by_rank for p in params],
-                                  lambda ps, i=index: self._publish_bucket(i, ps), nbytes)
+                                  lambda ps, group=by_rank: self._publish_group(group, ps), nbytes)
 
     @staticmethod
-    def _bucket_numels(by_rank) -> list[int]:
+    def _group_numels(by_rank) -> list[int]:
         return [sum(p.numel() for p in params) + SCALE_BYTES * len(params) for params in by_rank]
 
-    def _publish_bucket(self, index: int, ps) -> None:
-        by_rank, rank = self.layout.bucket_owned[index], self.ps.dp_rank
+    def _publish_group(self, by_rank, ps) -> None:
+        rank = self.ps.dp_rank
         pieces = [fp8_weight_from_master(self.masters[p], p.cast, p.scale) for p in by_rank[rank]]
         local = torch.cat([payload.reshape(-1).view(torch.uint8) for payload, _ in pieces]
                           + [torch.stack([scale.float() for _, scale in pieces]).view(torch.uint8)
                              if pieces else torch.empty(0, dtype=torch.uint8, device=self.ps.device)])
-        for params, data in zip(by_rank, comm.all_gather_uneven(local, self._bucket_numels(by_rank), ps, "dp")):
+        for params, data in zip(by_rank, comm.all_gather_uneven(local, self._group_numels(by_rank), ps, "dp")):
             self._unpack(params, data)
 
     @staticmethod
