@@ -136,11 +136,11 @@ class OpCounter(TorchDispatchMode):
 @contextlib.contextmanager
 def fused_kernels():
     """Compiled FP8 casts (`fp8.fused.compiled`) counted as the kernels Inductor generates for
-    them: each variant (function, flags, operand dtypes and ranks) compiled once for this
-    machine's CPU on zeros of the call's shapes, outside any count, its kernel count read from
-    Inductor's metrics; every call then runs the function's operations eagerly (on the meta device
-    nothing compiles), uncounted, and adds that many launches to the counter in use."""
-    import torch._inductor.metrics as inductor_metrics
+    them: each variant (function, flags, operand dtypes and ranks) compiled afresh once for this
+    machine's CPU on zeros of the call's shapes, outside any count, its kernels counted in the
+    generated code (`compiled_kernels`); every call then runs the function's operations eagerly
+    (on the meta device nothing compiles), uncounted, and adds that many launches to the counter
+    in use."""
     from torch.utils._python_dispatch import _disable_current_modes, _get_current_dispatch_mode
 
     from fp8 import fused
@@ -153,9 +153,7 @@ def fused_kernels():
             if key not in kernels:
                 with _disable_current_modes():
                     example = [torch.zeros(a.shape, dtype=a.dtype) if isinstance(a, torch.Tensor) else a for a in args]
-                    before = inductor_metrics.generated_kernel_count
-                    original(fn)(*example)
-                    kernels[key] = inductor_metrics.generated_kernel_count - before
+                    kernels[key] = compiled_kernels(fn, example)
             counter = _get_current_dispatch_mode()
             if not isinstance(counter, OpCounter):
                 return fn(*args)
@@ -174,6 +172,20 @@ def fused_kernels():
         yield kernels
     finally:
         fused.compiled = original
+
+
+def compiled_kernels(fn, args: list) -> int:
+    """Kernels in the code Inductor generates for ``fn(*args)`` (dynamic shapes, one graph), on
+    the arguments' device: each is defined once in the output code (``async_compile.cpp_pybinding``
+    on the CPU, ``async_compile.triton`` on CUDA). Dynamo's caches are reset first, so that an
+    earlier compilation of `fn` cannot hide the code."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    _, code = run_and_get_code(torch.compile(fn, dynamic=True, fullgraph=True), *args)
+    return sum(len(re.findall(r"= async_compile\.(?:cpp_pybinding|cpp|triton)\(", source)) for source in code)
 
 
 def meta_value(func, tensor: torch.Tensor):

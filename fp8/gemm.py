@@ -18,6 +18,7 @@ are copied into shape rather than sent to the emulation.
 from __future__ import annotations
 
 import functools
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -197,6 +198,30 @@ def emulated_matmul(a: ScalingTensor, b: ScalingTensor, out_dtype=torch.float32,
 _NATIVE = {"scaled_mm": _native_scaled_mm, "blockwise": _native_blockwise}
 
 
+def output_dtype_for(a: ScalingTensor, b: ScalingTensor, want: torch.dtype, info: DeviceInfo | None = None) -> torch.dtype:
+    """`want`, or BF16 where a kernel takes ``a @ b`` with a BF16 output and not with `want` (the
+    row- and block-scaled kernels give BF16 only): the weight-gradient GEMM then runs on the
+    tensor cores and rounds to BF16 once, rather than in the FP32 emulation."""
+    info = info or device_info(a.device)
+    if want == torch.bfloat16 or select_path(a, b, want, info)[0] != "emulate":
+        return want
+    return torch.bfloat16 if select_path(a, b, torch.bfloat16, info)[0] != "emulate" else want
+
+
+_warned: set[str] = set()
+
+
+def warn_emulated(reason: str, device_type: str) -> bool:
+    """One line on stderr the first time a GPU's FP8 GEMM falls back to the FP32 emulation for
+    `reason` (it runs, but far slower than the tensor cores); returns whether it printed."""
+    if device_type != "cuda" or reason in _warned:
+        return False
+    _warned.add(reason)
+    print(f"warning: an FP8 GEMM runs as an FP32 emulation on this GPU ({reason}); training continues, "
+          "slower - change the recipe or the shapes named to use the FP8 kernels", file=sys.stderr, flush=True)
+    return True
+
+
 def fp8_matmul(
     a: ScalingTensor,
     b: ScalingTensor,
@@ -215,7 +240,9 @@ def fp8_matmul(
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
         raise ValueError(f"fp8_matmul needs (M, K) @ (K, N) operands, got {tuple(a.shape)} @ {tuple(b.shape)}")
     if path == "auto":
-        path, _ = select_path(a, b, out_dtype, device_info(a.device))
+        path, reason = select_path(a, b, out_dtype, device_info(a.device))
+        if path == "emulate":
+            warn_emulated(reason, a.device.type)
     elif path not in PATHS:
         raise ValueError(f"unknown GEMM path {path!r}; use one of {PATHS} or 'auto'")
     if path == "emulate":

@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fp8.collectives import Transport
-from fp8.gemm import fp8_matmul
+from fp8.gemm import fp8_matmul, output_dtype_for
 from fp8.gradients import FP8GradStore
 from fp8.params import fp8_weight_tensor, is_fp8_param, param_value
 from fp8.scaling import BLOCK_SIZE, CurrentScaling, DelayedScaling, Recipe, resolve_tile, tile_amax
@@ -194,10 +194,12 @@ class FP8LinearState:
     def wgrad(self, weight: torch.Tensor, dy_fp8: ScalingTensor, x_fp8: ScalingTensor) -> torch.Tensor | None:
         """The weight gradient, or None once it is kept in FP8 in the gradient store. Without FP8
         gradients the GEMM writes the weight's dtype itself (one rounding of the FP32 sum, as
-        writing FP32 and converting would do), so no FP32 copy of the gradient is made."""
-        out_dtype = torch.float32 if self.fp8_wgrad else weight.dtype
-        dw = fp8_matmul(self.orient(dy_fp8, 0).t(), self.orient(x_fp8, 0), out_dtype=out_dtype)
-        return self.deliver_wgrad(weight, dw)
+        writing FP32 and converting would do), so no FP32 copy of the gradient is made. With them
+        it writes FP32 for the FP8 accumulation, or BF16 where only that output has a kernel
+        (row- and block-scaled GEMMs on a GPU, `fp8.gemm.output_dtype_for`)."""
+        a, b = self.orient(dy_fp8, 0).t(), self.orient(x_fp8, 0)
+        out_dtype = output_dtype_for(a, b, torch.float32) if self.fp8_wgrad else weight.dtype
+        return self.deliver_wgrad(weight, fp8_matmul(a, b, out_dtype=out_dtype))
 
     @staticmethod
     def bias_grad(dy2d: torch.Tensor) -> torch.Tensor:

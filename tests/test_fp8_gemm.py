@@ -115,6 +115,26 @@ def test_cuda_path_rules(granularity, info, out_dtype, shape, expected):
     assert path == expected, reason
 
 
+def test_weight_gradient_takes_bf16_where_only_that_has_a_kernel(capsys):
+    """Row- and block-scaled GEMMs write BF16 only: a weight gradient asked for in FP32 takes BF16
+    on a GPU that has those kernels, and keeps FP32 where a kernel writes it (per-tensor) or none
+    runs either way (the CPU emulation). A GPU GEMM that falls back to the emulation says so once."""
+    from fp8.gemm import _warned, output_dtype_for, warn_emulated
+
+    for granularity, k, n in (("row", 256, 192), ("block", 512, 256)):
+        _, _, a_fp8, w_fp8 = operands(granularity, 128, k, n)
+        assert output_dtype_for(a_fp8, w_fp8.t(), torch.float32, H100) == torch.bfloat16, granularity
+        assert output_dtype_for(a_fp8, w_fp8.t(), torch.float32, CPU) == torch.float32
+        assert select_path(a_fp8, w_fp8.t(), torch.bfloat16, H100)[0] != "emulate"
+    _, _, a_fp8, w_fp8 = operands("tensor")
+    assert output_dtype_for(a_fp8, w_fp8.t(), torch.float32, H100) == torch.float32
+    assert output_dtype_for(a_fp8, w_fp8.t(), torch.float32, A100) == torch.float32  # no FP8 kernel at all
+    _warned.discard("a test reason")
+    assert warn_emulated("a test reason", "cuda") and not warn_emulated("a test reason", "cuda")
+    assert not warn_emulated("another reason", "cpu")
+    assert capsys.readouterr().err.count("FP32 emulation") == 1
+
+
 def test_cuda_rules_on_formats_and_devices():
     _, _, a5, w5 = operands("tensor", fmt_a="e5m2", fmt_b="e5m2")
     assert select_path(a5, w5.t(), torch.bfloat16, H100)[0] == "emulate"

@@ -119,3 +119,34 @@ def test_the_meta_device_counts_what_the_cpu_counts(builtin_corpus_small, monkey
         assert abs(meta["launches"] - cpu["launches"] - batch_copies) <= 2, (level, cpu["launches"], meta["launches"])
     assert rows["none", "cpu"]["host_syncs"] == 2
     assert rows["O3", "cpu"]["host_syncs"] == 3
+
+
+@pytest.mark.slow
+def test_fused_casts_count_the_kernels_inductor_writes(monkeypatch):
+    """Under `fused_kernels` a compiled cast is counted as the kernels Inductor generated for it
+    (read from the generated code), which equals Inductor's own count of the kernels it wrote
+    (`generated_kernel_count`, a fresh compilation); the cast's own operations are not counted,
+    and its bytes are the eager cast's."""
+    import torch
+    import torch._inductor.metrics as inductor_metrics
+
+    from fp8 import fused
+    from fp8.tensor import quantize
+
+    monkeypatch.setattr(fused, "_state", {"mode": "on"})
+    x = torch.randn(64, 96, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(0))
+    scale = torch.tensor(3.0)
+    torch._dynamo.reset()
+    before = inductor_metrics.generated_kernel_count
+    torch.compile(fused.scaled_cast, dynamic=True, fullgraph=True)(x * 2, scale, "tensor", 448.0,
+                                                                   torch.float8_e4m3fn, False)
+    written = inductor_metrics.generated_kernel_count - before
+    assert written >= 1
+    with launch_audit.fused_kernels():
+        counter = launch_audit.OpCounter()
+        with counter:
+            fused_cast = quantize(x, "e4m3", scale=scale)
+    assert counter.kinds["launch"] == counter.ops["compiled.scaled_cast"] == written
+    monkeypatch.setattr(fused, "_state", {"mode": "off"})
+    eager = quantize(x, "e4m3", scale=scale)
+    assert torch.equal(fused_cast.data.view(torch.uint8), eager.data.view(torch.uint8))
