@@ -19,9 +19,11 @@ raises records the exception and the run goes on:
   per-tensor, row-wise and block-wise, eager (chunked PyTorch operations) against fused (two
   compiled kernels, `fp8/fused.py`): milliseconds, GB/s of the BF16 input read, and whether the
   fused bytes and scales equal the eager ones (NaN's sign aside).
-- fp8_linear: `fp8.FP8Linear` (each recipe) forward + backward against BF16 `nn.Linear`, square
-  layers of width 1024, 2048, 4096 and 8192 on 8192 tokens (dry: 32, 64, 128 on 64), and per
-  recipe the crossover: the narrowest width from which FP8 is faster at every larger width
+- fp8_linear: a transformer layer's linears (qkv h->3h, proj h->h, fc1 h->4h, fc2 4h->h) as
+  `fp8.FP8Linear` (each recipe, FP8 weight gradients accumulated over 3 micro-batches of 4096
+  tokens, each weight cast once per step, as O1-O3 train) against BF16 `nn.Linear`, forward +
+  backward, at hidden 1024, 2048, 4096 and 8192 (dry: 32, 64, 128; 2 micro-batches of 64), and per
+  recipe the crossover: the narrowest hidden size from which FP8 is faster at every larger one
   measured, the value for `--fp8-min-features` (narrower linears then stay in BF16); None
   where FP8 is slower at every width. Casts are fused as `--fused-casts` says (auto: on CUDA).
   The crossovers are also written as a calibration file (`fp8/calibration.py`), beside the JSON
@@ -65,7 +67,7 @@ from fp8.tensor import quantize  # noqa: E402
 from megatron.training.metrics import model_flops_per_token, peak_flops  # noqa: E402
 
 SECTIONS = ("environment", "gemm", "sqnr", "casts", "fp8_linear", "gpt")
-BUDGETS = {"environment": 10.0, "gemm": 45.0, "sqnr": 25.0, "casts": 40.0, "fp8_linear": 60.0, "gpt": 250.0}
+BUDGETS = {"environment": 10.0, "gemm": 45.0, "sqnr": 25.0, "casts": 40.0, "fp8_linear": 90.0, "gpt": 250.0}
 LEVELS = ("none", "O0", "O2", "O3")
 SCALINGS = ("tensorwise", "rowwise", "blockwise")
 SKIPPED = {"ok": False, "skipped": "time budget"}
@@ -261,38 +263,60 @@ def crossover(rows: list[dict]) -> dict[str, int | None]:
     return out
 
 
+def layer_shapes(hidden: int) -> list[tuple[str, int, int]]:
+    """A transformer layer's linears at hidden size `hidden` (4x FFN): (name, in, out). Each has
+    `hidden` as its narrower side, the width that --fp8-min-features compares."""
+    return [("qkv", hidden, 3 * hidden), ("proj", hidden, hidden), ("fc1", hidden, 4 * hidden),
+            ("fc2", 4 * hidden, hidden)]
+
+
 def section_fp8_linear(ctx: Ctx) -> dict:
+    """A transformer layer's four linears (`layer_shapes`) at each hidden size, forward + backward
+    over `micro_batches` micro-batches as a training step runs them: FP8 weight gradients
+    accumulated in FP8 (as at O1-O3), each weight cast once per step, against BF16 `nn.Linear`s
+    accumulating theirs."""
     sizes = [32, 64, 128] if ctx.dry else [1024, 2048, 4096, 8192]
+    tokens, micro_batches = (64, 2) if ctx.dry else (4096, 3)
     n_reps, warmup = reps(ctx)
     rows = []
     for size in sizes:
-        tokens = 64 if ctx.dry else 8192
+        shapes = layer_shapes(size)
         torch.manual_seed(1)
-        x = torch.randn(tokens, size, device=ctx.device, dtype=torch.bfloat16, requires_grad=True)
-        dy = torch.randn(tokens, size, device=ctx.device, dtype=torch.bfloat16) * 1e-3
+        inputs = [torch.randn(tokens, i, device=ctx.device, dtype=torch.bfloat16, requires_grad=True) for _, i, _ in shapes]
+        grads = [torch.randn(tokens, o, device=ctx.device, dtype=torch.bfloat16) * 1e-3 for _, _, o in shapes]
+        flops = 6 * tokens * micro_batches * sum(i * o for _, i, o in shapes)
         base = None
         for name in ("bf16",) + fp8.scaling.RECIPES:
             row = {"layer": "nn.Linear bf16" if name == "bf16" else f"FP8Linear {name}", "recipe": name,
-                   "tokens": tokens, "in_features": size, "out_features": size}
+                   "tokens": tokens, "micro_batches": micro_batches, "in_features": size,
+                   "shapes": [f"{n} {i}x{o}" for n, i, o in shapes], "fp8_wgrad": name != "bf16"}
             if ctx.time_left() <= 0:
                 rows.append({**row, **SKIPPED})
                 continue
 
             def measure(name=name):
                 if name == "bf16":
-                    layer = nn.Linear(size, size, device=ctx.device, dtype=torch.bfloat16)
+                    layers = [nn.Linear(i, o, device=ctx.device, dtype=torch.bfloat16) for _, i, o in shapes]
                 else:
                     recipe = fp8.Recipe(recipe=name, min_features=0)  # every width in FP8: it is what is timed
-                    layer = fp8.FP8Linear(size, size, bias=True, recipe=recipe, device=ctx.device,
-                                          dtype=torch.bfloat16)
+                    layers = [fp8.FP8Linear(i, o, bias=True, recipe=recipe, fp8_wgrad=True, device=ctx.device,
+                                            dtype=torch.bfloat16) for _, i, o in shapes]
 
                 def step():
-                    x.grad = None
-                    layer.weight.grad = None
-                    layer(x).backward(dy)
+                    for layer in layers:
+                        layer.weight.grad = None
+                        if name != "bf16":
+                            layer.fp8.grads.clear()
+                            layer.fp8.keep_weight_copies()  # cast once per step, as the trainer does
+                    for _ in range(micro_batches):
+                        for layer, x, dy in zip(layers, inputs, grads):
+                            layer(x).backward(dy)
+                    for layer in layers:
+                        if name != "bf16":
+                            layer.fp8.drop_weight_copies()
 
                 seconds = median_seconds(ctx, step, n_reps, warmup)
-                return {"seconds": seconds, "tflops": 6 * tokens * size * size / seconds / 1e12}
+                return {"seconds": seconds, "tflops": flops / seconds / 1e12}
 
             row.update(guarded(ctx, measure))
             if row["ok"]:
@@ -301,7 +325,7 @@ def section_fp8_linear(ctx: Ctx) -> dict:
                 elif base:
                     row["speedup_vs_bf16"] = base / row["seconds"]
             rows.append(row)
-        del x, dy
+        del inputs, grads
         if ctx.cuda:
             torch.cuda.empty_cache()
     return {"rows": rows, "reps": n_reps, "warmup": warmup, "fp8_min_features": crossover(rows),
@@ -401,6 +425,10 @@ def print_section(name: str, r: dict) -> None:
                   f"{'identical' if row['bit_identical'] else 'DIFFERENT'}")
     elif name == "fp8_linear":
         print(f"casts {'fused' if r.get('fused_casts') else 'eager'}")
+        rows = r["rows"]
+        if rows:
+            print(f"per hidden size: {', '.join(rows[0]['shapes'])}; {rows[0]['tokens']} tokens x "
+                  f"{rows[0]['micro_batches']} micro-batches, FP8 weight gradients")
         print(f"{'fwd+bwd':<20} {'size':>5} {'ms':>9} {'TFLOP/s':>8} {'x bf16':>7}")
         for row in r["rows"]:
             if not row.get("ok"):

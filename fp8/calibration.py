@@ -3,9 +3,12 @@
 An FP8 linear costs its casts (activation, weight, output gradient) on top of a GEMM that is
 faster than BF16's; below some width the casts cost more than the faster GEMM saves, and the layer
 is better left in BF16 (torchao filters small shapes the same way). `bench/gpu_suite.py`
-measures `FP8Linear` forward + backward against BF16 `nn.Linear` per recipe at widths 1024-8192
-on 8192 tokens and writes a *calibration file*: per recipe, the narrowest width from which FP8 is
-faster at every wider width measured (None: slower at every width). `--fp8-min-features auto`
+measures a transformer layer's four linears (qkv, proj, fc1, fc2 at hidden sizes 1024-8192) as
+`FP8Linear`s training as O1-O3 do (FP8 weight gradients accumulated over several micro-batches,
+weights cast once per step) against BF16 `nn.Linear`s, forward + backward, and writes a
+*calibration file* recording what it measured (shapes, tokens, micro-batches): per recipe, the
+narrowest hidden size from which FP8 is faster at every wider one measured (None: slower at every
+width). `--fp8-min-features auto`
 (the default) takes its threshold from there:
 
 - from `--fp8-calibration FILE` when given;
@@ -58,6 +61,8 @@ def calibration_record(results: dict, *, device_name: str, fused_casts: bool, to
     widths = sorted({row["in_features"] for row in results["rows"]})
     return {"format_version": FORMAT_VERSION, "device_name": device_name, "capability": capability,
             "torch": torch_version, "fused_casts": fused_casts, "tokens": results["rows"][0]["tokens"],
+            "micro_batches": results["rows"][0].get("micro_batches", 1),
+            "shapes": results["rows"][0].get("shapes"), "fp8_wgrad": any(row.get("fp8_wgrad") for row in results["rows"]),
             "widths": widths, "fp8_min_features": dict(results["fp8_min_features"])}
 
 

@@ -66,6 +66,10 @@ def test_gemm_and_linear_rows(suite):
     assert {r["in_features"] for r in linear} == {32, 64, 128}
     for r in linear:
         assert r["ok"] and r["seconds"] > 0 and r["tflops"] > 0, r
+        # The layer's own linears, trained as O1-O3 train them.
+        h = r["in_features"]
+        assert r["shapes"] == [f"qkv {h}x{3 * h}", f"proj {h}x{h}", f"fc1 {h}x{4 * h}", f"fc2 {4 * h}x{h}"]
+        assert r["micro_batches"] == 2 and r["fp8_wgrad"] == (r["recipe"] != "bf16")
     # The recommendation is the crossover of these very rows.
     from bench.gpu_suite import crossover
     assert results["fp8_linear"]["fp8_min_features"] == crossover(linear)
@@ -88,6 +92,8 @@ def test_calibration_file_is_what_the_trainer_reads(suite):
     calibration = load(folder / "fp8_calibration-dryrun.json")
     linear = data["results"]["fp8_linear"]
     assert calibration.widths == (32, 64, 128) and calibration.min_features == linear["fp8_min_features"]
+    record = json.loads((folder / "fp8_calibration-dryrun.json").read_text())
+    assert record["micro_batches"] == 2 and record["fp8_wgrad"] is True and len(record["shapes"]) == 4
     for recipe, width in linear["fp8_min_features"].items():
         assert calibration.threshold(recipe) == (129 if width is None else width)
     assert "--fp8-calibration" in stdout
