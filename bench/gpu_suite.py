@@ -10,6 +10,10 @@ budget is spent its remaining cases are recorded as {"skipped": "time budget"}, 
 raises records the exception and the run goes on:
 
 - environment: torch / CUDA / device.
+- step_audit: one training step of a 2-layer, hidden-1024 GPT (2 micro-batches) at none, O0 and
+  O3, counted as bench/launch_audit.py counts it (dispatched kernel-launching operations and host
+  syncs) and on the device: the CUDA kernels torch.profiler records and the syncs
+  `torch.cuda.set_sync_debug_mode("warn")` flags (dry: hidden 128, dispatch counts only).
 - gemm: `fp8_matmul` (which calls `torch._scaled_mm` / `F.scaled_mm`) TFLOP/s with tensorwise,
   rowwise and blockwise scales against BF16 `torch.matmul`, square 4096 and 8192 (dry: 64, 128).
 - sqnr: the FP8 GEMM on the device against the CPU emulation (`emulated_matmul`) and against
@@ -66,8 +70,8 @@ from fp8.gemm import device_info, emulated_matmul, fp8_matmul, select_path  # no
 from fp8.tensor import quantize  # noqa: E402
 from megatron.training.metrics import model_flops_per_token, peak_flops  # noqa: E402
 
-SECTIONS = ("environment", "gemm", "sqnr", "casts", "fp8_linear", "gpt")
-BUDGETS = {"environment": 10.0, "gemm": 45.0, "sqnr": 25.0, "casts": 40.0, "fp8_linear": 90.0, "gpt": 250.0}
+SECTIONS = ("environment", "step_audit", "gemm", "sqnr", "casts", "fp8_linear", "gpt")
+BUDGETS = {"environment": 10.0, "step_audit": 45.0, "gemm": 45.0, "sqnr": 25.0, "casts": 40.0, "fp8_linear": 90.0, "gpt": 250.0}
 LEVELS = ("none", "O0", "O2", "O3")
 SCALINGS = ("tensorwise", "rowwise", "blockwise")
 SKIPPED = {"ok": False, "skipped": "time budget"}
@@ -332,6 +336,81 @@ def section_fp8_linear(ctx: Ctx) -> dict:
             "fused_casts": fused.active(ctx.device)}
 
 
+# ----- step_audit --------------------------------------------------------------------------------
+AUDIT_MODEL = dict(num_layers=2, hidden_size=1024, num_attention_heads=16, ffn_hidden_size=4096, vocab_size=8192,
+                   seq_length=512, micro_batch_size=4, steps=4, lr=1e-4, min_features=128)
+AUDIT_DRY = dict(AUDIT_MODEL, hidden_size=128, num_attention_heads=4, ffn_hidden_size=512, vocab_size=256,
+                 seq_length=32, micro_batch_size=2)
+AUDIT_LEVELS = ("none", "O0", "O3")
+AUDIT_MICRO_BATCHES = 2
+
+
+def audited_step(ctx: Ctx, level: str, cfg: dict, batches: list[torch.Tensor]) -> dict:
+    """One training step (2 micro-batches, reduction, optimizer, delayed-scaling update, the loss
+    read) of a small GPT at `level`, after two warm-up steps, counted three ways: the ATen
+    operations it dispatches (bench/launch_audit.py's counter: launches and host syncs), the CUDA
+    kernels the profiler records, and the syncs CUDA's sync debug mode flags."""
+    import warnings
+
+    from bench.common import build_gpt_training
+    from bench.launch_audit import OpCounter, fused_kernels, host_step_counts
+    from megatron.core.parallel_state import ParallelState
+    from megatron.core.precision import FP8Config
+
+    ps = ParallelState.single(ctx.device)
+    fp8_config = FP8Config(level=level, min_features=cfg["min_features"])
+    model, ddp, optimizer, precision = build_gpt_training(cfg, ps, ctx.device, fp8_config, lr=cfg["lr"],
+                                                          once_per_step=True)
+    micro = [b.to(ctx.device) for b in batches]
+
+    def step(i: int) -> float:
+        ddp.zero_grad_buffer()
+        losses = []
+        for tokens in micro[AUDIT_MICRO_BATCHES * i:AUDIT_MICRO_BATCHES * (i + 1)]:
+            loss = model(tokens[:, :-1], tokens[:, 1:]).float().mean() / AUDIT_MICRO_BATCHES
+            loss.backward()
+            losses.append(loss.detach())
+        ddp.finish_grad_sync()
+        optimizer.step()
+        precision.end_step()
+        return torch.stack(losses).sum().item()
+
+    step(0)
+    step(1)
+    ctx.sync()
+    counter = OpCounter(host_step_counts(optimizer))  # torch.optim's step counts: host memory on CUDA
+    compiled = fused_kernels() if fused.active(ctx.device) else contextlib.nullcontext()
+    with compiled, counter, counter.host_copies():  # compiled casts: as many as Inductor writes for the CPU
+        step(0)
+    row = {"dispatched_launches": counter.kinds["launch"], "dispatched_syncs": counter.kinds["sync"],
+           "cuda_kernels": None, "flagged_syncs": None}
+    if ctx.cuda:
+        from torch.profiler import ProfilerActivity, profile
+
+        with warnings.catch_warnings(record=True) as flagged:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    step(1)
+                    ctx.sync()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        row["cuda_kernels"] = sum(1 for e in prof.events() if e.device_type.name == "CUDA")
+        row["flagged_syncs"] = sum(1 for w in flagged if "synchroniz" in str(w.message))
+    return row
+
+
+def section_step_audit(ctx: Ctx) -> dict:
+    """What bench/launch_audit.py counts, checked on the device (see `audited_step`)."""
+    cfg = dict(AUDIT_DRY if ctx.dry else AUDIT_MODEL)
+    batches = synthetic_batches(dict(cfg, steps=2 * AUDIT_MICRO_BATCHES))
+    levels = {}
+    for level in AUDIT_LEVELS:
+        levels[level] = dict(SKIPPED) if ctx.time_left() <= 0 else guarded(ctx, audited_step, ctx, level, cfg, batches)
+    return {"config": cfg, "micro_batches": AUDIT_MICRO_BATCHES, "levels": levels, "fused_casts": fused.active(ctx.device)}
+
+
 # ----- gpt ---------------------------------------------------------------------------------------
 def section_gpt(ctx: Ctx, levels=LEVELS, steps: int | None = None) -> dict:
     cfg = dict(GPT_DRY if ctx.dry else GPT_1B)
@@ -439,6 +518,15 @@ def print_section(name: str, r: dict) -> None:
         for recipe, width in r.get("fp8_min_features", {}).items():
             print(f"crossover {recipe:<10} " + (f"FP8 faster from width {width}: --fp8-min-features {width}"
                                                  if width else "FP8 slower at every width measured"))
+    elif name == "step_audit":
+        print(f"one step, {r['micro_batches']} micro-batches, casts {'fused' if r.get('fused_casts') else 'eager'}")
+        print(f"{'level':<6} {'dispatched':>10} {'CUDA kernels':>12} {'syncs':>6} {'flagged':>8}")
+        for level, row in r["levels"].items():
+            if not row.get("ok"):
+                print(f"{level:<6} {_status(row)}")
+                continue
+            print(f"{level:<6} {row['dispatched_launches']:>10} {_f(row['cuda_kernels'], 'd'):>12} "
+                  f"{row['dispatched_syncs']:>6} {_f(row['flagged_syncs'], 'd'):>8}")
     elif name == "gpt":
         c = r["config"]
         print(f"GPT {c['num_layers']}L h{c['hidden_size']} ffn{c['ffn_hidden_size']} seq{c['seq_length']} "
@@ -484,6 +572,7 @@ def main(argv=None) -> int:
                     budgets_s={k: v * args.budget_scale for k, v in BUDGETS.items()})
     runners = {"environment": section_environment, "gemm": section_gemm, "sqnr": section_sqnr, "casts": section_casts,
                "fp8_linear": section_fp8_linear,
+               "step_audit": section_step_audit,
                "gpt": lambda c: section_gpt(c, tuple(args.levels), args.steps)}
     results: dict = {}
     t_all = time.monotonic()

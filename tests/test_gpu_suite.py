@@ -43,7 +43,7 @@ def test_every_section_ok_and_finite(suite):
     data, stdout, _ = suite
     assert data["meta"]["dry_run"] is True and data["meta"]["command"].startswith("python bench/gpu_suite.py")
     results = data["results"]
-    assert set(results) == {"environment", "gemm", "sqnr", "casts", "fp8_linear", "gpt"}
+    assert set(results) == {"environment", "step_audit", "gemm", "sqnr", "casts", "fp8_linear", "gpt"}
     for name, r in results.items():
         assert r["ok"], (name, r.get("error"), r.get("traceback"))
         assert r["skipped_cases"] == 0 and r["budget_s"] > 0
@@ -137,3 +137,16 @@ def test_gpt_levels(suite):
         assert all(math.isfinite(x) for x in r["losses"])
         assert level == "none" or r["fp8_layers"] > 0
     assert len({r["num_params"] for r in gpt["levels"].values()}) == 1
+
+
+def test_step_audit_counts_each_level(suite):
+    """The step audit's dispatch counts: FP8 levels launch more than none, the syncs are the
+    step's loss read plus the gradient norm's (and the FP8 reduction's statistics at O1+); on the
+    CPU there are no device counts."""
+    audit = suite[0]["results"]["step_audit"]
+    levels = audit["levels"]
+    assert set(levels) == {"none", "O0", "O3"}
+    for level, row in levels.items():
+        assert row["ok"] and row["dispatched_launches"] > 0 and row["cuda_kernels"] is None, (level, row)
+    assert levels["O3"]["dispatched_launches"] > levels["none"]["dispatched_launches"]
+    assert levels["none"]["dispatched_syncs"] == levels["O0"]["dispatched_syncs"] >= 2
