@@ -373,7 +373,7 @@ def audited_step(ctx: Ctx, level: str, cfg: dict, batches: list[torch.Tensor]) -
         ddp.finish_grad_sync()
         optimizer.step()
         precision.end_step()
-        return torch.stack(losses).sum().item()
+        return ddp.read_with_fp8_stats(torch.stack(losses).sum())  # as the trainer: one read with the FP8 statistics
 
     step(0)
     step(1)

@@ -106,6 +106,16 @@ class ReductionStats:
             return self
         return ReductionStats(self.numel, self.ranks, counts=transport.all_reduce_(self._counts.clone(), "sum"))
 
+    def read_with(self, values: Sequence[torch.Tensor] = ()) -> list[float]:
+        """The counts copied to the host together with `values` (0-dim tensors on their device):
+        one copy and one sync for all; returns `values` as numbers."""
+        if self._values is not None or self.local:
+            return [float(v) for v in torch.stack([v.reshape(()).double() for v in values]).tolist()] if values else []
+        head = [v.reshape(1).double().to(self._counts.device) for v in values]
+        read = torch.cat(head + [self._counts.double()]).tolist()
+        self._values = dict(zip(_DEVICE_ORDER, (int(c) for c in read[len(head):])))
+        return read[:len(head)]
+
     def _read(self) -> dict[str, int]:
         assert not self.local, "one rank's counts: sum them over the group first (ReductionStats.summed)"
         if self._values is None:

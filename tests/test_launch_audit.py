@@ -97,8 +97,8 @@ def test_the_meta_device_counts_what_the_cpu_counts(builtin_corpus_small, monkey
     dispatches what the CPU step does, apart from copying the micro-batches to the device (a real
     copy on a GPU, none on the CPU), the attention kernel's name, and the gradient clipping, which
     the stand-in norm (1.0) does not trigger; syncs, collectives and bytes are the same. At O3 the
-    reduction's statistics are read once (`none`'s two reads plus one): `.tolist()` counts as a
-    sync."""
+    reduction's statistics come to the host with the loss, in one read (`.tolist()` counts as a
+    sync): as many syncs as `none`, the loss's and the gradient norm's."""
     for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0")):
         monkeypatch.setenv(name, value)  # what start_world sets, undone after the test
     flags = ["--config", str(REPO / "configs" / "gpt-tiny.yaml"), "--device", "cpu", "--train-iters", "10",
@@ -118,7 +118,7 @@ def test_the_meta_device_counts_what_the_cpu_counts(builtin_corpus_small, monkey
             assert cpu[key] == meta[key], (level, key, cpu[key], meta[key])
         assert abs(meta["launches"] - cpu["launches"] - batch_copies) <= 2, (level, cpu["launches"], meta["launches"])
     assert rows["none", "cpu"]["host_syncs"] == 2
-    assert rows["O3", "cpu"]["host_syncs"] == 3
+    assert rows["O3", "cpu"]["host_syncs"] == 2
 
 
 @pytest.mark.slow

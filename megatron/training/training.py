@@ -45,7 +45,8 @@ from megatron.core.optimizer.grad_scaler import LossScaledOptimizer, LossScaler
 from megatron.core.precision import apply_precision
 from megatron.core.parallel_state import ParallelState, init_distributed
 from megatron.core.pipeline_parallel.model import allreduce_embedding_grads
-from megatron.core.pipeline_parallel.schedules import get_forward_backward_func, reported_mean, reported_sum
+from megatron.core.pipeline_parallel.schedules import (get_forward_backward_func, reported_mean, reported_mean_tensor,
+                                                      reported_sum)
 from megatron.core.pipeline_parallel.token_loss import read_micro_batches, with_global_denominator
 from megatron.core.tensor_parallel.random import model_parallel_seed
 from megatron.training import resume
@@ -389,7 +390,9 @@ class Trainer:
             skipped = skipped or result.skipped
         self.counts = {name: int(reported_sum(reported, key, self.ps)) for key, name in self.task.reported_counts.items()}
         self.means = {name: reported_mean(reported, key, self.ps) for key, name in self.task.reported_means.items()}
-        return reported_mean(reported, self.task.loss_key, self.ps), skipped, result.grad_norm
+        # The loss and the FP8 reduction's statistics come to the host in one read: one sync for both.
+        loss = self.ddp.read_with_fp8_stats(reported_mean_tensor(reported, self.task.loss_key, self.ps))
+        return loss, skipped, result.grad_norm
 
     def _global_batch(self, iterator, num_microbatches: int):
         """The iterator a schedule reads one global batch from, and the batch's token count

@@ -247,7 +247,6 @@ class DistributedDataParallel(nn.Module):
         self.fp8_autoscaler = reducer.autoscaler if reducer is not None else None
         self.fp8_zero = reducer.zero if reducer is not None else None
         params = self.dense_grad_params(module, self.fp8_grad_params)
-        self.fp8_stats: dict[str, float] = {}
         bucket_numel = max(1, int(bucket_size_mb * 2**20 / torch.tensor([], dtype=grad_dtype).element_size()))
         device = params[0].device if params else ps.device
         pad_to = ps.dp_size * SHARD_ALIGN_NUMEL if use_distributed_optimizer else 1
@@ -283,6 +282,23 @@ class DistributedDataParallel(nn.Module):
             for sub in module.modules():
                 if any(True for _ in sub.parameters(recurse=False)):
                     sub.register_forward_pre_hook(self._wait_for_own_params)
+
+    @property
+    def fp8_stats(self) -> dict[str, float]:
+        """What the last FP8 gradient reduction measured: mu, the saturated and underflowed
+        fractions, its bytes (empty without FP8 gradients). Its counts wait on the device until
+        read: here (one host sync), or with the step's loss by `read_with_fp8_stats`."""
+        if self.fp8_reducer is None:
+            return {}
+        self.fp8_reducer.settle()
+        return dict(self.fp8_reducer.last)
+
+    def read_with_fp8_stats(self, value: torch.Tensor) -> float:
+        """`value` (a 0-dim device tensor: the step's loss) read to the host together with the FP8
+        reduction's statistics: one sync for both, where reading each would be two."""
+        if self.fp8_reducer is None:
+            return value.item()
+        return self.fp8_reducer.settle(value)[0]
 
     @staticmethod
     def dense_grad_params(module: nn.Module, fp8_grad_params=()) -> list[nn.Parameter]:
@@ -330,7 +346,7 @@ class DistributedDataParallel(nn.Module):
         for index in range(len(self.grad_buffer.buckets)):
             self._sequence_parallel_sum(index)
         if self.fp8_reducer is not None:
-            self.fp8_stats = self.fp8_reducer.reduce()
+            self.fp8_reducer.reduce()
         if self.ps.dp_size == 1:
             return
         for bucket in self.grad_buffer.buckets:
@@ -427,8 +443,7 @@ class DistributedDataParallel(nn.Module):
         self._hand_over_ready(everything=True)
         self._worker.wait()
         if self.fp8_reducer is not None:
-            self.fp8_stats = self.fp8_reducer.finish(self._mu, self._fp8_result, CommTransport(self.ps, "dp"),
-                                                     self._fp8_dp_bytes)
+            self.fp8_reducer.finish(self._mu, self._fp8_result, CommTransport(self.ps, "dp"), self._fp8_dp_bytes)
             if self._worker.device.type == "cuda":
                 # Scales made on the worker's stream are read on this one from now on.
                 stream = torch.cuda.current_stream(self._worker.device)

@@ -40,30 +40,37 @@ class FP8GradReducer:
         (pre-scaling, which cannot overflow)."""
         self.params, self.store, self.ps = list(params), store, ps
         self.autoscaler, self.zero = autoscaler, zero
+        self._pending: tuple[float, ReductionStats, int] | None = None  # a finished reduction not yet read
+        self.last: dict[str, float] = {}  # what the last settled reduction measured
 
     def clear(self) -> None:
         self.store.clear()
 
-    def reduce(self) -> dict[str, float]:
-        """The data-parallel mean of every FP8 gradient, in place in the store; returns
-        ``{"mu", "overflow_frac", "underflow_frac", "dp_bytes"}``."""
+    def reduce(self) -> None:
+        """The data-parallel mean of every FP8 gradient, in place in the store; what it measured
+        waits on the device for `settle` (see `finish`)."""
         before = self.ps.counter.snapshot()
         mu = self.mu
         transport = CommTransport(self.ps, "dp")
         if self.zero is not None:
             # One all-reduce of every tensor's scale for all the buckets, one of the counts at the end.
+            # Agreed in bucket order, so that each bucket's scales are a slice (no index tensor to copy).
             self._fill_unused(self.zero.params)
-            shared = shared_scales([self.store.get(p) for p in self.zero.params], transport)
-            stats = ReductionStats()
+            order = [i for bucket in self.zero.buckets for i in bucket]
+            shared = shared_scales([self.store.get(self.zero.params[i]) for i in order], transport)
+            stats, start = ReductionStats(), 0
             for bucket in self.zero.buckets:
-                stats = stats + self.reduce_bucket(bucket, mu, transport, shared=shared[list(bucket)])
+                stats = stats + self.reduce_bucket(bucket, mu, transport, shared=shared[start:start + len(bucket)])
+                start += len(bucket)
         else:
             stats = self.reduce_bucket(range(len(self.params)), mu, transport)
-        return self.finish(mu, stats, transport, self.ps.counter.since(before)["dp_bytes"])
+        self.finish(mu, stats, transport, self.ps.counter.since(before)["dp_bytes"])
 
     @property
     def mu(self) -> float:
-        """The auto-scaling factor this step's reduction uses (1 / DP without the auto-scaler)."""
+        """The auto-scaling factor this step's reduction uses (1 / DP without the auto-scaler); a
+        reduction still unread is settled first, since its statistics decide it."""
+        self.settle()
         return self.autoscaler.mu if self.autoscaler is not None else 1.0 / self.ps.dp_size
 
     def buckets(self, bucket_numel: int) -> list[list[int]]:
@@ -105,16 +112,28 @@ class FP8GradReducer:
             self.store.set(param, reduced)  # None where another rank owns the tensor (FP8 ZeRO)
         return result.stats
 
-    def finish(self, mu: float, stats: ReductionStats, transport: CommTransport, dp_bytes: int) -> dict[str, float]:
-        """The whole reduction's statistics summed over the group (one all-reduce), the
-        auto-scaler's update from them; what `reduce` returns. `dp_bytes`: what the buckets sent."""
+    def finish(self, mu: float, stats: ReductionStats, transport: CommTransport, dp_bytes: int) -> None:
+        """The whole reduction's statistics summed over the group (one all-reduce), left on the
+        device until `settle` reads them. `dp_bytes`: what the buckets sent."""
         before = self.ps.counter.snapshot()
         stats = stats.summed(transport)
-        dp_bytes += self.ps.counter.since(before)["dp_bytes"]
+        self._pending = (mu, stats, dp_bytes + self.ps.counter.since(before)["dp_bytes"])
+
+    def settle(self, *values: torch.Tensor) -> list[float]:
+        """The last reduction's statistics read to the host together with `values` (0-dim device
+        tensors the caller needs there: the step's loss), in one copy - one sync for both - and
+        the auto-scaler updated from them; returns `values` as numbers. `last` then holds
+        ``{"mu", "overflow_frac", "underflow_frac", "dp_bytes"}`` of that reduction."""
+        if self._pending is None:
+            return [float(v) for v in torch.stack([v.reshape(()).double() for v in values]).tolist()] if values else []
+        mu, stats, dp_bytes = self._pending
+        self._pending = None
+        read = stats.read_with(values)
         if self.autoscaler is not None:
             self.autoscaler.update(stats.overflow_frac)
-        return {"mu": mu, "overflow_frac": stats.overflow_frac, "underflow_frac": stats.underflow_frac,
-                "dp_bytes": dp_bytes}
+        self.last = {"mu": mu, "overflow_frac": stats.overflow_frac, "underflow_frac": stats.underflow_frac,
+                     "dp_bytes": dp_bytes}
+        return read
 
     @property
     def held_bytes(self) -> int:

@@ -380,13 +380,18 @@ def reported_mean(reported: list[dict], key: str, ps: ParallelState) -> float:
     return _reported_total(reported, key, ps, mean=True)
 
 
+def reported_mean_tensor(reported: list[dict], key: str, ps: ParallelState) -> torch.Tensor:
+    """`reported_mean` left on the device (0-dim), for a caller that reads it with other values."""
+    return _reported_total(reported, key, ps, mean=True, read=False)
+
+
 def reported_sum(reported: list[dict], key: str, ps: ParallelState) -> float:
     """The sum of ``reported[i][key]`` over micro-batches and data-parallel ranks (a count over the
     global batch, e.g. of response tokens), on every rank, as `reported_mean` gathers it."""
     return _reported_total(reported, key, ps, mean=False)
 
 
-def _reported_total(reported: list[dict], key: str, ps: ParallelState, mean: bool) -> float:
+def _reported_total(reported: list[dict], key: str, ps: ParallelState, mean: bool, read: bool = True):
     if reported:
         values = torch.stack([torch.as_tensor(v[key], dtype=torch.float32) for v in reported])
         local = (values.mean() if mean else values.sum()).to(ps.device)
@@ -399,4 +404,4 @@ def _reported_total(reported: list[dict], key: str, ps: ParallelState, mean: boo
         comm.all_reduce(local, ps, "dp")
         if mean:
             local.div_(ps.dp_size)
-    return local.item()
+    return local.item() if read else local
