@@ -155,8 +155,13 @@ def saturate_(y: torch.Tensor, spec: FormatSpec, inf_to_nan: bool) -> torch.Tens
 
 
 def _scaled_cast(x: torch.Tensor, scale: torch.Tensor, spec: FormatSpec, inf_to_nan: bool) -> torch.Tensor:
-    """``cast_saturate(x * scale)`` with one FP32 temporary (multiplied and clamped in place)."""
-    return saturate_(x.float() * scale, spec, inf_to_nan).to(spec.dtype)
+    """``cast_saturate(x * scale)`` with one FP32 temporary (multiplied and clamped in place). A
+    BF16 or FP16 `x` is multiplied by the FP32 scale in one kernel: a 1-element (not 0-dim) scale
+    makes the product FP32, each value widened exactly first - the bits of ``x.float() * scale``
+    without the FP32 copy of `x` that takes a kernel of its own."""
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        return saturate_(x.float() * scale, spec, inf_to_nan).to(spec.dtype)
+    return saturate_(x * (scale.reshape(1) if scale.dim() == 0 else scale), spec, inf_to_nan).to(spec.dtype)
 
 
 def quantize(
