@@ -1,10 +1,11 @@
 """Fused casts: an FP8 cast as two compiled kernels instead of a loop of PyTorch operations.
 
 The eager cast (`fp8.tensor.quantize`) walks a tensor a million values at a time, and each chunk
-takes several operations (abs, amax, multiply, clamp, convert), each a kernel that reads and writes
+takes several operations (amax, multiply, clamp, convert), each a kernel that reads and writes
 the whole chunk; on a GPU a large activation costs hundreds of launches and several passes over
-memory. Here, with `torch.compile`, a cast is one reduction kernel (the amax per tile) and one
-pointwise kernel (multiply by the scale, clamp, convert), with no FP32 temporary. The scale
+memory. Here, with `torch.compile`, a cast is one reduction kernel (the amax per tile; a whole
+tensor's is one eager kernel already, `fp8.scaling.abs_max`) and one pointwise kernel (multiply
+by the scale, clamp, convert), with no FP32 temporary. The scale
 between them is computed eagerly by `fp8.scaling.compute_scale`, so that no approximate division,
 ``log2`` or ``exp2`` of a compiler's choosing enters it.
 
