@@ -95,6 +95,27 @@ class OpCounter(TorchDispatchMode):
         self.host_ids = {id(t) for t in host_tensors}
         self.paused = False  # operations that stand for a compiled kernel counted on its own
 
+    # The counters in use, innermost last (`fused_kernels` adds a compiled cast's kernels to it).
+    active: list[OpCounter] = []
+
+    def __enter__(self):
+        OpCounter.active.append(self)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        OpCounter.active.remove(self)
+        return super().__exit__(*exc)
+
+    @contextlib.contextmanager
+    def suspended(self):
+        """This counter off the dispatch stack for a while (it must be the innermost mode):
+        what runs meanwhile is neither counted nor seen."""
+        super().__exit__(None, None, None)
+        try:
+            yield
+        finally:
+            super().__enter__()
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if self.paused:
             return func(*args, **(kwargs or {}))
@@ -141,8 +162,6 @@ def fused_kernels():
     generated code (`compiled_kernels`); every call then runs the function's operations eagerly
     (on the meta device nothing compiles), uncounted, and adds that many launches to the counter
     in use."""
-    from torch.utils._python_dispatch import _disable_current_modes, _get_current_dispatch_mode
-
     from fp8 import fused
 
     original, kernels = fused.compiled, {}
@@ -150,12 +169,12 @@ def fused_kernels():
     def compiled(fn):
         def call(*args):
             key = (fn.__name__, *((a.dtype, a.dim()) if isinstance(a, torch.Tensor) else a for a in args))
+            counter = OpCounter.active[-1] if OpCounter.active else None
             if key not in kernels:
-                with _disable_current_modes():
+                with counter.suspended() if counter is not None else contextlib.nullcontext():
                     example = [torch.zeros(a.shape, dtype=a.dtype) if isinstance(a, torch.Tensor) else a for a in args]
                     kernels[key] = compiled_kernels(fn, example)
-            counter = _get_current_dispatch_mode()
-            if not isinstance(counter, OpCounter):
+            if counter is None:
                 return fn(*args)
             counter.paused = True
             try:

@@ -107,14 +107,15 @@ class ReductionStats:
         return ReductionStats(self.numel, self.ranks, counts=transport.all_reduce_(self._counts.clone(), "sum"))
 
     def read_with(self, values: Sequence[torch.Tensor] = ()) -> list[float]:
-        """The counts copied to the host together with `values` (0-dim tensors on their device):
-        one copy and one sync for all; returns `values` as numbers."""
-        if self._values is not None or self.local:
-            return [float(v) for v in torch.stack([v.reshape(()).double() for v in values]).tolist()] if values else []
-        head = [v.reshape(1).double().to(self._counts.device) for v in values]
-        read = torch.cat(head + [self._counts.double()]).tolist()
-        self._values = dict(zip(_DEVICE_ORDER, (int(c) for c in read[len(head):])))
-        return read[:len(head)]
+        """The counts (still on the device, and the group's) copied to the host together with
+        `values` (0-dim tensors on the same device): one copy and one sync for all; returns
+        `values` as numbers."""
+        pending = self._values is None and not self.local
+        read = torch.cat([v.reshape(1).double() for v in values]
+                         + ([self._counts.double()] if pending else [])).tolist() if values or pending else []
+        if pending:
+            self._values = dict(zip(_DEVICE_ORDER, (int(c) for c in read[len(values):])))
+        return read[:len(values)]
 
     def _read(self) -> dict[str, int]:
         assert not self.local, "one rank's counts: sum them over the group first (ReductionStats.summed)"
@@ -194,8 +195,8 @@ class ReduceResult:
 def shared_scale_payloads(grads: Sequence[ScalingTensor], transport: Transport, mu: float, spec: FormatSpec):
     """Each gradient re-cast to mu x the group's minimum scale; returns (1-D byte payloads, scales,
     this rank's [saturated, flushed, non-zero] counts of that cast)."""
-    scales = torch.stack([g.scale.reshape(()).float() for g in grads])
-    shared = transport.all_reduce_(scales.clone(), "min")
+    scales = _own_scales(grads)
+    shared = shared_scales(grads, transport, scales)
     payloads, counts = [], torch.zeros(3, dtype=torch.float64, device=scales.device)
     for g, own, common in zip(grads, scales, shared):
         scaled = g.data.float() * (mu * common / own)
@@ -295,19 +296,23 @@ def _merged(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
-def shared_scales(grads: Sequence[ScalingTensor], transport: Transport) -> torch.Tensor:
-    """Step 1: the group's minimum scale of each tensor (one small all-reduce for all of them). A
-    caller that reduces its gradients in several calls may take it once for all and pass each
-    call its tensors' part (``shared=``)."""
-    return transport.all_reduce_(torch.stack([g.scale.reshape(()).float() for g in grads]), "min")
+def _own_scales(grads: Sequence[ScalingTensor]) -> torch.Tensor:
+    return torch.stack([g.scale.reshape(()).float() for g in grads])
+
+
+def shared_scales(grads: Sequence[ScalingTensor], transport: Transport, own: torch.Tensor | None = None) -> torch.Tensor:
+    """Step 1: the group's minimum scale of each tensor (one small all-reduce for all of them),
+    from this rank's (`own`, when already stacked). A caller that reduces its gradients in
+    several calls may take it once for all and pass each call its tensors' part (``shared=``)."""
+    return transport.all_reduce_(_own_scales(grads) if own is None else own.clone(), "min")
 
 
 def _begin(grads: Sequence[ScalingTensor], transport: Transport, mu: float, shared: torch.Tensor | None = None):
     """Step 1 (unless `shared` gives its result) and this rank's re-cast factor to mu x the
     shared scale of each tensor; with zeroed counters for the re-cast ([saturated, flushed,
     non-zero]) and the sums ([saturated, NaN])."""
-    scales = torch.stack([g.scale.reshape(()).float() for g in grads])
-    shared = shared_scales(grads, transport) if shared is None else shared
+    scales = _own_scales(grads)
+    shared = shared_scales(grads, transport, scales) if shared is None else shared
     factors = [mu * common / own for own, common in zip(scales, shared)]
     presum = torch.zeros(3, dtype=torch.float64, device=shared.device)
     return shared, factors, presum, torch.zeros(2, dtype=torch.float64, device=shared.device)
@@ -427,18 +432,17 @@ class OwnerReduceResult:
 def owner_rounds(numels: Sequence[int], owners: Sequence[int], ranks: int, chunk_numel: int):
     """How `fp8_reduce_to_owners` runs one call over tensors of `numels` owned by `owners`:
     ``("direct", piece)`` - each round every rank sends every owner the next `piece` values of the
-    tensors it owns (one all-to-all per round); or ``("rounds", round_parts(...))`` - the
-    all-reduce's rounds then a hand-over of each summed value to its owner (two per round). Direct
+    tensors it owns (one all-to-all per round); or ``("rounds", None)`` - the all-reduce's rounds
+    (`round_parts`) then a hand-over of each summed value to its owner (two per round). Direct
     sends only what others own (the ring's (n-1)/n of the bytes); it is taken unless it needs more
     collectives. A direct round's FP8 bytes received (n x piece) are at most the chunk's bytes
     (4 x `chunk_numel`), and what one rank re-casts in a round at most the chunk's values."""
     streams = [sum(size for size, owner in zip(numels, owners) if owner == r) for r in range(ranks)]
     receivers = max(1, sum(1 for length in streams if length))
     piece = max(1, min(4 * chunk_numel // ranks, chunk_numel // receivers))
-    parts = round_parts(sum(numels), ranks, chunk_numel)
-    if -(-max(streams, default=0) // piece) <= 2 * len(parts):
+    if -(-max(streams, default=0) // piece) <= 2 * len(round_parts(sum(numels), ranks, chunk_numel)):
         return "direct", piece
-    return "rounds", parts
+    return "rounds", None
 
 
 def fp8_reduce_to_owners(grads: Sequence[ScalingTensor], owners: Sequence[int], transport: Transport, *,
@@ -461,9 +465,11 @@ def fp8_reduce_to_owners(grads: Sequence[ScalingTensor], owners: Sequence[int], 
     shared, factors, presum, sums = _begin(grads, transport, mu, shared)
     outputs = {i: grads[i].data if in_place else torch.empty_like(grads[i].data)
                for i, owner in enumerate(owners) if owner == rank}
-    how, layout = owner_rounds([g.numel() for g in grads], owners, n, chunk_numel)
-    reduce = _to_owners_direct if how == "direct" else _to_owners_in_rounds
-    reduce(flat, owners, transport, factors, outputs, layout, chunk_numel, presum, sums)
+    how, piece = owner_rounds([g.numel() for g in grads], owners, n, chunk_numel)
+    if how == "direct":
+        _to_owners_direct(flat, owners, transport, factors, outputs, piece, chunk_numel, presum, sums)
+    else:
+        _to_owners_in_rounds(flat, owners, transport, factors, outputs, chunk_numel, presum, sums)
     stats = _group_stats(transport, presum, sums, flat.numel, group_stats)
     tensors: list[ScalingTensor | None] = [None] * len(grads)
     for i, out in outputs.items():
@@ -493,7 +499,7 @@ def _to_owners_direct(flat: _Flat, owners, transport: Transport, factors, output
             mine_flat.write(offset + at, summed, mine_out)
 
 
-def _to_owners_in_rounds(flat: _Flat, owners, transport: Transport, factors, outputs, parts, chunk_numel: int,
+def _to_owners_in_rounds(flat: _Flat, owners, transport: Transport, factors, outputs, chunk_numel: int,
                          presum: torch.Tensor, sums: torch.Tensor) -> None:
     """The all-reduce's rounds (`_rounds`: each rank sums an even part of a flat range), then
     each summed value handed to its tensor's owner (one uneven all-to-all): two collectives per

@@ -125,7 +125,7 @@ class FP8GradReducer:
         the auto-scaler updated from them; returns `values` as numbers. `last` then holds
         ``{"mu", "overflow_frac", "underflow_frac", "dp_bytes"}`` of that reduction."""
         if self._pending is None:
-            return [float(v) for v in torch.stack([v.reshape(()).double() for v in values]).tolist()] if values else []
+            return ReductionStats().read_with(values)
         mu, stats, dp_bytes = self._pending
         self._pending = None
         read = stats.read_with(values)

@@ -44,6 +44,7 @@ class FP8ZeroLayout:
         # Per bucket, each rank's tensors in bucket order: what the collectives carry, fixed for the run.
         self.bucket_owned: list[list[list[nn.Parameter]]] = [
             [[self.params[i] for i in bucket if self.owners[i] == r] for r in range(dp_size)] for bucket in self.buckets]
+        self._publication_groups: dict[int, list[list[list[nn.Parameter]]]] = {}
 
     def publication_groups(self, byte_budget: int) -> list[list[list[nn.Parameter]]]:
         """Per publication (one collective), each rank's weights in bucket order: runs of
@@ -51,7 +52,13 @@ class FP8ZeroLayout:
         1.25x an even share, so that an all-gather padded to it sends little padding - or before
         a bucket would take it past `byte_budget` (one byte per weight: the all-gather's receive
         buffer is about the run's size). A bucket held by one or two owners alone is broadcast
-        (`comm.all_gather_uneven`), in a ring as fast as a balanced all-gather of it."""
+        (`comm.all_gather_uneven`), in a ring as fast as a balanced all-gather of it. Worked out
+        once per budget: the optimizer asks every step."""
+        if byte_budget not in self._publication_groups:
+            self._publication_groups[byte_budget] = self._group_buckets(byte_budget)
+        return self._publication_groups[byte_budget]
+
+    def _group_buckets(self, byte_budget: int) -> list[list[list[nn.Parameter]]]:
         groups: list[list[list[nn.Parameter]]] = []
         current: list[list[nn.Parameter]] | None = None
         for by_rank in self.bucket_owned:
